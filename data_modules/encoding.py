@@ -1,0 +1,251 @@
+"""Row validation and tokenisation: one raw row -> token ids, labels and image references (no pixel decoding).
+
+The ids are what `processor(text=apply_chat_template(messages), images=...)` produces, computed without decoding
+pixels: the chat template is rendered, each `<|image_pad|>` is expanded to the number of merged patches the image
+processor will produce for that image size (`smart_resize` on the size read from the file header), and the text is
+tokenised once. Pixels are decoded later, in DataLoader workers (`packing.PackDataset`).
+
+Labels (HF convention, unshifted):
+- "assistant": tokens inside assistant turns, found as character spans `<|im_start|>assistant\\n ... <|im_end|>`
+  (the end marker included so the model learns to stop) mapped to tokens through the offset mapping. Working on
+  characters, not token patterns, keeps this independent of how the BPE splits the text around the headers.
+- "all": every token except vision placeholders (which carry no predictable content).
+- `{"text": ...}` rows: all tokens, with `<|endoftext|>` appended as the document end.
+
+Bad rows raise `BadSample(reason, detail)`; the caller counts them (or, strict, fails with file:line).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+from PIL import Image
+
+IGNORE = -100
+
+# Skip reasons (stable names: they appear in logs and in DataModule.stats).
+INVALID_JSON = "invalid_json"
+BAD_SCHEMA = "bad_schema"
+MISSING_ROLE = "missing_role"
+MISSING_CONTENT = "missing_content"
+MISSING_IMAGE = "missing_image"
+CORRUPT_IMAGE = "corrupt_image"
+TOO_LONG = "too_long"
+NO_TARGETS = "no_targets"
+EMPTY_FILE = "empty_file"
+VIDEO_UNSUPPORTED = "video_unsupported"
+# Not a skip: counted so truncation is never silent either.
+TRUNCATED = "truncated"
+
+
+class BadSample(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Same as transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.smart_resize (copied: it is the contract
+    between planning and the processor; test_data_encoding checks the two agree)."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+class Encoder:
+    """Turns raw rows into token records for one processor and one set of options (picklable for datasets.map)."""
+
+    def __init__(self, model_dir: str, max_tokens: int, labels: str = "assistant", too_long: str = "truncate",
+                 min_pixels: int | None = None, max_pixels: int | None = None):
+        if labels not in ("assistant", "all"):
+            raise ValueError(f"labels must be 'assistant' or 'all', got {labels!r}")
+        if too_long not in ("truncate", "drop"):
+            raise ValueError(f"too_long must be 'truncate' or 'drop', got {too_long!r}")
+        self.model_dir, self.max_tokens, self.labels, self.too_long = str(model_dir), max_tokens, labels, too_long
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self._processor = None
+
+    # The processor is loaded lazily so the Encoder pickles small into datasets.map workers.
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_processor"} | {"_processor": None}
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            from .processor import load_processor
+
+            self._processor = load_processor(self.model_dir)
+            tok = self._processor.tokenizer
+            ip = self._processor.image_processor
+            self.image_token = self._processor.image_token
+            self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tok.convert_tokens_to_ids(getattr(self._processor, "video_token", "<|video_pad|>"))
+            self.eos_id = tok.convert_tokens_to_ids("<|endoftext|>")
+            if self.eos_id is None or self.eos_id == tok.unk_token_id:
+                self.eos_id = tok.eos_token_id
+            self.patch, self.merge = int(ip.patch_size), int(ip.merge_size)
+            size = ip.size
+            self.pixel_bounds = (
+                int(self.min_pixels if self.min_pixels is not None else size["shortest_edge"]),
+                int(self.max_pixels if self.max_pixels is not None else size["longest_edge"]),
+            )
+        return self._processor
+
+    def image_size_kwargs(self) -> dict:
+        """Kwargs for the image processor at load time; the same bounds the plan used."""
+        self.processor
+        return {"size": {"shortest_edge": self.pixel_bounds[0], "longest_edge": self.pixel_bounds[1]}}
+
+    def image_grid(self, path: str) -> list[int]:
+        """(t, h, w) in patches, from the file header; also verifies the file so corrupt images fail here."""
+        if not os.path.isfile(path):
+            raise BadSample(MISSING_IMAGE, f"image file not found: {path}")
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+                im.verify()  # checks structure/CRCs without decoding the pixels
+        except Exception as err:  # PIL raises many types for bad files
+            raise BadSample(CORRUPT_IMAGE, f"cannot read image {path}: {type(err).__name__}: {err}") from None
+        try:
+            h, w = smart_resize(height, width, self.patch * self.merge, *self.pixel_bounds)
+        except ValueError as err:
+            raise BadSample(CORRUPT_IMAGE, f"{path}: {err}") from None
+        return [1, h // self.patch, w // self.patch]
+
+    # ------------------------------------------------------------------ rows
+    def normalise_messages(self, row: dict, base_dir: str) -> tuple[list[dict], list[str]]:
+        messages = row.get("messages")
+        if isinstance(messages, str):  # parquet/JSON producers sometimes store the list as a JSON string
+            try:
+                messages = json.loads(messages)
+            except json.JSONDecodeError:
+                raise BadSample(BAD_SCHEMA, "'messages' is a string that is not JSON") from None
+        if not isinstance(messages, list) or not messages:
+            raise BadSample(BAD_SCHEMA, "'messages' must be a non-empty list")
+        out, images = [], []
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict):
+                raise BadSample(BAD_SCHEMA, f"message {i} is not an object")
+            role = msg.get("role")
+            if not isinstance(role, str) or not role:
+                raise BadSample(MISSING_ROLE, f"message {i} has no role")
+            content = msg.get("content")
+            if content is None or content == "" or content == []:
+                raise BadSample(MISSING_CONTENT, f"message {i} ({role}) has no content")
+            if isinstance(content, str):
+                out.append({"role": role, "content": content})
+                continue
+            if not isinstance(content, list):
+                raise BadSample(BAD_SCHEMA, f"message {i} content must be a string or a list")
+            items = []
+            for item in content:
+                if not isinstance(item, dict):
+                    raise BadSample(BAD_SCHEMA, f"message {i} has a content item that is not an object")
+                kind = item.get("type") or ("image" if "image" in item else "video" if "video" in item else "text")
+                if kind == "text":
+                    if not isinstance(item.get("text"), str):
+                        raise BadSample(MISSING_CONTENT, f"message {i} has a text item without text")
+                    items.append({"type": "text", "text": item["text"]})
+                elif kind == "image":
+                    ref = item.get("image", item.get("path"))
+                    if not isinstance(ref, str) or not ref:
+                        raise BadSample(MISSING_IMAGE, f"message {i} has an image item without a path")
+                    if role == "assistant":
+                        raise BadSample(BAD_SCHEMA, f"message {i}: images in assistant turns are not supported")
+                    path = ref if os.path.isabs(ref) else os.path.join(base_dir, ref)
+                    images.append(path)
+                    items.append({"type": "image", "image": path})
+                elif kind == "video":
+                    raise BadSample(VIDEO_UNSUPPORTED, f"message {i}: video items need a processor with video "
+                                    "support (transformers' Qwen3-VL video processor requires torchvision)")
+                else:
+                    raise BadSample(BAD_SCHEMA, f"message {i} has a content item of unknown type {kind!r}")
+            if not items:
+                raise BadSample(MISSING_CONTENT, f"message {i} ({role}) has no content")
+            out.append({"role": role, "content": items})
+        return out, images
+
+    def encode(self, row: dict, base_dir: str) -> dict:
+        """Raw row -> {input_ids, labels, images, image_grids, num_tokens, num_visual_tokens, truncated}."""
+        p = self.processor
+        if not isinstance(row, dict):
+            raise BadSample(BAD_SCHEMA, "row is not a JSON object")
+        if "messages" not in row:
+            text = row.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise BadSample(MISSING_CONTENT, "row has neither 'messages' nor a non-empty 'text'")
+            ids = p.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
+            return self._finish(list(ids), list(ids), [], [])
+        messages, images = self.normalise_messages(row, base_dir)
+        grids = [self.image_grid(path) for path in images]
+        text = p.apply_chat_template(messages, tokenize=False)
+        pieces = text.split(self.image_token)
+        if len(pieces) - 1 != len(images):
+            raise BadSample(BAD_SCHEMA, f"the chat template emitted {len(pieces) - 1} image placeholders for "
+                            f"{len(images)} images")
+        merge2 = self.merge * self.merge
+        expanded = pieces[0]
+        for grid, piece in zip(grids, pieces[1:]):
+            expanded += self.image_token * (grid[0] * grid[1] * grid[2] // merge2) + piece
+        enc = p.tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        if self.labels == "all":
+            labels = [IGNORE if t in (self.image_token_id, self.video_token_id) else t for t in ids]
+        else:
+            spans = [(m.start(1), m.end(1)) for m in re.finditer(
+                r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", expanded, flags=re.DOTALL)]
+            labels = [IGNORE] * len(ids)
+            k = 0
+            for t, (s, e) in enumerate(enc["offset_mapping"]):
+                while k < len(spans) and spans[k][1] <= s:
+                    k += 1
+                if k < len(spans) and s >= spans[k][0] and e <= spans[k][1] and e > s:
+                    labels[t] = ids[t]
+        return self._finish(ids, labels, images, grids)
+
+    def _finish(self, ids: list[int], labels: list[int], images: list[str], grids: list[list[int]]) -> dict:
+        truncated = False
+        if len(ids) > self.max_tokens:
+            if self.too_long == "drop":
+                raise BadSample(TOO_LONG, f"{len(ids)} tokens > max_tokens={self.max_tokens}")
+            ids, labels, images, grids = self._truncate(ids, labels, images, grids)
+            truncated = True
+        if all(lab == IGNORE for lab in labels[1:]):
+            raise BadSample(NO_TARGETS, "no target tokens (no assistant turn, or all cut by truncation)")
+        visual = sum(1 for t in ids if t in (self.image_token_id, self.video_token_id))
+        return {"input_ids": ids, "labels": labels, "images": images, "image_grids": grids,
+                "num_tokens": len(ids), "num_visual_tokens": visual, "truncated": truncated}
+
+    def _truncate(self, ids, labels, images, grids):
+        """Cut at max_tokens, never inside an image: an image that would be cut is removed whole, together with
+        everything after it (its vision_start token included)."""
+        cut = self.max_tokens
+        if cut < len(ids) and ids[cut] == self.image_token_id:
+            while cut > 0 and ids[cut - 1] == self.image_token_id:
+                cut -= 1
+            cut = max(cut - 1, 0)  # drop the <|vision_start|> that opened the cut image as well
+        kept_images = sum(1 for _ in _runs(ids[:cut], self.image_token_id))
+        # _runs counts runs; one image is exactly one run because the template brackets every image.
+        return ids[:cut], labels[:cut], images[:kept_images], grids[:kept_images]
+
+
+def _runs(ids: list[int], token: int):
+    prev = False
+    for t in ids:
+        cur = t == token
+        if cur and not prev:
+            yield True
+        prev = cur

@@ -1,0 +1,53 @@
+"""Loading the model directory's processor, with a fallback when torchvision is missing.
+
+transformers 5.23 maps `qwen3_5_moe` (and `qwen3_vl*`) to `Qwen3VLProcessor`, whose video processor
+(`Qwen3VLVideoProcessor`) requires torchvision; `AutoProcessor.from_pretrained` then raises ImportError even for
+text + image data. torchvision is not a dependency of this project (on the CPU index it drags in a CUDA torch), so
+the fallback builds the same processor class without its video sub-processor: identical tokenisation, chat
+template and image preprocessing; video rows are then skipped and counted ("video_unsupported").
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+
+class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
+    """Qwen3VLProcessor with no video processor (ProcessorMixin derives its sub-processors from __init__ args)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+@functools.lru_cache(maxsize=4)
+def load_processor(model_dir: str):
+    """AutoProcessor of `model_dir`; image-only Qwen3-VL processor if the video processor cannot be built."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(model_dir)
+    except ImportError as err:
+        if "orchvision" not in str(err):
+            raise
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+    template_file = Path(model_dir) / "chat_template.jinja"
+    chat_template = template_file.read_text() if template_file.is_file() else None
+    if chat_template is None and (Path(model_dir) / "chat_template.json").is_file():
+        chat_template = json.loads((Path(model_dir) / "chat_template.json").read_text())["chat_template"]
+    if chat_template is None:
+        chat_template = getattr(tokenizer, "chat_template", None)
+    return Qwen3VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                     chat_template=chat_template)
+
+
+def has_video(processor) -> bool:
+    return getattr(processor, "video_processor", None) is not None
+
+
+def spatial_merge_size(processor) -> int:
+    return int(getattr(processor.image_processor, "merge_size", 2))

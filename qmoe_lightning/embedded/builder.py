@@ -1,0 +1,150 @@
+"""Builds the embedded default (tiny Qwen3.5-MoE checkpoint + tokenizer/processor + synthetic dataset) on first use.
+
+Nothing is downloaded: the tokenizer is trained on generated text, the weights come from
+`transformers.Qwen3_5MoeForConditionalGeneration(config)` under a fixed seed, the dataset is drawn with PIL.
+
+Layout of `<cache_dir>/embedded-v<VERSION>/`:
+    model/   config.json, model.safetensors, tokenizer.json, tokenizer_config.json, chat_template.jinja,
+             preprocessor_config.json, video_preprocessor_config.json, processor_config.json
+    data/    train.jsonl, val.jsonl, images/*.png
+
+Notable choices:
+- Atomic and idempotent: everything is written into a temporary sibling directory which is then renamed into
+  place; a concurrent builder (another rank, another test process) that loses the rename race just discards its
+  copy. A finished build is recognised by the `BUILD_OK` marker, never by partial content.
+- Bump VERSION whenever the recipe changes so stale caches are never reused.
+- The processor is transformers' own `Qwen3VLProcessor` (what `AutoProcessor` maps `qwen3_5_moe` to in 5.23) with
+  the PIL image backend (`Qwen2VLImageProcessorPil`), because torchvision is not a dependency. The video processor
+  (`Qwen3VLVideoProcessor`) needs torchvision; its config is written anyway so videos work where it is installed.
+- Images are 64x64 px with min/max pixels 32*32..64*64 and patch 16 / merge 2: one image is 4 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .synthetic import tokenizer_corpus, write_split
+from .tokenizer import save_tokenizer, train_tokenizer
+
+VERSION = 1
+SEED = 1234
+VOCAB_SIZE = 512
+IMAGE_SIZE = 64
+N_TRAIN, N_VAL = 2400, 240
+IMAGE_FRACTION = 0.7
+SENTINEL = "embedded"  # value of model_path / train_path / val_path that selects the embedded default
+
+# Tiny sizes from model_reference.md (TINY_QWEN3_5_MOE); token ids are filled in from the tokenizer.
+TEXT_CONFIG = dict(
+    hidden_size=64, num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["full_attention"],
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+    linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=8,
+    num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+    max_position_embeddings=4096, router_aux_loss_coef=0.001,
+    rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.5, mrope_section=[2, 1, 1],
+                         mrope_interleaved=True),
+)
+VISION_CONFIG = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
+                     temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=64)
+
+
+@dataclass(frozen=True)
+class EmbeddedDefault:
+    root: Path
+    model_dir: Path
+    train_path: Path
+    val_path: Path
+
+
+def default_cache_dir() -> Path:
+    """$QMOE_LIGHTNING_CACHE, else $XDG_CACHE_HOME/qmoe_lightning, else ~/.cache/qmoe_lightning."""
+    if env := os.environ.get("QMOE_LIGHTNING_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qmoe_lightning"
+
+
+def _paths(root: Path) -> EmbeddedDefault:
+    return EmbeddedDefault(root, root / "model", root / "data" / "train.jsonl", root / "data" / "val.jsonl")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _processor_configs(model_dir: Path) -> None:
+    common = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5],
+                  image_std=[0.5, 0.5, 0.5], do_resize=True, do_rescale=True, do_normalize=True,
+                  do_convert_rgb=True, rescale_factor=1 / 255, resample=3)
+    _write_json(model_dir / "preprocessor_config.json", dict(
+        common, image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen3VLProcessor",
+        size={"shortest_edge": 32 * 32, "longest_edge": IMAGE_SIZE * IMAGE_SIZE}))
+    _write_json(model_dir / "video_preprocessor_config.json", dict(
+        common, video_processor_type="Qwen3VLVideoProcessor", processor_class="Qwen3VLProcessor",
+        size={"shortest_edge": 32 * 32 * 2, "longest_edge": IMAGE_SIZE * IMAGE_SIZE * 8}, fps=2, min_frames=2,
+        max_frames=8, do_sample_frames=False))
+    _write_json(model_dir / "processor_config.json", {"processor_class": "Qwen3VLProcessor"})
+
+
+def _build_model(model_dir: Path, special_ids: dict[str, int], vocab_size: int) -> None:
+    import torch
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    text = dict(TEXT_CONFIG, vocab_size=vocab_size, eos_token_id=special_ids["<|im_end|>"],
+                pad_token_id=special_ids["<|endoftext|>"], bos_token_id=None)
+    config = Qwen3_5MoeConfig(
+        text_config=text, vision_config=dict(VISION_CONFIG),
+        image_token_id=special_ids["<|image_pad|>"], video_token_id=special_ids["<|video_pad|>"],
+        vision_start_token_id=special_ids["<|vision_start|>"], vision_end_token_id=special_ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    # Seeded init in a private generator state: the caller's global RNG is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = Qwen3_5MoeForConditionalGeneration(config)
+    model.save_pretrained(model_dir, safe_serialization=True)
+
+
+def _build(root_tmp: Path, with_model: bool = True) -> None:
+    model_dir, data_dir = root_tmp / "model", root_tmp / "data"
+    data_dir.mkdir(parents=True)
+    tok = train_tokenizer(tokenizer_corpus(SEED), VOCAB_SIZE)
+    ids = save_tokenizer(tok, model_dir, model_max_length=TEXT_CONFIG["max_position_embeddings"])
+    _processor_configs(model_dir)
+    if with_model:
+        _build_model(model_dir, ids, tok.get_vocab_size())
+    write_split(data_dir, "train", N_TRAIN, SEED, IMAGE_FRACTION, IMAGE_SIZE)
+    write_split(data_dir, "val", N_VAL, SEED, IMAGE_FRACTION, IMAGE_SIZE)
+    (root_tmp / "BUILD_OK").write_text(f"version {VERSION}\n")
+
+
+def ensure_embedded_default(cache_dir: str | os.PathLike | None = None) -> EmbeddedDefault:
+    """Return the paths of the embedded default, building it first if it is not in the cache yet."""
+    base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = base / f"embedded-v{VERSION}"
+    if (root / "BUILD_OK").is_file():
+        return _paths(root)
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".embedded-v{VERSION}-", dir=base))
+    try:
+        _build(tmp)
+        try:
+            os.rename(tmp, root)  # atomic on one filesystem; fails if another builder finished first
+        except OSError:
+            if not (root / "BUILD_OK").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _paths(root)
+
+
+def resolve_path(value: str | os.PathLike | None, kind: str, cache_dir: str | os.PathLike | None = None):
+    """Map the `embedded` sentinel to a real path (kind: 'model', 'train' or 'val'); other values pass through."""
+    if value is None or str(value) != SENTINEL:
+        return value
+    emb = ensure_embedded_default(cache_dir)
+    return str({"model": emb.model_dir, "train": emb.train_path, "val": emb.val_path}[kind])
