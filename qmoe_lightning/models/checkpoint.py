@@ -1,0 +1,281 @@
+"""Hugging Face checkpoint I/O for the native models: streaming `from_pretrained`, atomic sharded `save_pretrained`.
+
+Loading builds the model on the meta device, casts it (A_log / dt_bias / inv_freq stay fp32), materialises it
+empty on the target device and then streams the safetensors files tensor by tensor through the state-dict adapter
+into the parameters: the checkpoint is never held in memory next to the model. Loading is strict: every native
+parameter must be written completely (each expert slice counted) and every checkpoint tensor must land somewhere;
+the error lists what is missing / unexpected. Tensors that are knowingly not loaded (mtp.*, the vision tower for a
+text-only model) are counted in `model.load_report`; mtp.* tensors are copied through on save.
+
+Saving writes the official fused layout into a temporary sibling directory (shards + index + config + generation
+config + the source's tokenizer / processor files) and renames it into place: a crash leaves the previous export
+intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .state_dict_adapter import Qwen3_5MoeStateDictAdapter, Skip
+
+SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
+# copied from the source checkpoint so that an export is a complete, servable model directory
+COMPANION_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+)
+
+
+def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{path} is a file; pass the checkpoint directory (with config.json and *.safetensors)")
+    if str(path_or_hub_id).count("/") != 1 or str(path_or_hub_id).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist (and is not a hub id 'org/name')")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "*.jinja",
+                                                                         "*.txt", "*.model"]))
+
+
+def load_config(path: Path):
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: not a Hugging Face model directory")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{config_file}: model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES} "
+            "(Qwen3.5-MoE / Qwen3.6-MoE checkpoints)"
+        )
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    return found
+
+
+class HFCheckpointMixin:
+    """`from_pretrained` / `save_pretrained` for `Qwen3_5MoeForConditionalGeneration` and `Qwen3_5MoeForCausalLM`."""
+
+    @classmethod
+    def _is_text_only(cls) -> bool:
+        return cls.__name__ == "Qwen3_5MoeForCausalLM"
+
+    def state_dict_adapter(self) -> Qwen3_5MoeStateDictAdapter:
+        return Qwen3_5MoeStateDictAdapter(self.config, text_only=self._is_text_only())
+
+    @classmethod
+    def from_config(cls, config, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+        """Randomly initialised model (transformers' init), built on meta and materialised on `device`."""
+        model = cls._empty(config, dtype, device)
+        model.init_weights()
+        return model
+
+    @classmethod
+    def _empty(cls, config, dtype, device):
+        with torch.device("meta"):
+            model = cls(config)
+        if dtype is not None:
+            model.to(dtype)
+        model.to_empty(device=device)
+        model.reset_buffers()
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        path = resolve_checkpoint_dir(path_or_hub_id)
+        config = load_config(path)
+        if not cls._is_text_only() and config.model_type != "qwen3_5_moe":
+            raise ValueError(
+                f"{path} holds a text-only {config.model_type!r} checkpoint; load it with Qwen3_5MoeForCausalLM"
+            )
+        model = cls._empty(config, dtype, device)
+        model.load_report = load_hf_weights(model, path)
+        model.source_dir = path
+        return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
+        return save_hf_checkpoint(self, Path(save_directory), parse_size(max_shard_size))
+
+
+def load_hf_weights(model, path: Path) -> dict:
+    """Stream every tensor of the checkpoint at `path` into `model` (strict). Returns a load report."""
+    adapter = model.state_dict_adapter()
+    targets = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    if adapter.tied:
+        targets.pop("lm_head.weight", None)
+    written: dict[str, set] = {}
+    skipped: Counter = Counter()
+    passthrough: dict[str, Path] = {}
+    unexpected: list[str] = []
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                native = adapter.hf_key_to_native(key)
+                if isinstance(native, Skip):
+                    skipped[native.reason] += 1
+                    if native.reason == "mtp":
+                        passthrough[key] = file
+                    continue
+                if native not in targets:
+                    unexpected.append(key)
+                    continue
+                for a in adapter.convert_single_tensor_from_hf(key, f.get_tensor(key)):
+                    param = targets[a.native_key]
+                    dest = param.data if a.expert is None else param.data[a.expert]
+                    if a.cols is not None:
+                        dest = dest[:, a.cols]
+                    if tuple(dest.shape) != tuple(a.tensor.shape):
+                        raise ValueError(
+                            f"{file.name}: {key!r} -> {a.slot} has shape {tuple(a.tensor.shape)}, the model expects "
+                            f"{tuple(dest.shape)}; config and weights disagree"
+                        )
+                    with torch.no_grad():
+                        dest.copy_(a.tensor)
+                    written.setdefault(a.native_key, set()).add((a.expert, None if a.cols is None else a.cols.start))
+    missing = []
+    for key in targets:
+        slots = written.get(key)
+        if not slots:
+            missing.append(key)
+        elif (None, None) not in slots:  # per-expert layout: every expert's slices must be there
+            E = targets[key].shape[0]
+            want = {(e, c) for e in range(E) for c in ((0, adapter.intermediate) if key.endswith("gate_and_up_projs")
+                                                         else (None,))}
+            if not want <= slots:
+                missing.append(f"{key} ({len(want - slots)} expert slice(s))")
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match {type(model).__name__}:\n"
+            f"  missing ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
+            f"  unexpected ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
+        )
+    return {"loaded": len(written), "skipped": dict(skipped), "passthrough": passthrough}
+
+
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if hasattr(t, "full_tensor"):  # DTensor (FSDP2 / expert parallel)
+        t = t.full_tensor()
+    return t.cpu()
+
+
+def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int) -> Path:
+    adapter = model.state_dict_adapter()
+    out_dir = out_dir.resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        shards: list[dict[str, str]] = []
+        current: dict[str, torch.Tensor] = {}
+        size = total = 0
+
+        def flush():
+            nonlocal current, size
+            if current:
+                name = f"shard-{len(shards):05d}.safetensors"
+                save_file(current, str(tmp / name), metadata={"format": "pt"})
+                shards.append({k: name for k in current})
+                current, size = {}, 0
+
+        def add(key: str, tensor: torch.Tensor):
+            nonlocal size, total
+            nbytes = tensor.numel() * tensor.element_size()
+            if current and size + nbytes > max_shard_size:
+                flush()
+            current[key] = tensor.contiguous()
+            size += nbytes
+            total += nbytes
+
+        for fqn, tensor in model.state_dict().items():
+            for key, t in adapter.convert_single_tensor_to_hf(fqn, _full(tensor)):
+                add(key, t)
+        for key, file in (getattr(model, "load_report", None) or {}).get("passthrough", {}).items():
+            with safe_open(file, framework="pt", device="cpu") as f:
+                add(key, f.get_tensor(key))
+        flush()
+
+        n = len(shards)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(tmp / f"shard-{i:05d}.safetensors", tmp / final)
+            weight_map.update({k: final for k in shard})
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+        config = model.config
+        config.architectures = [type(model).__name__]
+        config.dtype = _main_dtype(model)
+        config.save_pretrained(tmp)
+        source = getattr(model, "source_dir", None)
+        if source is not None:
+            for name in COMPANION_FILES:
+                if (Path(source) / name).is_file():
+                    shutil.copy2(Path(source) / name, tmp / name)
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _main_dtype(model) -> torch.dtype:
+    counts = Counter()
+    for p in model.parameters():
+        counts[p.dtype] += p.numel()
+    return counts.most_common(1)[0][0]
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)

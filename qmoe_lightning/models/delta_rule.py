@@ -1,0 +1,128 @@
+"""Gated delta rule, exact torch paths (CPU reference and fallback).
+
+Recurrence per value head, state S (dk, dv) starting at 0 for every document:
+    S = exp(g_t) S;   S = S + k_t (beta_t (v_t - k_t^T S))^T;   o_t = q_t^T S
+with q, k l2-normalised in fp32 and q scaled by dk^-0.5 (transformers' `use_qk_l2norm_in_kernel=True`).
+
+`chunk_gated_delta_rule_packed` is transformers' chunked algorithm (UT transform inside chunks of 64, a scan over
+chunks) with one change: the chunks are laid out per document (see `packing.ChunkLayout`), so every document
+starts from a zero state at a chunk boundary of its own, and the chunks of all documents are scanned together.
+A single document therefore runs exactly the arithmetic transformers runs on it alone.
+
+`recurrent_gated_delta_rule_reference` is the token-by-token loop, kept for tests only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .packing import ChunkLayout
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def _prepare(q, k, v, g, beta):
+    """fp32, grouped value heads expanded, q/k normalised, q scaled. Shapes (B, T, H, d) / (B, T, H)."""
+    hk, hv = k.shape[2], v.shape[2]
+    if hk != hv:  # value head i reads key head i // (hv / hk)
+        q = q.repeat_interleave(hv // hk, dim=2)
+        k = k.repeat_interleave(hv // hk, dim=2)
+    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    q, k = l2norm(q), l2norm(k)
+    return q * q.shape[-1] ** -0.5, k, v, g, beta
+
+
+def chunk_gated_delta_rule_packed(
+    q: torch.Tensor,  # (B, T, Hk, dk)
+    k: torch.Tensor,  # (B, T, Hk, dk)
+    v: torch.Tensor,  # (B, T, Hv, dv)
+    g: torch.Tensor,  # (B, T, Hv) log decay, <= 0
+    beta: torch.Tensor,  # (B, T, Hv)
+    layout: ChunkLayout,
+) -> torch.Tensor:
+    """-> (B, T, Hv, dv) in q's dtype."""
+    out_dtype = q.dtype
+    B, T = q.shape[:2]
+    q, k, v, g, beta = _prepare(q, k, v, g, beta)
+    H, dk, dv = v.shape[2], k.shape[-1], v.shape[-1]
+    C, N = layout.chunk_size, layout.num_chunks
+
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:  # (B, T, H, *d) -> (N, H, C, *d)
+        flat = x.reshape(B * T, *x.shape[2:])
+        slots = flat.new_zeros(N * C, *x.shape[2:]).index_copy(0, layout.token_slot, flat)
+        return slots.view(N, C, *x.shape[2:]).transpose(1, 2)
+
+    q, k, v, g, beta = (to_chunks(x) for x in (q, k, v, g, beta))  # (N, H, C, d) / (N, H, C)
+    v_beta = v * beta.unsqueeze(-1)
+    k_beta = k * beta.unsqueeze(-1)
+    cum = g.cumsum(dim=-1)  # (N, H, C)
+    upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
+    pairwise = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(upper, float("-inf")).exp()  # (N, H, C, C)
+
+    ut = (k_beta @ k.transpose(-1, -2)) * pairwise
+    intra = (q @ k.transpose(-1, -2)) * pairwise
+    new_values = torch.linalg.solve_triangular(ut, v_beta, upper=False, unitriangular=True)
+    k_cumdecay = torch.linalg.solve_triangular(ut, k_beta * cum.exp().unsqueeze(-1), upper=False, unitriangular=True)
+
+    q = q * cum.exp().unsqueeze(-1)
+    k = k * (cum[..., -1:] - cum).exp().unsqueeze(-1)
+    chunk_decay = cum[..., -1].exp()[..., None, None]  # (N, H, 1, 1)
+
+    outs = []
+    state = q.new_zeros(layout.wave_sizes[0] if layout.wave_sizes else 0, H, dk, dv)
+    start = 0
+    for n in layout.wave_sizes:  # documents still running are the prefix 0..n-1; finished ones are dropped
+        s = slice(start, start + n)
+        state = state[:n]
+        v_new = new_values[s] - k_cumdecay[s] @ state
+        outs.append(q[s] @ state + intra[s] @ v_new)
+        state = state * chunk_decay[s] + k[s].transpose(-1, -2) @ v_new
+        start += n
+    if not outs:
+        return v.new_zeros(B, T, H, dv).to(out_dtype)
+    out = torch.cat(outs).transpose(1, 2).reshape(N * C, H, dv)  # slot order
+    return out[layout.token_slot].view(B, T, H, dv).to(out_dtype)
+
+
+def recurrent_gated_delta_rule_reference(q, k, v, g, beta, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Token-by-token loop with a state reset at every document start. Slow; tests only."""
+    out_dtype = q.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta)
+    B, T, H, dv = v.shape
+    bounds = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
+    out = torch.zeros_like(v)
+    for b in range(B):
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            state = v.new_zeros(H, k.shape[-1], dv)
+            for t in range(s, e):
+                state = state * g[b, t].exp()[:, None, None]
+                kv = (state * k[b, t].unsqueeze(-1)).sum(-2)
+                delta = (v[b, t] - kv) * beta[b, t].unsqueeze(-1)
+                state = state + k[b, t].unsqueeze(-1) * delta.unsqueeze(-2)
+                out[b, t] = (state * q[b, t].unsqueeze(-1)).sum(-2)
+    return out.to(out_dtype)
+
+
+def causal_depthwise_conv_packed(
+    x: torch.Tensor,  # (B, T, D)
+    weight: torch.Tensor,  # (D, K)
+    pos_in_doc: torch.Tensor | None,  # (B, T): tap k is dropped where pos_in_doc < k (document start)
+) -> torch.Tensor:
+    """Causal depthwise conv (left pad K-1) whose taps never reach into the previous document, then SiLU.
+
+    Computed as K shifted multiply-adds in the weight's dtype (transformers runs its conv in the weight dtype).
+    """
+    dtype = x.dtype
+    xw = x.to(weight.dtype)
+    K = weight.shape[-1]
+    T = x.shape[1]
+    out = xw * weight[:, K - 1]
+    for tap in range(1, K):
+        shifted = F.pad(xw, (0, 0, tap, 0))[:, :T]  # x[t - tap]
+        if pos_in_doc is not None:
+            shifted = shifted * (pos_in_doc >= tap).unsqueeze(-1).to(shifted.dtype)
+        out = out + shifted * weight[:, K - 1 - tap]
+    return F.silu(out).to(dtype)

@@ -1,0 +1,126 @@
+"""Kernel choice, made per call from the tensors' device and what is importable (never at import time).
+
+| op                 | CUDA (fast)                                              | otherwise (exact torch reference)          |
+|--------------------|----------------------------------------------------------|--------------------------------------------|
+| gated delta rule   | fla `chunk_gated_delta_rule(cu_seqlens=...)`             | `delta_rule.chunk_gated_delta_rule_packed` |
+| causal conv1d      | `causal_conv1d_fn(seq_idx=...)`                          | `delta_rule.causal_depthwise_conv_packed`  |
+| packed attention   | `torch.nn.attention.varlen.varlen_attn` (bf16/fp16)      | SDPA per document                          |
+| grouped experts    | `torch._grouped_mm` (both)                               | `torch._grouped_mm` on CPU                 |
+
+Footguns handled here:
+- fla + triton installed on a CPU machine make transformers pick fla at import and crash every CPU forward. Here
+  fla is only imported when a CUDA tensor arrives.
+- A CUDA run without fla falls back to the torch delta rule: same numbers, about 2x slower end to end. That is
+  warned once, loudly, never silent. The torch conv fallback is exact too (only slower).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .delta_rule import causal_depthwise_conv_packed, chunk_gated_delta_rule_packed
+from .packing import SequenceInfo
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _fla_chunk_fn():
+    if not (_has("fla") and _has("triton")):
+        return None
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    return chunk_gated_delta_rule
+
+
+def _causal_conv1d_fn():
+    if not _has("causal_conv1d"):
+        return None
+    from causal_conv1d import causal_conv1d_fn
+
+    return causal_conv1d_fn
+
+
+def gated_delta_rule(q, k, v, g, beta, info: SequenceInfo, chunk_size: int = 64) -> torch.Tensor:
+    """q, k (B, T, Hk, dk); v (B, T, Hv, dv); g, beta (B, T, Hv) -> (B, T, Hv, dv). Documents never mix."""
+    if q.is_cuda:
+        fla = _fla_chunk_fn()
+        if fla is not None:
+            out, _ = fla(
+                q, k, v, g=g, beta=beta, scale=q.shape[-1] ** -0.5, initial_state=None, output_final_state=False,
+                use_qk_l2norm_in_kernel=True, cu_seqlens=info.cu_seqlens.long() if info.packed else None,
+            )
+            return out
+        _warn_once(
+            "fla",
+            "qmoe_lightning: flash-linear-attention is not installed; Gated DeltaNet runs the exact torch chunked "
+            "delta rule on GPU, which is about 2x slower end to end. Install the GPU extra: "
+            "pip install 'qmoe_lightning[gpu]'.",
+        )
+    return chunk_gated_delta_rule_packed(q, k, v, g, beta, info.chunk_layout(chunk_size))
+
+
+def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, info: SequenceInfo) -> torch.Tensor:
+    """x (B, T, D), weight (D, K) -> silu(causal depthwise conv) (B, T, D), taps reset at document starts."""
+    if x.is_cuda:
+        conv = _causal_conv1d_fn()
+        if conv is not None:
+            seq_idx = None
+            if info.packed:
+                lengths = (info.cu_seqlens[1:] - info.cu_seqlens[:-1]).long()
+                seq_idx = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device), lengths)
+                seq_idx = seq_idx.to(torch.int32).unsqueeze(0)
+            # (B, T, D) -> (B, D, T) view with channel-last strides, as causal-conv1d's seq_idx path requires
+            out = conv(x.to(weight.dtype).transpose(1, 2), weight, None, seq_idx=seq_idx, activation="silu")
+            return out.transpose(1, 2).to(x.dtype)
+    return causal_depthwise_conv_packed(x, weight, info.pos_in_doc if info.packed else None)
+
+
+def causal_attention(q, k, v, info: SequenceInfo, scale: float) -> torch.Tensor:
+    """q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, T, Hq, D). Causal, per document, GQA."""
+    B, Hq, T, D = q.shape
+    gqa = Hq != k.shape[1]
+    if info.packed:
+        if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _has("torch.nn.attention.varlen"):
+            from torch.nn.attention.varlen import varlen_attn
+
+            cu = info.cu_seqlens.to(torch.int32)
+            out = varlen_attn(
+                q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, info.max_seqlen,
+                info.max_seqlen, scale=scale, window_size=(-1, 0), enable_gqa=gqa,
+            )  # (T, Hq, D)
+            return out.unsqueeze(0)
+        outs = []
+        for s, e in info.doc_bounds:
+            o = F.scaled_dot_product_attention(
+                q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, scale=scale, enable_gqa=gqa
+            )
+            outs.append(o)
+        return torch.cat(outs, dim=2).transpose(1, 2)
+    if info.token_mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    mask = causal & info.token_mask[:, None, None, :]  # (B, 1, T, T)
+    # a padding query with no visible key would give NaN; let it see itself (its output is never used)
+    mask = mask | torch.eye(T, dtype=torch.bool, device=q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)

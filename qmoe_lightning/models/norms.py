@@ -1,0 +1,71 @@
+"""RMSNorm variants used by Qwen3.5-MoE, plus a mixin that keeps chosen tensors fp32 through dtype casts.
+
+- `ZeroCenteredRMSNorm`: `y = x_hat * (1 + w)` with w initialised to 0 (input/post norms, final norm, q/k norms).
+  The product is taken in fp32 and cast once at the end, as transformers does (`(x * w).to(dtype)`, not Llama's
+  `x.to(dtype) * w`): the order changes bf16 results.
+- `GatedRMSNorm`: Gated DeltaNet output norm, NOT zero-centred: `w * x_hat` cast to the input dtype, then multiplied
+  by `silu(z)` computed in fp32.
+- `KeepFp32Mixin`: `module.to(torch.bfloat16)` must not round A_log / dt_bias / rotary inv_freq. The fp32 values
+  are saved before the cast and put back afterwards (a cast back to fp32 would not restore the lost bits).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class KeepFp32Mixin:
+    """Parameters / buffers named in `_fp32_names` stay float32 whatever `.to()` / `.half()` / `.bfloat16()` does."""
+
+    _fp32_names: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        saved = {name: getattr(self, name) for name in self._fp32_names}
+        super()._apply(fn, recurse)
+        for name, old in saved.items():
+            new = getattr(self, name)
+            if new.dtype == torch.float32:
+                continue
+            if old.dtype == torch.float32 and not old.is_meta and not new.is_meta:
+                fixed = old.detach().to(device=new.device)
+            else:
+                fixed = new.detach().float()
+            if isinstance(new, nn.Parameter):
+                new.data = fixed
+            else:
+                setattr(self, name, fixed)
+        return self
+
+
+class ZeroCenteredRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+class GatedRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = self.weight * y.to(dtype)
+        return (y * F.silu(gate.float())).to(dtype)
