@@ -1,0 +1,233 @@
+"""`MultimodalPackingDataModule`: chat / text files -> packed multimodal micro-batches with document boundaries.
+
+Pipeline: files --(sources: cached datasets stages)--> encoded samples --(packing.plan_packs, FFD)--> packs
+--(sampler.PackSampler: seeded per epoch, token-balanced per data-parallel rank, resumable)--> DataLoader workers
+(decode images, build the micro-batch dict described in `packing`).
+
+Embedded default: `model_path`, `train_path` and `val_path` accept the sentinel "embedded" (see
+`qmoe_lightning.embedded`); with `train_path: embedded` and neither `val_path` nor `val_fraction`, the embedded
+validation split is used.
+
+Resume: Lightning stores `state_dict()` in checkpoints and calls `load_state_dict()` on restore; the position is
+(epoch, micro-batches consumed by this rank), counted in `on_before_batch_transfer`. If the LightningModule also
+overrides `on_before_batch_transfer`, Lightning calls only the module's hook: call
+`trainer.datamodule.on_before_batch_transfer(batch, idx)` from it to keep resume exact.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from qmoe_lightning.embedded import SENTINEL, resolve_path
+
+from .encoding import TRUNCATED, Encoder
+from .packing import PackDataset, plan_packs
+from .sampler import PackSampler
+from .sources import encode_files, first_bad, skip_summary
+
+log = logging.getLogger(__name__)
+
+
+def _identity(batch):
+    return batch
+
+
+class MultimodalPackingDataModule(LightningDataModule):
+    def __init__(
+        self,
+        model_path: str = SENTINEL,
+        train_path: str | list[str] = SENTINEL,
+        val_path: str | list[str] | None = None,
+        val_fraction: float = 0.0,
+        max_tokens: int = 4096,
+        pad_to_multiple_of: int = 64,
+        num_workers: int = 2,
+        seed: int = 0,
+        labels: str = "assistant",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        too_long: str = "truncate",
+        strict: bool = False,
+        balance_visual_tokens: bool = False,
+        shuffle: bool = True,
+        cache_dir: str | None = None,
+        embedded_cache_dir: str | None = None,
+        preprocess_num_proc: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        """
+        Args:
+            model_path: model directory with the processor (tokenizer, chat template, image processor), or "embedded".
+            train_path / val_path: JSONL / JSON / Parquet file, glob, `save_to_disk` dir, or a list; or "embedded".
+            val_fraction: share of the training samples held out for validation when `val_path` is not given.
+            max_tokens: pack size in tokens (a multiple of `pad_to_multiple_of`).
+            pad_to_multiple_of: the tail padding rounds each packed row up to this multiple.
+            labels: "assistant" (assistant turns only) or "all".
+            min_pixels / max_pixels: image pixel bounds (default: the image processor's).
+            too_long: samples longer than max_tokens are "truncate"d or "drop"ped (both counted).
+            strict: fail at the first bad sample (file:line and reason) instead of skipping and counting it.
+            balance_visual_tokens: spread vision tokens evenly over packs.
+            cache_dir: datasets cache dir for the preprocessing stages (default: datasets' default).
+            embedded_cache_dir: where the embedded default is built (default: ~/.cache/qmoe_lightning).
+            preprocess_num_proc: processes for the encoding stage.
+            rank / world_size: data-parallel coordinates; default from the trainer (or 0 / 1 without one).
+        """
+        super().__init__()
+        if max_tokens % max(pad_to_multiple_of, 1):
+            raise ValueError(f"max_tokens={max_tokens} must be a multiple of pad_to_multiple_of={pad_to_multiple_of}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.model_path, self.train_path, self.val_path = model_path, train_path, val_path
+        self.val_fraction, self.max_tokens, self.pad_to_multiple_of = val_fraction, max_tokens, pad_to_multiple_of
+        self.num_workers, self.seed, self.labels, self.too_long = num_workers, seed, labels, too_long
+        self.min_pixels, self.max_pixels, self.strict = min_pixels, max_pixels, strict
+        self.balance_visual_tokens, self.shuffle, self.cache_dir = balance_visual_tokens, shuffle, cache_dir
+        self.embedded_cache_dir, self.preprocess_num_proc = embedded_cache_dir, preprocess_num_proc
+        self._rank, self._world_size = rank, world_size
+        self.stats: dict[str, dict[str, int]] = {}
+        self.train_dataset: PackDataset | None = None
+        self.val_dataset: PackDataset | None = None
+        self.train_sampler: PackSampler | None = None
+        self._pending_state: dict | None = None
+
+    # ------------------------------------------------------------------ preparation
+    def _resolved(self):
+        emb = self.embedded_cache_dir
+        model = resolve_path(self.model_path, "model", emb)
+        train = resolve_path(self.train_path, "train", emb)
+        val = resolve_path(self.val_path, "val", emb)
+        if val is None and self.val_fraction == 0 and self.train_path == SENTINEL:
+            val = resolve_path(SENTINEL, "val", emb)
+        return str(model), train, val
+
+    def _encoder(self, model_dir: str) -> Encoder:
+        return Encoder(model_dir, self.max_tokens, self.labels, self.too_long, self.min_pixels, self.max_pixels)
+
+    def prepare_data(self) -> None:
+        """Local rank 0 only (Lightning): build the embedded default and fill the preprocessing cache."""
+        model_dir, train, val = self._resolved()
+        encoder = self._encoder(model_dir)
+        for spec in (train, val):
+            if spec is not None:
+                encode_files(spec, encoder, self.cache_dir, self.preprocess_num_proc)
+
+    def _load_split(self, name: str, spec, encoder: Encoder):
+        encoded, files = encode_files(spec, encoder, self.cache_dir, self.preprocess_num_proc)
+        if self.strict and (bad := first_bad(encoded)) is not None:
+            raise ValueError(f"strict mode: bad {name} sample at {bad}")
+        counts, good, truncated = skip_summary(encoded)
+        stats = dict(sorted(counts.items()))
+        stats["ok"] = len(good)
+        if truncated:
+            stats[TRUNCATED] = truncated
+        self.stats[name] = stats
+        if not good:
+            why = ", ".join(f"{k}={v}" for k, v in counts.items()) or "the files hold no rows"
+            raise ValueError(f"the {name} dataset is empty after filtering ({len(encoded)} rows read from "
+                             f"{len(files)} file(s): {why}); see the reasons above or run with strict=True")
+        return encoded.select(good) if len(good) < len(encoded) else encoded
+
+    def _coords(self) -> tuple[int, int]:
+        if self._rank is not None or self._world_size is not None:
+            return int(self._rank or 0), int(self._world_size or 1)
+        trainer = self._trainer if hasattr(self, "_trainer") else None
+        if trainer is not None:
+            kwargs = trainer.distributed_sampler_kwargs or {}
+            return int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1))
+        return 0, 1
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        model_dir, train_spec, val_spec = self._resolved()
+        encoder = self._encoder(model_dir)
+        train = self._load_split("train", train_spec, encoder)
+        val = self._load_split("val", val_spec, encoder) if val_spec is not None else None
+        if val is None and self.val_fraction > 0:
+            g = torch.Generator().manual_seed(self.seed)
+            perm = torch.randperm(len(train), generator=g).tolist()
+            n_val = max(1, int(round(len(train) * self.val_fraction)))
+            if n_val >= len(train):
+                raise ValueError(f"val_fraction={self.val_fraction} leaves no training samples ({len(train)} total)")
+            val, train = train.select(sorted(perm[:n_val])), train.select(sorted(perm[n_val:]))
+            self.stats["val"] = {"ok": len(val), "from_train_fraction": n_val}
+            self.stats["train"]["ok"] = len(train)
+        self.train_dataset = self._pack(train, encoder)
+        self.val_dataset = self._pack(val, encoder) if val is not None else None
+        self._log_summary()
+        rank, world = self._coords()
+        pack_tokens = [self.train_dataset.pack_tokens(p) for p in range(len(self.train_dataset))]
+        self.train_sampler = PackSampler(pack_tokens, world, rank, shuffle=self.shuffle, seed=self.seed)
+        if self._pending_state is not None:
+            self.train_sampler.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def _pack(self, records, encoder: Encoder) -> PackDataset:
+        lengths = records["num_tokens"]
+        visual = records["num_visual_tokens"]
+        packs = plan_packs(lengths, self.max_tokens, visual, self.balance_visual_tokens)
+        ds = PackDataset(records, packs, encoder, self.pad_to_multiple_of, strict=self.strict)
+        ds.fill = sum(lengths) / max(1, sum(-(-sum(lengths[i] for i in p) // self.pad_to_multiple_of)
+                                            * self.pad_to_multiple_of for p in packs))
+        ds.num_tokens = int(sum(lengths))
+        return ds
+
+    def _log_summary(self) -> None:
+        for name, ds in (("train", self.train_dataset), ("val", self.val_dataset)):
+            if ds is None:
+                continue
+            stats = self.stats.get(name, {})
+            skipped = {k: v for k, v in stats.items() if k not in ("ok", TRUNCATED, "from_train_fraction")}
+            msg = (f"{name} data: {stats.get('ok', 0)} samples, {ds.num_tokens} tokens in {len(ds)} packs of "
+                   f"{self.max_tokens} (non-pad fraction {ds.fill:.4f}); skipped {sum(skipped.values())}"
+                   f"{' ' + str(skipped) if skipped else ''}; truncated {stats.get(TRUNCATED, 0)}")
+            (rank_zero_warn if skipped else rank_zero_info)(msg)
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: PackDataset, sampler) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers, collate_fn=_identity,
+            persistent_workers=self.num_workers > 0, prefetch_factor=2 if self.num_workers > 0 else None,
+        )
+
+    def train_dataloader(self):
+        if self.train_dataset is None:
+            self.setup("fit")
+        return self._loader(self.train_dataset, self.train_sampler)
+
+    def val_dataloader(self):
+        if self.train_dataset is None:
+            self.setup("validate")
+        if self.val_dataset is None:
+            return []
+        rank, world = self._coords()
+        tokens = [self.val_dataset.pack_tokens(p) for p in range(len(self.val_dataset))]
+        return self._loader(self.val_dataset, PackSampler(tokens, world, rank, shuffle=False, seed=self.seed))
+
+    # ------------------------------------------------------------------ resume
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        trainer = self._trainer if hasattr(self, "_trainer") else None
+        if self.train_sampler is not None and (trainer is None or trainer.training):
+            self.train_sampler.mark_consumed()
+        return batch
+
+    def state_dict(self) -> dict:
+        if self.train_sampler is None:
+            return {"sampler": dict(self._pending_state)} if self._pending_state else {}
+        return {"sampler": self.train_sampler.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = state_dict.get("sampler")
+        if state is None:
+            return
+        if self.train_sampler is None:
+            self._pending_state = state  # setup() has not run yet on restore
+        else:
+            self.train_sampler.load_state_dict(state)
+

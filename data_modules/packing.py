@@ -1,0 +1,192 @@
+"""Pack planning (first-fit-decreasing) and micro-batch assembly for packed multimodal rows.
+
+Planning uses only token counts (computed at preparation without decoding pixels). First-fit-decreasing: samples
+sorted by length, longest first (ties by index so the plan is deterministic and identical on every rank), each put
+into the first pack with room (O(log n) per sample through a segment tree).
+`balance_visual_tokens`: samples with vision tokens go to the fitting pack with the fewest vision tokens so far
+instead of the first fitting one, which evens out vision-tower work per micro-batch at a small fill cost.
+
+Micro-batch contract (one packed row, batch dimension 1):
+    input_ids [1,T] long; labels [1,T] long (unshifted; the FIRST label of every document is -100 so no target
+    crosses a document boundary after the model's shift; padding -100); mm_token_type_ids [1,T] (0 text, 1 image,
+    2 video); position_ids [3,1,T] (mRoPE restarting per document); cu_seqlens int32 [N+1] (documents, then the
+    tail padding as its own final document when there is any); max_seqlen int; pixel_values / image_grid_thw and
+    pixel_values_videos / video_grid_thw (None when absent); num_label_tokens int (targets, i.e. labels != -100);
+    num_documents int (real documents, padding excluded).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from qmoe_lightning.models.mrope_positions import mrope_position_ids_packed
+
+from .encoding import IGNORE
+
+log = logging.getLogger(__name__)
+
+
+def plan_packs(lengths: Sequence[int], max_tokens: int, visual: Sequence[int] | None = None,
+               balance_visual_tokens: bool = False) -> list[list[int]]:
+    """First-fit-decreasing bin packing of sample indices into packs of at most max_tokens tokens.
+
+    First fit is a max segment tree over the free space of packs 0..n-1 (unopened packs have max_tokens free), so
+    "leftmost pack with free >= n" is O(log n) and opening a new pack needs no special case.
+    """
+    lengths = [int(n) for n in lengths]
+    if any(n > max_tokens for n in lengths):
+        raise ValueError("a sample is longer than max_tokens; truncate or drop it before planning")
+    if not lengths:
+        return []
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    size = 1
+    while size < len(lengths):
+        size *= 2
+    tree = [max_tokens] * (2 * size)
+
+    def first_fit(n: int) -> int:
+        node = 1
+        while node < size:
+            node = 2 * node if tree[2 * node] >= n else 2 * node + 1
+        return node - size
+
+    def set_free(p: int, value: int) -> None:
+        node = p + size
+        tree[node] = value
+        node //= 2
+        while node:
+            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            node //= 2
+
+    packs: list[list[int]] = []
+    vis: list[int] = []
+    for i in order:
+        n = lengths[i]
+        chosen = first_fit(n)
+        if balance_visual_tokens and visual is not None and visual[i] > 0:
+            # Among open packs with room, the one with the fewest vision tokens; a linear scan, only for samples
+            # with images (the option trades planning time and a little fill for even vision-tower load).
+            best = None
+            for p in range(chosen, len(packs)):
+                if tree[p + size] >= n and (best is None or vis[p] < vis[best]):
+                    best = p
+            chosen = chosen if best is None else best
+        if chosen == len(packs):
+            packs.append([])
+            vis.append(0)
+        packs[chosen].append(i)
+        set_free(chosen, tree[chosen + size] - n)
+        if visual is not None:
+            vis[chosen] += int(visual[i])
+    return packs
+
+
+def padded_length(total: int, multiple: int) -> int:
+    return -(-total // multiple) * multiple if multiple > 1 else total
+
+
+def build_micro_batch(docs: list[dict], pad_token_id: int, image_token_id: int, video_token_id: int,
+                      pad_to_multiple_of: int, spatial_merge_size: int) -> dict:
+    """Concatenate encoded documents (dicts with input_ids, labels and optional pixel tensors) into one packed row."""
+    ids, labels, lens = [], [], []
+    pixel_values, image_grids, video_pixels, video_grids = [], [], [], []
+    for doc in docs:
+        doc_ids = list(doc["input_ids"])
+        doc_labels = list(doc["labels"])
+        doc_labels[0] = IGNORE  # the previous document's last token must not predict this document's first
+        ids += doc_ids
+        labels += doc_labels
+        lens.append(len(doc_ids))
+        if doc.get("pixel_values") is not None:
+            pixel_values.append(doc["pixel_values"])
+            image_grids.append(doc["image_grid_thw"])
+        if doc.get("pixel_values_videos") is not None:
+            video_pixels.append(doc["pixel_values_videos"])
+            video_grids.append(doc["video_grid_thw"])
+    total = len(ids)
+    padded = padded_length(max(total, 1), pad_to_multiple_of)
+    if padded > total:  # tail padding is one extra document so no real token attends to it or vice versa
+        ids += [pad_token_id] * (padded - total)
+        labels += [IGNORE] * (padded - total)
+        lens.append(padded - total)
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    types = torch.zeros_like(input_ids)
+    types[input_ids == image_token_id] = 1
+    types[input_ids == video_token_id] = 2
+    if total < padded:
+        types[total:] = 0  # the pad id could in principle collide with a vision id; padding is text
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
+    image_grid_thw = torch.cat(image_grids).long() if image_grids else None
+    video_grid_thw = torch.cat(video_grids).long() if video_grids else None
+    position_ids = mrope_position_ids_packed(types, cu, image_grid_thw, video_grid_thw, spatial_merge_size)
+    label_tensor = torch.tensor(labels, dtype=torch.long)
+    return {
+        "input_ids": input_ids.unsqueeze(0),
+        "labels": label_tensor.unsqueeze(0),
+        "mm_token_type_ids": types.unsqueeze(0),
+        "position_ids": position_ids,
+        "cu_seqlens": cu,
+        "max_seqlen": int(max(lens)),
+        "pixel_values": torch.cat(pixel_values) if pixel_values else None,
+        "image_grid_thw": image_grid_thw,
+        "pixel_values_videos": torch.cat(video_pixels) if video_pixels else None,
+        "video_grid_thw": video_grid_thw,
+        "num_label_tokens": int((label_tensor != IGNORE).sum()),
+        "num_documents": len(docs),
+    }
+
+
+class PackDataset(torch.utils.data.Dataset):
+    """Map-style dataset of packs: item p decodes the images of pack p's documents (in the DataLoader worker) and
+    returns the micro-batch dict. A document whose image fails to decode here (it passed the header check at
+    preparation) is left out of the pack with a warning naming file:line; `strict` raises instead."""
+
+    def __init__(self, records, packs: list[list[int]], encoder, pad_to_multiple_of: int, strict: bool = False):
+        self.records, self.packs, self.encoder = records, packs, encoder
+        self.pad_to_multiple_of, self.strict = pad_to_multiple_of, strict
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def pack_tokens(self, p: int) -> int:
+        return int(sum(self.records[i]["num_tokens"] for i in self.packs[p]))
+
+    def _load_doc(self, rec: dict) -> dict:
+        doc = {"input_ids": rec["input_ids"], "labels": rec["labels"]}
+        if rec["images"]:
+            from PIL import Image
+
+            images = []
+            for path in rec["images"]:
+                with Image.open(path) as im:
+                    images.append(im.convert("RGB"))
+            out = self.encoder.processor.image_processor(images, return_tensors="pt",
+                                                         **self.encoder.image_size_kwargs())
+            grid = out["image_grid_thw"]
+            if grid.tolist() != rec["image_grids"]:
+                raise ValueError(f"image grid {grid.tolist()} differs from the planned {rec['image_grids']}")
+            doc["pixel_values"], doc["image_grid_thw"] = out["pixel_values"], grid
+        return doc
+
+    def __getitem__(self, p: int) -> dict:
+        enc = self.encoder
+        enc.processor  # loads lazily in each worker
+        docs = []
+        for i in self.packs[p]:
+            rec = self.records[int(i)]
+            try:
+                docs.append(self._load_doc(rec))
+            except Exception as err:
+                where = f"{rec['source']}:{rec['line']}"
+                if self.strict:
+                    raise ValueError(f"{where}: corrupt_image: {err}") from err
+                log.warning("skipping %s in pack %d: image failed to decode: %s", where, p, err)
+        tok = enc.processor.tokenizer
+        batch = build_micro_batch(docs, tok.pad_token_id, enc.image_token_id, enc.video_token_id,
+                                  self.pad_to_multiple_of, enc.merge)
+        batch["pack_index"] = int(p)
+        return batch
