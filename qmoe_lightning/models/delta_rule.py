@@ -30,7 +30,8 @@ def _prepare(q, k, v, g, beta):
     if hk != hv:  # value head i reads key head i // (hv / hk)
         q = q.repeat_interleave(hv // hk, dim=2)
         k = k.repeat_interleave(hv // hk, dim=2)
-    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    acc = torch.promote_types(v.dtype, torch.float32)  # at least fp32; fp64 stays fp64 (reference runs)
+    q, k, v, g, beta = (x.to(acc) for x in (q, k, v, g, beta))
     q, k = l2norm(q), l2norm(k)
     return q * q.shape[-1] ** -0.5, k, v, g, beta
 
@@ -109,20 +110,24 @@ def recurrent_gated_delta_rule_reference(q, k, v, g, beta, cu_seqlens: torch.Ten
 def causal_depthwise_conv_packed(
     x: torch.Tensor,  # (B, T, D)
     weight: torch.Tensor,  # (D, K)
-    pos_in_doc: torch.Tensor | None,  # (B, T): tap k is dropped where pos_in_doc < k (document start)
+    cu_seqlens: torch.Tensor | None,  # (N+1,) with B == 1: taps never reach into the previous document
 ) -> torch.Tensor:
-    """Causal depthwise conv (left pad K-1) whose taps never reach into the previous document, then SiLU.
+    """Causal depthwise conv (left pad K-1) per document, then SiLU; -> (B, T, D).
 
-    Computed as K shifted multiply-adds in the weight's dtype (transformers runs its conv in the weight dtype).
+    Packed rows are laid out with K-1 zero columns in front of every document and run through one F.conv1d:
+    each document then sees exactly the zero left padding it would see alone, so the result is bitwise the
+    per-document conv (transformers runs F.conv1d in the weight's dtype; so does this).
     """
     dtype = x.dtype
-    xw = x.to(weight.dtype)
+    B, T, D = x.shape
     K = weight.shape[-1]
-    T = x.shape[1]
-    out = xw * weight[:, K - 1]
-    for tap in range(1, K):
-        shifted = F.pad(xw, (0, 0, tap, 0))[:, :T]  # x[t - tap]
-        if pos_in_doc is not None:
-            shifted = shifted * (pos_in_doc >= tap).unsqueeze(-1).to(shifted.dtype)
-        out = out + shifted * weight[:, K - 1 - tap]
-    return F.silu(out).to(dtype)
+    xw = x.to(weight.dtype).transpose(1, 2)  # (B, D, T)
+    if cu_seqlens is None:
+        out = F.conv1d(xw, weight.unsqueeze(1), padding=K - 1, groups=D)[..., :T]
+        return F.silu(out).transpose(1, 2).to(dtype)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device), lengths)  # (T,)
+    where = torch.arange(T, device=x.device) + (K - 1) * (doc + 1)  # column of each token in the gapped row
+    gapped = xw.new_zeros(B, D, T + (K - 1) * lengths.numel()).index_copy(2, where, xw)
+    out = F.conv1d(gapped, weight.unsqueeze(1), groups=D)  # no padding: the gaps are the padding
+    return F.silu(out.index_select(2, where - (K - 1))).transpose(1, 2).to(dtype)

@@ -91,7 +91,7 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, info: SequenceInfo
             # (B, T, D) -> (B, D, T) view with channel-last strides, as causal-conv1d's seq_idx path requires
             out = conv(x.to(weight.dtype).transpose(1, 2), weight, None, seq_idx=seq_idx, activation="silu")
             return out.transpose(1, 2).to(x.dtype)
-    return causal_depthwise_conv_packed(x, weight, info.pos_in_doc if info.packed else None)
+    return causal_depthwise_conv_packed(x, weight, info.cu_seqlens)
 
 
 def causal_attention(q, k, v, info: SequenceInfo, scale: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 
 
 class KeepFp32Mixin:
-    """Parameters / buffers named in `_fp32_names` stay float32 whatever `.to()` / `.half()` / `.bfloat16()` does."""
+    """Parameters / buffers named in `_fp32_names` stay (at least) float32 through `.to(bf16)` / `.half()`."""
 
     _fp32_names: tuple[str, ...] = ()
 
@@ -26,7 +26,7 @@ class KeepFp32Mixin:
         super()._apply(fn, recurse)
         for name, old in saved.items():
             new = getattr(self, name)
-            if new.dtype == torch.float32:
+            if new.dtype in (torch.float32, torch.float64):  # only guard against LOWER precision
                 continue
             if old.dtype == torch.float32 and not old.is_meta and not new.is_meta:
                 fixed = old.detach().to(device=new.device)

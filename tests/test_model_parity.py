@@ -1,0 +1,201 @@
+"""Native model == transformers (fp32, torch fallbacks, eager experts) on tiny configs.
+
+Covers: three text configs (layer patterns, head counts, GQA ratios, partial rotary, experts/top-k), padded
+batches, one image, two images of different sizes, a video; loss, aux loss and every parameter's gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_configs import IDS, TEXT_VARIANTS, image_tokens, make_config, make_hf_model
+
+from qmoe_lightning.models import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """variant -> (transformers model, native model loaded from its save_pretrained directory)."""
+    out = {}
+    for variant in TEXT_VARIANTS:
+        hf = make_hf_model(make_config(variant), seed=len(out))
+        path = tmp_path_factory.mktemp(variant)
+        hf.save_pretrained(path)
+        out[variant] = (hf, Qwen3_5MoeForConditionalGeneration.from_pretrained(path).eval(), path)
+    return out
+
+
+def vision_doc(pieces: list, seed: int = 0):
+    """pieces: ints (that many random text tokens), ("image", (t,h,w)) or ("video", (t,h,w)).
+
+    Returns input_ids (1, T), mm_token_type_ids (1, T), and per modality (pixels, grids)."""
+    g = torch.Generator().manual_seed(seed)
+    ids, types = [], []
+    pix = {"image": [], "video": []}
+    grids = {"image": [], "video": []}
+    for p in pieces:
+        if isinstance(p, int):
+            ids += torch.randint(0, 400, (p,), generator=g).tolist()
+            types += [0] * p
+            continue
+        kind, grid = p
+        token = IDS["image_token_id"] if kind == "image" else IDS["video_token_id"]
+        t, h, w = grid
+        frames = [(1, h, w)] * t if kind == "video" else [grid]
+        for j, fg in enumerate(frames):
+            if kind == "video":  # Qwen3.5 separates frames with timestamp text
+                ids += [7, 8]
+                types += [0, 0]
+            ids += [IDS["vision_start_token_id"]] + [token] * image_tokens(fg) + [IDS["vision_end_token_id"]]
+            types += [0] + [1 if kind == "image" else 2] * image_tokens(fg) + [0]
+        pix[kind].append(torch.randn(t * h * w, 3 * 2 * 16 * 16, generator=g))
+        grids[kind].append(list(grid))
+    out = dict(input_ids=torch.tensor([ids]), mm_token_type_ids=torch.tensor([types]))
+    if pix["image"]:
+        out["pixel_values"] = torch.cat(pix["image"])
+        out["image_grid_thw"] = torch.tensor(grids["image"])
+    if pix["video"]:
+        out["pixel_values_videos"] = torch.cat(pix["video"])
+        out["video_grid_thw"] = torch.tensor(grids["video"])
+    return out
+
+
+def hf_grad_of(hf_model, native_name: str) -> torch.Tensor:
+    """transformers' gradient for a native parameter name, in the native layout."""
+    name = native_name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
+    if name.endswith("gate_and_up_projs"):
+        return hf_model.get_parameter(name.replace("gate_and_up_projs", "gate_up_proj")).grad.transpose(1, 2)
+    if name.endswith("down_projs"):
+        return hf_model.get_parameter(name.replace("down_projs", "down_proj")).grad.transpose(1, 2)
+    return hf_model.get_parameter(name).grad
+
+
+@pytest.mark.parametrize("variant", list(TEXT_VARIANTS))
+def test_text_logits_loss_aux_match(pairs, variant):
+    hf, nat, _ = pairs[variant]
+    torch.manual_seed(1)
+    ids = torch.randint(0, 400, (2, 53))
+    labels = ids.clone()
+    labels[0, :9] = -100
+    with torch.no_grad():
+        ref = hf(input_ids=ids, labels=labels, output_router_logits=True)
+        out = nat(input_ids=ids, labels=labels, output_router_logits=True)
+    assert (ref.logits - out.logits).abs().max() <= TOL
+    assert torch.allclose(ref.aux_loss, out.aux_loss, atol=1e-5, rtol=0)
+    assert torch.allclose(ref.loss, out.loss, atol=1e-5, rtol=0)
+
+
+def test_padded_batch_matches(pairs):
+    hf, nat, _ = pairs["base"]
+    torch.manual_seed(2)
+    ids = torch.randint(0, 400, (3, 40))
+    mask = torch.ones_like(ids)
+    mask[1, 31:] = 0
+    mask[2, 17:] = 0
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, output_router_logits=True)
+        out = nat(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    real = mask.bool()
+    assert (ref.logits[real] - out.logits[real]).abs().max() <= TOL
+    assert torch.allclose(ref.aux_loss, out.aux_loss, atol=1e-5, rtol=0)
+    # padding is excluded from the expert counts: every real token picks top_k experts in every layer
+    cfg = nat.text_config
+    assert out.expert_token_counts.shape == (cfg.num_hidden_layers, cfg.num_experts)
+    assert (out.expert_token_counts.sum(1) == int(real.sum()) * cfg.num_experts_per_tok).all()
+
+
+MULTIMODAL_CASES = {
+    "one_image": [5, ("image", (1, 4, 6)), 9],
+    "two_images": [3, ("image", (1, 4, 4)), 4, ("image", (1, 6, 8)), 6],
+    "video": [4, ("video", (2, 4, 4)), 5],
+    "image_and_video": [2, ("image", (1, 2, 4)), 3, ("video", (2, 2, 2)), 3],
+}
+
+
+@pytest.mark.parametrize("case", list(MULTIMODAL_CASES))
+@pytest.mark.parametrize("variant", ["base", "alt"])
+def test_multimodal_logits_match(pairs, case, variant):
+    hf, nat, _ = pairs[variant]
+    batch = vision_doc(MULTIMODAL_CASES[case], seed=3)
+    labels = batch["input_ids"].clone()
+    with torch.no_grad():
+        ref = hf(**batch, labels=labels, output_router_logits=True)
+        out = nat(**batch, labels=labels, output_router_logits=True)
+        # positions computed by the native model equal transformers' get_rope_index
+        ref_pos, _ = hf.model.get_rope_index(
+            batch["input_ids"], batch["mm_token_type_ids"], batch.get("image_grid_thw"),
+            None if "video_grid_thw" not in batch else batch["video_grid_thw"].clone(),
+        )
+        out_pos = nat(**batch, position_ids=ref_pos)
+    assert (ref.logits - out.logits).abs().max() <= TOL
+    assert (out_pos.logits - out.logits).abs().max() == 0
+    assert torch.allclose(ref.loss, out.loss, atol=1e-5, rtol=0)
+    assert torch.allclose(ref.aux_loss, out.aux_loss, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["base", "wide"])
+def test_every_parameter_gradient_matches(pairs, variant):
+    hf, nat, _ = pairs[variant]
+    hf, nat = copy.deepcopy(hf).train(), copy.deepcopy(nat).train()
+    batch = vision_doc([6, ("image", (1, 4, 6)), 20, ("image", (1, 2, 2)), 11], seed=4)
+    labels = batch["input_ids"].clone()
+    labels[0, :4] = -100
+    ref = hf(**batch, labels=labels, output_router_logits=True)
+    out = nat(**batch, labels=labels, output_router_logits=True)
+    ref.loss.backward()
+    out.loss.backward()
+    checked = 0
+    for name, p in nat.named_parameters():
+        g_ref = hf_grad_of(hf, name)
+        if g_ref is None:
+            assert p.grad is None or p.grad.abs().max() == 0, name
+            continue
+        assert p.grad is not None, f"{name}: no gradient"
+        scale = g_ref.abs().max().clamp_min(1e-6)
+        assert ((p.grad - g_ref).abs().max() / scale) <= TOL, f"{name}: gradient differs"
+        checked += 1
+    assert checked == len(list(nat.parameters()))
+
+
+def test_causal_lm_matches_vl_text_path_and_loads_vl_checkpoint(pairs):
+    hf, nat, path = pairs["alt"]
+    text = Qwen3_5MoeForCausalLM.from_pretrained(path).eval()
+    assert text.load_report["skipped"].get("vision", 0) > 0  # vision tower counted, not silently dropped
+    assert not any(n.startswith("model.visual") for n, _ in text.named_parameters())
+    ids = torch.randint(0, 400, (2, 30))
+    with torch.no_grad():
+        ref = hf(input_ids=ids)
+        out = text(input_ids=ids)
+    assert (ref.logits - out.logits).abs().max() <= TOL
+
+
+def test_label_logits_only_and_num_items_in_batch(pairs):
+    _, nat, _ = pairs["base"]
+    ids = torch.randint(0, 400, (1, 70))
+    labels = ids.clone()
+    labels[0, :30] = -100
+    with torch.no_grad():
+        full = nat(input_ids=ids, labels=labels)
+        sparse = nat(input_ids=ids, labels=labels, label_logits_only=True)
+        summed = nat(input_ids=ids, labels=labels, num_items_in_batch=100)
+    assert sparse.logits.shape == (40, nat.text_config.vocab_size)  # targets at positions 29..68
+    assert int(full.num_label_tokens) == 40
+    assert torch.allclose(full.loss, sparse.loss, atol=1e-6)
+    assert (sparse.logits - full.logits[0, 29:69]).abs().max() <= 1e-6
+    assert torch.allclose(summed.loss, full.loss * 40 / 100, atol=1e-6)
+
+
+def test_bad_forward_inputs_raise_clear_errors(pairs):
+    _, nat, _ = pairs["base"]
+    batch = vision_doc([3, ("image", (1, 4, 4)), 3])
+    bad = dict(batch, image_grid_thw=torch.tensor([[1, 4, 8]]), pixel_values=torch.randn(32, 1536))
+    with pytest.raises(ValueError, match="placeholder tokens"):
+        nat(**bad)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        nat(input_ids=torch.zeros(1, 10, dtype=torch.long), cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32))
+    with pytest.raises(TypeError, match="unexpected forward argument"):
+        nat(input_ids=torch.zeros(1, 4, dtype=torch.long), attn_mask=None)
