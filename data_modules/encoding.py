@@ -82,6 +82,14 @@ class Encoder:
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_processor"} | {"_processor": None}
 
+    _LAZY = frozenset({"image_token", "image_token_id", "video_token_id", "eos_id", "patch", "merge", "pixel_bounds"})
+
+    def __getattr__(self, name):  # processor-derived attributes load the processor on first use
+        if name in Encoder._LAZY:
+            self.processor
+            return self.__dict__[name]
+        raise AttributeError(name)
+
     @property
     def processor(self):
         if self._processor is None:

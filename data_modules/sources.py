@@ -66,7 +66,9 @@ def _row(row, source: str, line: int, base_dir: str, reason: str = "", detail: s
 
 
 def _rows_of_file(path: str):
-    base = path if os.path.isdir(path) else os.path.dirname(path)
+    # Relative image paths resolve against the data file's directory; for a save_to_disk directory, against the
+    # directory that contains it (the dataset directory itself only holds Arrow files).
+    base = os.path.dirname(os.path.normpath(path))
     count = 0
     if os.path.isdir(path):
         ds = datasets.load_from_disk(path)

@@ -1,0 +1,130 @@
+"""Bad input is skipped and counted per reason (never a crash, never silent); strict mode names file:line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from data_modules import MultimodalPackingDataModule
+from qmoe_lightning.embedded import ensure_embedded_default
+
+
+@pytest.fixture(scope="session")
+def emb(tmp_path_factory):
+    return ensure_embedded_default(tmp_path_factory.getbasetemp() / "qmoe_embedded")
+
+
+def _chat(q="What is two plus two?", a="four", image=None):
+    content = [{"type": "image", "image": image}, {"type": "text", "text": q}] if image else q
+    return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": a}]}
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "ok.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    return tmp_path
+
+
+def _write_jsonl(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def _dm(emb, tmp_path, train, **kw):
+    kw.setdefault("max_tokens", 256)
+    return MultimodalPackingDataModule(model_path=str(emb.model_dir), train_path=train, val_path=None,
+                                       num_workers=0, pad_to_multiple_of=16, cache_dir=str(tmp_path / "cache"), **kw)
+
+
+BAD_LINES = {
+    "invalid_json": '{"messages": [',
+    "missing_image": _chat(image="nope.png"),
+    "corrupt_image": _chat(image="corrupt.png"),
+    "missing_role": {"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]},
+    "missing_content": {"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]},
+    "no_targets": {"messages": [{"role": "user", "content": "no answer here"}]},
+    "bad_schema": {"messages": "not a list"},
+    "video_unsupported": {"messages": [{"role": "user", "content": [{"type": "video", "video": ["a.png"]}]},
+                                       {"role": "assistant", "content": "x"}]},
+}
+
+
+def test_every_bad_kind_is_skipped_and_counted(emb, data_dir):
+    good = [_chat(), _chat(image="ok.png"), {"text": "Count to three."}]
+    lines = good[:1] + list(BAD_LINES.values()) + good[1:] + [_chat(q="x " * 400)]
+    train = _write_jsonl(data_dir / "train.jsonl", lines)
+    (data_dir / "empty.jsonl").write_text("\n")
+    dm = _dm(emb, data_dir, [str(train), str(data_dir / "empty.jsonl")], too_long="drop")
+    dm.setup("fit")
+    stats = dm.stats["train"]
+    expected = {k: 1 for k in BAD_LINES} | {"too_long": 1, "empty_file": 1, "ok": 3}
+    assert stats == expected
+    batches = list(dm.train_dataloader())
+    assert sum(b["num_documents"] for b in batches) == 3
+
+
+def test_too_long_truncate_keeps_targets_and_counts(emb, data_dir):
+    long_row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "four " * 300}]}
+    train = _write_jsonl(data_dir / "t.jsonl", [_chat(), long_row])
+    dm = _dm(emb, data_dir, str(train), too_long="truncate", max_tokens=128)
+    dm.setup("fit")
+    assert dm.stats["train"] == {"ok": 2, "truncated": 1}
+    assert max(len(p) for p in dm.train_dataset.packs) >= 1
+    assert all(n <= 128 for n in dm.train_dataset.records["num_tokens"])
+
+
+def test_truncation_never_cuts_an_image(emb, data_dir):
+    from data_modules.encoding import IGNORE, Encoder
+
+    row = {"messages": [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "four"},
+                        {"role": "user", "content": [{"type": "text", "text": "look"},
+                                                     {"type": "image", "image": "ok.png"}]},
+                        {"role": "assistant", "content": "red"}]}
+    full = Encoder(str(emb.model_dir), max_tokens=512).encode(row, str(data_dir))
+    enc = Encoder(str(emb.model_dir), max_tokens=512)
+    first_image = full["input_ids"].index(enc.image_token_id)
+    enc.max_tokens = first_image + 2  # the cut lands inside the image's 4 tokens
+    cut = enc.encode(row, str(data_dir))
+    assert cut["truncated"] and cut["images"] == [] and cut["image_grids"] == []
+    assert enc.image_token_id not in cut["input_ids"]
+    assert cut["input_ids"] == full["input_ids"][: first_image - 1]  # its <|vision_start|> went too
+    kept = enc.processor.tokenizer.decode([t for t in cut["labels"] if t != IGNORE])
+    assert kept == "four<|im_end|>"
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_LINES))
+def test_strict_fails_at_first_bad_with_file_line(emb, data_dir, kind):
+    train = _write_jsonl(data_dir / "s.jsonl", [_chat(), _chat(), BAD_LINES[kind], _chat()])
+    dm = _dm(emb, data_dir, str(train), strict=True)
+    with pytest.raises(ValueError, match=rf"s\.jsonl:3: {kind}"):
+        dm.setup("fit")
+
+
+def test_strict_names_empty_file(emb, data_dir):
+    (data_dir / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"empty\.jsonl:0: empty_file"):
+        _dm(emb, data_dir, str(data_dir / "empty.jsonl"), strict=True).setup("fit")
+
+
+def test_empty_dataset_after_filtering_says_why(emb, data_dir):
+    train = _write_jsonl(data_dir / "bad.jsonl", ['{"oops', BAD_LINES["missing_role"]])
+    with pytest.raises(ValueError, match=r"train dataset is empty after filtering.*invalid_json=1.*missing_role=1"):
+        _dm(emb, data_dir, str(train)).setup("fit")
+
+
+def test_json_parquet_and_saved_dataset_sources(emb, data_dir):
+    import datasets
+
+    rows = [_chat(), _chat(image="ok.png"), _chat(q="Repeat after me: apple", a="apple")]
+    (data_dir / "rows.json").write_text(json.dumps(rows))
+    flat = [{"messages": json.dumps(r["messages"])} for r in rows]  # parquet: messages as a JSON string
+    datasets.Dataset.from_list(flat).to_parquet(str(data_dir / "rows.parquet"))
+    datasets.Dataset.from_list(flat).save_to_disk(str(data_dir / "saved"))
+    for spec in (str(data_dir / "rows.json"), str(data_dir / "rows.parquet"), str(data_dir / "saved"),
+                 str(data_dir / "rows.*")):
+        dm = _dm(emb, data_dir, spec)
+        dm.setup("fit")
+        assert dm.stats["train"]["ok"] == (6 if "*" in spec else 3), spec
