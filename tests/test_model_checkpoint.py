@@ -1,0 +1,285 @@
+"""State-dict adapter and HF checkpoint I/O: layouts, round trips, transformers loading our exports, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tiny_configs import make_config, make_hf_model
+
+from qmoe_lightning.models import (
+    Qwen3_5MoeForCausalLM,
+    Qwen3_5MoeForConditionalGeneration,
+    Qwen3_5MoeStateDictAdapter,
+)
+from qmoe_lightning.models import checkpoint as ckpt
+
+
+@pytest.fixture(scope="module")
+def hf_and_dir(tmp_path_factory):
+    hf = make_hf_model(make_config("alt"), seed=5)
+    path = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(path)  # transformers writes the per-expert layout
+    return hf, path
+
+
+def read_all(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in ckpt.safetensors_files(path):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_transformers_save_is_per_expert_and_in_memory_is_fused(hf_and_dir):
+    hf, path = hf_and_dir
+    on_disk = read_all(path)
+    assert any(".mlp.experts.0.gate_proj.weight" in k for k in on_disk)
+    assert any(k.endswith(".mlp.experts.gate_up_proj") for k in hf.state_dict())
+
+
+@pytest.mark.parametrize("layout", ["fused", "per_expert"])
+def test_hf_native_hf_round_trip_is_bitwise(hf_and_dir, layout):
+    hf, path = hf_and_dir
+    fused = {k: v for k, v in hf.state_dict().items()}
+    source = fused if layout == "fused" else read_all(path)
+    adapter = Qwen3_5MoeStateDictAdapter(hf.config, text_only=False)
+    native, aside = adapter.from_hf(source)
+    assert not aside
+    assert any(k.endswith("gate_and_up_projs") for k in native)
+    assert any(".shared_experts." in k for k in native)
+    back = adapter.to_hf(native)
+    assert set(back) == set(fused)
+    for k, v in fused.items():
+        assert torch.equal(back[k], v), k
+
+
+def test_native_keys_match_model_parameters(hf_and_dir):
+    hf, _ = hf_and_dir
+    adapter = Qwen3_5MoeStateDictAdapter(hf.config, text_only=False)
+    native, _ = adapter.from_hf(hf.state_dict())
+    model = Qwen3_5MoeForConditionalGeneration(hf.config)
+    expected = model.state_dict()
+    assert set(native) == set(expected)
+    for k, v in native.items():
+        assert v.shape == expected[k].shape, k
+
+
+def test_lm_head_under_model_prefix_and_text_prefix_are_read(hf_and_dir, tmp_path):
+    hf, path = hf_and_dir
+    tensors = read_all(path)
+    tensors["model.lm_head.weight"] = tensors.pop("lm_head.weight")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    model = Qwen3_5MoeForConditionalGeneration.from_pretrained(tmp_path)
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
+
+
+def test_our_export_loads_in_transformers_with_same_logits(hf_and_dir, tmp_path):
+    from transformers import Qwen3_5MoeForConditionalGeneration as HF
+
+    _, path = hf_and_dir
+    ours = Qwen3_5MoeForConditionalGeneration.from_pretrained(path).eval()
+    with torch.no_grad():  # move weights away from the source so the test sees what was written
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    out_dir = ours.save_pretrained(tmp_path / "export", max_shard_size="300KB")
+    index = json.loads((out_dir / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in index["weight_map"])  # official fused layout
+    assert not any(".experts.0." in k for k in index["weight_map"])
+    reloaded, info = HF.from_pretrained(out_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    reloaded = reloaded.float().eval()
+    reloaded.config.text_config._experts_implementation = "eager"
+    ids = torch.randint(0, 400, (1, 33))
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max() <= 1e-4
+    # and back into the native model, bitwise
+    again = Qwen3_5MoeForConditionalGeneration.from_pretrained(out_dir)
+    for (n, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_text_only_export_loads_in_transformers_causal_lm(hf_and_dir, tmp_path):
+    from transformers import Qwen3_5MoeForCausalLM as HFText
+
+    _, path = hf_and_dir
+    ours = Qwen3_5MoeForCausalLM.from_pretrained(path).eval()
+    out_dir = ours.save_pretrained(tmp_path / "text")
+    reloaded, info = HFText.from_pretrained(out_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    reloaded = reloaded.float().eval()
+    ids = torch.randint(0, 400, (2, 21))
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max() <= 1e-4
+
+
+def test_mtp_tensors_are_kept_aside_and_copied_through(hf_and_dir, tmp_path):
+    _, path = hf_and_dir
+    src = tmp_path / "with_mtp"
+    src.mkdir()
+    for f in path.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    mtp = {"mtp.fc.weight": torch.randn(64, 128), "mtp.norm.weight": torch.randn(64)}
+    save_file(mtp, str(src / "mtp.safetensors"))
+    index_file = src / "model.safetensors.index.json"
+    if index_file.exists():
+        index = json.loads(index_file.read_text())
+    else:
+        with safe_open(str(src / "model.safetensors"), "pt") as f:
+            index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in f.keys()}}
+    index["weight_map"].update({k: "mtp.safetensors" for k in mtp})
+    index_file.write_text(json.dumps(index))
+
+    model = Qwen3_5MoeForConditionalGeneration.from_pretrained(src)
+    assert model.load_report["skipped"]["mtp"] == 2
+    out = read_all(model.save_pretrained(tmp_path / "export"))
+    for k, v in mtp.items():
+        assert torch.equal(out[k], v)
+
+
+def test_bf16_keeps_rotary_and_gdn_decay_params_fp32(hf_and_dir):
+    hf, path = hf_and_dir
+    model = Qwen3_5MoeForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)
+    gdn = model.model.language_model.layers[1].linear_attn
+    assert gdn.A_log.dtype == torch.float32 and gdn.dt_bias.dtype == torch.float32
+    assert torch.equal(gdn.A_log, hf.model.language_model.layers[1].linear_attn.A_log)  # not rounded to bf16
+    assert model.model.language_model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.model.visual.rotary_pos_emb.inv_freq.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    fp32 = Qwen3_5MoeForConditionalGeneration.from_pretrained(path).eval()
+    inv = fp32.model.language_model.rotary_emb.inv_freq.clone()
+    fp32.to(torch.bfloat16)  # a cast of a loaded model must not round them either
+    assert torch.equal(fp32.model.language_model.rotary_emb.inv_freq, inv)
+    ids = torch.randint(0, 400, (1, 40))
+    with torch.no_grad():
+        lo = model.eval()(input_ids=ids).logits.float()
+        hi = Qwen3_5MoeForConditionalGeneration.from_pretrained(path).eval()(input_ids=ids).logits
+    assert torch.isfinite(lo).all()
+    assert (lo - hi).abs().max() < 0.05 * hi.abs().max()
+
+
+def test_bf16_saved_export_keeps_fp32_decay_params(hf_and_dir, tmp_path):
+    _, path = hf_and_dir
+    out = Qwen3_5MoeForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(tmp_path / "e")
+    tensors = read_all(out)
+    assert tensors["model.language_model.layers.1.linear_attn.A_log"].dtype == torch.float32
+    assert tensors["model.language_model.layers.1.linear_attn.dt_bias"].dtype == torch.float32
+    assert tensors["lm_head.weight"].dtype == torch.bfloat16
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_failed_save_leaves_previous_export_intact(hf_and_dir, tmp_path, monkeypatch):
+    _, path = hf_and_dir
+    model = Qwen3_5MoeForConditionalGeneration.from_pretrained(path)
+    out = model.save_pretrained(tmp_path / "export", max_shard_size="300KB")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    calls = {"n": 0}
+    real_save = ckpt.save_file
+
+    def crash_on_second_shard(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", crash_on_second_shard)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "export", max_shard_size="300KB")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary directory left behind
+
+
+def test_from_config_meta_init_gives_finite_outputs():
+    cfg = make_config("base")
+    model = Qwen3_5MoeForConditionalGeneration.from_config(cfg).eval()
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.model.language_model.rotary_emb.inv_freq.abs().sum() > 0
+    ids = torch.randint(0, 400, (1, 20))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+# ---- bad checkpoints name the problem ---------------------------------------------------------------------------
+
+
+def copy_ckpt(path, dst):
+    dst.mkdir()
+    for f in path.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def rewrite_weights(dst, fn):
+    tensors = read_all(dst)
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    (dst / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(fn(tensors), str(dst / "model.safetensors"))
+
+
+def test_wrong_model_type_is_rejected(hf_and_dir, tmp_path):
+    _, path = hf_and_dir
+    dst = copy_ckpt(path, tmp_path / "c")
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
+        Qwen3_5MoeForConditionalGeneration.from_pretrained(dst)
+
+
+def test_missing_and_unexpected_tensors_are_listed(hf_and_dir, tmp_path):
+    _, path = hf_and_dir
+    dst = copy_ckpt(path, tmp_path / "c")
+
+    def damage(t):
+        t.pop("model.language_model.norm.weight")
+        t.pop("model.language_model.layers.0.mlp.experts.3.up_proj.weight")
+        t["model.language_model.layers.0.bogus.weight"] = torch.zeros(2)
+        return t
+
+    rewrite_weights(dst, damage)
+    with pytest.raises(ValueError) as err:
+        Qwen3_5MoeForConditionalGeneration.from_pretrained(dst)
+    msg = str(err.value)
+    assert "model.language_model.norm.weight" in msg
+    assert "layers.0.mlp.experts.gate_and_up_projs (1 expert slice(s))" in msg
+    assert "model.language_model.layers.0.bogus.weight" in msg
+
+
+def test_wrong_shape_names_the_tensor(hf_and_dir, tmp_path):
+    _, path = hf_and_dir
+    dst = copy_ckpt(path, tmp_path / "c")
+
+    def damage(t):
+        t["model.language_model.layers.2.mlp.experts.1.down_proj.weight"] = torch.zeros(3, 3)
+        return t
+
+    rewrite_weights(dst, damage)
+    with pytest.raises(ValueError, match=r"layers\.2\.mlp\.experts\.1\.down_proj\.weight.*shape \(3, 3\)"):
+        Qwen3_5MoeForConditionalGeneration.from_pretrained(dst)
+
+
+def test_missing_files_are_reported(hf_and_dir, tmp_path):
+    _, path = hf_and_dir
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Qwen3_5MoeForConditionalGeneration.from_pretrained(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Qwen3_5MoeForConditionalGeneration.from_pretrained(empty)
+    (empty / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        Qwen3_5MoeForConditionalGeneration.from_pretrained(empty)
+
+
+def test_vl_class_refuses_text_only_checkpoint(hf_and_dir, tmp_path):
+    _, path = hf_and_dir
+    text_dir = Qwen3_5MoeForCausalLM.from_pretrained(path).save_pretrained(tmp_path / "t")
+    with pytest.raises(ValueError, match="load it with Qwen3_5MoeForCausalLM"):
+        Qwen3_5MoeForConditionalGeneration.from_pretrained(text_dir)

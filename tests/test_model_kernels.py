@@ -1,0 +1,123 @@
+"""Kernels against their readable references, and the per-call kernel choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_configs import make_config
+
+from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration, kernels
+from qmoe_lightning.models.delta_rule import (
+    causal_depthwise_conv_packed,
+    chunk_gated_delta_rule_packed,
+    recurrent_gated_delta_rule_reference,
+)
+from qmoe_lightning.models.moe import GroupedExperts, experts_loop_reference
+from qmoe_lightning.models.packing import build_sequence_info
+
+
+def cu(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("lengths", [[200], [1, 64, 65, 0, 129, 7], [63, 2, 130]])
+def test_chunked_delta_rule_equals_recurrent_loop_per_document(lengths):
+    torch.manual_seed(0)
+    T = sum(lengths)
+    q, k = torch.randn(1, T, 2, 8), torch.randn(1, T, 2, 8)
+    v, g, beta = torch.randn(1, T, 4, 8), -torch.rand(1, T, 4) * 2, torch.rand(1, T, 4)
+    info = build_sequence_info(1, T, q.device, cu(lengths))
+    out = chunk_gated_delta_rule_packed(q, k, v, g, beta, info.chunk_layout(64))
+    ref = recurrent_gated_delta_rule_reference(q, k, v, g, beta, cu(lengths))
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_conv_never_reaches_into_previous_document():
+    torch.manual_seed(1)
+    lengths = [5, 1, 9, 2]
+    x, w = torch.randn(1, sum(lengths), 6), torch.randn(6, 4)
+    out = causal_depthwise_conv_packed(x, w, cu(lengths))
+    bounds = cu(lengths).tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        alone = causal_depthwise_conv_packed(x[:, s:e], w, None)
+        assert (out[:, s:e] - alone).abs().max() < 1e-6  # a leaked tap would be O(1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_grouped_experts_equal_loop_reference_with_gradients(dtype, tol):
+    torch.manual_seed(2)
+    E, H, I, N, K = 8, 32, 16, 50, 2
+    experts = GroupedExperts(E, H, I).to(dtype)
+    x = torch.randn(N, H, dtype=dtype, requires_grad=True)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
+    idx[idx == 5] = 4  # expert 5 gets no token: empty groups must work
+    idx[:, 1] = torch.where(idx[:, 0] == idx[:, 1], (idx[:, 1] + 1) % 5, idx[:, 1])
+    w = torch.softmax(torch.randn(N, K), -1).to(dtype)
+    target = torch.randn(N, H, dtype=dtype)
+
+    out = experts(x, idx, w)
+    ref = experts_loop_reference(experts, x, idx, w)
+    assert (out.float() - ref.float()).abs().max() <= tol
+    grads = torch.autograd.grad((out * target).sum(), [x, experts.gate_and_up_projs, experts.down_projs])
+    ref_grads = torch.autograd.grad((ref * target).sum(), [x, experts.gate_and_up_projs, experts.down_projs])
+    for a, b in zip(grads, ref_grads):
+        assert (a.float() - b.float()).abs().max() <= tol * max(1.0, b.float().abs().max().item())
+
+
+def test_cpu_tensors_never_touch_gpu_kernels(monkeypatch):
+    """fla / causal-conv1d importable (as on a GPU box) must not change CPU results or be called for them."""
+    monkeypatch.setattr(kernels, "_has", lambda name: True)
+
+    def boom():
+        raise AssertionError("GPU kernel requested for CPU tensors")
+
+    monkeypatch.setattr(kernels, "_fla_chunk_fn", boom)
+    monkeypatch.setattr(kernels, "_causal_conv1d_fn", boom)
+    torch.manual_seed(3)
+    lengths = [40, 90]
+    T = sum(lengths)
+    info = build_sequence_info(1, T, torch.device("cpu"), cu(lengths))
+    q, k, v = torch.randn(1, T, 2, 8), torch.randn(1, T, 2, 8), torch.randn(1, T, 2, 8)
+    g, beta = -torch.rand(1, T, 2), torch.rand(1, T, 2)
+    out = kernels.gated_delta_rule(q, k, v, g, beta, info)
+    assert (out - recurrent_gated_delta_rule_reference(q, k, v, g, beta, cu(lengths))).abs().max() < 1e-5
+    x, w = torch.randn(1, T, 6), torch.randn(6, 4)
+    assert torch.equal(kernels.causal_conv1d_silu(x, w, info), causal_depthwise_conv_packed(x, w, cu(lengths)))
+
+
+def test_packed_attention_is_per_document():
+    torch.manual_seed(4)
+    lengths = [7, 20, 3]
+    T = sum(lengths)
+    q, k, v = torch.randn(1, 4, T, 8), torch.randn(1, 2, T, 8), torch.randn(1, 2, T, 8)
+    info = build_sequence_info(1, T, q.device, cu(lengths))
+    out = kernels.causal_attention(q, k, v, info, scale=8**-0.5)
+    b = cu(lengths).tolist()
+    for s, e in zip(b[:-1], b[1:]):
+        alone = kernels.causal_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
+                                         build_sequence_info(1, e - s, q.device), scale=8**-0.5)
+        assert (out[:, s:e] - alone).abs().max() < 1e-6
+
+
+def test_activation_checkpointing_gives_identical_gradients():
+    torch.manual_seed(5)
+    model = Qwen3_5MoeForConditionalGeneration.from_config(make_config("base")).train()
+    ids = torch.randint(0, 400, (1, 77))
+    row = dict(input_ids=ids, labels=ids, cu_seqlens=cu([30, 47]), output_router_logits=True)
+    model(**row).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.text_model.gradient_checkpointing = True
+    model(**row).loss.backward()
+    for n, p in model.named_parameters():
+        if n in plain:
+            assert torch.allclose(p.grad, plain[n], atol=1e-7, rtol=1e-5), n
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [([0, 5, 3, 10], "non-decreasing"), ([1, 10], "from 0"), ([0, 9], "row length 10")],
+)
+def test_bad_cu_seqlens_are_rejected(bad, match):
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        build_sequence_info(1, 10, torch.device("cpu"), torch.tensor(bad, dtype=torch.int32))
