@@ -1,0 +1,120 @@
+"""Distributed pack sampling and mid-epoch resume: same order as an uninterrupted run, on 1 and 2 ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data_modules import MultimodalPackingDataModule, PackSampler
+from qmoe_lightning.embedded import ensure_embedded_default
+
+
+@pytest.fixture(scope="session")
+def emb(tmp_path_factory):
+    return ensure_embedded_default(tmp_path_factory.getbasetemp() / "qmoe_embedded")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("dscache"))
+
+
+def _dm(emb, cache, rank=0, world=1, workers=0, **kw):
+    return MultimodalPackingDataModule(model_path=str(emb.model_dir), train_path=str(emb.val_path), val_path=None,
+                                       max_tokens=256, pad_to_multiple_of=16, num_workers=workers, seed=7,
+                                       cache_dir=cache, rank=rank, world_size=world, **kw)
+
+
+def _epoch(dm, epoch, limit=None, count=True):
+    dm.train_sampler.set_epoch(epoch)
+    seen = []
+    for batch in dm.train_dataloader():
+        if limit is not None and len(seen) == limit:
+            break
+        if count:
+            dm.on_before_batch_transfer(batch, 0)  # what Lightning calls right before each training step
+        seen.append(batch["pack_index"])
+    return seen
+
+
+def test_sampler_ranks_disjoint_balanced_and_seeded():
+    tokens = [100 + (i * 37) % 150 for i in range(23)]
+    for world in (1, 2, 3):
+        orders = [PackSampler(tokens, world, r, seed=3).rank_orders(0)[r] for r in range(world)]
+        assert len({len(o) for o in orders}) == 1  # same number of steps on every rank
+        flat = [p for o in orders for p in o]
+        assert set(flat) == set(range(23))  # every pack somewhere; repeats only to fill the last round
+        assert len(flat) - len(set(flat)) == (-23) % world
+        loads = [sum(tokens[p] for p in o) for o in orders]
+        assert max(loads) - min(loads) <= max(tokens)  # LPT per round keeps ranks within one pack
+    s = PackSampler(tokens, 1, 0, seed=3)
+    assert s.rank_orders(0) == PackSampler(tokens, 1, 0, seed=3).rank_orders(0)
+    assert s.rank_orders(0) != s.rank_orders(1)  # reshuffled per epoch
+    assert PackSampler(tokens, 1, 0, shuffle=False).rank_orders(5)[0] == list(range(23))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_resume_mid_epoch_same_order(emb, cache, world):
+    for rank in range(world):
+        ref = _dm(emb, cache, rank, world)
+        ref.setup("fit")
+        full0, full1 = _epoch(ref, 0), _epoch(ref, 1)
+        assert len(full0) >= 4
+
+        first = _dm(emb, cache, rank, world)
+        first.setup("fit")
+        head = _epoch(first, 0, limit=3)
+        state = first.state_dict()
+        assert state["sampler"]["consumed"] == 3 and state["sampler"]["epoch"] == 0
+
+        resumed = _dm(emb, cache, rank, world)
+        resumed.load_state_dict(state)  # before setup, as on a Lightning restore
+        resumed.setup("fit")
+        assert head + _epoch(resumed, 0) == full0
+        assert _epoch(resumed, 1) == full1
+
+
+def test_consumed_count_ignores_worker_prefetch(emb, cache):
+    dm = _dm(emb, cache, workers=2)
+    dm.setup("fit")
+    ref = _dm(emb, cache)
+    ref.setup("fit")
+    full = _epoch(ref, 0)
+    head = _epoch(dm, 0, limit=2)  # two workers have prefetched several more packs by now
+    resumed = _dm(emb, cache)
+    resumed.load_state_dict(dm.state_dict())
+    resumed.setup("fit")
+    assert head + _epoch(resumed, 0) == full
+
+
+def test_lightning_checkpoint_resume(emb, cache, tmp_path):
+    import lightning.pytorch as pl
+
+    class Recorder(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch["pack_index"])
+            return (self.w * batch["num_label_tokens"]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def trainer(**kw):
+        return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                          default_root_dir=str(tmp_path), **kw)
+
+    whole = Recorder()
+    trainer(max_epochs=2, enable_checkpointing=False).fit(whole, datamodule=_dm(emb, cache))
+    per_epoch = len(whole.seen) // 2
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=per_epoch + 3, save_top_k=-1)
+    part = Recorder()
+    trainer(max_steps=per_epoch + 3, callbacks=[ckpt]).fit(part, datamodule=_dm(emb, cache))
+    path = next(p for p in (tmp_path / "ckpt").iterdir() if f"step={per_epoch + 3}" in p.name)
+    rest = Recorder()
+    trainer(max_epochs=2).fit(rest, datamodule=_dm(emb, cache), ckpt_path=str(path))
+    assert part.seen + rest.seen == whole.seen
