@@ -1,0 +1,56 @@
+"""`MoEAuxLossLogger`: the router load-balancing loss of every optimizer step, in total and per layer.
+
+- `moe/aux_loss`: the model's `aux_loss` (all layers pooled, transformers' formula), mean over the micro-batches
+  of the step on all ranks.
+- `moe/aux_loss_layer_{l}` (and `moe/aux_loss_layer_max`): the same formula applied to one layer's router,
+  computed from that layer's router logits and top-k picks (`RouterStats.per_layer_aux_loss`), mean over the
+  micro-batches of the step on all ranks. A single layer's value is 1.0 for a perfectly uniform router and grows
+  to num_experts / top_k when every token goes to the same experts.
+
+The module only collects router statistics when a callback asks for them (`collect_router_stats`), because it
+means returning the router logits from the forward. Logging happens at the end of the last micro-batch of each
+optimizer step (the step's window is closed by then).
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+
+class MoEAuxLossLogger(pl.Callback):
+    def __init__(self, per_layer: bool = True, log_every_n_steps: int = 1):
+        """
+        Args:
+            per_layer: also log one value per MoE layer (moe/aux_loss_layer_{l}).
+            log_every_n_steps: log every n optimizer steps.
+        """
+        self.per_layer = per_layer
+        self.log_every_n_steps = max(1, log_every_n_steps)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.per_layer:
+            pl_module.collect_router_stats = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        win = getattr(pl_module, "window", None)
+        if win is None or not win.closed or getattr(win, "_aux_logged", False):
+            return
+        win._aux_logged = True
+        if trainer.global_step % self.log_every_n_steps:
+            return
+        metrics = {}
+        dev = pl_module.device
+        values = [torch.stack(win.aux_values).double().sum().reshape(1),
+                  torch.tensor([float(len(win.aux_values))], dtype=torch.float64, device=dev)]
+        if self.per_layer and win.router_stats:
+            values.append(torch.stack([s.per_layer_aux_loss() for s in win.router_stats]).sum(0).to(dev))
+        sums = trainer.strategy.reduce(torch.cat([v.to(dev) for v in values]), reduce_op="sum")
+        n = sums[1].clamp_min(1)
+        metrics["moe/aux_loss"] = sums[0] / n
+        if len(values) > 2:
+            layers = sums[2:] / n
+            for i, v in enumerate(layers.tolist()):
+                metrics[f"moe/aux_loss_layer_{i}"] = v
+            metrics["moe/aux_loss_layer_max"] = float(layers.max())
+        pl_module.log_dict({k: float(v) for k, v in metrics.items()})

@@ -1,0 +1,38 @@
+"""`RunCheckpoint`: ModelCheckpoint whose directory is stable across runs: `<default_root_dir>/checkpoints`.
+
+Lightning's default puts checkpoints under the logger's versioned directory (`lightning_logs/version_N/`), so a
+second run into the same `default_root_dir` looks in a new, empty version directory and `--ckpt_path last` finds
+nothing. Here the directory depends on `default_root_dir` only, so re-running into the same directory resumes
+from its `last.ckpt`. `save_last` defaults to True for the same reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class RunCheckpoint(ModelCheckpoint):
+    def __init__(self, dirpath: str | None = None, save_last: bool | None = True, **kwargs):
+        """
+        Args:
+            dirpath: checkpoint directory (default `<default_root_dir>/checkpoints`).
+            save_last: also keep `last.ckpt` (what `--ckpt_path last` resumes from).
+            **kwargs: any other `ModelCheckpoint` argument (every_n_train_steps, save_top_k, monitor, ...).
+        """
+        super().__init__(dirpath=dirpath, save_last=save_last, **kwargs)
+        self._dirpath_given = dirpath is not None
+
+    def _default_dir(self, trainer) -> None:
+        if not self._dirpath_given:
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._default_dir(trainer)
+        super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer) -> set[str]:
+        # `ckpt_path="last"` is resolved before the callbacks' setup: the directory must be known here already
+        self._default_dir(trainer)
+        return super()._find_last_checkpoints(trainer)

@@ -1,0 +1,340 @@
+"""`QMoELightningModule`: fine-tunes a native Qwen3.5-MoE model on packed micro-batches.
+
+Model construction (`configure_model`, so Lightning runs it under the strategy's init context): the model is built
+on the meta device, materialised empty on the target device (bf16 directly under `bf16-true`, so a large model is
+never held in fp32) and then filled by streaming the safetensors of `pretrained`, or randomly initialised from
+`model_config`. `pretrained: embedded` selects the bundled tiny checkpoint (`qmoe_lightning.embedded`).
+
+Loss normalisation (the notable choice): the objective of one optimizer step is
+    sum over all micro-batches and data-parallel ranks of CE_sum / N_global
+    + aux_coef * sum over micro-batches of n_i * aux_i / N_global
+where N_global counts the target tokens of the whole accumulation window on all ranks. That is the gradient of
+one big batch made of every micro-batch, whatever the split. N_global is only known once the window is complete,
+so each micro-batch returns the UNNORMALISED sum (CE_sum_i + aux_coef * n_i * aux_i); Lightning divides it by
+`accumulate_grad_batches` and DDP averages over ranks; `on_before_optimizer_step` all-reduces the window's token
+count and multiplies the gradients by `accumulate_grad_batches * world_size / N_global` before clipping and the
+optimizer. (The aux term is weighted by each micro-batch's target tokens so the same single rescale is exact for it
+too.) Callbacks' `on_before_optimizer_step` run BEFORE this rescale (Lightning calls callbacks first); read
+gradients in `configure_gradient_clipping` or later.
+
+Logged: train/loss (token-weighted CE of the step), train/aux_loss (mean of the model's aux over micro-batches),
+train/lr, train/grad_norm (before clipping), train/tokens_per_s (all ranks, wall time between optimizer steps);
+val/loss, val/image_acc, val/text_acc (exact-match greedy answers, see `evaluation.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from .evaluation import document_answer_correct
+from .optim import build_adamw, warmup_cosine_scheduler
+from .router_stats import RouterStats
+
+log = logging.getLogger(__name__)
+
+# batch keys the model's forward takes; anything else in a batch (counts, indices) is bookkeeping
+MODEL_INPUTS = ("input_ids", "labels", "position_ids", "cu_seqlens", "max_seqlen", "pixel_values", "image_grid_thw",
+                "pixel_values_videos", "video_grid_thw", "mm_token_type_ids", "attention_mask")
+
+
+@dataclass
+class StepWindow:
+    """Sums over the micro-batches of one optimizer step (this rank). `closed` once the step has been taken."""
+
+    ce_sum: torch.Tensor | float = 0.0
+    n_targets: torch.Tensor | float = 0.0
+    aux_sum: torch.Tensor | float = 0.0
+    tokens: int = 0
+    micro_batches: int = 0
+    aux_values: list[torch.Tensor] = field(default_factory=list)  # model aux loss of each micro-batch
+    router_stats: list[RouterStats] = field(default_factory=list)  # per micro-batch, when collected
+    closed: bool = False
+    # filled when closed (global over ranks)
+    loss: float | None = None
+    global_targets: float | None = None
+
+
+class QMoELightningModule(pl.LightningModule):
+    """Fine-tuning of a Qwen3.5-MoE vision-language model (native implementation) on packed micro-batches."""
+
+    def __init__(
+        self,
+        pretrained: str | None = "embedded",
+        model_config: dict | str | None = None,
+        text_only: bool = False,
+        processor_source: str | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        total_steps: int | None = None,
+        aux_loss_coef: float | None = None,
+        freeze_vision_tower: bool = False,
+        freeze_router: bool = False,
+        freeze_embeddings: bool = False,
+        activation_checkpointing: bool = False,
+        label_logits_only: bool = True,
+        init_seed: int = 0,
+        embedded_cache_dir: str | None = None,
+    ):
+        """
+        Args:
+            pretrained: Hugging Face model directory or hub id ("org/name") to fine-tune, or "embedded" for the
+                bundled tiny checkpoint. None: random init from `model_config`.
+            model_config: used when `pretrained` is None: a `Qwen3_5MoeConfig` kwargs dict, or a path to a
+                config.json / a directory holding one.
+            text_only: build `Qwen3_5MoeForCausalLM` (no vision tower) instead of the vision-language model.
+            processor_source: directory whose tokenizer/processor files are copied into HF exports
+                (default: the `pretrained` directory).
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay for matrices (norms, biases, A_log, dt_bias are never decayed).
+            betas: AdamW betas.
+            eps: AdamW epsilon.
+            warmup_steps: optimizer steps of linear warmup.
+            min_lr_ratio: the cosine decays to lr * min_lr_ratio.
+            total_steps: optimizer steps of the schedule; default the trainer's estimated stepping batches
+                (max_steps, or epochs x batches / accumulation).
+            aux_loss_coef: coefficient of the router load-balancing loss; default the config's
+                router_aux_loss_coef (0.001 for Qwen3.5-MoE). 0 disables it.
+            freeze_vision_tower: do not train `model.visual.*`.
+            freeze_router: do not train the routers (`*.mlp.gate.weight`).
+            freeze_embeddings: do not train the input embeddings (and the LM head if tied).
+            activation_checkpointing: recompute every decoder block in backward (less memory, ~30% more compute).
+            label_logits_only: compute the LM head only at target positions (saves the (T, vocab) fp32 logits).
+            init_seed: seed of the random init when `pretrained` is None.
+            embedded_cache_dir: where the embedded default is built (default ~/.cache/qmoe_lightning).
+        """
+        super().__init__()
+        if pretrained is None and model_config is None:
+            raise ValueError("give `pretrained` (a model directory, hub id or 'embedded') or `model_config`")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        self.save_hyperparameters()
+        self.model = None
+        self.collect_router_stats = False  # switched on by the MoE callbacks (needs output_router_logits)
+        self.window: StepWindow | None = None  # the current (or just finished) optimizer step
+        self._t_prev: float | None = None
+        self._eval_sums: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        if self.model is not None:  # configure_model runs again for validate/test after fit
+            return
+        from qmoe_lightning.models import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
+        from qmoe_lightning.models.checkpoint import load_config, load_hf_weights, resolve_checkpoint_dir
+
+        hp = self.hparams
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        precision = str(trainer.precision) if trainer is not None else "32-true"
+        dtype = torch.bfloat16 if precision == "bf16-true" else torch.float16 if precision == "16-true" else None
+
+        source = None
+        if hp.pretrained is not None:
+            source = resolve_checkpoint_dir(self._resolve_embedded(hp.pretrained))
+            config = load_config(source)
+        else:
+            config = self._config_from(hp.model_config)
+        cls = Qwen3_5MoeForCausalLM if hp.text_only else Qwen3_5MoeForConditionalGeneration
+        t0 = time.perf_counter()
+        with torch.device("meta"):
+            model = cls(config)
+        if dtype is not None:
+            model.to(dtype)  # A_log / dt_bias / inv_freq stay fp32 (KeepFp32Mixin)
+        model.to_empty(device=device)
+        model.reset_buffers()
+        if source is not None:
+            model.load_report = load_hf_weights(model, source)
+        else:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(hp.init_seed)
+                model.init_weights()
+        processor_source = hp.processor_source or source
+        model.source_dir = Path(self._resolve_embedded(processor_source)) if processor_source else None
+        model.text_model.gradient_checkpointing = bool(hp.activation_checkpointing)
+        self.model = model
+        self._apply_freezing()
+        n_total = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rank_zero_info(f"model {type(model).__name__} from {source or 'config'} on {device} in "
+                       f"{time.perf_counter() - t0:.1f}s: {n_total / 1e6:.2f}M parameters, "
+                       f"{n_train / 1e6:.2f}M trainable")
+
+    def _resolve_embedded(self, value):
+        from qmoe_lightning.embedded import resolve_path
+
+        return resolve_path(value, "model", self.hparams.embedded_cache_dir)
+
+    @staticmethod
+    def _config_from(spec):
+        from transformers import AutoConfig, Qwen3_5MoeConfig
+
+        if isinstance(spec, dict):
+            return Qwen3_5MoeConfig(**spec)
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"model_config: {path} does not exist")
+        if path.is_file():
+            return Qwen3_5MoeConfig(**json.loads(path.read_text()))
+        return AutoConfig.from_pretrained(path)
+
+    def _apply_freezing(self) -> None:
+        hp = self.hparams
+        frozen = 0
+        for name, p in self.model.named_parameters():
+            freeze = ((hp.freeze_vision_tower and name.startswith("model.visual."))
+                      or (hp.freeze_router and name.endswith("mlp.gate.weight"))
+                      or (hp.freeze_embeddings and name.endswith("embed_tokens.weight")))
+            if freeze:
+                p.requires_grad_(False)
+                frozen += p.numel()
+        if frozen:
+            rank_zero_info(f"frozen: {frozen / 1e6:.2f}M parameters")
+
+    @property
+    def aux_loss_coef(self) -> float:
+        if self.hparams.aux_loss_coef is not None:
+            return float(self.hparams.aux_loss_coef)
+        return float(getattr(self.model.text_config, "router_aux_loss_coef", 0.0) or 0.0)
+
+    def forward(self, batch: dict, **kwargs):
+        inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+        return self.model(**inputs, **kwargs)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.window is None or self.window.closed:
+            self.window = StepWindow()
+        win = self.window
+        out = self(batch, num_items_in_batch=1, label_logits_only=self.hparams.label_logits_only,
+                    output_router_logits=self.collect_router_stats)
+        n = out.num_label_tokens.to(out.ce_loss.dtype)
+        coef = self.aux_loss_coef
+        loss = out.ce_loss + coef * n * out.aux_loss if coef else out.ce_loss
+        win.ce_sum = win.ce_sum + out.ce_loss.detach()
+        win.n_targets = win.n_targets + n.detach()
+        win.aux_sum = win.aux_sum + out.aux_loss.detach()
+        win.aux_values.append(out.aux_loss.detach())
+        win.tokens += _real_tokens(batch)
+        win.micro_batches += 1
+        if self.collect_router_stats and out.router_logits is not None:
+            win.router_stats.append(RouterStats.from_router_outputs(out.router_logits, out.expert_token_counts))
+        return loss
+
+    def on_train_start(self) -> None:
+        self._t_prev = time.perf_counter()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Normalise the accumulated gradients by the global target-token count of the step (see module doc)."""
+        win = self.window
+        dev = self.device
+        sums = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(())
+                            for v in (win.n_targets, win.ce_sum, win.aux_sum, win.tokens, win.micro_batches)])
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        n_global, ce_global, aux_global, tokens_global, micro_global = sums.tolist()
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(n_global, 1.0)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        win.loss = ce_global / max(n_global, 1.0)
+        win.global_targets = n_global
+        win.closed = True
+        now = time.perf_counter()
+        dt = now - (self._t_prev or now)
+        self._t_prev = now
+        self.log("train/loss", win.loss, prog_bar=True)
+        self.log("train/aux_loss", aux_global / max(micro_global, 1.0))
+        self.log("train/lr", optimizer.param_groups[0]["lr"], prog_bar=True)
+        self.log("train/target_tokens", n_global)
+        if dt > 0:
+            self.log("train/tokens_per_s", tokens_global / dt, prog_bar=True)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return
+        by_value = str(gradient_clip_algorithm or "norm").lower().endswith("value")
+        max_norm = gradient_clip_val if gradient_clip_val and not by_value else float("inf")
+        # one pass: the total norm (before clipping) is returned and logged; clipping happens when max_norm < inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if by_value and gradient_clip_val:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        self.log("train/grad_norm", norm.float())
+
+    def on_validation_start(self) -> None:
+        self._t_pause = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        # validation inside an epoch must not count as training time in tokens/s
+        if self._t_prev is not None and getattr(self, "_t_pause", None) is not None:
+            self._t_prev += time.perf_counter() - self._t_pause
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = build_adamw(self.model, hp.lr, hp.weight_decay, hp.betas, hp.eps)
+        total = hp.total_steps or int(self.trainer.estimated_stepping_batches)
+        scheduler = warmup_cosine_scheduler(optimizer, hp.warmup_steps, total, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: dict) -> None:
+        out = self(batch, num_items_in_batch=1, label_logits_only=True, output_router_logits=False)
+        sums = torch.zeros(6, dtype=torch.float64, device=self.device)
+        sums[0] = out.ce_loss.detach().double()
+        sums[1] = out.num_label_tokens.double()
+        if out.logits is not None and out.logits.shape[0] > 0 and batch.get("cu_seqlens") is not None:
+            correct, visual = document_answer_correct(out.logits.argmax(-1), batch["labels"], batch["cu_seqlens"],
+                                                      batch.get("mm_token_type_ids"))
+            sums[2] = (correct & visual).sum()
+            sums[3] = visual.sum()
+            sums[4] = (correct & ~visual).sum()
+            sums[5] = (~visual).sum()
+        self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        if self._eval_sums is None:
+            return
+        sums = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
+        self._eval_sums = None
+        metrics = {f"{prefix}/loss": sums[0] / max(sums[1], 1.0)}
+        if sums[3] > 0:
+            metrics[f"{prefix}/image_acc"] = sums[2] / sums[3]
+        if sums[5] > 0:
+            metrics[f"{prefix}/text_acc"] = sums[4] / sums[5]
+        metrics[f"{prefix}/answer_acc"] = (sums[2] + sums[4]) / max(sums[3] + sums[5], 1.0)
+        # values are already global: no further sync
+        self.log_dict(metrics, prog_bar=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+
+def _real_tokens(batch: dict) -> int:
+    """Non-padding tokens of a packed row (the tail padding is the document after `num_documents`)."""
+    cu, n_docs = batch.get("cu_seqlens"), batch.get("num_documents")
+    if cu is not None and n_docs is not None and int(n_docs) < cu.numel():
+        return int(cu[int(n_docs)])
+    return int(batch["input_ids"].numel())
