@@ -3,8 +3,9 @@
 Planning uses only token counts (computed at preparation without decoding pixels). First-fit-decreasing: samples
 sorted by length, longest first (ties by index so the plan is deterministic and identical on every rank), each put
 into the first pack with room (O(log n) per sample through a segment tree).
-`balance_visual_tokens`: samples with vision tokens go to the fitting pack with the fewest vision tokens so far
-instead of the first fitting one, which evens out vision-tower work per micro-batch at a small fill cost.
+`balance_visual_tokens`: as many packs as plain FFD needs are opened up front and samples with vision tokens go to
+the fitting pack with the fewest vision tokens so far (text samples first-fit), which evens out vision-tower work
+per micro-batch at a small fill cost.
 
 Micro-batch contract (one packed row, batch dimension 1):
     input_ids [1,T] long; labels [1,T] long (unshifted; the FIRST label of every document is -100 so no target
@@ -17,6 +18,7 @@ Micro-batch contract (one packed row, batch dimension 1):
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Sequence
 
@@ -61,19 +63,30 @@ def plan_packs(lengths: Sequence[int], max_tokens: int, visual: Sequence[int] | 
             tree[node] = max(tree[2 * node], tree[2 * node + 1])
             node //= 2
 
-    packs: list[list[int]] = []
-    vis: list[int] = []
+    balance = balance_visual_tokens and visual is not None
+    # Balancing spreads the vision samples over as many packs as plain FFD would need (opened up front), picking
+    # the fitting pack with the fewest vision tokens through a lazy min-heap; text samples then fill the gaps.
+    n_target = len(plan_packs(lengths, max_tokens)) if balance else 0
+    packs: list[list[int]] = [[] for _ in range(n_target)]
+    vis: list[int] = [0] * n_target
+    heap = [(0, p) for p in range(n_target)]
     for i in order:
         n = lengths[i]
-        chosen = first_fit(n)
-        if balance_visual_tokens and visual is not None and visual[i] > 0:
-            # Among open packs with room, the one with the fewest vision tokens; a linear scan, only for samples
-            # with images (the option trades planning time and a little fill for even vision-tower load).
-            best = None
-            for p in range(chosen, len(packs)):
-                if tree[p + size] >= n and (best is None or vis[p] < vis[best]):
-                    best = p
-            chosen = chosen if best is None else best
+        chosen = -1
+        if balance and visual[i] > 0:
+            aside = []
+            while heap and len(aside) < 64:  # bounded: past 64 full candidates, first fit decides
+                v, p = heapq.heappop(heap)
+                if v != vis[p]:
+                    continue  # stale entry
+                if tree[p + size] >= n:
+                    chosen = p
+                    break
+                aside.append((v, p))
+            for item in aside:
+                heapq.heappush(heap, item)
+        if chosen < 0:
+            chosen = first_fit(n)
         if chosen == len(packs):
             packs.append([])
             vis.append(0)
@@ -81,7 +94,9 @@ def plan_packs(lengths: Sequence[int], max_tokens: int, visual: Sequence[int] | 
         set_free(chosen, tree[chosen + size] - n)
         if visual is not None:
             vis[chosen] += int(visual[i])
-    return packs
+        if balance:
+            heapq.heappush(heap, (vis[chosen], chosen))
+    return [p for p in packs if p]
 
 
 def padded_length(total: int, multiple: int) -> int:
