@@ -1,0 +1,144 @@
+"""ExpertLoadStats and MoEAuxLossLogger against figures computed independently from the routers' own outputs.
+
+Forward hooks on every router (`mlp.gate`, returns logits, weights, top-k indices) record what each layer routed
+during training; counts, load ratios, dead experts, entropies and per-layer aux losses are recomputed from those
+records with plain torch and compared with what the callbacks logged. The heatmap must be a valid PNG of the
+expected size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_app_common import make_datamodule, make_trainer, small_data  # noqa: F401  (fixture)
+
+from callbacks import ExpertLoadStats, MoEAuxLossLogger
+from callbacks.heatmap import load_heatmap
+from qmoe_lightning.lightning_module import QMoELightningModule
+
+
+class RouterTap(pl.Callback):
+    """Records every router's (logits, top-k indices) in training forwards, grouped by optimizer step."""
+
+    def __init__(self):
+        self.records: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per micro-batch: per layer
+        self._current = None
+        self.logged: dict[int, dict[str, float]] = {}
+
+    def on_fit_start(self, trainer, pl_module):
+        for layer in pl_module.model.text_model.layers:
+            layer.mlp.gate.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if module.training and self._current is not None:
+            logits, _weights, indices = output
+            self._current.append((logits.detach().clone(), indices.detach().clone()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._current = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.records.append(self._current)
+        self._current = None
+        self.logged[trainer.global_step] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _independent(records, num_experts):
+    L = len(records[0])
+    counts = torch.zeros(L, num_experts, dtype=torch.long)
+    entropy_sum = torch.zeros(L, dtype=torch.float64)
+    tokens = 0
+    for mb in records:
+        tokens += mb[0][0].shape[0]
+        for layer, (logits, idx) in enumerate(mb):
+            counts[layer] += torch.bincount(idx.reshape(-1), minlength=num_experts)
+            p = torch.softmax(logits.double(), -1)
+            entropy_sum[layer] += -(p * p.log()).sum()
+    return counts, entropy_sum / tokens
+
+
+def test_expert_load_stats_match_router_outputs(tmp_path, small_data):
+    stats = ExpertLoadStats(window_steps=3, heatmap_every_n_steps=3, per_layer=True)
+    tap = RouterTap()
+    module = QMoELightningModule(pretrained="embedded", lr=1e-2)
+    dm = make_datamodule(small_data, tmp_path / "cache", max_tokens=128)
+    trainer = make_trainer(tmp_path, max_steps=3, callbacks=[stats, tap], accumulate_grad_batches=1)
+    trainer.fit(module, datamodule=dm)
+
+    E = module.model.text_config.num_experts
+    k = module.model.text_config.num_experts_per_tok
+    counts, entropy = _independent(tap.records, E)
+    assert len(tap.records) == 3
+    assert torch.equal(stats.last_counts, counts)
+    tokens = sum(mb[0][0].shape[0] for mb in tap.records)
+    assert int(counts.sum()) == tokens * k * counts.shape[0]  # every token picked k experts in every layer
+
+    c = counts.double()
+    s = stats.last_summary
+    ratio = c.max(1).values / c.mean(1)
+    assert s["experts/max_mean_ratio"] == pytest.approx(float(ratio.mean()), rel=1e-9)
+    assert s["experts/max_mean_ratio_worst"] == pytest.approx(float(ratio.max()), rel=1e-9)
+    assert s["experts/cv"] == pytest.approx(float((c.std(1, unbiased=False) / c.mean(1)).mean()), rel=1e-9)
+    assert s["experts/dead"] == float((counts == 0).sum())
+    assert s["experts/router_entropy"] == pytest.approx(float(entropy.mean()), rel=1e-6)
+    assert s["experts/router_entropy_norm"] == pytest.approx(float(entropy.mean()) / math.log(E), rel=1e-6)
+    assert s["experts/window_tokens"] == tokens
+    assert s["experts/layer_0/max_mean_ratio"] == pytest.approx(float(ratio[0]), rel=1e-9)
+    assert trainer.callback_metrics["experts/cv"].item() == pytest.approx(s["experts/cv"], rel=1e-6)
+
+    # the heatmap: a valid PNG, one cell row per layer, one cell column per expert
+    assert len(stats.heatmaps) == 1 and stats.heatmaps[0].parent == tmp_path / "expert_load"
+    raw = stats.heatmaps[0].read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(stats.heatmaps[0]) as im:
+        im.verify()
+    with Image.open(stats.heatmaps[0]) as im:
+        img = np.asarray(im.convert("RGB"))
+    expected = load_heatmap(counts.numpy(), title="expert load, step 3 (1.0 = uniform)")
+    assert img.shape == expected.shape and np.array_equal(img, expected)
+
+
+def test_heatmap_marks_dead_experts_and_scales_by_uniform_share():
+    counts = np.array([[10, 10, 10, 10], [40, 0, 0, 0]])
+    img = load_heatmap(counts, cell=4)
+    assert img.dtype == np.uint8 and img.ndim == 3
+    row0 = img[1, ::4][:4]  # layer 0, one pixel per expert: all uniform -> identical colours
+    assert (row0 == row0[0]).all() and row0[0].any()
+    row1 = img[5, ::4][:4]
+    assert (row1[1:] == 0).all()  # dead experts are black
+    assert not (row1[0] == row0[0]).all()  # 4x the uniform share is drawn differently from 1x
+
+
+def test_aux_loss_logger_per_layer_matches_router_outputs(tmp_path, small_data):
+    tap = RouterTap()
+    module = QMoELightningModule(pretrained="embedded", lr=1e-2)
+    dm = make_datamodule(small_data, tmp_path / "cache", max_tokens=128)
+    trainer = make_trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, callbacks=[MoEAuxLossLogger(), tap])
+    trainer.fit(module, datamodule=dm)
+    E = module.model.text_config.num_experts
+    last_step = tap.records[-2:]  # the two micro-batches of step 2
+    per_layer, totals = [], []
+    for mb in last_step:
+        layers = []
+        for logits, idx in mb:
+            n = logits.shape[0]
+            f = torch.bincount(idx.reshape(-1), minlength=E).double() / n
+            P = torch.softmax(logits.double(), -1).mean(0)
+            layers.append(E * (f * P).sum())
+        per_layer.append(torch.stack(layers))
+        # transformers' pooled total over layers for the same micro-batch
+        f_all = sum(torch.bincount(idx.reshape(-1), minlength=E).double() for _, idx in mb) / (len(mb) * n)
+        P_all = sum(torch.softmax(lg.double(), -1).sum(0) for lg, _ in mb) / (len(mb) * n)
+        totals.append(E * (f_all * P_all).sum())
+    expected_layers = torch.stack(per_layer).mean(0)
+    logged = tap.logged[2]
+    for layer, value in enumerate(expected_layers.tolist()):
+        assert logged[f"moe/aux_loss_layer_{layer}"] == pytest.approx(value, rel=1e-5), layer
+    assert logged["moe/aux_loss_layer_max"] == pytest.approx(float(expected_layers.max()), rel=1e-5)
+    assert logged["moe/aux_loss"] == pytest.approx(float(torch.stack(totals).mean()), rel=1e-5)
+    assert logged["train/aux_loss"] == pytest.approx(logged["moe/aux_loss"], rel=1e-5)
