@@ -1,0 +1,80 @@
+"""The embedded default builds without downloads, deterministically, and is self-consistent."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from PIL import Image
+
+from qmoe_lightning.embedded import ensure_embedded_default, resolve_path
+from qmoe_lightning.embedded.synthetic import COLORS, tokenizer_corpus
+from qmoe_lightning.embedded.tokenizer import SPECIAL_TOKENS, train_tokenizer
+
+
+@pytest.fixture(scope="session")
+def emb(tmp_path_factory):
+    return ensure_embedded_default(tmp_path_factory.getbasetemp() / "qmoe_embedded")
+
+
+def test_tokenizer_is_deterministic():
+    a = train_tokenizer(tokenizer_corpus(1234), 512).to_str()
+    b = train_tokenizer(tokenizer_corpus(1234), 512).to_str()
+    assert hashlib.sha256(a.encode()).digest() == hashlib.sha256(b.encode()).digest()
+
+
+def test_config_ids_match_tokenizer_and_processor(emb):
+    from transformers import AutoConfig
+
+    from data_modules.processor import load_processor
+
+    config = AutoConfig.from_pretrained(emb.model_dir)
+    proc = load_processor(str(emb.model_dir))
+    tok = proc.tokenizer
+    assert config.model_type == "qwen3_5_moe"
+    assert config.text_config.vocab_size == len(tok)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    assert config.image_token_id == ids["<|image_pad|>"] and config.video_token_id == ids["<|video_pad|>"]
+    assert config.vision_start_token_id == ids["<|vision_start|>"]
+    assert config.vision_end_token_id == ids["<|vision_end|>"]
+    assert type(proc).__name__.startswith("Qwen3VL")
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image", "image": "x.png"},
+                                                                  {"type": "text", "text": "hi"}]}],
+                                    tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(tok("a red circle")["input_ids"]) == "a red circle"
+
+
+def test_idempotent_and_sentinel(emb):
+    again = ensure_embedded_default(emb.root.parent)
+    assert again == emb
+    assert resolve_path("embedded", "train", emb.root.parent) == str(emb.train_path)
+    assert resolve_path("/some/file.jsonl", "train") == "/some/file.jsonl"
+
+
+def test_dataset_answers_are_in_the_pixels(emb):
+    rows = [json.loads(line) for line in open(emb.val_path)]
+    image_rows = [r for r in rows if r["meta"]["kind"].startswith("image_")]
+    assert 0.5 < len(image_rows) / len(rows) < 0.9
+    # the question text carries no colour or shape name: only the image can answer it
+    for r in image_rows:
+        question = " ".join(i.get("text", "") for i in r["messages"][0]["content"])
+        assert not any(c in question for c in COLORS)
+    for r in image_rows[:40]:
+        if r["meta"]["kind"] != "image_color":
+            continue
+        path = emb.val_path.parent / next(i["image"] for i in r["messages"][0]["content"] if i["type"] == "image")
+        img = Image.open(path).convert("RGB")
+        counts = dict((px, n) for n, px in img.getcolors(maxcolors=64 * 64))
+        assert counts.get(tuple(COLORS[r["meta"]["answer"]]), 0) > 50
+
+
+def test_model_loads_and_runs(emb):
+    import torch
+    from transformers import Qwen3_5MoeForConditionalGeneration
+
+    model = Qwen3_5MoeForConditionalGeneration.from_pretrained(emb.model_dir).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    assert out.logits.shape == (1, 4, model.config.text_config.vocab_size)
