@@ -76,9 +76,10 @@ class ExpertLoadStats(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         # a partial last window still says something: report it rather than drop it (collective on all ranks)
         if self._steps_in_window > 0:
-            self._flush(trainer, pl_module, force_heatmap=not self.heatmaps and self.heatmap_every_n_steps)
+            self._flush(trainer, pl_module, force_heatmap=bool(not self.heatmaps and self.heatmap_every_n_steps),
+                        at_end=True)
 
-    def _flush(self, trainer, pl_module, force_heatmap: bool = False) -> None:
+    def _flush(self, trainer, pl_module, force_heatmap: bool = False, at_end: bool = False) -> None:
         local = self._acc
         self._acc, self._steps_in_window = None, 0
         if local is None:
@@ -103,9 +104,9 @@ class ExpertLoadStats(pl.Callback):
                 summary[f"experts/layer_{layer}/max_mean_ratio"] = float(load["max_mean_ratio"][layer])
                 summary[f"experts/layer_{layer}/router_entropy"] = float(entropy[layer])
         self.last_summary = summary
-        if trainer.training:  # Lightning refuses self.log outside the loops (e.g. on_train_end)
+        if not at_end:
             pl_module.log_dict(summary)
-        else:
+        elif trainer.is_global_zero:  # Lightning refuses self.log in on_train_end: straight to the loggers
             for logger in trainer.loggers:
                 logger.log_metrics(summary, step=trainer.global_step)
         step = trainer.global_step

@@ -1,0 +1,98 @@
+"""cli.py as a user drives it: --help from docstrings, --print_config, parse-time errors naming the bad key or value,
+a missing data file failing before any model is built, and a short end-to-end fit (checkpoints, config beside them,
+HF export, heatmap) that can be re-run into the same directory and validated from its checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_app_common import small_data  # noqa: F401  (fixture)
+
+import cli
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _clean_argv(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["cli.py"])  # pytest's own arguments are not the CLI's
+
+
+def _run_cli_expecting_exit(args, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    out = capsys.readouterr()
+    return exc.value.code, out.out + out.err
+
+
+def test_help_is_documented_from_docstrings(capsys):
+    code, text = _run_cli_expecting_exit(["fit", "--help"], capsys)
+    assert code == 0
+    assert "--model.lr" in text and "peak AdamW learning rate" in text
+    assert "--model.freeze_router" in text and "--data.train_path" in text
+    assert "--trainer.max_steps" in text
+
+
+def test_print_config_resolves_tiny_yaml(capsys):
+    code, text = _run_cli_expecting_exit(["fit", "--config", TINY, "--model.lr", "0.01", "--print_config"], capsys)
+    assert code == 0
+    assert "lr: 0.01" in text and "pretrained: embedded" in text and "class_path: callbacks.HFExport" in text
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model.lrr", "0.1"], "lrr"),  # unknown key on the command line
+    (["--model.lr", "fast"], "lr"),  # wrong type
+    (["--trainer.max_steps", "ten"], "max_steps"),
+    (["--data.max_tokens", "1.5"], "max_tokens"),
+])
+def test_bad_arguments_fail_at_parse_time_naming_them(args, needle, capsys):
+    code, text = _run_cli_expecting_exit(["fit", "--config", TINY, *args], capsys)
+    assert code != 0 and needle in text
+
+
+def test_unknown_key_in_yaml_fails_naming_it(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(TINY).read_text().replace("  warmup_steps: 3", "  warmup_steps: 3\n  warmup_stepz: 4"))
+    code, text = _run_cli_expecting_exit(["fit", "--config", str(bad)], capsys)
+    assert code != 0 and "warmup_stepz" in text
+
+
+def test_missing_data_file_fails_before_the_model_is_built(tmp_path):
+    missing = tmp_path / "nope" / "train.jsonl"
+    app = cli.main(["--config", TINY, "--data.train_path", str(missing), "--data.val_path", "null",
+                    "--trainer.default_root_dir", str(tmp_path / "run")], run=False)
+    with pytest.raises((FileNotFoundError, ValueError), match="train.jsonl"):
+        app.trainer.fit(app.model, datamodule=app.datamodule)
+    assert app.model.model is None  # failed while preparing data: nothing built, no step taken
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_tiny_fit_end_to_end_rerun_and_validate(tmp_path, small_data):
+    root = tmp_path / "run"
+    args = ["fit", "--config", TINY, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+            "--data.train_path", str(small_data), "--data.val_path", str(small_data), "--data.max_tokens", "128",
+            "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache")]
+    app = cli.main(args)
+    assert app.trainer.global_step == 2
+    ckpt = root / "checkpoints"
+    assert (ckpt / "last.ckpt").is_file() and (ckpt / "config.yaml").is_file()
+    assert "max_steps: 2" in (ckpt / "config.yaml").read_text()
+    assert (root / "hf_export" / "config.json").is_file()
+    assert any((root / "expert_load").glob("*.png"))
+    metrics = app.trainer.callback_metrics
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/image_acc",
+            "moe/aux_loss"} <= set(metrics)
+
+    # same command into the same directory: must not fail on the existing config / checkpoints
+    app2 = cli.main(args)
+    assert app2.trainer.global_step == 2
+    assert len(list(ckpt.glob("config-*.yaml"))) == 2
+
+    # validate from the checkpoint
+    val = cli.main(["validate", "--config", TINY, "--trainer.default_root_dir", str(root),
+                    "--trainer.enable_progress_bar", "false", "--data.train_path", str(small_data),
+                    "--data.val_path", str(small_data), "--data.max_tokens", "128", "--data.num_workers", "0",
+                    "--data.cache_dir", str(tmp_path / "cache"), "--ckpt_path", str(ckpt / "last.ckpt")])
+    assert "val/loss" in val.trainer.callback_metrics
