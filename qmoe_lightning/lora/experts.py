@@ -1,0 +1,160 @@
+"""`LoRAGroupedExperts`: per-expert LoRA on the routed experts, computed inside the grouped-GEMM path.
+
+Parameters (native x @ W layout, E = experts, H = hidden, I = moe intermediate, r = expert rank):
+    gate_and_up_lora_A (E, H, r)    gate_and_up_lora_B (E, r, 2I)     columns of B: gate | up, like the base
+    down_lora_A        (E, I, r)    down_lora_B        (E, r, H)
+Every adapter tensor has the expert on dim 0, exactly like `gate_and_up_projs (E, H, 2I)` / `down_projs (E, I, H)`,
+so expert parallelism shards them with `Shard(0)` on the same mesh as the experts they adapt: an EP rank holds the
+adapters of its own experts and nothing else.
+
+Forward (the notable choice): the (token, slot) pairs are sorted by expert once, as in `GroupedExperts.forward`, and
+the adapter runs as two extra grouped GEMMs per projection on the same sorted rows and offsets:
+    h  = xs @ W_gu[e]            + s * (xs @ A_gu[e]) @ B_gu[e]
+    ys = act(h) @ W_down[e]      + s * (act(h) @ A_down[e]) @ B_down[e]
+No per-step delta of the full expert weights (E*H*2I) is formed: the extra work is O(tokens * r * (in + out)),
+a small fraction of the base GEMMs for r << I, and the backward only produces (E, in, r) / (E, r, out) gradients.
+`torch._grouped_mm` wants 16-byte aligned strides, so a rank whose row is not a multiple of 16 bytes is zero-padded
+on the fly (an adapter-sized copy; exact, the padded rank contributes 0).
+
+Where grouped GEMMs are not available (fp64, fp32 on CUDA) the same maths runs as a per-expert loop, mirroring
+`experts_loop_reference`. The scale alpha/r is applied on the r-wide intermediate (cheapest place).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qmoe_lightning.models.moe import GroupedExperts, _grouped_mm_ok
+
+PROJECTIONS = ("gate_up", "down")
+
+
+class LoRAGroupedExperts(GroupedExperts):
+    def __init__(self, base: GroupedExperts, rank: int, alpha: float, projections=PROJECTIONS):
+        nn.Module.__init__(self)  # GroupedExperts.__init__ would allocate (and init) a second set of experts
+        self.num_experts = base.num_experts
+        self.intermediate_size = base.intermediate_size
+        self.gate_and_up_projs = base.gate_and_up_projs
+        self.down_projs = base.down_projs
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        self.projections = tuple(p for p in PROJECTIONS if p in projections)
+        E, H, I2 = base.gate_and_up_projs.shape
+        I = I2 // 2
+        factory = dict(device=base.gate_and_up_projs.device, dtype=base.gate_and_up_projs.dtype)
+
+        def new(*shape):
+            return nn.Parameter(torch.empty(*shape, **factory))
+
+        gu, dn = "gate_up" in self.projections, "down" in self.projections
+        self.gate_and_up_lora_A = new(E, H, rank) if gu else None
+        self.gate_and_up_lora_B = new(E, rank, 2 * I) if gu else None
+        self.down_lora_A = new(E, I, rank) if dn else None
+        self.down_lora_B = new(E, rank, H) if dn else None
+        if factory["device"].type != "meta":
+            self.reset_lora_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_lora_parameters(self) -> None:
+        # PEFT's default for its (in -> r*E) lora_A Linear: kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in))
+        for A, B in self.adapter_pairs().values():
+            bound = 1.0 / math.sqrt(A.shape[1])
+            nn.init.uniform_(A, -bound, bound)
+            nn.init.zeros_(B)
+
+    def reset_parameters(self, std: float = 0.02) -> None:  # meta-device init: base and adapters
+        super().reset_parameters(std)
+        if hasattr(self, "projections"):  # GroupedExperts.__init__ is never run on this class, but be safe
+            self.reset_lora_parameters()
+
+    def adapter_pairs(self) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+        """projection -> (A, B) for the adapted projections."""
+        out = {}
+        if self.gate_and_up_lora_A is not None:
+            out["gate_up"] = (self.gate_and_up_lora_A, self.gate_and_up_lora_B)
+        if self.down_lora_A is not None:
+            out["down"] = (self.down_lora_A, self.down_lora_B)
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (N, H), indices/weights (N, k) -> (N, H); same sorting and numerics as GroupedExperts.forward."""
+        if not _grouped_mm_ok(x):
+            return self._loop(x, indices, weights)
+        N, K = indices.shape
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        token_of = order // K
+        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        xs = x[token_of]  # (N*k, H)
+        h = torch._grouped_mm(xs, self.gate_and_up_projs, offs=offs)  # (N*k, 2I)
+        if self.gate_and_up_lora_A is not None:
+            h = h + self._lora_grouped(xs, self.gate_and_up_lora_A, self.gate_and_up_lora_B, offs)
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate) * up  # (N*k, I)
+        ys = torch._grouped_mm(act, self.down_projs, offs=offs)  # (N*k, H)
+        if self.down_lora_A is not None:
+            ys = ys + self._lora_grouped(act, self.down_lora_A, self.down_lora_B, offs)
+        ys = ys * weights.reshape(-1)[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+
+    def _lora_grouped(self, xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        r = A.shape[-1]
+        per_row = 16 // xs.element_size()  # grouped_mm: 16-byte aligned strides
+        pad = (-r) % per_row
+        if pad:
+            A = F.pad(A, (0, pad))  # (E, in, r + pad), zero columns
+            B = F.pad(B, (0, 0, 0, pad))  # (E, r + pad, out), zero rows
+        low = torch._grouped_mm(xs, A, offs=offs) * self.scaling  # (rows, r)
+        return torch._grouped_mm(low, B, offs=offs)
+
+    def _loop(self, x, indices, weights) -> torch.Tensor:
+        """Per-expert loop (fp64 / CUDA fp32): `experts_loop_reference` plus the adapters."""
+        out = torch.zeros_like(x)
+        I = self.intermediate_size
+        for e in range(self.num_experts):
+            token, slot = torch.where(indices == e)
+            if token.numel() == 0:
+                continue
+            xe = x[token]
+            h = xe @ self.gate_and_up_projs[e]
+            if self.gate_and_up_lora_A is not None:
+                h = h + (xe @ self.gate_and_up_lora_A[e]) * self.scaling @ self.gate_and_up_lora_B[e]
+            act = F.silu(h[:, :I]) * h[:, I:]
+            y = act @ self.down_projs[e]
+            if self.down_lora_A is not None:
+                y = y + (act @ self.down_lora_A[e]) * self.scaling @ self.down_lora_B[e]
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
+        return out
+
+    # ------------------------------------------------------------------ merge
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """{'gate_and_up_projs': W + s A B, 'down_projs': ...} (new tensors, native layout, base dtype).
+
+        One batched GEMM per projection; accumulated in fp32 when the base is 16-bit."""
+        return {"gate_and_up_projs" if proj == "gate_up" else "down_projs": self.merged_weights_one(proj)
+                for proj in self.adapter_pairs()}
+
+    def merged_weights_one(self, proj: str) -> torch.Tensor:
+        A, B = self.adapter_pairs()[proj]
+        W = self.gate_and_up_projs if proj == "gate_up" else self.down_projs
+        acc = torch.float32 if W.dtype in (torch.float16, torch.bfloat16) else W.dtype
+        merged = torch.baddbmm(W.detach().to(acc), A.detach().to(acc), B.detach().to(acc), alpha=self.scaling)
+        return merged.to(W.dtype)
+
+    def to_base(self, merged: dict[str, torch.Tensor] | None = None) -> GroupedExperts:
+        """A plain GroupedExperts holding this module's base Parameters (or, per name, the given tensors)."""
+        with torch.device("meta"):
+            base = GroupedExperts(self.num_experts, self.gate_and_up_projs.shape[1], self.intermediate_size)
+        for name in ("gate_and_up_projs", "down_projs"):
+            old = getattr(self, name)
+            new = (merged or {}).get(name)
+            setattr(base, name, old if new is None else nn.Parameter(new, requires_grad=old.requires_grad))
+        return base
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, rank={self.rank}, alpha={self.alpha}, projections={self.projections}"

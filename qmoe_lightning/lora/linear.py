@@ -1,0 +1,69 @@
+"""`LoRALinear`: an `nn.Linear` with a low-rank adapter, `y = W x + b + (alpha / r) * B A dropout(x)`.
+
+Notable choices:
+- It IS an `nn.Linear` (subclass) holding the very same `weight` / `bias` Parameter objects as the module it
+  replaces, so the base keys of the state dict do not change (`...q_proj.weight`), checkpoints of the base load
+  as before, and code that checks `isinstance(m, nn.Linear)` keeps working. The adapter adds `lora_A (r, in)` and
+  `lora_B (out, r)`: PEFT's `lora_A.weight` / `lora_B.weight` layout, so export is a rename.
+- B starts at zero (the model is unchanged at step 0); A uses PEFT's default (kaiming-uniform, a=sqrt(5)).
+- Dropout acts on the input of the LoRA branch only, as in PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        # nn.Module.__init__ only: nn.Linear.__init__ would allocate a second weight
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, **factory))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if base.weight.device.type != "meta":
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def reset_parameters(self) -> None:  # meta-device init: base and adapter
+        super().reset_parameters()
+        self.reset_lora_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """(out, in) update `scaling * B A`, in the base weight's dtype (computed in fp32 when the base is 16-bit)."""
+        acc = torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
+        return (self.lora_B.to(acc) @ self.lora_A.to(acc) * self.scaling).to(self.weight.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        acc = torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
+        w = self.weight.detach().to(acc)
+        return torch.addmm(w, self.lora_B.detach().to(acc), self.lora_A.detach().to(acc),
+                           alpha=self.scaling).to(self.weight.dtype)
+
+    def to_base(self, weight: torch.Tensor | None = None) -> nn.Linear:
+        """A plain nn.Linear sharing (or, with `weight`, replacing) this module's base parameters."""
+        with torch.device("meta"):
+            lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        lin.weight = self.weight if weight is None else nn.Parameter(weight, requires_grad=self.weight.requires_grad)
+        lin.bias = self.bias
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
