@@ -2,7 +2,10 @@
 
 Pipeline: files --(sources: cached datasets stages)--> encoded samples --(packing.plan_packs, FFD)--> packs
 --(sampler.PackSampler: seeded per epoch, token-balanced per data-parallel rank, resumable)--> DataLoader workers
-(decode images, build the micro-batch dict described in `packing`).
+(decode images and videos, build the micro-batch dict described in `packing`).
+
+Videos: a content item `{"type": "video", "video": [frame paths] | "frames/dir" | "clip.mp4", "fps": optional}` is
+processed as transformers' Qwen3-VL video processor would, without torchvision (see `video.py`).
 
 Embedded default: `model_path`, `train_path` and `val_path` accept the sentinel "embedded" (see
 `qmoe_lightning.embedded`); with `train_path: embedded` and neither `val_path` nor `val_fraction`, the embedded
@@ -50,6 +53,9 @@ class MultimodalPackingDataModule(LightningDataModule):
         labels: str = "assistant",
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        video_min_pixels: int | None = None,
+        video_max_pixels: int | None = None,
+        video_fps: float | None = None,
         too_long: str = "truncate",
         strict: bool = False,
         balance_visual_tokens: bool = False,
@@ -69,6 +75,10 @@ class MultimodalPackingDataModule(LightningDataModule):
             pad_to_multiple_of: the tail padding rounds each packed row up to this multiple.
             labels: "assistant" (assistant turns only) or "all".
             min_pixels / max_pixels: image pixel bounds (default: the image processor's).
+            video_min_pixels / video_max_pixels: video pixel bounds over the whole clip, frames x height x width
+                (default: the video processor config's `size`).
+            video_fps: frame rate of frame-list videos whose item has no "fps" key; it only sets the `<t seconds>`
+                timestamps (None: transformers' fallback of 24 fps).
             too_long: samples longer than max_tokens are "truncate"d or "drop"ped (both counted).
             strict: fail at the first bad sample (file:line and reason) instead of skipping and counting it.
             balance_visual_tokens: spread vision tokens evenly over packs.
@@ -87,6 +97,7 @@ class MultimodalPackingDataModule(LightningDataModule):
         self.val_fraction, self.max_tokens, self.pad_to_multiple_of = val_fraction, max_tokens, pad_to_multiple_of
         self.num_workers, self.seed, self.labels, self.too_long = num_workers, seed, labels, too_long
         self.min_pixels, self.max_pixels, self.strict = min_pixels, max_pixels, strict
+        self.video_min_pixels, self.video_max_pixels, self.video_fps = video_min_pixels, video_max_pixels, video_fps
         self.balance_visual_tokens, self.shuffle, self.cache_dir = balance_visual_tokens, shuffle, cache_dir
         self.embedded_cache_dir, self.preprocess_num_proc = embedded_cache_dir, preprocess_num_proc
         self._rank, self._world_size = rank, world_size
@@ -107,7 +118,8 @@ class MultimodalPackingDataModule(LightningDataModule):
         return str(model), train, val
 
     def _encoder(self, model_dir: str) -> Encoder:
-        return Encoder(model_dir, self.max_tokens, self.labels, self.too_long, self.min_pixels, self.max_pixels)
+        return Encoder(model_dir, self.max_tokens, self.labels, self.too_long, self.min_pixels, self.max_pixels,
+                       self.video_min_pixels, self.video_max_pixels, self.video_fps)
 
     def prepare_data(self) -> None:
         """Local rank 0 only (Lightning): build the embedded default and fill the preprocessing cache."""

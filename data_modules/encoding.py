@@ -1,9 +1,12 @@
 """Row validation and tokenisation: one raw row -> token ids, labels and image references (no pixel decoding).
 
-The ids are what `processor(text=apply_chat_template(messages), images=...)` produces, computed without decoding
-pixels: the chat template is rendered, each `<|image_pad|>` is expanded to the number of merged patches the image
-processor will produce for that image size (`smart_resize` on the size read from the file header), and the text is
-tokenised once. Pixels are decoded later, in DataLoader workers (`packing.PackDataset`).
+The ids are what `processor(text=apply_chat_template(messages), images=..., videos=...)` produces, computed without
+decoding pixels: the chat template is rendered, each `<|image_pad|>` is expanded to the number of merged patches the
+image processor will produce for that image size (`smart_resize` on the size read from the file header), each
+`<|video_pad|>` to what `Qwen3VLProcessor.replace_video_token` writes for that video (per frame group
+`<{t:.1f} seconds><|vision_start|>` + merged patches of one frame + `<|vision_end|>`, inside the template's own
+vision_start/end; grid and timestamps from `video.probe`, headers only), and the text is tokenised once. Pixels are
+decoded later, in DataLoader workers (`packing.PackDataset`; videos through `video.preprocess`, no torchvision).
 
 Labels (HF convention, unshifted):
 - "assistant": tokens inside assistant turns, found as character spans `<|im_start|>assistant\\n ... <|im_end|>`
@@ -24,6 +27,9 @@ import re
 
 from PIL import Image
 
+from . import video as video_lib
+from .video import CORRUPT_VIDEO, MISSING_VIDEO, VIDEO_DECODER_MISSING, VIDEO_TOO_SHORT, VideoError
+
 IGNORE = -100
 
 # Skip reasons (stable names: they appear in logs and in DataModule.stats).
@@ -36,7 +42,11 @@ CORRUPT_IMAGE = "corrupt_image"
 TOO_LONG = "too_long"
 NO_TARGETS = "no_targets"
 EMPTY_FILE = "empty_file"
-VIDEO_UNSUPPORTED = "video_unsupported"
+# Video reasons (defined in video.py): MISSING_VIDEO "missing_video" (path, frame or frame directory not found, empty
+# frame list), CORRUPT_VIDEO "corrupt_video" (unreadable frame or container, frames of different sizes),
+# VIDEO_TOO_SHORT "video_too_short" (fewer frames than temporal_patch_size: transformers' smart_resize raises),
+# VIDEO_DECODER_MISSING "video_decoder_missing" (an encoded video file and no PyAV to decode it).
+VIDEO_REASONS = (MISSING_VIDEO, CORRUPT_VIDEO, VIDEO_TOO_SHORT, VIDEO_DECODER_MISSING)
 # Not a skip: counted so truncation is never silent either.
 TRUNCATED = "truncated"
 
@@ -69,20 +79,27 @@ class Encoder:
     """Turns raw rows into token records for one processor and one set of options (picklable for datasets.map)."""
 
     def __init__(self, model_dir: str, max_tokens: int, labels: str = "assistant", too_long: str = "truncate",
-                 min_pixels: int | None = None, max_pixels: int | None = None):
+                 min_pixels: int | None = None, max_pixels: int | None = None, video_min_pixels: int | None = None,
+                 video_max_pixels: int | None = None, video_fps: float | None = None):
+        """video_min_pixels / video_max_pixels: bounds over the whole clip (frames x height x width, as the video
+        processor's size), default the video processor's; video_fps: frame rate of frame-list videos that carry no
+        "fps" key (None: transformers' fallback of 24 for the timestamps)."""
         if labels not in ("assistant", "all"):
             raise ValueError(f"labels must be 'assistant' or 'all', got {labels!r}")
         if too_long not in ("truncate", "drop"):
             raise ValueError(f"too_long must be 'truncate' or 'drop', got {too_long!r}")
         self.model_dir, self.max_tokens, self.labels, self.too_long = str(model_dir), max_tokens, labels, too_long
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.video_min_pixels, self.video_max_pixels, self.video_fps = video_min_pixels, video_max_pixels, video_fps
         self._processor = None
 
     # The processor is loaded lazily so the Encoder pickles small into datasets.map workers.
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_processor"} | {"_processor": None}
 
-    _LAZY = frozenset({"image_token", "image_token_id", "video_token_id", "eos_id", "patch", "merge", "pixel_bounds"})
+    _LAZY = frozenset({"image_token", "image_token_id", "video_token", "video_token_id", "vision_start",
+                       "vision_start_id", "vision_end", "vision_end_id", "eos_id", "patch", "merge", "pixel_bounds",
+                       "video_config"})
 
     def __getattr__(self, name):  # processor-derived attributes load the processor on first use
         if name in Encoder._LAZY:
@@ -100,7 +117,14 @@ class Encoder:
             ip = self._processor.image_processor
             self.image_token = self._processor.image_token
             self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tok.convert_tokens_to_ids(getattr(self._processor, "video_token", "<|video_pad|>"))
+            self.video_token = getattr(self._processor, "video_token", "<|video_pad|>")
+            self.video_token_id = tok.convert_tokens_to_ids(self.video_token)
+            self.vision_start = getattr(self._processor, "vision_start_token", "<|vision_start|>")
+            self.vision_end = getattr(self._processor, "vision_end_token", "<|vision_end|>")
+            self.vision_start_id = tok.convert_tokens_to_ids(self.vision_start)
+            self.vision_end_id = tok.convert_tokens_to_ids(self.vision_end)
+            self.video_config = video_lib.VideoConfig.from_model_dir(self.model_dir, self.video_min_pixels,
+                                                                     self.video_max_pixels)
             self.eos_id = tok.convert_tokens_to_ids("<|endoftext|>")
             if self.eos_id is None or self.eos_id == tok.unk_token_id:
                 self.eos_id = tok.eos_token_id
@@ -134,7 +158,9 @@ class Encoder:
         return [1, h // self.patch, w // self.patch]
 
     # ------------------------------------------------------------------ rows
-    def normalise_messages(self, row: dict, base_dir: str) -> tuple[list[dict], list[str]]:
+    def normalise_messages(self, row: dict, base_dir: str) -> tuple[list[dict], list[str], list[dict]]:
+        """-> (messages for the chat template, image paths, videos). A video is `video.resolve_video`'s source plus
+        the "fps" of its item (frame lists only; None when absent), in order of appearance."""
         messages = row.get("messages")
         if isinstance(messages, str):  # parquet/JSON producers sometimes store the list as a JSON string
             try:
@@ -143,7 +169,7 @@ class Encoder:
                 raise BadSample(BAD_SCHEMA, "'messages' is a string that is not JSON") from None
         if not isinstance(messages, list) or not messages:
             raise BadSample(BAD_SCHEMA, "'messages' must be a non-empty list")
-        out, images = [], []
+        out, images, videos = [], [], []
         for i, msg in enumerate(messages):
             if not isinstance(msg, dict):
                 raise BadSample(BAD_SCHEMA, f"message {i} is not an object")
@@ -177,17 +203,44 @@ class Encoder:
                     images.append(path)
                     items.append({"type": "image", "image": path})
                 elif kind == "video":
-                    raise BadSample(VIDEO_UNSUPPORTED, f"message {i}: video items need a processor with video "
-                                    "support (transformers' Qwen3-VL video processor requires torchvision)")
+                    ref = item.get("video", item.get("path"))
+                    if role == "assistant":
+                        raise BadSample(BAD_SCHEMA, f"message {i}: videos in assistant turns are not supported")
+                    fps = item.get("fps", self.video_fps)
+                    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0):
+                        raise BadSample(BAD_SCHEMA, f"message {i}: video 'fps' must be a positive number, got {fps!r}")
+                    try:
+                        source = video_lib.resolve_video(ref, base_dir)
+                    except VideoError as err:
+                        raise BadSample(err.reason, f"message {i}: {err.detail}") from None
+                    videos.append({**source, "fps": None if fps is None else float(fps)})
+                    items.append({"type": "video", "video": ref})
                 else:
                     raise BadSample(BAD_SCHEMA, f"message {i} has a content item of unknown type {kind!r}")
             if not items:
                 raise BadSample(MISSING_CONTENT, f"message {i} ({role}) has no content")
             out.append({"role": role, "content": items})
-        return out, images
+        return out, images, videos
+
+    def probe_video(self, video: dict) -> dict:
+        """Plan one normalised video (grid, frame indices, fps) from headers; bad videos raise BadSample."""
+        self.processor
+        source = {k: v for k, v in video.items() if k != "fps"}
+        try:
+            return video_lib.probe(source, self.video_config, video.get("fps"))
+        except VideoError as err:
+            raise BadSample(err.reason, err.detail) from None
+
+    def video_placeholder(self, planned: dict) -> str:
+        """What transformers' Qwen3VLProcessor.replace_video_token writes for this planned video."""
+        cfg = self.video_config
+        times = video_lib.timestamps(planned["indices"], planned["fps"], cfg.temporal_patch_size)
+        return video_lib.placeholder(planned["grid"], times, cfg.merge_size, self.video_token, self.vision_start,
+                                     self.vision_end)
 
     def encode(self, row: dict, base_dir: str) -> dict:
-        """Raw row -> {input_ids, labels, images, image_grids, num_tokens, num_visual_tokens, truncated}."""
+        """Raw row -> {input_ids, labels, images, image_grids, videos, video_grids, num_tokens, num_visual_tokens,
+        truncated}. `videos` holds each planned video as JSON (source, frame indices, fps, grid)."""
         p = self.processor
         if not isinstance(row, dict):
             raise BadSample(BAD_SCHEMA, "row is not a JSON object")
@@ -197,63 +250,84 @@ class Encoder:
                 raise BadSample(MISSING_CONTENT, "row has neither 'messages' nor a non-empty 'text'")
             ids = p.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
             return self._finish(list(ids), list(ids), [], [])
-        messages, images = self.normalise_messages(row, base_dir)
+        messages, images, videos = self.normalise_messages(row, base_dir)
         grids = [self.image_grid(path) for path in images]
+        planned = [self.probe_video(v) for v in videos]
         text = p.apply_chat_template(messages, tokenize=False)
-        pieces = text.split(self.image_token)
-        if len(pieces) - 1 != len(images):
-            raise BadSample(BAD_SCHEMA, f"the chat template emitted {len(pieces) - 1} image placeholders for "
-                            f"{len(images)} images")
+        pieces = re.split(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})", text)
+        n_img, n_vid = pieces[1::2].count(self.image_token), pieces[1::2].count(self.video_token)
+        if (n_img, n_vid) != (len(images), len(videos)):
+            raise BadSample(BAD_SCHEMA, f"the chat template emitted {n_img} image / {n_vid} video placeholders for "
+                            f"{len(images)} images / {len(videos)} videos")
         merge2 = self.merge * self.merge
-        expanded = pieces[0]
-        for grid, piece in zip(grids, pieces[1:]):
-            expanded += self.image_token * (grid[0] * grid[1] * grid[2] // merge2) + piece
+        expanded, char_spans = pieces[0], []
+        next_grid, next_video = iter(grids), iter(planned)
+        for token, piece in zip(pieces[1::2], pieces[2::2]):
+            if token == self.image_token:
+                grid = next(next_grid)
+                replacement, kind = self.image_token * (grid[0] * grid[1] * grid[2] // merge2), "image"
+            else:
+                replacement, kind = self.video_placeholder(next(next_video)), "video"
+            char_spans.append((kind, len(expanded), len(expanded) + len(replacement)))
+            expanded += replacement + piece
         enc = p.tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
+        spans = self._token_spans(ids, enc["offset_mapping"], char_spans)
         if self.labels == "all":
             labels = [IGNORE if t in (self.image_token_id, self.video_token_id) else t for t in ids]
         else:
-            spans = [(m.start(1), m.end(1)) for m in re.finditer(
+            turns = [(m.start(1), m.end(1)) for m in re.finditer(
                 r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", expanded, flags=re.DOTALL)]
             labels = [IGNORE] * len(ids)
             k = 0
             for t, (s, e) in enumerate(enc["offset_mapping"]):
-                while k < len(spans) and spans[k][1] <= s:
+                while k < len(turns) and turns[k][1] <= s:
                     k += 1
-                if k < len(spans) and s >= spans[k][0] and e <= spans[k][1] and e > s:
+                if k < len(turns) and s >= turns[k][0] and e <= turns[k][1] and e > s:
                     labels[t] = ids[t]
-        return self._finish(ids, labels, images, grids)
+        return self._finish(ids, labels, images, grids, [json.dumps(v) for v in planned],
+                            [v["grid"] for v in planned], spans)
 
-    def _finish(self, ids: list[int], labels: list[int], images: list[str], grids: list[list[int]]) -> dict:
+    def _token_spans(self, ids, offsets, char_spans) -> list[tuple[str, int, int]]:
+        """Token ranges of each vision item, widened to the template's vision_start/end around it."""
+        starts = [s for s, _ in offsets]
+        out = []
+        for kind, c0, c1 in char_spans:
+            s = next(t for t, o in enumerate(starts) if o >= c0)
+            e = next((t for t in range(s, len(ids)) if starts[t] >= c1), len(ids))
+            if s > 0 and ids[s - 1] == self.vision_start_id:
+                s -= 1
+            if e < len(ids) and ids[e] == self.vision_end_id:
+                e += 1
+            out.append((kind, s, e))
+        return out
+
+    def _finish(self, ids: list[int], labels: list[int], images: list[str], grids: list[list[int]],
+                videos: list[str] = (), video_grids: list[list[int]] = (), spans=()) -> dict:
+        videos, video_grids = list(videos), list(video_grids)
         truncated = False
         if len(ids) > self.max_tokens:
             if self.too_long == "drop":
                 raise BadSample(TOO_LONG, f"{len(ids)} tokens > max_tokens={self.max_tokens}")
-            ids, labels, images, grids = self._truncate(ids, labels, images, grids)
+            cut = self._cut(spans)
+            kept_images = sum(1 for kind, _, e in spans if kind == "image" and e <= cut)
+            kept_videos = sum(1 for kind, _, e in spans if kind == "video" and e <= cut)
+            ids, labels = ids[:cut], labels[:cut]
+            images, grids = images[:kept_images], grids[:kept_images]
+            videos, video_grids = videos[:kept_videos], video_grids[:kept_videos]
             truncated = True
         if all(lab == IGNORE for lab in labels[1:]):
             raise BadSample(NO_TARGETS, "no target tokens (no assistant turn, or all cut by truncation)")
         visual = sum(1 for t in ids if t in (self.image_token_id, self.video_token_id))
-        return {"input_ids": ids, "labels": labels, "images": images, "image_grids": grids,
-                "num_tokens": len(ids), "num_visual_tokens": visual, "truncated": truncated}
+        return {"input_ids": ids, "labels": labels, "images": images, "image_grids": grids, "videos": videos,
+                "video_grids": video_grids, "num_tokens": len(ids), "num_visual_tokens": visual,
+                "truncated": truncated}
 
-    def _truncate(self, ids, labels, images, grids):
-        """Cut at max_tokens, never inside an image: an image that would be cut is removed whole, together with
-        everything after it (its vision_start token included)."""
+    def _cut(self, spans) -> int:
+        """Cut at max_tokens, never inside an image or a video: an item that would be cut is removed whole (from its
+        opening <|vision_start|> on), together with everything after it."""
         cut = self.max_tokens
-        if cut < len(ids) and ids[cut] == self.image_token_id:
-            while cut > 0 and ids[cut - 1] == self.image_token_id:
-                cut -= 1
-            cut = max(cut - 1, 0)  # drop the <|vision_start|> that opened the cut image as well
-        kept_images = sum(1 for _ in _runs(ids[:cut], self.image_token_id))
-        # _runs counts runs; one image is exactly one run because the template brackets every image.
-        return ids[:cut], labels[:cut], images[:kept_images], grids[:kept_images]
-
-
-def _runs(ids: list[int], token: int):
-    prev = False
-    for t in ids:
-        cur = t == token
-        if cur and not prev:
-            yield True
-        prev = cur
+        for _kind, s, e in spans:
+            if s < cut < e:
+                return s
+        return cut

@@ -19,6 +19,7 @@ Micro-batch contract (one packed row, batch dimension 1):
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 from collections.abc import Sequence
 
@@ -26,6 +27,7 @@ import torch
 
 from qmoe_lightning.models.mrope_positions import mrope_position_ids_packed
 
+from . import video as video_lib
 from .encoding import IGNORE
 
 log = logging.getLogger(__name__)
@@ -156,9 +158,9 @@ def build_micro_batch(docs: list[dict], pad_token_id: int, image_token_id: int, 
 
 
 class PackDataset(torch.utils.data.Dataset):
-    """Map-style dataset of packs: item p decodes the images of pack p's documents (in the DataLoader worker) and
-    returns the micro-batch dict. A document whose image fails to decode here (it passed the header check at
-    preparation) is left out of the pack with a warning naming file:line; `strict` raises instead."""
+    """Map-style dataset of packs: item p decodes the images and videos of pack p's documents (in the DataLoader
+    worker) and returns the micro-batch dict. A document whose image or video fails to decode here (it passed the
+    header check at preparation) is left out of the pack with a warning naming file:line; `strict` raises instead."""
 
     def __init__(self, records, packs: list[list[int]], encoder, pad_to_multiple_of: int, strict: bool = False):
         self.records, self.packs, self.encoder = records, packs, encoder
@@ -170,21 +172,41 @@ class PackDataset(torch.utils.data.Dataset):
     def pack_tokens(self, p: int) -> int:
         return int(sum(self.records[i]["num_tokens"] for i in self.packs[p]))
 
+    def _load_images(self, rec: dict, doc: dict) -> None:
+        from PIL import Image
+
+        images = []
+        for path in rec["images"]:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        out = self.encoder.processor.image_processor(images, return_tensors="pt", **self.encoder.image_size_kwargs())
+        grid = out["image_grid_thw"]
+        if grid.tolist() != rec["image_grids"]:
+            raise ValueError(f"image grid {grid.tolist()} differs from the planned {rec['image_grids']}")
+        doc["pixel_values"], doc["image_grid_thw"] = out["pixel_values"], grid
+
+    def _load_videos(self, rec: dict, doc: dict) -> None:
+        cfg = self.encoder.video_config
+        pixels, grids = [], []
+        for spec, planned_grid in zip(rec["videos"], rec["video_grids"]):
+            planned = json.loads(spec)
+            values, grid = video_lib.preprocess(video_lib.decode(planned), cfg)
+            if grid != list(planned_grid):
+                raise ValueError(f"video grid {grid} differs from the planned {list(planned_grid)}")
+            pixels.append(values)
+            grids.append(grid)
+        doc["pixel_values_videos"] = torch.cat(pixels)
+        doc["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+
     def _load_doc(self, rec: dict) -> dict:
         doc = {"input_ids": rec["input_ids"], "labels": rec["labels"]}
-        if rec["images"]:
-            from PIL import Image
-
-            images = []
-            for path in rec["images"]:
-                with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
-            out = self.encoder.processor.image_processor(images, return_tensors="pt",
-                                                         **self.encoder.image_size_kwargs())
-            grid = out["image_grid_thw"]
-            if grid.tolist() != rec["image_grids"]:
-                raise ValueError(f"image grid {grid.tolist()} differs from the planned {rec['image_grids']}")
-            doc["pixel_values"], doc["image_grid_thw"] = out["pixel_values"], grid
+        for key, load, reason in (("images", self._load_images, "corrupt_image"),
+                                  ("videos", self._load_videos, "corrupt_video")):
+            if rec.get(key):
+                try:
+                    load(rec, doc)
+                except Exception as err:
+                    raise _DecodeError(reason, err) from err
         return doc
 
     def __getitem__(self, p: int) -> dict:
@@ -195,13 +217,19 @@ class PackDataset(torch.utils.data.Dataset):
             rec = self.records[int(i)]
             try:
                 docs.append(self._load_doc(rec))
-            except Exception as err:
+            except _DecodeError as err:
                 where = f"{rec['source']}:{rec['line']}"
                 if self.strict:
-                    raise ValueError(f"{where}: corrupt_image: {err}") from err
-                log.warning("skipping %s in pack %d: image failed to decode: %s", where, p, err)
+                    raise ValueError(f"{where}: {err.reason}: {err.error}") from err.error
+                log.warning("skipping %s in pack %d: %s: failed to decode: %s", where, p, err.reason, err.error)
         tok = enc.processor.tokenizer
         batch = build_micro_batch(docs, tok.pad_token_id, enc.image_token_id, enc.video_token_id,
                                   self.pad_to_multiple_of, enc.merge)
         batch["pack_index"] = int(p)
         return batch
+
+
+class _DecodeError(Exception):
+    def __init__(self, reason: str, error: Exception):
+        super().__init__(f"{reason}: {error}")
+        self.reason, self.error = reason, error

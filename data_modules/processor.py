@@ -4,7 +4,8 @@ transformers 5.23 maps `qwen3_5_moe` (and `qwen3_vl*`) to `Qwen3VLProcessor`, wh
 (`Qwen3VLVideoProcessor`) requires torchvision; `AutoProcessor.from_pretrained` then raises ImportError even for
 text + image data. torchvision is not a dependency of this project (on the CPU index it drags in a CUDA torch), so
 the fallback builds the same processor class without its video sub-processor: identical tokenisation, chat
-template and image preprocessing; video rows are then skipped and counted ("video_unsupported").
+template and image preprocessing. Videos do not go through this processor: `video.py` reproduces the video
+processor in torch + PIL and `encoding.Encoder` the processor's video placeholder expansion.
 """
 
 from __future__ import annotations

@@ -24,9 +24,10 @@ from pathlib import Path
 import datasets
 
 from .encoding import EMPTY_FILE, INVALID_JSON, BadSample, Encoder
+from .video import decoder_available as video_decoder_available
 
 READER_VERSION = 1
-ENCODER_VERSION = 1
+ENCODER_VERSION = 2  # 2: video columns
 
 
 def expand_paths(spec) -> list[str]:
@@ -127,6 +128,8 @@ ENCODED_FEATURES = datasets.Features({
     "labels": datasets.List(datasets.Value("int32")),
     "images": datasets.List(datasets.Value("string")),
     "image_grids": datasets.List(datasets.List(datasets.Value("int32"))),
+    "videos": datasets.List(datasets.Value("string")),  # planned videos as JSON (see Encoder.encode)
+    "video_grids": datasets.List(datasets.List(datasets.Value("int32"))),
     "num_tokens": datasets.Value("int32"),
     "num_visual_tokens": datasets.Value("int32"),
     "truncated": datasets.Value("bool"),
@@ -135,8 +138,8 @@ ENCODED_FEATURES = datasets.Features({
     "skip_reason": datasets.Value("string"),
     "skip_detail": datasets.Value("string"),
 })
-_EMPTY = {"input_ids": [], "labels": [], "images": [], "image_grids": [], "num_tokens": 0, "num_visual_tokens": 0,
-          "truncated": False}
+_EMPTY = {"input_ids": [], "labels": [], "images": [], "image_grids": [], "videos": [], "video_grids": [],
+          "num_tokens": 0, "num_visual_tokens": 0, "truncated": False}
 
 
 def _encode_example(example: dict, encoder: Encoder) -> dict:
@@ -168,7 +171,8 @@ def encode_files(spec, encoder: Encoder, cache_dir: str | None = None, num_proc:
         _generate_rows, features=RAW_FEATURES, cache_dir=cache_dir, gen_kwargs={"files": files, "stamps": stamps},
         fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
     options = [ENCODER_VERSION, raw._fingerprint, _processor_digest(encoder.model_dir), encoder.max_tokens,
-               encoder.labels, encoder.too_long, encoder.min_pixels, encoder.max_pixels]
+               encoder.labels, encoder.too_long, encoder.min_pixels, encoder.max_pixels, encoder.video_min_pixels,
+               encoder.video_max_pixels, encoder.video_fps, video_decoder_available()]
     fp = hashlib.sha256(json.dumps(options).encode()).hexdigest()[:16]
     encoded = raw.map(_encode_example, fn_kwargs={"encoder": encoder}, remove_columns=raw.column_names,
                       features=ENCODED_FEATURES, new_fingerprint=fp, num_proc=num_proc if num_proc and num_proc > 1

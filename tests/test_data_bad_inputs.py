@@ -21,10 +21,26 @@ def _chat(q="What is two plus two?", a="four", image=None):
     return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": a}]}
 
 
+@pytest.fixture(autouse=True)
+def no_video_decoder(monkeypatch):
+    """These tests describe a machine without PyAV (the project does not depend on it): an encoded video file is then
+    a bad sample `video_decoder_missing`. Decoding with PyAV is tested in test_data_video.py where it is installed."""
+    import data_modules.video
+
+    monkeypatch.setattr(data_modules.video, "decoder_available", lambda: False)
+
+
+def _video(ref, q="What happens?", a="nothing"):
+    content = [{"type": "video", "video": ref}, {"type": "text", "text": q}]
+    return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": a}]}
+
+
 @pytest.fixture()
 def data_dir(tmp_path):
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "ok.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    # Not a decodable video: counted as video_decoder_missing without PyAV, corrupt_video with it.
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
     return tmp_path
 
 
@@ -47,8 +63,10 @@ BAD_LINES = {
     "missing_content": {"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]},
     "no_targets": {"messages": [{"role": "user", "content": "no answer here"}]},
     "bad_schema": {"messages": "not a list"},
-    "video_unsupported": {"messages": [{"role": "user", "content": [{"type": "video", "video": ["a.png"]}]},
-                                       {"role": "assistant", "content": "x"}]},
+    "missing_video": _video(["ok.png", "nope.png"]),
+    "corrupt_video": _video(["ok.png", "corrupt.png"]),
+    "video_too_short": _video(["ok.png"]),
+    "video_decoder_missing": _video("clip.mp4"),
 }
 
 

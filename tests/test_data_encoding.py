@@ -26,7 +26,7 @@ def _rows(path, n):
 
 def _reference(processor, encoder, row, base_dir):
     """input_ids, mm_token_type_ids, image_grid_thw and assistant labels of one document, by transformers alone."""
-    messages, images = encoder.normalise_messages(row, base_dir)
+    messages, images, _videos = encoder.normalise_messages(row, base_dir)
     text = processor.apply_chat_template(messages, tokenize=False)
     pil = [Image.open(p).convert("RGB") for p in images]
     out = processor(text=[text], images=pil or None, return_tensors="pt")
