@@ -97,6 +97,7 @@ def test_our_export_loads_in_transformers_with_same_logits(hf_and_dir, tmp_path)
     ids = torch.randint(0, 400, (1, 33))
     with torch.no_grad():
         assert (reloaded(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max() <= 1e-4
+    assert (out_dir / "generation_config.json").is_file()  # companion files of the source are carried over
     # and back into the native model, bitwise
     again = Qwen3_5MoeForConditionalGeneration.from_pretrained(out_dir)
     for (n, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):

@@ -189,6 +189,26 @@ def test_label_logits_only_and_num_items_in_batch(pairs):
     assert torch.allclose(summed.loss, full.loss * 40 / 100, atol=1e-6)
 
 
+def test_fused_lm_loss_matches_logits_path_with_gradients(pairs):
+    _, nat, _ = pairs["base"]
+    nat = copy.deepcopy(nat).train()
+    ids = torch.randint(0, 400, (1, 90))
+    labels = ids.clone()
+    labels[0, :25] = -100
+    row = dict(input_ids=ids, labels=labels, cu_seqlens=torch.tensor([0, 40, 90], dtype=torch.int32))
+    ref = nat(**row)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in nat.named_parameters() if p.grad is not None}
+    nat.zero_grad()
+    fused = nat(**row, return_logits=False)
+    fused.loss.backward()
+    assert fused.logits is None
+    assert torch.allclose(fused.loss, ref.loss, atol=1e-6)
+    for n, p in nat.named_parameters():
+        if n in ref_grads:
+            assert (p.grad - ref_grads[n]).abs().max() <= 1e-4 * ref_grads[n].abs().max().clamp_min(1e-6), n
+
+
 def test_bad_forward_inputs_raise_clear_errors(pairs):
     _, nat, _ = pairs["base"]
     batch = vision_doc([3, ("image", (1, 4, 4)), 3])

@@ -11,6 +11,8 @@ Notable choices:
   (attention_mask == 0) is excluded from both.
 - `label_logits_only=True` computes the LM head only where a target exists: with a 248k vocabulary the full
   (T, V) fp32 logits dominate training memory. `logits` then has shape (num targets, V).
+- `return_logits=False` (with labels) goes further: the LM head and CE run fused in row chunks
+  (`lm_loss.linear_cross_entropy`), so no (T, V) tensor exists at all; `logits` is None. For training steps.
 - `num_items_in_batch` (transformers' name) sums the CE and divides by it, so micro-batches of a gradient
   accumulation window and data-parallel ranks can share one token-count normaliser.
 - The vision tower is transformers' own `Qwen3_5MoeVisionModel` (as NeMo Automodel reuses it), with its rotary
@@ -28,6 +30,7 @@ from transformers import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig
 from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeVisionModel
 
 from .checkpoint import HFCheckpointMixin
+from .lm_loss import linear_cross_entropy
 from .moe import GroupedExperts, TopKRouter
 from .mrope_positions import IMAGE, VIDEO, mrope_position_ids, mrope_position_ids_packed, split_video_grids
 from .packing import SequenceInfo, build_sequence_info
@@ -92,6 +95,8 @@ class _Qwen3_5MoeBase(HFCheckpointMixin, nn.Module):
                 nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+                if getattr(module, "padding_idx", None) is not None:  # as transformers: the pad row starts at 0
+                    module.weight.data[module.padding_idx].zero_()
             elif isinstance(module, (GroupedExperts, TopKRouter)):
                 module.reset_parameters(std)
             elif hasattr(module, "reset_parameters"):
@@ -124,6 +129,7 @@ class _Qwen3_5MoeBase(HFCheckpointMixin, nn.Module):
         label_logits_only: bool,
         logits_to_keep: int,
         num_items_in_batch: torch.Tensor | int | None,
+        return_logits: bool = True,
     ) -> MoeOutput:
         cfg = self.text_config
         hidden, router_logits, indices = self.text_model(inputs_embeds, position_ids, info)
@@ -135,7 +141,10 @@ class _Qwen3_5MoeBase(HFCheckpointMixin, nn.Module):
         if labels is not None:
             targets = shift_labels(labels, info)  # (B, T)
             n_targets = (targets != -100).sum()
-            if label_logits_only:
+            if not return_logits:
+                keep = targets != -100
+                ce = linear_cross_entropy(hidden[keep], self.lm_head.weight, targets[keep])
+            elif label_logits_only:
                 keep = targets != -100
                 logits = self.lm_head(hidden[keep])  # (n, V)
                 ce = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
@@ -199,6 +208,7 @@ class Qwen3_5MoeForCausalLM(_Qwen3_5MoeBase):
         label_logits_only: bool = False,
         logits_to_keep: int = 0,
         num_items_in_batch: torch.Tensor | int | None = None,
+        return_logits: bool = True,
         **unused,
     ) -> MoeOutput:
         _reject_unknown(unused)
@@ -211,7 +221,7 @@ class Qwen3_5MoeForCausalLM(_Qwen3_5MoeBase):
         positions = self._text_positions(position_ids, info)
         return self._decode_and_head(
             inputs_embeds, positions, info, labels, output_router_logits, label_logits_only, logits_to_keep,
-            num_items_in_batch,
+            num_items_in_batch, return_logits,
         )
 
 
@@ -293,6 +303,7 @@ class Qwen3_5MoeForConditionalGeneration(_Qwen3_5MoeBase):
         label_logits_only: bool = False,
         logits_to_keep: int = 0,
         num_items_in_batch: torch.Tensor | int | None = None,
+        return_logits: bool = True,
         **unused,
     ) -> MoeOutput:
         _reject_unknown(unused)
@@ -321,7 +332,7 @@ class Qwen3_5MoeForConditionalGeneration(_Qwen3_5MoeBase):
         positions = self._text_positions(position_ids, info)
         return self._decode_and_head(
             inputs_embeds, positions, info, labels, output_router_logits, label_logits_only, logits_to_keep,
-            num_items_in_batch,
+            num_items_in_batch, return_logits,
         )
 
 

@@ -1,0 +1,198 @@
+"""Native packed forward+backward vs transformers, on CPU, in one run.
+
+Mid-size config (hidden 256, 8 layers, 64 experts top-8, vocab 32k by default) and one packed row of 2-4K tokens
+made of log-normal document lengths. Three timed variants, each in its own process (so peak memory is its own):
+
+  native_packed   our model on the packed row with cu_seqlens (documents kept apart)
+  hf_padded       transformers on the same documents padded into a batch: what a transformers user must do on
+                  CPU to keep documents apart (its torch Gated DeltaNet cannot take cu_seqlens)
+  hf_packed       transformers on the same packed row as one sequence: the same work with wrong numerics
+                  (documents leak into each other); isolates implementation speed
+
+Two label scenarios:
+  all        every token is a target (language-model pre-training style); the LM head is the same work for both
+             implementations and, at vocab 32k, about half of a step
+  sft        targets on the assistant part only (the second half of each document, 40-60 %); the native model runs
+             the LM head only where targets exist (`label_logits_only=True`), transformers has no such option
+
+Printed per scenario: useful tokens/s (document tokens, padding excluded), peak RSS above the model-loaded baseline,
+the ratios (a) native_packed / hf_padded and (b) native_packed / hf_packed, and a numerics check (per-document CE of
+the packed native run vs transformers on the padded batch). transformers runs its CPU defaults (grouped_mm experts,
+SDPA, torch chunked delta rule).
+
+    python bench/bench_model.py [--tokens 3072] [--steps 3] [--vocab 32768] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def mid_config(vocab: int):
+    from transformers import Qwen3_5MoeConfig
+
+    text = dict(vocab_size=vocab, hidden_size=256, num_hidden_layers=8,
+                layer_types=["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3
+                + ["full_attention"],
+                num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32,
+                linear_conv_kernel_dim=4, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=64,
+                shared_expert_intermediate_size=128, max_position_embeddings=8192,
+                rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
+                                     mrope_section=[1, 1, 2], mrope_interleaved=True))
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256,
+                  num_position_embeddings=64)
+    return Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                            image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
+                            vision_end_token_id=vocab - 1)
+
+
+def document_lengths(total: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < total:
+        n = int(torch.empty(1).log_normal_(mean=5.0, std=0.9, generator=g).clamp(8, 2048))
+        lengths.append(min(n, total - sum(lengths)) if sum(lengths) + n > total + 512 else n)
+    return lengths
+
+
+def make_docs(lengths: list[int], vocab: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed + 1)
+    return [torch.randint(0, vocab - 8, (n,), generator=g) for n in lengths]
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sft_labels(docs: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """Mask the 'prompt' (first 40-60 %) of each document: only the assistant part is a target."""
+    g = torch.Generator().manual_seed(seed + 2)
+    out = []
+    for d in docs:
+        cut = int(len(d) * (0.4 + 0.2 * torch.rand(1, generator=g).item()))
+        out.append(torch.cat([torch.full((cut,), -100), d[cut:]]))
+    return out
+
+
+def run_variant(variant: str, scenario: str, ckpt: str, lengths: list[int], vocab: int, steps: int, threads: int,
+                queue) -> None:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    docs = make_docs(lengths, vocab, seed=0)
+    labels = docs if scenario == "all" else sft_labels(docs, seed=0)
+    if variant == "native_packed":
+        from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration
+
+        model = Qwen3_5MoeForConditionalGeneration.from_pretrained(ckpt).train()
+        ids = torch.cat(docs).unsqueeze(0)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        inputs = dict(input_ids=ids, labels=torch.cat(labels).unsqueeze(0), cu_seqlens=cu, output_router_logits=True,
+                      label_logits_only=scenario == "sft")
+    else:
+        sys.modules.setdefault("fla", None)  # force transformers' torch fallbacks (no GPU kernels on CPU)
+        sys.modules.setdefault("causal_conv1d", None)
+        from transformers import Qwen3_5MoeForConditionalGeneration as HF
+
+        model = HF.from_pretrained(ckpt, dtype=torch.float32).train()
+        if variant == "hf_padded":
+            longest = max(lengths)
+            ids = torch.zeros(len(docs), longest, dtype=torch.long)
+            padded_labels = torch.full_like(ids, -100)
+            mask = torch.zeros_like(ids)
+            for i, (d, lab) in enumerate(zip(docs, labels)):
+                ids[i, : len(d)] = d
+                padded_labels[i, : len(d)] = lab
+                mask[i, : len(d)] = 1
+            inputs = dict(input_ids=ids, attention_mask=mask, labels=padded_labels, output_router_logits=True)
+        else:
+            ids = torch.cat(docs).unsqueeze(0)
+            inputs = dict(input_ids=ids, labels=torch.cat(labels).unsqueeze(0), output_router_logits=True)
+    base = _rss_mb()
+    times = []
+    for i in range(steps + 1):  # first step is warm-up
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        out = model(**inputs)
+        out.loss.backward()
+        times.append(time.perf_counter() - t0)
+    # numerics: per-document mean CE (forward only, eval mode)
+    model.eval()
+    with torch.no_grad():
+        if variant == "hf_padded":
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            ce = [torch.nn.functional.cross_entropy(logits[i, : len(d) - 1], d[1:]).item() for i, d in enumerate(docs)]
+        elif variant == "native_packed":
+            logits = model(input_ids=inputs["input_ids"], cu_seqlens=inputs["cu_seqlens"]).logits[0]
+            b = inputs["cu_seqlens"].tolist()
+            ce = [torch.nn.functional.cross_entropy(logits[s : e - 1], docs[i][1:]).item()
+                  for i, (s, e) in enumerate(zip(b[:-1], b[1:]))]
+        else:
+            ce = []
+    queue.put(dict(variant=variant, scenario=scenario, step_s=sorted(times[1:])[len(times[1:]) // 2], peak_mb=_rss_mb() - base, ce=ce))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=3072, help="packed row length target (useful tokens)")
+    parser.add_argument("--steps", type=int, default=3, help="timed forward+backward steps (after 1 warm-up)")
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads per run (1 gives stable ratios on a shared machine)")
+    parser.add_argument("--scenarios", nargs="+", default=["all", "sft"], choices=["all", "sft"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    lengths = document_lengths(args.tokens, args.seed)
+    useful = sum(lengths)
+    print(f"documents: {len(lengths)}, useful tokens: {useful}, longest: {max(lengths)}, "
+          f"padded batch: {len(lengths)} x {max(lengths)} = {len(lengths) * max(lengths)} slots, "
+          f"threads: {args.threads}", flush=True)
+    ctx = mp.get_context("spawn")
+    summary = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sys.modules.setdefault("fla", None)
+        from transformers import Qwen3_5MoeForConditionalGeneration as HF
+
+        torch.manual_seed(args.seed)
+        HF(mid_config(args.vocab)).save_pretrained(tmp)
+        for scenario in args.scenarios:
+            results = {}
+            for variant in ("native_packed", "hf_padded", "hf_packed"):
+                queue = ctx.Queue()
+                proc = ctx.Process(target=run_variant, args=(variant, scenario, tmp, lengths, args.vocab, args.steps,
+                                                             args.threads, queue))
+                proc.start()
+                results[variant] = queue.get()
+                proc.join()
+                r = results[variant]
+                print(f"[{scenario}] {variant:14s} fwd+bwd {r['step_s']:7.3f} s  {useful / r['step_s']:8.0f} useful "
+                      f"tok/s  peak +{r['peak_mb']:6.0f} MB", flush=True)
+            nat, pad, packed = (results[k]["step_s"] for k in ("native_packed", "hf_padded", "hf_packed"))
+            ce_diff = max(abs(a - b) for a, b in zip(results["native_packed"]["ce"], results["hf_padded"]["ce"]))
+            print(f"[{scenario}] (a) native packed vs transformers padded batch: {pad / nat:.2f}x useful tokens/s")
+            print(f"[{scenario}] (b) native packed vs transformers on the same packed row: {packed / nat:.2f}x")
+            print(f"[{scenario}] numerics: max per-document CE diff native packed vs transformers padded = "
+                  f"{ce_diff:.2e}", flush=True)
+            summary[scenario] = {
+                "ratio_a_vs_hf_padded": round(pad / nat, 2), "ratio_b_vs_hf_packed": round(packed / nat, 2),
+                "useful_tok_s": {k: round(useful / v["step_s"]) for k, v in results.items()},
+                "peak_mb": {k: round(v["peak_mb"]) for k, v in results.items()}, "max_doc_ce_diff": ce_diff,
+            }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

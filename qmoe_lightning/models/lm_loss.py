@@ -1,0 +1,69 @@
+"""LM head + cross-entropy without materialising the (T, V) logits.
+
+With Qwen3.5's 248k vocabulary, a 4K-token row has 4 GB of fp32 logits, and the usual path keeps logits, their
+fp32 copy, the log-softmax and its gradient alive at once. `linear_cross_entropy` walks the rows in chunks: per
+chunk it computes the logits, the summed CE, and right away the gradients w.r.t. the hidden states and the head
+weight (softmax - one_hot, the same 3 matmuls as autograd would run). Backward then only scales them. Peak extra
+memory is one chunk of logits plus the (V, H) weight gradient.
+
+Numerics mirror the plain path: logits in the activation dtype then fp32 for the softmax (transformers upcasts the
+same way), gradients cast back to the activation dtype for the matmuls as autograd would. Results equal
+`F.cross_entropy(F.linear(h, W).float(), t, reduction="sum")` up to float summation order.
+
+Gradients are computed in forward, so the fused function is used only when a backward will follow; without grad
+the loss is computed chunk by chunk with no gradient work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]  # (c, H)
+            t = targets[start : start + chunk_size]  # (c,)
+            logits = F.linear(h, weight).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = t != -100
+            safe_t = t.clamp_min(0)
+            total = total + ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * valid).sum()
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+            grad.mul_(valid[:, None])
+            grad = grad.to(hidden.dtype)
+            if need_h:
+                grad_h[start : start + chunk_size] = grad @ weight
+            if need_w:
+                grad_w += (grad.t() @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return dh, dw, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Summed CE of `F.linear(hidden, weight)` against `targets` (-100 ignored). hidden (N, H), weight (V, H)."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = F.linear(hidden[start : start + chunk_size], weight).float()
+        total = total + F.cross_entropy(logits, targets[start : start + chunk_size], ignore_index=-100,
+                                        reduction="sum")
+    return total
