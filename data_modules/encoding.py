@@ -214,7 +214,7 @@ class Encoder:
                     except VideoError as err:
                         raise BadSample(err.reason, f"message {i}: {err.detail}") from None
                     videos.append({**source, "fps": None if fps is None else float(fps)})
-                    items.append({"type": "video", "video": ref})
+                    items.append({"type": "video", "video": source.get("frames", source.get("file"))})
                 else:
                     raise BadSample(BAD_SCHEMA, f"message {i} has a content item of unknown type {kind!r}")
             if not items:
