@@ -8,7 +8,7 @@ PEFT-format exports.
 """
 
 from .apply import (GROUPS, LoraReport, adapter_state_dict, apply_lora, check_adapter_state_dict, group_of,
-                    has_lora, is_adapter_key, keep_adapters_only, lora_modules, resolve_targets, summarize)
+                    has_lora, is_adapter_key, keep_adapters_only, lora_modules, reset_lora_parameters, resolve_targets, summarize)
 from .config import ALIASES, DEFAULT_TARGETS, LoraConfig
 from .experts import LoRAGroupedExperts
 from .linear import LoRALinear
@@ -19,6 +19,6 @@ __all__ = [
     "ALIASES", "DEFAULT_TARGETS", "GROUPS", "LoRAGroupedExperts", "LoRALinear", "LoraConfig", "LoraReport",
     "adapter_state_dict", "apply_lora", "check_adapter_state_dict", "experts_from_peft", "experts_to_peft",
     "group_of", "has_lora", "is_adapter_key", "keep_adapters_only", "load_peft_adapter", "lora_modules",
-    "merge_lora_", "peft_adapter_state", "resolve_targets", "save_merged_pretrained", "save_peft_adapter",
+    "merge_lora_", "peft_adapter_state", "reset_lora_parameters", "resolve_targets", "save_merged_pretrained", "save_peft_adapter",
     "summarize",
 ]

@@ -170,6 +170,17 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | dict) -> LoraReport:
     return report
 
 
+def reset_lora_parameters(model: nn.Module, seed: int | None = 0) -> None:
+    """(Re)initialise every adapter (A random, B zero) under `seed`. For models built on the meta device: call it
+    after `to_empty` / `init_weights` (the base init does not know the adapters)."""
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=[torch.device("cuda", i) for i in cuda], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for m in lora_modules(model).values():
+            m.reset_lora_parameters()
+
+
 def summarize(model: nn.Module) -> LoraReport:
     """Per-group trainable / base parameter counts of `model` as it is now (any time, e.g. at fit start)."""
     trainable, base, frozen = Counter(), Counter(), 0
