@@ -49,6 +49,15 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
     return x.dtype in (torch.float32, torch.bfloat16)
 
 
+def sort_by_expert(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """indices (N, k) -> order (N*k,) of (token, slot) pairs grouped by expert, their token (N*k,), and
+    grouped_mm offsets (E,) int32 (cumulative pair counts per expert)."""
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    offs = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)
+    return order, order // indices.shape[1], offs
+
+
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -66,11 +75,7 @@ class GroupedExperts(nn.Module):
         """x (N, H), indices/weights (N, k) -> (N, H)."""
         if not _grouped_mm_ok(x):
             return experts_loop_reference(self, x, indices, weights)
-        N, K = indices.shape
-        flat = indices.reshape(-1)  # (N*k,)
-        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        token_of = order // K
-        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)  # (E,)
+        order, token_of, offs = sort_by_expert(indices, self.num_experts)  # (N*k,), (N*k,), (E,)
         xs = x[token_of]  # (N*k, H)
         gate, up = torch._grouped_mm(xs, self.gate_and_up_projs, offs=offs).chunk(2, dim=-1)  # (N*k, I) each
         ys = torch._grouped_mm(F.silu(gate) * up, self.down_projs, offs=offs)  # (N*k, H)
