@@ -104,7 +104,8 @@ class VideoConfig:
     def from_model_dir(cls, model_dir: str, min_pixels: int | None = None, max_pixels: int | None = None):
         """Settings of `model_dir`'s video processor (see the module docstring), with optional pixel bounds."""
         values = _class_defaults()
-        values.update({k: v for k, v in _config_dict(model_dir).items() if k in values and v is not None})
+        # Present keys win, explicit nulls included (fps / num_frames / cap_pixels_per_frame: None means something).
+        values.update({k: v for k, v in _config_dict(model_dir).items() if k in values})
         values["image_mean"], values["image_std"] = tuple(values["image_mean"]), tuple(values["image_std"])
         size = dict(values["size"])
         if min_pixels is not None:
@@ -151,9 +152,6 @@ class VideoConfig:
         fps = None if self.num_frames is not None else self.fps
         idx = Qwen3VLVideoProcessor.sample_frames(owner, meta, num_frames=self.num_frames, fps=fps)
         return [int(i) for i in idx]
-
-    def digest(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True, default=str)
 
 
 def _config_dict(model_dir: str) -> dict:
@@ -240,7 +238,8 @@ def probe(source: dict, cfg: VideoConfig, fps: float | None = None) -> dict:
                 total, rate = int(stream.frames), stream.average_rate
                 height, width = int(stream.height), int(stream.width)
         except Exception as err:
-            raise VideoError(CORRUPT_VIDEO, f"cannot open video {source['file']}: {type(err).__name__}: {err}") from None
+            detail = f"cannot open video {source['file']}: {type(err).__name__}: {err}"
+            raise VideoError(CORRUPT_VIDEO, detail) from None
         if total <= 0:
             raise VideoError(CORRUPT_VIDEO, f"{source['file']}: the container reports no frames")
         video_fps = float(rate) if rate else None

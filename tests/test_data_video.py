@@ -198,7 +198,8 @@ def _reference(processor, encoder, row, base_dir, fps):
                                            return_assistant_tokens_mask=True)
     ids = out["input_ids"][0]
     assert masked["input_ids"][0] == ids.tolist()
-    labels = torch.where(torch.tensor(masked["assistant_masks"][0], dtype=torch.bool), ids, torch.full_like(ids, IGNORE))
+    mask = torch.tensor(masked["assistant_masks"][0], dtype=torch.bool)
+    labels = torch.where(mask, ids, torch.full_like(ids, IGNORE))
     return out, labels
 
 
