@@ -189,6 +189,14 @@ def test_label_logits_only_and_num_items_in_batch(pairs):
     assert torch.allclose(summed.loss, full.loss * 40 / 100, atol=1e-6)
 
 
+def test_no_target_gives_zero_loss_not_nan(pairs):
+    _, nat = pairs["base"][:2]
+    ids = torch.randint(0, 400, (1, 12))
+    for kw in ({}, {"label_logits_only": True}, {"return_logits": False}):
+        out = nat(input_ids=ids, labels=torch.full_like(ids, -100), **kw)
+        assert out.ce_loss.item() == 0.0 and int(out.num_label_tokens) == 0
+
+
 def test_fused_lm_loss_matches_logits_path_with_gradients(pairs):
     _, nat, _ = pairs["base"]
     nat = copy.deepcopy(nat).train()

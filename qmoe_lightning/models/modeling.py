@@ -140,12 +140,11 @@ class _Qwen3_5MoeBase(HFCheckpointMixin, nn.Module):
         ce = logits = n_targets = None
         if labels is not None:
             targets = shift_labels(labels, info)  # (B, T)
-            n_targets = (targets != -100).sum()
+            keep = targets != -100
+            n_targets = keep.sum()
             if not return_logits:
-                keep = targets != -100
                 ce = linear_cross_entropy(hidden[keep], self.lm_head.weight, targets[keep])
             elif label_logits_only:
-                keep = targets != -100
                 logits = self.lm_head(hidden[keep])  # (n, V)
                 ce = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
             else:
@@ -154,7 +153,8 @@ class _Qwen3_5MoeBase(HFCheckpointMixin, nn.Module):
                     logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                     reduction="sum",
                 )
-            ce = ce / (num_items_in_batch if num_items_in_batch is not None else n_targets)
+            # a micro-batch with no target (a pack of padding only) contributes 0, not 0/0
+            ce = ce / (num_items_in_batch if num_items_in_batch is not None else n_targets.clamp_min(1))
         else:
             h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             logits = self.lm_head(h)
