@@ -96,3 +96,10 @@ def test_tiny_fit_end_to_end_rerun_and_validate(tmp_path, small_data):
                     "--data.val_path", str(small_data), "--data.max_tokens", "128", "--data.num_workers", "0",
                     "--data.cache_dir", str(tmp_path / "cache"), "--ckpt_path", str(ckpt / "last.ckpt")])
     assert "val/loss" in val.trainer.callback_metrics
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(TINY).parent).glob("*.yaml")))
+def test_every_shipped_config_parses(config, capsys):
+    code, text = _run_cli_expecting_exit(["fit", "--config", str(Path(TINY).parent / config), "--print_config"],
+                                         capsys)
+    assert code == 0 and "model:" in text and "data:" in text
