@@ -93,12 +93,13 @@ class LoRAGroupedExperts(GroupedExperts):
         xs = x[token_of]  # (N*k, H)
         h = torch._grouped_mm(xs, self.gate_and_up_projs, offs=offs)  # (N*k, 2I)
         if self.gate_and_up_lora_A is not None:
-            h = h + self._lora_grouped(xs, self.gate_and_up_lora_A, self.gate_and_up_lora_B, offs)
+            # in place: grouped_mm's backward needs its inputs, not its output, so this saves a (rows, 2I) copy
+            h = h.add_(self._lora_grouped(xs, self.gate_and_up_lora_A, self.gate_and_up_lora_B, offs))
         gate, up = h.chunk(2, dim=-1)
         act = F.silu(gate) * up  # (N*k, I)
         ys = torch._grouped_mm(act, self.down_projs, offs=offs)  # (N*k, H)
         if self.down_lora_A is not None:
-            ys = ys + self._lora_grouped(act, self.down_lora_A, self.down_lora_B, offs)
+            ys = ys.add_(self._lora_grouped(act, self.down_lora_A, self.down_lora_B, offs))
         ys = ys * weights.reshape(-1)[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
 
