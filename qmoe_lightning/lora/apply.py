@@ -159,9 +159,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | dict) -> LoraReport:
             parent = model.get_submodule(parent_name) if parent_name else model
             base = getattr(parent, child)
             if isinstance(base, GroupedExperts):
-                new = LoRAGroupedExperts(base, cfg.r_experts, cfg.alpha_experts, cfg.expert_projections)
+                dtype = cfg.adapter_dtype_for(base.gate_and_up_projs.dtype)
+                new = LoRAGroupedExperts(base, cfg.r_experts, cfg.alpha_experts, cfg.expert_projections, dtype)
             else:
-                new = LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout)
+                new = LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, cfg.adapter_dtype_for(base.weight.dtype))
             new.train(base.training)
             setattr(parent, child, new)
     model.lora_config = cfg  # read by the exporters (ranks, alphas)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
+
 # the issue's default: adapters on every part a user of a Qwen3.5-MoE usually names
 DEFAULT_TARGETS = ("attention", "linear_attention", "shared_expert", "experts")
 
@@ -56,6 +58,9 @@ class LoraConfig:
         expert_alpha: alpha of the expert adapters (default `alpha`).
         expert_projections: which expert weights get adapters: `gate_up` (the fused gate|up), `down`.
         init_seed: seed of the A initialisation (None: the global RNG).
+        adapter_dtype: dtype of the adapter parameters when the base is 16-bit: "float32" (default: fp32 master
+            weights and optimizer state for the adapters, cast to the activation dtype in forward) or null (the
+            base dtype; needed where one flat parameter must hold one dtype, e.g. FSDP1 wrapping base + adapter).
     """
 
     rank: int = 16
@@ -67,6 +72,7 @@ class LoraConfig:
     expert_alpha: float | None = None
     expert_projections: list[str] = field(default_factory=lambda: list(EXPERT_PROJECTIONS))
     init_seed: int | None = 0
+    adapter_dtype: str | None = "float32"
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -87,12 +93,22 @@ class LoraConfig:
         if bad or not self.expert_projections:
             raise ValueError(f"lora.expert_projections must be a non-empty subset of {EXPERT_PROJECTIONS}, got "
                              f"{self.expert_projections}")
+        if self.adapter_dtype is not None and not isinstance(getattr(torch, str(self.adapter_dtype), None),
+                                                              torch.dtype):
+            raise ValueError(f"lora.adapter_dtype must be a torch dtype name (float32, bfloat16) or null, got "
+                             f"{self.adapter_dtype!r}")
         for spec in self.targets + self.exclude:
             if spec.startswith("re:"):
                 try:
                     re.compile(spec[3:])
                 except re.error as err:
                     raise ValueError(f"lora target {spec!r} is not a valid regex: {err}") from None
+
+    def adapter_dtype_for(self, base_dtype: torch.dtype) -> torch.dtype:
+        """The adapters' dtype for a base of `base_dtype`: widened only when the base is 16-bit."""
+        if self.adapter_dtype is None or base_dtype not in (torch.float16, torch.bfloat16):
+            return base_dtype
+        return getattr(torch, self.adapter_dtype)
 
     @property
     def r_experts(self) -> int:

@@ -34,7 +34,8 @@ PROJECTIONS = ("gate_up", "down")
 
 
 class LoRAGroupedExperts(GroupedExperts):
-    def __init__(self, base: GroupedExperts, rank: int, alpha: float, projections=PROJECTIONS):
+    def __init__(self, base: GroupedExperts, rank: int, alpha: float, projections=PROJECTIONS,
+                 dtype: torch.dtype | None = None):
         nn.Module.__init__(self)  # GroupedExperts.__init__ would allocate (and init) a second set of experts
         self.num_experts = base.num_experts
         self.intermediate_size = base.intermediate_size
@@ -45,7 +46,8 @@ class LoRAGroupedExperts(GroupedExperts):
         self.projections = tuple(p for p in PROJECTIONS if p in projections)
         E, H, I2 = base.gate_and_up_projs.shape
         I = I2 // 2
-        factory = dict(device=base.gate_and_up_projs.device, dtype=base.gate_and_up_projs.dtype)
+        # dtype: the adapter may be wider than the base (fp32 masters under bf16); cast to the activations in forward
+        factory = dict(device=base.gate_and_up_projs.device, dtype=dtype or base.gate_and_up_projs.dtype)
 
         def new(*shape):
             return nn.Parameter(torch.empty(*shape, **factory))
@@ -104,6 +106,7 @@ class LoRAGroupedExperts(GroupedExperts):
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
 
     def _lora_grouped(self, xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        A, B = A.to(xs.dtype), B.to(xs.dtype)
         r = A.shape[-1]
         per_row = 16 // xs.element_size()  # grouped_mm: 16-byte aligned strides
         pad = (-r) % per_row
@@ -124,11 +127,13 @@ class LoRAGroupedExperts(GroupedExperts):
             xe = x[token]
             h = xe @ self.gate_and_up_projs[e]
             if self.gate_and_up_lora_A is not None:
-                h = h + (xe @ self.gate_and_up_lora_A[e]) * self.scaling @ self.gate_and_up_lora_B[e]
+                A, B = self.gate_and_up_lora_A[e].to(x.dtype), self.gate_and_up_lora_B[e].to(x.dtype)
+                h = h + (xe @ A) * self.scaling @ B
             act = F.silu(h[:, :I]) * h[:, I:]
             y = act @ self.down_projs[e]
             if self.down_lora_A is not None:
-                y = y + (act @ self.down_lora_A[e]) * self.scaling @ self.down_lora_B[e]
+                A, B = self.down_lora_A[e].to(x.dtype), self.down_lora_B[e].to(x.dtype)
+                y = y + (act @ A) * self.scaling @ B
             out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
         return out
 

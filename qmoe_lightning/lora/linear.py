@@ -7,6 +7,8 @@ Notable choices:
   `lora_B (out, r)`: PEFT's `lora_A.weight` / `lora_B.weight` layout, so export is a rename.
 - B starts at zero (the model is unchanged at step 0); A uses PEFT's default (kaiming-uniform, a=sqrt(5)).
 - Dropout acts on the input of the LoRA branch only, as in PEFT.
+- The adapter may be kept in a wider dtype than the base (`dtype=torch.float32` under a bf16 base: fp32 master
+  weights and AdamW state for the few trainable tensors); it is cast to the activation dtype in forward.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from torch import nn
 
 
 class LoRALinear(nn.Linear):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 dtype: torch.dtype | None = None):
         # nn.Module.__init__ only: nn.Linear.__init__ would allocate a second weight
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -27,7 +30,7 @@ class LoRALinear(nn.Linear):
         self.bias = base.bias
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        factory = dict(device=base.weight.device, dtype=dtype or base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -44,7 +47,8 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # no-op unless the adapter is kept wider
+        return y + F.linear(F.linear(self.lora_dropout(x), A), B) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         """(out, in) update `scaling * B A`, in the base weight's dtype (computed in fp32 when the base is 16-bit)."""

@@ -129,7 +129,7 @@ def peft_adapter_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]
                     A, B = (_full(t) for t in pairs[proj])
                 else:  # excluded layer: zero adapter, loads without missing keys and adds nothing
                     n_in, n_out = shapes[proj]
-                    dtype = next(iter(experts.values())).gate_and_up_projs.dtype
+                    dtype = next(iter(next(iter(experts.values())).adapter_pairs().values()))[0].dtype
                     A, B = torch.zeros(E, n_in, r_e, dtype=dtype), torch.zeros(E, r_e, n_out, dtype=dtype)
                 lora_A, lora_B = experts_to_peft(A, B)
                 key = PREFIX + hf_module_name(name) + "." + "base_layer." * (len(ordered) - 1 - depth)
