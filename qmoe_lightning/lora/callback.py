@@ -1,0 +1,69 @@
+"""`LoraExport` Lightning callback: prints the per-group trainable table at fit start and writes the PEFT adapter
+(`<default_root_dir>/hf_adapter/`) at the end of fit.
+
+It only reads `pl_module.model` (the native model with adapters applied by `apply_lora` in `configure_model`), so a
+run without adapters fails loudly at fit start instead of writing nothing at the end. The merged export
+(`hf_export/`) stays with `callbacks.HFExport`, which must call `save_merged_pretrained` (see merge.py): a plain
+`save_pretrained` of a LoRA model would write the adapter tensors under names transformers does not know.
+
+`base_model_name_or_path` in adapter_config.json: the `base_model_name_or_path` argument, else the module's
+`hparams.pretrained` (a hub id stays a hub id; `embedded` resolves to the built embedded checkpoint directory).
+Rank 0 writes, every rank waits at a barrier. Unsharded runs (single device / DDP) only, like HFExport.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+
+from .apply import has_lora, summarize
+from .peft_export import save_peft_adapter
+
+
+class LoraExport(pl.Callback):
+    def __init__(self, dirpath: str | None = None, base_model_name_or_path: str | None = None):
+        """
+        Args:
+            dirpath: adapter directory (default `<default_root_dir>/hf_adapter`).
+            base_model_name_or_path: written into adapter_config.json (default: the module's `pretrained`).
+        """
+        self.dirpath = dirpath
+        self.base_model_name_or_path = base_model_name_or_path
+        self.last_export: Path | None = None
+
+    def export_dir(self, trainer) -> Path:
+        return Path(self.dirpath or os.path.join(trainer.default_root_dir, "hf_adapter"))
+
+    def base_path(self, pl_module) -> str | None:
+        if self.base_model_name_or_path:
+            return self.base_model_name_or_path
+        hp = getattr(pl_module, "hparams", None)
+        pretrained = getattr(hp, "pretrained", None) if hp is not None else None
+        if pretrained == "embedded":
+            from qmoe_lightning.embedded import resolve_path
+
+            return str(resolve_path(pretrained, "model", getattr(hp, "embedded_cache_dir", None)))
+        return None if pretrained is None else str(pretrained)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not has_lora(pl_module.model):
+            raise RuntimeError("LoraExport is configured but the model has no LoRA adapters (no `lora:` section?)")
+        rank_zero_info("LoRA trainable parameters per group:\n" + summarize(pl_module.model).table())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.export(trainer, pl_module)
+
+    def export(self, trainer, pl_module) -> Path:
+        out = self.export_dir(trainer)
+        if trainer.is_global_zero:
+            t0 = time.perf_counter()
+            save_peft_adapter(pl_module.model, out, self.base_path(pl_module))
+            size = sum(f.stat().st_size for f in out.iterdir())
+            rank_zero_info(f"PEFT adapter written to {out} ({size / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f}s")
+        trainer.strategy.barrier("lora_export")
+        self.last_export = out
+        return out
