@@ -288,3 +288,14 @@ def test_bf16_base_keeps_fp32_adapters(base_model, tmp_path):
     assert (a - b).abs().mean() <= 0.2 * (a - c).abs().mean()
     with pytest.raises(ValueError, match="adapter_dtype"):
         LoraConfig(adapter_dtype="float31")
+
+
+def test_tiny_lora_yaml_section_is_a_valid_config(base_model):
+    import yaml
+    from pathlib import Path
+
+    doc = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tiny_lora.yaml").read_text())
+    cfg = LoraConfig.from_any(doc["model"]["lora"])
+    report = apply_lora(fresh(base_model), cfg)
+    assert set(report.modules) == {"routed_experts", "shared_expert", "attention", "linear_attention"}
+    assert cfg.r_experts == 4 and cfg.rank == 8 and cfg.dropout > 0
