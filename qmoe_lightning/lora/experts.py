@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qmoe_lightning.models.moe import GroupedExperts, _grouped_mm_ok
+from qmoe_lightning.models.moe import GroupedExperts, _grouped_mm_ok, sort_by_expert
 
 PROJECTIONS = ("gate_up", "down")
 
@@ -87,11 +87,7 @@ class LoRAGroupedExperts(GroupedExperts):
         """x (N, H), indices/weights (N, k) -> (N, H); same sorting and numerics as GroupedExperts.forward."""
         if not _grouped_mm_ok(x):
             return self._loop(x, indices, weights)
-        N, K = indices.shape
-        flat = indices.reshape(-1)
-        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        token_of = order // K
-        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        order, token_of, offs = sort_by_expert(indices, self.num_experts)  # (N*k,), (N*k,), (E,)
         xs = x[token_of]  # (N*k, H)
         h = torch._grouped_mm(xs, self.gate_and_up_projs, offs=offs)  # (N*k, 2I)
         if self.gate_and_up_lora_A is not None:
