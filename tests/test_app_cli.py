@@ -53,7 +53,7 @@ def test_bad_arguments_fail_at_parse_time_naming_them(args, needle, capsys):
 
 def test_unknown_key_in_yaml_fails_naming_it(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(Path(TINY).read_text().replace("  warmup_steps: 3", "  warmup_steps: 3\n  warmup_stepz: 4"))
+    bad.write_text(Path(TINY).read_text().replace("  warmup_steps: 10", "  warmup_steps: 10\n  warmup_stepz: 4"))
     code, text = _run_cli_expecting_exit(["fit", "--config", str(bad)], capsys)
     assert code != 0 and "warmup_stepz" in text
 
