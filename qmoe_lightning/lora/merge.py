@@ -11,9 +11,7 @@ Two ways, by purpose:
 
 Numerics: merges are accumulated in fp32 when the base is 16-bit and cast once (one rounding per weight).
 
-Implementation note: `save_hf_checkpoint` (models/checkpoint.py) reads the state dict through `model.state_dict()`
-and the architecture name through `type(model).__name__`; the merged view is a thin proxy that provides both. A
-`state_dict_items=` argument on `save_hf_checkpoint` would make the proxy unnecessary (suggested to its owner).
+The merged view is handed to `save_hf_checkpoint(..., state_dict=...)`, which walks it once, tensor by tensor.
 """
 
 from __future__ import annotations
@@ -66,31 +64,12 @@ class _MergedStateDict(Mapping):
         return len(self._base)
 
 
-class _MergedModelProxy:
-    """Looks like the model to `save_hf_checkpoint`, with the merged state dict."""
-
-    def __init__(self, model: nn.Module):
-        object.__setattr__(self, "_model", model)
-
-    def __getattr__(self, name):
-        return getattr(object.__getattribute__(self, "_model"), name)
-
-    def state_dict(self, *args, **kwargs) -> Mapping:
-        return _MergedStateDict(self._model)
-
-    def parameters(self, recurse: bool = True):  # the export's dtype is the base model's, adapters excluded
-        return (p for n, p in self._model.named_parameters() if not is_adapter_key(n))
-
-
 def save_merged_pretrained(model: nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
     """Write `model` with its adapters merged as a Hugging Face directory (atomic); the model is left unchanged."""
     if not has_lora(model):
         return model.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    cls = type(model)
-    # save_hf_checkpoint names the architecture after type(model).__name__: give the proxy the model's class name
-    proxy_cls = type(cls.__name__, (_MergedModelProxy,), {"__module__": cls.__module__})
     with torch.no_grad():
-        return save_hf_checkpoint(proxy_cls(model), Path(out_dir), parse_size(max_shard_size))
+        return save_hf_checkpoint(model, Path(out_dir), parse_size(max_shard_size), state_dict=_MergedStateDict(model))
 
 
 def merge_lora_(model: nn.Module) -> int:

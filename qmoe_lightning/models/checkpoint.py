@@ -201,7 +201,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.cpu()
 
 
-def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int) -> Path:
+def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=None) -> Path:
+    """Write `model` as an HF directory. `state_dict`: the native tensors to write (default `model.state_dict()`),
+    e.g. a lazy mapping with LoRA adapters merged in; it is walked once, one tensor at a time."""
     adapter = model.state_dict_adapter()
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +214,7 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int) -> Path:
         shards: list[dict[str, str]] = []
         current: dict[str, torch.Tensor] = {}
         size = total = 0
+        dtype_numel: Counter = Counter()
 
         def flush():
             nonlocal current, size
@@ -230,8 +233,9 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int) -> Path:
             size += nbytes
             total += nbytes
 
-        for fqn, tensor in model.state_dict().items():
+        for fqn, tensor in (model.state_dict() if state_dict is None else state_dict).items():
             for key, t in adapter.convert_single_tensor_to_hf(fqn, _full(tensor)):
+                dtype_numel[t.dtype] += t.numel()
                 add(key, t)
         for key, file in (getattr(model, "load_report", None) or {}).get("passthrough", {}).items():
             with safe_open(file, framework="pt", device="cpu") as f:
@@ -249,7 +253,7 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int) -> Path:
 
         config = model.config
         config.architectures = [type(model).__name__]
-        config.dtype = _main_dtype(model)
+        config.dtype = dtype_numel.most_common(1)[0][0]  # the dtype most of the written weights have
         config.save_pretrained(tmp)
         source = getattr(model, "source_dir", None)
         if source is not None:
@@ -261,13 +265,6 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _main_dtype(model) -> torch.dtype:
-    counts = Counter()
-    for p in model.parameters():
-        counts[p.dtype] += p.numel()
-    return counts.most_common(1)[0][0]
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:
