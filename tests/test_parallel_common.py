@@ -1,0 +1,81 @@
+"""Shared harness of the multi-process (gloo, CPU) parallel tests: spawn N workers on a free 127.0.0.1 port, join
+them with a timeout (a hung collective kills the group instead of hanging the test run) and load what each rank
+saved. Also checks the harness itself: a worker failure surfaces its traceback in the parent.
+
+Workers are module-level functions of the test files (spawned children import them by module name; the tests dir
+is on sys.path via conftest, which multiprocessing's spawn passes on).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+from pathlib import Path
+
+sys.modules.setdefault("fla", None)  # as conftest: spawned children import transformers' torch fallbacks
+sys.modules.setdefault("causal_conv1d", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        result = fn(rank, world, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def run_workers(fn, world: int, out_dir, *args, timeout: float = 120.0) -> list:
+    """Run fn(rank, world, *args) on `world` gloo processes; returns each rank's (torch.save-able) result."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*out_dir.glob("rank*.pt"), *out_dir.glob("rank*.err")]:
+        old.unlink()
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, str(out_dir), fn, args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join(10)
+    errors = "\n".join(f"rank {r}:\n{(out_dir / f'rank{r}.err').read_text()}" for r in range(world)
+                       if (out_dir / f"rank{r}.err").exists())
+    if hung:
+        raise TimeoutError(f"ranks {hung} still running after {timeout}s (killed)\n{errors}")
+    if errors or any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(f"worker failure, exit codes {[p.exitcode for p in procs]}\n{errors}")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _fails_on_rank1(rank, world):
+    if rank == 1:
+        raise ValueError("boom on rank 1")
+    return rank
+
+
+def test_harness_reports_worker_errors(tmp_path):
+    with pytest.raises((RuntimeError, TimeoutError), match="boom on rank 1"):
+        run_workers(_fails_on_rank1, 2, tmp_path, timeout=60)
+
