@@ -2,7 +2,7 @@
 
 When: at the end of `fit` (`at_train_end`) and, optionally, every `every_n_steps` optimizer steps.
 Where: `dirpath`, default `<default_root_dir>/hf_export` (the latest export replaces the previous one).
-What: `model.save_pretrained` of the native model: the official fused safetensors layout, config.json,
+What: `model.save_pretrained` of the native model (LoRA adapters merged in, `lora.save_merged_pretrained`): the official fused safetensors layout, config.json,
 generation_config.json, and the tokenizer / processor / chat-template files of the source checkpoint, so
 `AutoModelForImageTextToText.from_pretrained(dir)` and `AutoProcessor.from_pretrained(dir)` load it as is
 (AutoProcessor of Qwen3-VL-style processors needs torchvision, a transformers requirement).
@@ -29,6 +29,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from qmoe_lightning.hub import PushResult, push_folder_to_hub
+from qmoe_lightning.lora import save_merged_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ class HFExport(pl.Callback):
         self._last_step_exported = trainer.global_step
         if trainer.is_global_zero:
             t0 = time.perf_counter()
-            pl_module.model.save_pretrained(out, max_shard_size=self.max_shard_size)
+            # LoRA adapters are merged into the exported weights; a plain model is saved as is
+            save_merged_pretrained(pl_module.model, out, max_shard_size=self.max_shard_size)
             rank_zero_info(f"HF export (step {trainer.global_step}) written to {out} in "
                            f"{time.perf_counter() - t0:.1f}s")
         trainer.strategy.barrier("hf_export")

@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from .evaluation import document_answer_correct
+from .lora import LoraConfig
 from .optim import build_adamw, warmup_cosine_scheduler
 from .router_stats import RouterStats
 
@@ -86,6 +87,7 @@ class QMoELightningModule(pl.LightningModule):
         label_logits_only: bool = True,
         init_seed: int = 0,
         embedded_cache_dir: str | None = None,
+        lora: LoraConfig | None = None,
     ):
         """
         Args:
@@ -113,6 +115,9 @@ class QMoELightningModule(pl.LightningModule):
             label_logits_only: compute the LM head only at target positions (saves the (T, vocab) fp32 logits).
             init_seed: seed of the random init when `pretrained` is None.
             embedded_cache_dir: where the embedded default is built (default ~/.cache/qmoe_lightning).
+            lora: LoRA adapters (`qmoe_lightning.lora.LoraConfig`: rank, alpha, targets, expert_rank, ...). When
+                set, the base model is frozen, only the adapters train, and checkpoints hold the adapters (plus
+                optimizer state) only; HF exports are merged. None: full fine-tuning.
         """
         super().__init__()
         if pretrained is None and model_config is None:
@@ -165,6 +170,12 @@ class QMoELightningModule(pl.LightningModule):
         model.source_dir = Path(self._resolve_embedded(processor_source)) if processor_source else None
         model.text_model.gradient_checkpointing = bool(hp.activation_checkpointing)
         self.model = model
+        if hp.lora is not None:
+            from .lora import apply_lora
+
+            report = apply_lora(model, hp.lora)  # freezes the base, adds adapters (after the weights are loaded)
+            rank_zero_info("LoRA adapters:\n" + report.table())
+            self.strict_loading = False  # checkpoints hold the adapters only
         self._apply_freezing()
         n_total = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -281,6 +292,22 @@ class QMoELightningModule(pl.LightningModule):
         # validation inside an epoch must not count as training time in tokens/s
         if self._t_prev is not None and getattr(self, "_t_pause", None) is not None:
             self._t_prev += time.perf_counter() - self._t_pause
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # with LoRA the frozen base is `pretrained` itself: storing it in every checkpoint would only cost disk
+        if self.hparams.lora is not None and self.model is not None:
+            from .lora import keep_adapters_only
+
+            keep_adapters_only(checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.hparams.lora is not None and self.model is not None:
+            from .lora import check_adapter_state_dict
+
+            prefix = "model."
+            adapters = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+            check_adapter_state_dict(adapters, self.model)
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
