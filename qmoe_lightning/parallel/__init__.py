@@ -2,4 +2,8 @@
 
 - `expert_parallel`: in-place EP conversion of `GroupedExperts` / `LoRAGroupedExperts` (E/ep local experts,
   all-to-all token dispatch, exact against one process).
+- `parallelize`: the mesh ("replicate", "efsdp", "ep" + flattened "dp_shard", "data_parallel") and
+  `parallelize_model` (EP -> per-block activation checkpointing with routing replay -> FSDP2, expert gradient
+  divide factor, gloo settings).
+- `clip`: EP-aware global gradient norm / clipping across mixed meshes.
 """

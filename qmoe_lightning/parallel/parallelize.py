@@ -1,0 +1,260 @@
+"""`parallelize_model`: expert parallelism, activation checkpointing and FSDP2 applied to a native Qwen3.5-MoE model
+from outside the model files, in a fixed order.
+
+Mesh (see `build_mesh`): dims ("replicate", "efsdp", "ep"), `ep` innermost so an EP group is consecutive ranks
+(one node). Flattened views: "dp_shard" = efsdp x ep (dense FSDP shards over it), "data_parallel" = all three (the
+sampler's rank / world). Dense parameters: FSDP over dp_shard (HSDP with replicate > 1). Experts: EP over `ep`,
+then FSDP over `efsdp` (HSDP over (replicate, efsdp)).
+
+Order (each step relies on the one before):
+  1. EP: every `GroupedExperts` (or LoRA experts) keeps its E/ep experts (`expert_parallel.shard_experts_`);
+  2. activation checkpointing per decoder block (`text_model.gradient_checkpointing` is switched off, the block
+     itself checkpoints). Routing is recorded in the forward and REPLAYED on recompute: the recomputed router uses
+     the recorded top-k indices (weights re-gathered from the recomputed probabilities, bitwise the same values),
+     so a recompute can never route tokens differently (bf16 / nondeterministic GEMMs) and the all-to-all split
+     sizes of the recompute always match the other ranks';
+  3. FSDP2: per block, the experts first (expert mesh), then the block (dense mesh: attention, router, shared
+     expert, norms); the vision tower, then the root (embeddings, LM head, final norm).
+  4. Gradient scale: FSDP averages over the mesh it reduces on. Dense parameters see every data-parallel rank, so
+     that is the data-parallel mean (what the LightningModule's normalisation expects, as with DDP). An expert
+     gradient, however, already SUMS the contributions of the ep ranks (the all-to-all backward brought them
+     home), and FSDP then reduces only over efsdp: without correction it is ep-times the mean. The experts' FSDP
+     modules therefore divide by the full data-parallel size (`set_gradient_divide_factor(dp_world)`); on gloo
+     every FSDP module on a mesh of more than one rank sums in the collective and divides afterwards
+     (`set_force_sum_reduction_for_comms`, gloo has no PREMUL_SUM / AVG); on a 1-rank mesh (efsdp = 1) it must not
+     (torch 2.13 would divide twice there).
+Without FSDP (`fsdp=False`), the same 1/dp_world is applied to expert gradients by a tensor hook and dense
+gradients are left for DDP-like averaging by the caller.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+
+from qmoe_lightning.models.moe import GroupedExperts, TopKRouter
+from qmoe_lightning.models.text_model import Qwen3_5MoeBlock
+
+from .expert_parallel import is_expert_parallel, shard_experts_
+
+
+# ---------------------------------------------------------------------------------------------------------- mesh
+@dataclass
+class ParallelDims:
+    world_size: int
+    ep: int
+    replicate: int = 1
+
+    def __post_init__(self):
+        if self.ep < 1 or self.replicate < 1:
+            raise ValueError(f"ep_size and replicate must be >= 1, got {self.ep}, {self.replicate}")
+        if self.world_size % (self.ep * self.replicate):
+            raise ValueError(f"world size {self.world_size} is not divisible by ep_size {self.ep} x replicate "
+                             f"{self.replicate}")
+
+    @property
+    def efsdp(self) -> int:
+        return self.world_size // (self.ep * self.replicate)
+
+
+def build_mesh(device_type: str, world_size: int, ep_size: int, replicate: int = 1) -> DeviceMesh:
+    """3-D mesh ("replicate", "efsdp", "ep") plus the flattened "dp_shard" (efsdp x ep) and "data_parallel"."""
+    dims = ParallelDims(world_size, ep_size, replicate)
+    mesh = init_device_mesh(device_type, (dims.replicate, dims.efsdp, dims.ep),
+                            mesh_dim_names=("replicate", "efsdp", "ep"))
+    mesh["efsdp", "ep"]._flatten("dp_shard")
+    mesh["replicate", "efsdp", "ep"]._flatten("data_parallel")
+    return mesh
+
+
+def dense_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    return mesh["replicate", "dp_shard"] if mesh["replicate"].size() > 1 else mesh["dp_shard"]
+
+
+def expert_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    return mesh["replicate", "efsdp"] if mesh["replicate"].size() > 1 else mesh["efsdp"]
+
+
+# ---------------------------------------------------------------------------------------------------------- AC
+_routing = threading.local()  # .mode in {None, "record", "replay"}, .cache: list of recorded top-k indices
+
+
+class _RoutingContext:
+    def __init__(self, mode: str, cache: list):
+        self.mode, self.cache = mode, cache
+
+    def __enter__(self):
+        self.saved = (getattr(_routing, "mode", None), getattr(_routing, "cache", None), getattr(_routing, "i", 0))
+        _routing.mode, _routing.cache, _routing.i = self.mode, self.cache, 0
+        if self.mode == "record":
+            self.cache.clear()
+
+    def __exit__(self, *exc):
+        _routing.mode, _routing.cache, _routing.i = self.saved
+        return False
+
+
+class _ReplayRouterMixin:
+    """TopKRouter whose top-k indices are recorded in a checkpointed forward and reused in its recompute (outside a
+    checkpointed block it is the plain TopKRouter)."""
+
+    def forward(self, x: torch.Tensor):
+        mode = getattr(_routing, "mode", None)
+        if mode is None:
+            return super().forward(x)
+        # record and replay run the SAME differentiable ops (the checkpoint checks saved tensors position by
+        # position): the top-k indices come from a detached topk (record) or the cache (replay), the weights from
+        # a gather of the probabilities, which equals topk's values bitwise
+        logits = F.linear(x, self.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        if mode == "record":
+            indices = torch.topk(probs.detach(), self.top_k, dim=-1).indices
+            _routing.cache.append(indices)
+        else:
+            indices = _routing.cache[_routing.i]
+            _routing.i += 1
+            self.replayed_calls = getattr(self, "replayed_calls", 0) + 1  # diagnostics (tests check AC replays)
+        weights = probs.gather(-1, indices)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights.to(logits.dtype), indices
+
+
+class _CheckpointedBlockMixin:
+    """Decoder block that checkpoints itself (non-reentrant) with routing record / replay contexts."""
+
+    def forward(self, h, rope, info):
+        inner = super().forward
+        if not (self.training and torch.is_grad_enabled()):
+            return inner(h, rope, info)
+        cache: list = []
+        return checkpoint(inner, h, rope, info, use_reentrant=False,
+                          context_fn=lambda: (_RoutingContext("record", cache), _RoutingContext("replay", cache)))
+
+
+_SWAPPED: dict[tuple[type, type], type] = {}
+
+
+def _swap_class(module: nn.Module, mixin: type, prefix: str) -> None:
+    cls = type(module)
+    if issubclass(cls, mixin):
+        return
+    key = (mixin, cls)
+    if key not in _SWAPPED:
+        _SWAPPED[key] = type(f"{prefix}{cls.__name__}", (mixin, cls), {})
+    module.__class__ = _SWAPPED[key]
+
+
+def apply_activation_checkpointing(text_model: nn.Module) -> int:
+    """Per-block AC with routing replay; returns the number of checkpointed blocks."""
+    text_model.gradient_checkpointing = False  # the blocks checkpoint themselves
+    n = 0
+    for block in text_model.layers:
+        for m in block.modules():
+            if isinstance(m, TopKRouter):
+                _swap_class(m, _ReplayRouterMixin, "Replay")
+        _swap_class(block, _CheckpointedBlockMixin, "Checkpointed")
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+def _text_model(model: nn.Module) -> nn.Module:
+    tm = getattr(model, "text_model", None)
+    if tm is None or not hasattr(tm, "layers"):
+        raise TypeError(f"{type(model).__name__}: expected a native Qwen3.5-MoE model with `.text_model.layers`")
+    return tm
+
+
+def _is_gloo(mesh: DeviceMesh) -> bool:
+    return dist.get_backend(mesh.get_group(0)) == "gloo"
+
+
+def _scale_grad_hook(factor: float):
+    def hook(grad):
+        return grad / factor
+    return hook
+
+
+def parallelize_model(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    ep_size: int | None = None,
+    fsdp: bool = True,
+    activation_checkpointing: bool = False,
+    mp_policy: MixedPrecisionPolicy | None = None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Apply EP -> activation checkpointing -> FSDP2 in place (see module doc); returns `model`.
+
+    `mesh` comes from `build_mesh` (or has its dims: "ep", "efsdp", "replicate", flattened "dp_shard",
+    "data_parallel"). `ep_size` defaults to the mesh's ep size and must match it. LoRA must be applied BEFORE
+    (its per-expert adapters are sharded with the experts)."""
+    if ep_size is None:
+        ep_size = mesh["ep"].size()
+    if ep_size != mesh["ep"].size():
+        raise ValueError(f"ep_size={ep_size} but the mesh's ep dimension has size {mesh['ep'].size()}")
+    text_model = _text_model(model)
+    dp_world = mesh["data_parallel"].size()
+
+    # 1. expert parallelism
+    experts_modules = [m for block in text_model.layers for m in block.modules() if isinstance(m, GroupedExperts)]
+    if ep_size > 1:
+        group = mesh["ep"].get_group()
+        for m in experts_modules:
+            if not is_expert_parallel(m):
+                shard_experts_(m, group)
+    ep_scaled = ep_size > 1 or expert_mesh(mesh).size() < dp_world  # expert grads not averaged by dense FSDP
+
+    # 2. activation checkpointing with routing replay
+    if activation_checkpointing:
+        apply_activation_checkpointing(text_model)
+
+    # 3. FSDP2
+    if not fsdp:
+        if ep_scaled:
+            for m in experts_modules:
+                for p in m.parameters(recurse=False):
+                    if p.requires_grad:
+                        p.register_hook(_scale_grad_hook(float(dp_world)))
+        return model
+    mp_policy = mp_policy or MixedPrecisionPolicy()
+    dmesh, emesh = dense_mesh(mesh), expert_mesh(mesh)
+    kw = dict(mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    for block in text_model.layers:
+        for m in block.modules():
+            if isinstance(m, GroupedExperts):
+                fully_shard(m, mesh=emesh, **kw)
+                if ep_scaled:
+                    m.set_gradient_divide_factor(float(dp_world))
+        fully_shard(block, mesh=dmesh, **kw)
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    if visual is not None:
+        for blk in getattr(visual, "blocks", []):
+            fully_shard(blk, mesh=dmesh, **kw)
+        fully_shard(visual, mesh=dmesh, **kw)
+    fully_shard(model, mesh=dmesh, mp_policy=mp_policy, reshard_after_forward=False)
+    if _is_gloo(dmesh):
+        for m in model.modules():
+            # not on a 1-rank mesh: there FSDP issues no collective, and torch 2.13 then applies the divide factor
+            # twice (input / factor in its world-size-1 branch, then the forced-sum post-division): experts of
+            # ep == world would get half their gradient
+            if isinstance(m, FSDPModule) and _fsdp_mesh_size(m) > 1:
+                m.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def _fsdp_mesh_size(module: FSDPModule) -> int:
+    return module._get_fsdp_state()._fsdp_param_group.mesh_info.mesh.size()
+
+
+def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
