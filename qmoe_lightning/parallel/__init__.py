@@ -6,4 +6,6 @@
   `parallelize_model` (EP -> per-block activation checkpointing with routing replay -> FSDP2, expert gradient
   divide factor, gloo settings).
 - `clip`: EP-aware global gradient norm / clipping across mixed meshes.
+- `strategy`: `ExpertParallelStrategy(ModelParallelStrategy)` building that mesh (YAML: ep_size, replicate).
+Not done yet: rank-local safetensors loading of expert slices, HF export / DCP resume of EP-sharded experts.
 """
