@@ -13,7 +13,8 @@ Micro-batch contract (one packed row, batch dimension 1):
     2 video); position_ids [3,1,T] (mRoPE restarting per document); cu_seqlens int32 [N+1] (documents, then the
     tail padding as its own final document when there is any); max_seqlen int; pixel_values / image_grid_thw and
     pixel_values_videos / video_grid_thw (None when absent); num_label_tokens int (targets, i.e. labels != -100);
-    num_documents int (real documents, padding excluded).
+    num_documents int (real documents, padding excluded); attention_mask [1,T] long (1 real token, 0 tail padding:
+    the model then leaves padding out of the MoE aux loss and the expert-load counts).
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ def build_micro_batch(docs: list[dict], pad_token_id: int, image_token_id: int, 
     video_grid_thw = torch.cat(video_grids).long() if video_grids else None
     position_ids = mrope_position_ids_packed(types, cu, image_grid_thw, video_grid_thw, spatial_merge_size)
     label_tensor = torch.tensor(labels, dtype=torch.long)
+    attention_mask = torch.zeros(1, padded, dtype=torch.long)
+    attention_mask[0, :total] = 1
     return {
         "input_ids": input_ids.unsqueeze(0),
         "labels": label_tensor.unsqueeze(0),
@@ -154,6 +157,7 @@ def build_micro_batch(docs: list[dict], pad_token_id: int, image_token_id: int, 
         "video_grid_thw": video_grid_thw,
         "num_label_tokens": int((label_tensor != IGNORE).sum()),
         "num_documents": len(docs),
+        "attention_mask": attention_mask,
     }
 
 

@@ -119,3 +119,21 @@ def test_packed_gradients_equal_sum_of_document_gradients(models, docs):
         if n in packed:
             scale = p.grad.abs().max().clamp_min(1e-6)
             assert (packed[n] - p.grad).abs().max() / scale <= 1e-6, n
+
+
+def test_tail_padding_is_left_out_of_aux_loss_and_expert_counts(models, docs):
+    """The data module pads a packed row at the tail as its own document and marks it with attention_mask=0."""
+    _, nat = models
+    row = pack(docs[1:2])
+    n = row["input_ids"].shape[1]
+    padded = dict(row, input_ids=torch.cat([row["input_ids"], torch.zeros(1, 13, dtype=torch.long)], 1),
+                  mm_token_type_ids=torch.cat([row["mm_token_type_ids"], torch.zeros(1, 13, dtype=torch.long)], 1),
+                  cu_seqlens=torch.tensor([0, n, n + 13], dtype=torch.int32))
+    mask = torch.ones(1, n + 13, dtype=torch.long)
+    mask[0, n:] = 0
+    with torch.no_grad():
+        plain = nat(**row)
+        masked = nat(**padded, attention_mask=mask)
+    assert torch.equal(masked.expert_token_counts, plain.expert_token_counts)
+    assert torch.allclose(masked.aux_loss, plain.aux_loss, atol=1e-6)
+    assert (masked.logits[:, :n] - plain.logits).abs().max() <= TOL
