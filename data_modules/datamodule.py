@@ -46,6 +46,7 @@ class MultimodalPackingDataModule(LightningDataModule):
         train_path: str | list[str] = SENTINEL,
         val_path: str | list[str] | None = None,
         val_fraction: float = 0.0,
+        test_path: str | list[str] | None = None,
         max_tokens: int = 4096,
         pad_to_multiple_of: int = 64,
         num_workers: int = 2,
@@ -71,6 +72,7 @@ class MultimodalPackingDataModule(LightningDataModule):
             model_path: model directory with the processor (tokenizer, chat template, image processor), or "embedded".
             train_path / val_path: JSONL / JSON / Parquet file, glob, `save_to_disk` dir, or a list; or "embedded".
             val_fraction: share of the training samples held out for validation when `val_path` is not given.
+            test_path: data for `cli.py test` (same forms; "embedded" is the embedded held-out split).
             max_tokens: pack size in tokens (a multiple of `pad_to_multiple_of`).
             pad_to_multiple_of: the tail padding rounds each packed row up to this multiple.
             labels: "assistant" (assistant turns only) or "all".
@@ -93,7 +95,7 @@ class MultimodalPackingDataModule(LightningDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
-        self.model_path, self.train_path, self.val_path = model_path, train_path, val_path
+        self.model_path, self.train_path, self.val_path, self.test_path = model_path, train_path, val_path, test_path
         self.val_fraction, self.max_tokens, self.pad_to_multiple_of = val_fraction, max_tokens, pad_to_multiple_of
         self.num_workers, self.seed, self.labels, self.too_long = num_workers, seed, labels, too_long
         self.min_pixels, self.max_pixels, self.strict = min_pixels, max_pixels, strict
@@ -104,6 +106,7 @@ class MultimodalPackingDataModule(LightningDataModule):
         self.stats: dict[str, dict[str, int]] = {}
         self.train_dataset: PackDataset | None = None
         self.val_dataset: PackDataset | None = None
+        self.test_dataset: PackDataset | None = None
         self.train_sampler: PackSampler | None = None
         self._pending_state: dict | None = None
 
@@ -117,6 +120,9 @@ class MultimodalPackingDataModule(LightningDataModule):
             val = resolve_path(SENTINEL, "val", emb)
         return str(model), train, val
 
+    def _test_spec(self):
+        return resolve_path(self.test_path, "val", self.embedded_cache_dir)
+
     def _encoder(self, model_dir: str) -> Encoder:
         return Encoder(model_dir, self.max_tokens, self.labels, self.too_long, self.min_pixels, self.max_pixels,
                        self.video_min_pixels, self.video_max_pixels, self.video_fps)
@@ -125,7 +131,7 @@ class MultimodalPackingDataModule(LightningDataModule):
         """Local rank 0 only (Lightning): build the embedded default and fill the preprocessing cache."""
         model_dir, train, val = self._resolved()
         encoder = self._encoder(model_dir)
-        for spec in (train, val):
+        for spec in (train, val, self._test_spec()):
             if spec is not None:
                 encode_files(spec, encoder, self.cache_dir, self.preprocess_num_proc)
 
@@ -212,6 +218,18 @@ class MultimodalPackingDataModule(LightningDataModule):
         if self.train_dataset is None:
             self.setup("fit")
         return self._loader(self.train_dataset, self.train_sampler)
+
+    def test_dataloader(self):
+        if self.test_dataset is None:
+            spec = self._test_spec()
+            if spec is None:
+                raise ValueError("no test data: set data.test_path (a data file, glob, list, or 'embedded')")
+            model_dir, _, _ = self._resolved()
+            encoder = self._encoder(model_dir)
+            self.test_dataset = self._pack(self._load_split("test", spec, encoder), encoder)
+        rank, world = self._coords()
+        tokens = [self.test_dataset.pack_tokens(p) for p in range(len(self.test_dataset))]
+        return self._loader(self.test_dataset, PackSampler(tokens, world, rank, shuffle=False, seed=self.seed))
 
     def val_dataloader(self):
         if self.train_dataset is None:

@@ -73,6 +73,8 @@ def test_datamodule_rows_invariants(emb, tmp_path):
         labels = batch["labels"][0]
         assert (labels[real:] == IGNORE).all() and (labels[cu[:-1].long()] == IGNORE).all()
         assert batch["num_label_tokens"] == int((labels != IGNORE).sum()) > 0
+        mask = batch["attention_mask"][0]
+        assert mask[:real].all() and not mask[real:].any()  # tail padding marked for the MoE statistics
         assert (batch["position_ids"][:, 0, cu[:-1].long()] == 0).all()  # positions restart per document
         assert batch["position_ids"].shape == (3, 1, T)
         n_img = int((batch["mm_token_type_ids"] == 1).sum())
@@ -83,3 +85,14 @@ def test_datamodule_rows_invariants(emb, tmp_path):
             assert n_img == patches // 4 and batch["pixel_values"].shape[0] == patches
         seen_docs += batch["num_documents"]
     assert seen_docs > 6
+
+
+def test_test_split_needs_test_path(emb, tmp_path):
+    kw = dict(model_path="embedded", train_path="embedded", embedded_cache_dir=str(emb.root.parent), max_tokens=512,
+              num_workers=0, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="data.test_path"):
+        MultimodalPackingDataModule(**kw).test_dataloader()
+    dm = MultimodalPackingDataModule(test_path="embedded", **kw)
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["input_ids"].shape[1] <= 512 and batch["num_label_tokens"] > 0
+    assert dm.stats["test"]["ok"] == len(dm.test_dataset.records)
