@@ -182,6 +182,11 @@ class QMoELightningModule(pl.LightningModule):
         rank_zero_info(f"model {type(model).__name__} from {source or 'config'} on {device} in "
                        f"{time.perf_counter() - t0:.1f}s: {n_total / 1e6:.2f}M parameters, "
                        f"{n_train / 1e6:.2f}M trainable")
+        self._parallelized = False
+        strategy = trainer.strategy if trainer is not None else None
+        if hasattr(strategy, "parallelize"):  # ExpertParallelStrategy: EP + activation checkpointing + FSDP2
+            self.model = strategy.parallelize(self.model)
+            self._parallelized = True
 
     def _resolve_embedded(self, value):
         from qmoe_lightning.embedded import resolve_path
@@ -280,7 +285,12 @@ class QMoELightningModule(pl.LightningModule):
         by_value = str(gradient_clip_algorithm or "norm").lower().endswith("value")
         max_norm = gradient_clip_val if gradient_clip_val and not by_value else float("inf")
         # one pass: the total norm (before clipping) is returned and logged; clipping happens when max_norm < inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if getattr(self, "_parallelized", False):  # mixed EP / FSDP meshes: torch's clip cannot stack them
+            from .parallel.clip import clip_grad_norm_
+
+            norm = clip_grad_norm_(self.model, max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if by_value and gradient_clip_val:
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
         self.log("train/grad_norm", norm.float())

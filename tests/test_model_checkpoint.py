@@ -279,6 +279,15 @@ def test_missing_files_are_reported(hf_and_dir, tmp_path):
         Qwen3_5MoeForConditionalGeneration.from_pretrained(empty)
 
 
+def test_export_refuses_a_shard_of_the_experts(hf_and_dir):
+    hf, _ = hf_and_dir
+    adapter = Qwen3_5MoeStateDictAdapter(hf.config, text_only=False)
+    E = hf.config.text_config.num_experts
+    shard = torch.zeros(E // 2, 64, 2 * hf.config.text_config.moe_intermediate_size)
+    with pytest.raises(ValueError, match=f"holds {E // 2} of {E} experts"):
+        adapter.convert_single_tensor_to_hf("model.language_model.layers.0.mlp.experts.gate_and_up_projs", shard)
+
+
 def test_vl_class_refuses_text_only_checkpoint(hf_and_dir, tmp_path):
     _, path = hf_and_dir
     text_dir = Qwen3_5MoeForCausalLM.from_pretrained(path).save_pretrained(tmp_path / "t")

@@ -130,6 +130,11 @@ class Qwen3_5MoeStateDictAdapter:
         if fqn == "lm_head.weight" and self.tied:
             return []  # tied to the embedding, which is saved under its own name
         key = fqn.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
+        if key.endswith((".mlp.experts.gate_and_up_projs", ".mlp.experts.down_projs")) and \
+                tensor.shape[0] != self.num_experts:
+            raise ValueError(
+                f"{fqn} holds {tensor.shape[0]} of {self.num_experts} experts (an expert-parallel shard?): gather "
+                "all experts before writing a Hugging Face checkpoint")
         if key.endswith(".mlp.experts.gate_and_up_projs"):
             return [(key[: -len("gate_and_up_projs")] + "gate_up_proj", tensor.transpose(1, 2).contiguous())]
         if key.endswith(".mlp.experts.down_projs"):
