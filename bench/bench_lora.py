@@ -1,7 +1,7 @@
 """LoRA training step vs frozen-base step, forward+backward, on the mid-size CPU config.
 
 Config: hidden 256, 8 layers (6 Gated DeltaNet + 2 full attention), 64 experts top-8, moe intermediate 64, shared
-expert 128, vocab 32k (the `mid_config` of bench/bench_model.py, copied here so this bench does not depend on it).
+expert 128, vocab 32k (the `mid_config` of bench/bench_model.py, imported so both benchmarks measure one model).
 Input: one packed row of log-normal documents (`--tokens`, default 2048) with cu_seqlens, labels = inputs.
 
 Variants, timed in ONE process, interleaved step by step (so machine-load drift hits all of them alike), median of
@@ -32,25 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def mid_config(vocab: int):
-    from transformers import Qwen3_5MoeConfig
-
-    text = dict(vocab_size=vocab, hidden_size=256, num_hidden_layers=8,
-                layer_types=["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3
-                + ["full_attention"],
-                num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-                linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32,
-                linear_conv_kernel_dim=4, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=64,
-                shared_expert_intermediate_size=128, max_position_embeddings=8192,
-                rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
-                                     mrope_section=[1, 1, 2], mrope_interleaved=True))
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256,
-                  num_position_embeddings=64)
-    return Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
-                            image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
-                            vision_end_token_id=vocab - 1)
+from bench_model import mid_config  # noqa: E402  the same mid-size config as the model benchmark
 
 
 def packed_row(total: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
