@@ -1,5 +1,6 @@
-"""`LoraExport` Lightning callback: prints the per-group trainable table at fit start and writes the PEFT adapter
-(`<default_root_dir>/hf_adapter/`) at the end of fit.
+"""`LoraExport` Lightning callback: checks at fit start that adapters exist and writes the PEFT adapter
+(`<default_root_dir>/hf_adapter/`) at the end of fit (the per-group trainable table is printed by the module when
+it applies LoRA).
 
 It only reads `pl_module.model` (the native model with adapters applied by `apply_lora` in `configure_model`), so a
 run without adapters fails loudly at fit start instead of writing nothing at the end. The merged export
@@ -20,7 +21,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from .apply import has_lora, summarize
+from .apply import has_lora
 from .peft_export import save_peft_adapter
 
 
@@ -52,7 +53,6 @@ class LoraExport(pl.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if not has_lora(pl_module.model):
             raise RuntimeError("LoraExport is configured but the model has no LoRA adapters (no `lora:` section?)")
-        rank_zero_info("LoRA trainable parameters per group:\n" + summarize(pl_module.model).table())
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.export(trainer, pl_module)
