@@ -121,3 +121,21 @@ def test_activation_checkpointing_gives_identical_gradients():
 def test_bad_cu_seqlens_are_rejected(bad, match):
     with pytest.raises(ValueError, match="cu_seqlens"):
         build_sequence_info(1, 10, torch.device("cpu"), torch.tensor(bad, dtype=torch.int32))
+
+
+def test_bf16_default_dtype_keeps_expert_counts_exact():
+    """Lightning's bf16-true makes bf16 the default dtype in forward; bf16 cannot count past 256 (257 -> 256)."""
+    model = Qwen3_5MoeForConditionalGeneration.from_config(make_config("base"), dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 400, (1, 2000))
+    mask = torch.ones_like(ids)
+    mask[0, 1900:] = 0
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask)
+    finally:
+        torch.set_default_dtype(old)
+    cfg = model.text_config
+    assert (out.expert_token_counts.sum(1) == 1900 * cfg.num_experts_per_tok).all()
+    assert out.expert_token_counts.max() > 256 and torch.isfinite(out.aux_loss)

@@ -62,12 +62,13 @@ def load_balancing_loss(
     for logits, idx in zip(router_logits, indices):
         probs = torch.softmax(logits.float(), dim=-1)  # (N, E)
         if mask is None:
-            picks = torch.zeros(num_experts, device=logits.device).index_add_(
-                0, idx.reshape(-1), torch.ones(idx.numel(), device=logits.device)
+            # explicit fp32: under bf16-true Lightning makes bf16 the default dtype, which cannot count past 256
+            picks = torch.zeros(num_experts, device=logits.device, dtype=torch.float32).index_add_(
+                0, idx.reshape(-1), torch.ones(idx.numel(), device=logits.device, dtype=torch.float32)
             )
             prob_sum = prob_sum + probs.sum(0)
         else:
-            picks = torch.zeros(num_experts, device=logits.device).index_add_(
+            picks = torch.zeros(num_experts, device=logits.device, dtype=torch.float32).index_add_(
                 0, idx.reshape(-1), mask.repeat_interleave(idx.shape[-1])
             )
             prob_sum = prob_sum + (probs * mask[:, None]).sum(0)
