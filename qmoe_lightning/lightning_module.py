@@ -246,7 +246,8 @@ class QMoELightningModule(pl.LightningModule):
         win.tokens += _real_tokens(batch)
         win.micro_batches += 1
         if self.collect_router_stats and out.router_logits is not None:
-            win.router_stats.append(RouterStats.from_router_outputs(out.router_logits, out.expert_token_counts))
+            win.router_stats.append(RouterStats.from_router_outputs(out.router_logits, out.expert_token_counts,
+                                                                    batch.get("attention_mask")))
         return loss
 
     def on_train_start(self) -> None:

@@ -31,8 +31,14 @@ class RouterStats:
 
     @classmethod
     @torch.no_grad()
-    def from_router_outputs(cls, router_logits, expert_token_counts: torch.Tensor) -> RouterStats:
-        """router_logits: per layer (N, E); expert_token_counts: (L, E) top-k picks."""
+    def from_router_outputs(cls, router_logits, expert_token_counts: torch.Tensor,
+                            token_mask: torch.Tensor | None = None) -> RouterStats:
+        """router_logits: per layer (N, E); expert_token_counts: (L, E) top-k picks of real tokens (the model
+        leaves padding out); token_mask: (N,) or (B, T) real tokens (attention_mask), so that probabilities,
+        entropies and the token count cover the same tokens as the counts."""
+        keep = None if token_mask is None else token_mask.reshape(-1).bool().to(router_logits[0].device)
+        if keep is not None:
+            router_logits = [lg[keep] for lg in router_logits]
         probs = [torch.softmax(lg.detach().float(), dim=-1) for lg in router_logits]
         prob_sum = torch.stack([p.sum(0) for p in probs]).double()
         entropy = torch.stack([-(p * torch.log(p.clamp_min(1e-30))).sum(-1).sum() for p in probs]).double()

@@ -37,10 +37,13 @@ class RouterTap(pl.Callback):
     def _hook(self, module, inputs, output):
         if module.training and self._current is not None:
             logits, _weights, indices = output
-            self._current.append((logits.detach().clone(), indices.detach().clone()))
+            real = self._real  # tail padding (attention_mask 0) is not routed work: leave it out
+            self._current.append((logits.detach()[real].clone(), indices.detach()[real].clone()))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._current = []
+        mask = batch.get("attention_mask")
+        self._real = slice(None) if mask is None else mask.reshape(-1).bool()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.records.append(self._current)
