@@ -83,13 +83,8 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, info: SequenceInfo
     if x.is_cuda:
         conv = _causal_conv1d_fn()
         if conv is not None:
-            seq_idx = None
-            if info.packed:
-                lengths = (info.cu_seqlens[1:] - info.cu_seqlens[:-1]).long()
-                seq_idx = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device), lengths)
-                seq_idx = seq_idx.to(torch.int32).unsqueeze(0)
             # (B, T, D) -> (B, D, T) view with channel-last strides, as causal-conv1d's seq_idx path requires
-            out = conv(x.to(weight.dtype).transpose(1, 2), weight, None, seq_idx=seq_idx, activation="silu")
+            out = conv(x.to(weight.dtype).transpose(1, 2), weight, None, seq_idx=info.seq_idx, activation="silu")
             return out.transpose(1, 2).to(x.dtype)
     return causal_depthwise_conv_packed(x, weight, info.cu_seqlens)
 

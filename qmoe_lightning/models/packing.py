@@ -16,6 +16,7 @@ across documents (measured 0.26-0.40 max |logit diff| on the second document). B
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -49,12 +50,27 @@ class SequenceInfo:
     def packed(self) -> bool:
         return self.cu_seqlens is not None
 
-    @property
-    def doc_bounds(self) -> list[tuple[int, int]]:
+    @cached_property
+    def all_bounds(self) -> list[tuple[int, int]]:
+        """(start, end) of every document, empty ones included (one host sync per forward, shared by layers)."""
         if self.cu_seqlens is None:
             return [(0, self.seq_len)]
         cu = self.cu_seqlens.tolist()
-        return [(s, e) for s, e in zip(cu[:-1], cu[1:]) if e > s]
+        return list(zip(cu[:-1], cu[1:]))
+
+    @cached_property
+    def doc_bounds(self) -> list[tuple[int, int]]:
+        """Non-empty documents only."""
+        return [(s, e) for s, e in self.all_bounds if e > s]
+
+    @cached_property
+    def seq_idx(self) -> torch.Tensor | None:
+        """(1, T) int32 document index of every token (causal-conv1d's document-boundary input); None unpacked."""
+        if self.cu_seqlens is None:
+            return None
+        lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+        idx = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+        return idx.to(torch.int32).unsqueeze(0)
 
     def chunk_layout(self, chunk_size: int) -> ChunkLayout:
         if chunk_size not in self._chunk_layouts:
@@ -100,7 +116,7 @@ def build_sequence_info(
 
 def _build_chunk_layout(info: SequenceInfo, chunk_size: int) -> ChunkLayout:
     device = info.pos_in_doc.device
-    lengths = [e - s for s, e in _all_bounds(info)] if info.packed else [info.seq_len] * info.batch_size
+    lengths = [e - s for s, e in info.all_bounds] if info.packed else [info.seq_len] * info.batch_size
     chunks_per_doc = [(n + chunk_size - 1) // chunk_size for n in lengths]
     order = sorted(range(len(lengths)), key=lambda d: -chunks_per_doc[d])  # stable: ties keep document order
     rank = [0] * len(lengths)
@@ -122,8 +138,3 @@ def _build_chunk_layout(info: SequenceInfo, chunk_size: int) -> ChunkLayout:
     ranks = torch.tensor(rank or [0], device=device, dtype=torch.long)
     token_slot = (offsets[wave] + ranks[doc_of_token]) * chunk_size + p % chunk_size
     return ChunkLayout(chunk_size, sum(chunks_per_doc), token_slot, wave_sizes)
-
-
-def _all_bounds(info: SequenceInfo) -> list[tuple[int, int]]:
-    cu = info.cu_seqlens.tolist()
-    return list(zip(cu[:-1], cu[1:]))

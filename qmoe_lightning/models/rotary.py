@@ -48,19 +48,23 @@ class Fp32SafeTextRotaryEmbedding(KeepFp32Mixin, nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        inv_freq, self.attention_scaling = text_rope_inv_freq(config)
+        inv_freq, axis, self.attention_scaling = self._rope_buffers(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("freq_axis", axis, persistent=False)
+
+    @staticmethod
+    def _rope_buffers(config) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(inv_freq (rd/2,) fp32, axis of each frequency (rd/2,) long, attention scaling)."""
+        inv_freq, scaling = text_rope_inv_freq(config)
         section = config.rope_parameters.get("mrope_section")
         axis = interleaved_mrope_index(inv_freq.numel(), section) if section else torch.zeros(inv_freq.numel())
-        self.register_buffer("freq_axis", axis.long(), persistent=False)
+        return inv_freq, axis.long(), scaling
 
     def reset_parameters(self) -> None:
         """Recompute the buffers (after meta-device init + to_empty they hold garbage)."""
-        inv_freq, _ = text_rope_inv_freq(self.config)
+        inv_freq, axis, _ = self._rope_buffers(self.config)
         self.inv_freq = inv_freq.to(self.inv_freq.device)
-        section = self.config.rope_parameters.get("mrope_section")
-        axis = interleaved_mrope_index(inv_freq.numel(), section) if section else torch.zeros(inv_freq.numel())
-        self.freq_axis = axis.long().to(self.inv_freq.device)
+        self.freq_axis = axis.to(self.inv_freq.device)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
