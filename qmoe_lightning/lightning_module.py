@@ -112,7 +112,8 @@ class QMoELightningModule(pl.LightningModule):
             freeze_router: do not train the routers (`*.mlp.gate.weight`).
             freeze_embeddings: do not train the input embeddings (and the LM head if tied).
             activation_checkpointing: recompute every decoder block in backward (less memory, ~30% more compute).
-            label_logits_only: compute the LM head only at target positions (saves the (T, vocab) fp32 logits).
+            label_logits_only: compute the LM head only at target positions, fused with the CE in row chunks during
+                training (no (T, vocab) fp32 logits at all).
             init_seed: seed of the random init when `pretrained` is None.
             embedded_cache_dir: where the embedded default is built (default ~/.cache/qmoe_lightning).
             lora: LoRA adapters (`qmoe_lightning.lora.LoraConfig`: rank, alpha, targets, expert_rank, ...). When
@@ -234,7 +235,8 @@ class QMoELightningModule(pl.LightningModule):
         if self.window is None or self.window.closed:
             self.window = StepWindow()
         win = self.window
-        out = self(batch, num_items_in_batch=1, label_logits_only=self.hparams.label_logits_only,
+        # label_logits_only: LM head + CE fused over target rows (no (T, vocab) logits; training never reads them)
+        out = self(batch, num_items_in_batch=1, return_logits=not self.hparams.label_logits_only,
                     output_router_logits=self.collect_router_stats)
         n = out.num_label_tokens.to(out.ce_loss.dtype)
         coef = self.aux_loss_coef
