@@ -154,7 +154,7 @@ class MultimodalPackingDataModule(LightningDataModule):
     def _coords(self) -> tuple[int, int]:
         if self._rank is not None or self._world_size is not None:
             return int(self._rank or 0), int(self._world_size or 1)
-        trainer = self._trainer if hasattr(self, "_trainer") else None
+        trainer = getattr(self, "trainer", None)
         if trainer is not None:
             kwargs = trainer.distributed_sampler_kwargs or {}
             return int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1))
@@ -242,7 +242,7 @@ class MultimodalPackingDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ resume
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        trainer = self._trainer if hasattr(self, "_trainer") else None
+        trainer = getattr(self, "trainer", None)
         if self.train_sampler is not None and (trainer is None or trainer.training):
             self.train_sampler.mark_consumed()
         return batch

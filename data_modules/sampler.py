@@ -72,10 +72,18 @@ class PackSampler(DistributedSampler):
 
     def __iter__(self):
         order = self.rank_orders(self.epoch)[self.rank]
-        start, self._resume_at = self._resume_at, 0
+        start = self._resume_at
         self.consumed = start
-        # A later iter() in the same epoch (e.g. a restarted loader) starts from the beginning again.
-        return iter(order[start:])
+
+        def indices():
+            # The resume offset is spent when the first index is DRAWN, not when iter() is called: torch's
+            # multi-worker DataLoader iterator calls iter(sampler) twice (in its base __init__ and again in
+            # _reset) and drops the first, which would otherwise silently restart a resumed epoch from the top.
+            # A later iter() in the same epoch (e.g. a restarted loader) starts from the beginning again.
+            self._resume_at = 0
+            yield from order[start:]
+
+        return indices()
 
     def __len__(self) -> int:
         # Full length even after a resume: Lightning sizes the epoch from it and stops on StopIteration.

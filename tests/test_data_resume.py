@@ -74,6 +74,31 @@ def test_resume_mid_epoch_same_order(emb, cache, world):
         assert _epoch(resumed, 1) == full1
 
 
+def test_resume_with_a_worker_process(emb, cache):
+    # torch's multi-worker loader calls iter(sampler) twice and drops the first iterator: the resume offset must
+    # survive that (it used to be spent by the dropped iterator, so a resumed epoch restarted from the top)
+    ref = _dm(emb, cache)
+    ref.setup("fit")
+    full = _epoch(ref, 0)
+    first = _dm(emb, cache)
+    first.setup("fit")
+    head = _epoch(first, 0, limit=3)
+    resumed = _dm(emb, cache, workers=1)
+    resumed.load_state_dict(first.state_dict())
+    resumed.setup("fit")
+    assert head + _epoch(resumed, 0) == full
+
+
+def test_data_parallel_coordinates_come_from_the_trainer(emb, cache):
+    from types import SimpleNamespace
+
+    dm = MultimodalPackingDataModule(model_path=str(emb.model_dir), train_path=str(emb.val_path), val_path=None,
+                                     cache_dir=cache)
+    assert dm._coords() == (0, 1)
+    dm.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 4, "rank": 3}, training=True)
+    assert dm._coords() == (3, 4)  # each rank draws its own packs (it used to read a non-existent attribute)
+
+
 def test_consumed_count_ignores_worker_prefetch(emb, cache):
     dm = _dm(emb, cache, workers=2)
     dm.setup("fit")
