@@ -14,7 +14,9 @@ Order (each step relies on the one before):
      so a recompute can never route tokens differently (bf16 / nondeterministic GEMMs) and the all-to-all split
      sizes of the recompute always match the other ranks';
   3. FSDP2: per block, the experts first (expert mesh), then the block (dense mesh: attention, router, shared
-     expert, norms); the vision tower, then the root (embeddings, LM head, final norm).
+     expert, norms); the vision tower, then the root (embeddings, LM head, final norm). The model is switched to
+     `always_run_vision`: a rank without images still runs the tower (on a placeholder, times 0), and images +
+     videos take one tower call, so all ranks issue the same all-gathers / reduce-scatters in the same order.
   4. Gradient scale: FSDP averages over the mesh it reduces on. Dense parameters see every data-parallel rank, so
      that is the data-parallel mean (what the LightningModule's normalisation expects, as with DDP). An expert
      gradient, however, already SUMS the contributions of the ep ranks (the all-to-all backward brought them
@@ -44,6 +46,7 @@ from qmoe_lightning.models.moe import GroupedExperts, TopKRouter
 from qmoe_lightning.models.text_model import Qwen3_5MoeBlock
 
 from .expert_parallel import is_expert_parallel, shard_experts_
+from .state import build_expert_state_mesh, expert_layout_for, set_expert_global_layout
 
 
 # ---------------------------------------------------------------------------------------------------------- mesh
@@ -217,6 +220,12 @@ def parallelize_model(
     if activation_checkpointing:
         apply_activation_checkpointing(text_model)
 
+    # the expert tensors' place in the global (E, ...) tensors, for checkpoints / export / loading (state.py)
+    if ep_size > 1:
+        state_mesh = build_expert_state_mesh(mesh) if fsdp else None
+        for m in experts_modules:
+            set_expert_global_layout(m, *expert_layout_for(mesh, state_mesh, fsdp))
+
     # 3. FSDP2
     if not fsdp:
         if ep_scaled:
@@ -237,6 +246,7 @@ def parallelize_model(
         fully_shard(block, mesh=dmesh, **kw)
     visual = getattr(getattr(model, "model", None), "visual", None)
     if visual is not None:
+        model.always_run_vision = True  # every rank runs the tower once per forward (same FSDP collectives)
         for blk in getattr(visual, "blocks", []):
             fully_shard(blk, mesh=dmesh, **kw)
         fully_shard(visual, mesh=dmesh, **kw)

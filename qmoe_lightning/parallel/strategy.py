@@ -4,8 +4,9 @@ Lightning's strategy builds a (data_parallel, tensor_parallel) mesh only. This s
 `setup_environment()` (process group via `_setup_distributed()`, as the parent) and builds instead the mesh of
 `parallelize.build_mesh`: dims ("replicate", "efsdp", "ep") with the flattened "data_parallel" view, which the
 parent's `distributed_sampler_kwargs` reads, so the sampler shards data over every rank. The mesh is set on the
-LightningModule (`self.device_mesh` in `configure_model`). Everything else (launch incl. torchrun / SLURM multi-node,
-distributed checkpoints, optimizer-state handling) is the parent's.
+LightningModule (`self.device_mesh` in `configure_model`). Distributed checkpoints (DCP directories) are the parent's,
+with expert tensors described by their global views (state.py) on save and load, so every ep rank writes its own
+experts at their global offsets. Launch (incl. torchrun / SLURM multi-node) is the parent's.
 
 YAML:
     trainer:
@@ -19,6 +20,8 @@ LoRA is applied); gradient clipping must use `qmoe_lightning.parallel.clip.clip_
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.parallel import ParallelStrategy
@@ -27,6 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from .parallelize import ParallelDims, build_mesh, parallelize_model
+from .state import global_optimizer_state, global_state_dict, is_expert_parallel_model
 
 
 class ExpertParallelStrategy(ModelParallelStrategy):
@@ -73,13 +77,63 @@ class ExpertParallelStrategy(ModelParallelStrategy):
                                "building / loading the model (and after applying LoRA)")
         super().setup(trainer)
 
-    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
-        if self.ep_size > 1:
-            # expert slices are plain local tensors on each ep rank: DCP would see them as replicas and keep one
-            raise NotImplementedError(
-                "checkpoints of expert-parallel runs (ep_size > 1) are not supported yet: distributed checkpoints "
-                "would keep only one rank's experts. Set trainer.enable_checkpointing: false for now.")
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+    # ------------------------------------------------------------------ distributed checkpoints
+    # Lightning's DCP path with one change: expert tensors are saved / loaded through their global (E, ...) views
+    # (state.py), so each ep rank writes its own experts under the real global offsets. The checkpoint is an
+    # ordinary DCP directory of unparallelised shapes: it resumes on the same layout, on another ep / efsdp split,
+    # and loads into a single-process model (`torch.distributed.checkpoint.load(..., no_dist=True)`).
+    def _expert_parallel(self) -> bool:
+        return self.model is not None and is_expert_parallel_model(self.model)
+
+    def lightning_module_state_dict(self) -> dict:
+        if not self._expert_parallel():
+            return super().lightning_module_state_dict()
+        if not self._save_distributed_checkpoint:
+            raise ValueError("save_distributed_checkpoint=False (one consolidated file) is not supported with "
+                             "ep_size > 1: keep the default distributed checkpoint directory, and use "
+                             "callbacks.HFExport for a consolidated model")
+        return global_state_dict(self.model)
+
+    def optimizer_state(self, optimizer) -> dict:
+        if not self._expert_parallel():
+            return super().optimizer_state(optimizer)
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
+        return global_optimizer_state(self.model, get_optimizer_state_dict(self.model, optimizer))
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        if not self._expert_parallel():
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        import torch.distributed.checkpoint as dcp
+        from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not _is_sharded_checkpoint(path):
+            raise ValueError(f"{path}: not a distributed checkpoint directory (with {_METADATA_FILENAME}); an "
+                             "expert-parallel run resumes from the checkpoints its strategy writes")
+        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        strict = self.lightning_module.strict_loading
+
+        model_sd = self.model.state_dict()
+        views = global_state_dict(self.model, model_sd)
+        have = {k for k in views if f"state_dict.{k}" in saved}
+        missing = sorted(set(views) - have)
+        if strict and missing:
+            raise KeyError(f"{path}: {len(missing)} model tensor(s) missing from the checkpoint, e.g. {missing[:5]}")
+        if not have:
+            raise KeyError(f"{path}: no tensor of this model in the checkpoint (another model / LoRA config?)")
+        dcp.load({"state_dict": {k: views[k] for k in have}}, checkpoint_id=path)  # in place: views share storage
+        self.model.load_state_dict({k: model_sd[k] for k in have}, strict=False)  # explicit, also for buffers
+
+        for idx, optimizer in enumerate(self.optimizers):
+            optimizer = getattr(optimizer, "_optimizer", optimizer)
+            osd = get_optimizer_state_dict(self.model, optimizer)
+            dcp.load({f"optimizer_{idx}": global_optimizer_state(self.model, osd)}, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=osd)
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         """EP + AC + FSDP2 on the strategy's mesh with its options (call from `configure_model`)."""
