@@ -14,8 +14,12 @@ The token comes only from the environment variable named by `token_env`. A faile
 recorded in `self.last_push`; it never raises and never deletes the local export, so training results are not lost
 to a network problem. `push_on_every_export` (default False) also pushes the periodic exports.
 
-Under strategies that shard parameters (FSDP2 / expert parallel) the export gathers full tensors, which is a
-collective: this callback currently exports from rank 0 of unsharded (single device / DDP) runs only.
+Sharded runs (ExpertParallelStrategy: FSDP2 and / or expert parallel): every rank walks the state dict in the same
+order and each tensor is all-gathered to its full (E, ...) shape (`parallel.state.full_tensor_fetcher`), merged if
+it carries an adapter, and written by rank 0 into the current safetensors shard: the peak extra memory is one full
+tensor per rank plus one shard on rank 0, never a full copy of the model. The files are the same as a
+single-process export of the same weights (tests/test_parallel_export.py). A failure on rank 0 while writing
+leaves the other ranks waiting in the next all-gather until the process-group timeout.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from qmoe_lightning.hub import PushResult, push_folder_to_hub
 from qmoe_lightning.lora import save_merged_pretrained
+from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +106,16 @@ class HFExport(pl.Callback):
         """Write the export (rank 0), wait for it on every rank, then push if configured."""
         out = self.export_dir(trainer)
         self._last_step_exported = trainer.global_step
-        if trainer.is_global_zero:
-            t0 = time.perf_counter()
-            # LoRA adapters are merged into the exported weights; a plain model is saved as is
-            save_merged_pretrained(pl_module.model, out, max_shard_size=self.max_shard_size)
-            rank_zero_info(f"HF export (step {trainer.global_step}) written to {out} in "
-                           f"{time.perf_counter() - t0:.1f}s")
+        model = pl_module.model
+        t0 = time.perf_counter()
+        # LoRA adapters are merged into the exported weights; a plain model is saved as is
+        if is_sharded_model(model):
+            # every rank walks the tensors in the same order (one all-gather each), rank 0 writes
+            save_merged_pretrained(model, out, max_shard_size=self.max_shard_size, fetch=full_tensor_fetcher(model),
+                                   write=trainer.is_global_zero)
+        elif trainer.is_global_zero:
+            save_merged_pretrained(model, out, max_shard_size=self.max_shard_size)
+        rank_zero_info(f"HF export (step {trainer.global_step}) written to {out} in {time.perf_counter() - t0:.1f}s")
         trainer.strategy.barrier("hf_export")
         self.last_export = out
         if push and self.repo_id:

@@ -9,7 +9,8 @@ run without adapters fails loudly at fit start instead of writing nothing at the
 
 `base_model_name_or_path` in adapter_config.json: the `base_model_name_or_path` argument, else the module's
 `hparams.pretrained` (a hub id stays a hub id; `embedded` resolves to the built embedded checkpoint directory).
-Rank 0 writes, every rank waits at a barrier. Unsharded runs (single device / DDP) only, like HFExport.
+Rank 0 writes, every rank waits at a barrier. Sharded runs (FSDP2 / expert parallel): every rank gathers the
+adapters (full (E, ...) expert adapters) in the same order, rank 0 writes, as HFExport.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
+
+from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
 
 from .apply import has_lora
 from .peft_export import save_peft_adapter
@@ -59,9 +62,14 @@ class LoraExport(pl.Callback):
 
     def export(self, trainer, pl_module) -> Path:
         out = self.export_dir(trainer)
+        model = pl_module.model
+        t0 = time.perf_counter()
+        if is_sharded_model(model):  # all ranks gather the adapters in the same order, rank 0 writes
+            save_peft_adapter(model, out, self.base_path(pl_module), fetch=full_tensor_fetcher(model),
+                              write=trainer.is_global_zero)
+        elif trainer.is_global_zero:
+            save_peft_adapter(model, out, self.base_path(pl_module))
         if trainer.is_global_zero:
-            t0 = time.perf_counter()
-            save_peft_adapter(pl_module.model, out, self.base_path(pl_module))
             size = sum(f.stat().st_size for f in out.iterdir())
             rank_zero_info(f"PEFT adapter written to {out} ({size / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f}s")
         trainer.strategy.barrier("lora_export")

@@ -144,9 +144,7 @@ class LoRAGroupedExperts(GroupedExperts):
     def merged_weights_one(self, proj: str) -> torch.Tensor:
         A, B = self.adapter_pairs()[proj]
         W = self.gate_and_up_projs if proj == "gate_up" else self.down_projs
-        acc = torch.float32 if W.dtype in (torch.float16, torch.bfloat16) else W.dtype
-        merged = torch.baddbmm(W.detach().to(acc), A.detach().to(acc), B.detach().to(acc), alpha=self.scaling)
-        return merged.to(W.dtype)
+        return merge_expert_weights(W, A, B, self.scaling)
 
     def to_base(self, merged: dict[str, torch.Tensor] | None = None) -> GroupedExperts:
         """A plain GroupedExperts holding this module's base Parameters (or, per name, the given tensors)."""
@@ -160,3 +158,10 @@ class LoRAGroupedExperts(GroupedExperts):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, rank={self.rank}, alpha={self.alpha}, projections={self.projections}"
+
+
+def merge_expert_weights(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W (E, in, out) + scaling * A (E, in, r) @ B (E, r, out), one batched GEMM, in W's dtype (fp32 accumulation
+    when W is 16-bit). A function of tensors so that exporters can merge gathered copies of sharded experts too."""
+    acc = torch.float32 if W.dtype in (torch.float16, torch.bfloat16) else W.dtype
+    return torch.baddbmm(W.detach().to(acc), A.detach().to(acc), B.detach().to(acc), alpha=scaling).to(W.dtype)

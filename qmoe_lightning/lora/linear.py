@@ -56,10 +56,7 @@ class LoRALinear(nn.Linear):
         return (self.lora_B.to(acc) @ self.lora_A.to(acc) * self.scaling).to(self.weight.dtype)
 
     def merged_weight(self) -> torch.Tensor:
-        acc = torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
-        w = self.weight.detach().to(acc)
-        return torch.addmm(w, self.lora_B.detach().to(acc), self.lora_A.detach().to(acc),
-                           alpha=self.scaling).to(self.weight.dtype)
+        return merge_linear_weight(self.weight, self.lora_A, self.lora_B, self.scaling)
 
     def to_base(self, weight: torch.Tensor | None = None) -> nn.Linear:
         """A plain nn.Linear sharing (or, with `weight`, replacing) this module's base parameters."""
@@ -71,3 +68,10 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
+
+
+def merge_linear_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W (out, in) + scaling * B (out, r) @ A (r, in), in W's dtype (accumulated in fp32 when W is 16-bit).
+    A function of tensors so that exporters can merge gathered (full) copies of sharded parameters too."""
+    acc = torch.float32 if W.dtype in (torch.float16, torch.bfloat16) else W.dtype
+    return torch.addmm(W.detach().to(acc), B.detach().to(acc), A.detach().to(acc), alpha=scaling).to(W.dtype)

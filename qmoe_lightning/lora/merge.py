@@ -26,50 +26,77 @@ from torch import nn
 from qmoe_lightning.models.checkpoint import parse_size, save_hf_checkpoint
 
 from .apply import has_lora, is_adapter_key, lora_modules
-from .experts import LoRAGroupedExperts
-from .linear import LoRALinear
+from .experts import LoRAGroupedExperts, merge_expert_weights
+from .linear import LoRALinear, merge_linear_weight
 
 
 def merged_tensor(module: nn.Module, param_name: str) -> torch.Tensor | None:
     """Merged value of `module.<param_name>` if it is an adapted base weight, else None."""
+    return _merged(module, param_name, lambda pname: getattr(module, pname))
+
+
+def _merged(module: nn.Module, param_name: str, get) -> torch.Tensor | None:
+    """Merged value of `module.<param_name>` from the tensors `get(<param name in module>)` returns (the module's
+    own, or gathered full copies of sharded ones), or None if it is not an adapted base weight."""
     if isinstance(module, LoRALinear) and param_name == "weight":
-        return module.merged_weight()
+        return merge_linear_weight(get("weight"), get("lora_A"), get("lora_B"), module.scaling)
     if isinstance(module, LoRAGroupedExperts):
-        if param_name == "gate_and_up_projs" and module.gate_and_up_lora_A is not None:
-            return module.merged_weights_one("gate_up")
-        if param_name == "down_projs" and module.down_lora_A is not None:
-            return module.merged_weights_one("down")
+        for base, prefix in (("gate_and_up_projs", "gate_and_up_lora"), ("down_projs", "down_lora")):
+            if param_name == base and getattr(module, f"{prefix}_A") is not None:
+                return merge_expert_weights(get(base), get(f"{prefix}_A"), get(f"{prefix}_B"), module.scaling)
     return None
 
 
 class _MergedStateDict(Mapping):
-    """Read-only view of `model.state_dict()` with merged weights and no adapter keys; values computed on access."""
+    """Read-only view of `model.state_dict()` with merged weights and no adapter keys; values computed on access.
 
-    def __init__(self, model: nn.Module):
+    `fetch(key)`: how a state-dict tensor is read (default: as the model holds it). For a sharded model pass
+    `parallel.state.full_tensor_fetcher(model)`: then every access is a collective and every rank must walk the
+    view in the same order (`drain`)."""
+
+    def __init__(self, model: nn.Module, fetch=None):
         self._model = model
-        self._base = {k: v for k, v in model.state_dict().items() if not is_adapter_key(k)}
+        state = model.state_dict()
+        self._keys = [k for k in state if not is_adapter_key(k)]
+        self._fetch = fetch or state.__getitem__
         self._lora = lora_modules(model)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        value = self._base[key]
         owner, _, pname = key.rpartition(".")
         module = self._lora.get(owner)
-        merged = merged_tensor(module, pname) if module is not None else None
-        return value if merged is None else merged
+        if module is not None:
+            merged = _merged(module, pname, lambda name: self._fetch(f"{owner}.{name}" if owner else name))
+            if merged is not None:
+                return merged
+        return self._fetch(key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._base)
+        return iter(self._keys)
 
     def __len__(self) -> int:
-        return len(self._base)
+        return len(self._keys)
+
+    def drain(self) -> None:
+        """Read every value and drop it: what the non-writing ranks do while rank 0 writes (same collectives)."""
+        for key in self._keys:
+            self[key]
 
 
-def save_merged_pretrained(model: nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
-    """Write `model` with its adapters merged as a Hugging Face directory (atomic); the model is left unchanged."""
-    if not has_lora(model):
+def save_merged_pretrained(model: nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB",
+                           fetch=None, write: bool = True) -> Path | None:
+    """Write `model` with its adapters merged as a Hugging Face directory (atomic); the model is left unchanged.
+
+    Sharded (FSDP2 / expert-parallel) models: call on EVERY rank with `fetch=full_tensor_fetcher(model)` and
+    `write=(rank == 0)`: tensors are gathered one at a time (bounded memory: one full tensor plus the shard being
+    written) and only rank 0 writes."""
+    if fetch is None and write and not has_lora(model):
         return model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     with torch.no_grad():
-        return save_hf_checkpoint(model, Path(out_dir), parse_size(max_shard_size), state_dict=_MergedStateDict(model))
+        view = _MergedStateDict(model, fetch)
+        if not write:
+            view.drain()
+            return None
+        return save_hf_checkpoint(model, Path(out_dir), parse_size(max_shard_size), state_dict=view)
 
 
 def merge_lora_(model: nn.Module) -> int:

@@ -92,8 +92,14 @@ def _target_modules(model: nn.Module, adapted: list[str]) -> list[str]:
     return out
 
 
-def peft_adapter_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-    """-> (adapter_config dict without base path, safetensors dict with PEFT keys)."""
+def peft_adapter_state(model: nn.Module, fetch=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """-> (adapter_config dict without base path, safetensors dict with PEFT keys).
+
+    `fetch(state-dict key)`: how an adapter tensor is read; for a sharded model
+    `parallel.state.full_tensor_fetcher(model)`, called on every rank in the same order (collectives)."""
+    if fetch is None:
+        state = model.state_dict()
+        fetch = state.__getitem__
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA adapters to export")
@@ -109,8 +115,8 @@ def peft_adapter_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]
     tensors: dict[str, torch.Tensor] = {}
     for name, m in linear.items():
         key = PREFIX + hf_module_name(name)
-        tensors[f"{key}.lora_A.weight"] = _full(m.lora_A).contiguous()
-        tensors[f"{key}.lora_B.weight"] = _full(m.lora_B).contiguous()
+        tensors[f"{key}.lora_A.weight"] = _full(fetch(f"{name}.lora_A")).contiguous()
+        tensors[f"{key}.lora_B.weight"] = _full(fetch(f"{name}.lora_B")).contiguous()
 
     target_parameters: list[str] = []
     rank_pattern, alpha_pattern = {}, {}
@@ -122,11 +128,12 @@ def peft_adapter_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]
                 continue
             ordered = [p for p in HF_EXPERT_PARAMS if p in projs]  # innermost wrapper first
             pairs = m.adapter_pairs() if isinstance(m, LoRAGroupedExperts) else {}
-            E, H, I2 = m.gate_and_up_projs.shape
+            E, (H, I2) = m.num_experts, m.gate_and_up_projs.shape[1:]  # E global, also for an ep shard
             shapes = {"gate_up": (H, I2), "down": (I2 // 2, H)}
             for depth, proj in enumerate(ordered):
                 if proj in pairs:
-                    A, B = (_full(t) for t in pairs[proj])
+                    prefix = "gate_and_up_lora" if proj == "gate_up" else "down_lora"
+                    A, B = (_full(fetch(f"{name}.{prefix}_{ab}")) for ab in "AB")
                 else:  # excluded layer: zero adapter, loads without missing keys and adds nothing
                     n_in, n_out = shapes[proj]
                     dtype = next(iter(next(iter(experts.values())).adapter_pairs().values()))[0].dtype
@@ -158,9 +165,14 @@ def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None) -> Path:
-    """Write `hf_adapter/` (adapter_config.json + adapter_model.safetensors) atomically. Returns the directory."""
-    config, tensors = peft_adapter_state(model)
+def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None,
+                      fetch=None, write: bool = True) -> Path | None:
+    """Write `hf_adapter/` (adapter_config.json + adapter_model.safetensors) atomically. Returns the directory.
+
+    Sharded models: call on every rank with `fetch=full_tensor_fetcher(model)`, `write=(rank == 0)`."""
+    config, tensors = peft_adapter_state(model, fetch)
+    if not write:
+        return None
     config["base_model_name_or_path"] = None if base_model_name_or_path is None else str(base_model_name_or_path)
     try:
         import peft

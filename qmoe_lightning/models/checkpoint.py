@@ -86,8 +86,18 @@ class HFCheckpointMixin:
     """`from_pretrained` / `save_pretrained` for `Qwen3_5MoeForConditionalGeneration` and `Qwen3_5MoeForCausalLM`."""
 
     @classmethod
+    def hf_architecture(cls) -> str:
+        """The model class's own name, also when FSDP2 (or another wrapper) has swapped in a subclass of it
+        ("FSDPQwen3_5MoeForCausalLM"): what config.json's `architectures` must say for transformers / vLLM."""
+        for klass in cls.__mro__:
+            if klass.__name__ in ("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM") and \
+                    klass.__module__.startswith("qmoe_lightning."):
+                return klass.__name__
+        return cls.__name__
+
+    @classmethod
     def _is_text_only(cls) -> bool:
-        return cls.__name__ == "Qwen3_5MoeForCausalLM"
+        return cls.hf_architecture() == "Qwen3_5MoeForCausalLM"
 
     def state_dict_adapter(self) -> Qwen3_5MoeStateDictAdapter:
         return Qwen3_5MoeStateDictAdapter(self.config, text_only=self._is_text_only())
@@ -252,7 +262,7 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
         config = model.config
-        config.architectures = [type(model).__name__]
+        config.architectures = [model.hf_architecture()]
         config.dtype = dtype_numel.most_common(1)[0][0]  # the dtype most of the written weights have
         config.save_pretrained(tmp)
         source = getattr(model, "source_dir", None)
