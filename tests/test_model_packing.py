@@ -137,3 +137,34 @@ def test_tail_padding_is_left_out_of_aux_loss_and_expert_counts(models, docs):
     assert torch.equal(masked.expert_token_counts, plain.expert_token_counts)
     assert torch.allclose(masked.aux_loss, plain.aux_loss, atol=1e-6)
     assert (masked.logits[:, :n] - plain.logits).abs().max() <= TOL
+
+
+def test_always_run_vision_changes_nothing():
+    """`always_run_vision` (set under FSDP so every rank runs the same modules): images + video in one tower call,
+    a zero placeholder when there is no image; logits equal the default path, and the tower gets (zero) gradients
+    from a text-only batch."""
+    import copy
+
+    from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration
+    from tiny_configs import make_config
+
+    torch.manual_seed(0)
+    model = Qwen3_5MoeForConditionalGeneration.from_config(make_config())
+    both = copy.deepcopy(model)
+    both.always_run_vision = True
+    cfg = model.config
+    merge, row = cfg.vision_config.spatial_merge_size, 3 * 2 * 16 * 16
+    img_grid, vid_grid = torch.tensor([[1, 4, 4]]), torch.tensor([[2, 2, 4]])
+    n_img, n_vid = 16 // merge ** 2, 16 // merge ** 2
+    ids = torch.randint(10, 400, (1, 40))
+    ids[0, 3:3 + n_img] = cfg.image_token_id
+    ids[0, 20:20 + n_vid] = cfg.video_token_id
+    kw = dict(input_ids=ids, pixel_values=torch.randn(16, row), image_grid_thw=img_grid,
+              pixel_values_videos=torch.randn(16, row), video_grid_thw=vid_grid)
+    torch.testing.assert_close(both(**kw).logits, model(**kw).logits, rtol=0, atol=1e-5)
+    text = torch.randint(10, 400, (1, 24))
+    out_a, out_b = model(input_ids=text, labels=text), both(input_ids=text, labels=text)
+    assert torch.equal(out_a.logits, out_b.logits)
+    out_b.loss.backward()
+    grads = [p.grad for p in both.model.visual.parameters()]
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)

@@ -237,6 +237,13 @@ class Qwen3_5MoeModel(nn.Module):
 
 
 class Qwen3_5MoeForConditionalGeneration(_Qwen3_5MoeBase):
+    # Sharded data parallelism (FSDP2, set by parallel.parallelize_model): every rank must run the same modules,
+    # the same number of times, in the same order, or the ranks' all-gathers / reduce-scatters pair up wrongly
+    # (gloo: "Received data size doesn't match", NCCL: a hang). A rank whose micro-batch has no image then still
+    # runs the vision tower, on a zero placeholder whose output enters the embeddings times 0 (exactly nothing
+    # changes, and its zero gradients keep the reduce-scatter), and images and videos go through ONE tower call.
+    always_run_vision: bool = False
+
     def __init__(self, config: Qwen3_5MoeConfig):
         super().__init__()
         self.config = config
@@ -254,6 +261,29 @@ class Qwen3_5MoeForConditionalGeneration(_Qwen3_5MoeBase):
         visual = self.model.visual
         out = visual(pixels.to(visual.patch_embed.proj.weight.dtype), grid_thw=grid_thw)
         return out.pooler_output  # (sum t*h*w / merge^2, H)
+
+    def _vision_one_call(self, inputs_embeds, input_ids, pixel_values, image_grid_thw, pixel_values_videos,
+                         video_grid_thw) -> torch.Tensor:
+        """Images and videos through one vision-tower call, a zero placeholder when there are none (see
+        `always_run_vision`). The tower treats every grid independently, so the embeddings are the two calls'."""
+        vc = self.config.vision_config
+        merge = vc.spatial_merge_size
+        parts = [(p, g) for p, g in ((pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw))
+                 if p is not None]
+        if not parts:  # placeholder: one image of merge x merge patches (the smallest grid the merger accepts)
+            row = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+            pixels = inputs_embeds.new_zeros(merge * merge, row)  # (m^2, C*t*p*p)
+            grid = torch.tensor([[1, merge, merge]], device=inputs_embeds.device)
+            return inputs_embeds + self._vision_embeds(pixels, grid).sum().to(inputs_embeds.dtype) * 0
+        embeds = self._vision_embeds(torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts]))
+        if pixel_values is not None:
+            n_image = int(image_grid_thw.prod(-1).sum()) // merge ** 2
+            inputs_embeds = self._splice(inputs_embeds, input_ids, self.config.image_token_id, embeds[:n_image],
+                                         "image")
+            embeds = embeds[n_image:]
+        if pixel_values_videos is not None:
+            inputs_embeds = self._splice(inputs_embeds, input_ids, self.config.video_token_id, embeds, "video")
+        return inputs_embeds
 
     def _splice(self, inputs_embeds, input_ids, token_id, embeds, what: str) -> torch.Tensor:
         mask = input_ids == token_id
@@ -313,18 +343,22 @@ class Qwen3_5MoeForConditionalGeneration(_Qwen3_5MoeBase):
         has_vision = pixel_values is not None or pixel_values_videos is not None
         if has_vision and input_ids is None:
             raise ValueError("pixel_values need input_ids: the image/video placeholder tokens mark where they go")
+        if pixel_values is not None and image_grid_thw is None:
+            raise ValueError("pixel_values given without image_grid_thw")
+        if pixel_values_videos is not None and video_grid_thw is None:
+            raise ValueError("pixel_values_videos given without video_grid_thw")
         if inputs_embeds is None:
             inputs_embeds = self.text_model.embed_tokens(input_ids)
-        if pixel_values is not None:
-            if image_grid_thw is None:
-                raise ValueError("pixel_values given without image_grid_thw")
-            embeds = self._vision_embeds(pixel_values, image_grid_thw)
-            inputs_embeds = self._splice(inputs_embeds, input_ids, self.config.image_token_id, embeds, "image")
-        if pixel_values_videos is not None:
-            if video_grid_thw is None:
-                raise ValueError("pixel_values_videos given without video_grid_thw")
-            embeds = self._vision_embeds(pixel_values_videos, video_grid_thw)
-            inputs_embeds = self._splice(inputs_embeds, input_ids, self.config.video_token_id, embeds, "video")
+        if self.always_run_vision:
+            inputs_embeds = self._vision_one_call(inputs_embeds, input_ids, pixel_values, image_grid_thw,
+                                                  pixel_values_videos, video_grid_thw)
+        else:
+            if pixel_values is not None:
+                embeds = self._vision_embeds(pixel_values, image_grid_thw)
+                inputs_embeds = self._splice(inputs_embeds, input_ids, self.config.image_token_id, embeds, "image")
+            if pixel_values_videos is not None:
+                embeds = self._vision_embeds(pixel_values_videos, video_grid_thw)
+                inputs_embeds = self._splice(inputs_embeds, input_ids, self.config.video_token_id, embeds, "video")
 
         B, T = inputs_embeds.shape[:2]
         info = build_sequence_info(B, T, inputs_embeds.device, cu_seqlens, attention_mask, max_seqlen)
