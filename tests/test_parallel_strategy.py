@@ -5,7 +5,7 @@ A small LightningModule builds the tiny text model in
 (ep 2, efsdp 1, data_parallel 2), the sampler kwargs (2 replicas, rank = global rank), each rank owning 4 of 8
 experts, EP + FSDP training for 3 optimizer steps with finite losses, and the logged global loss and global grad norm
 identical on both ranks at every step. Then the project's own recipe, `cli.py fit --config configs/tiny_ep.yaml`,
-through QMoELightningModule.configure_model -> strategy.parallelize, and the refusal to write EP checkpoints.
+through QMoELightningModule.configure_model -> strategy.parallelize, with its distributed checkpoint and HF export.
 """
 
 from __future__ import annotations
@@ -116,10 +116,5 @@ def test_tiny_ep_recipe_trains_through_the_project_module(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "FSDPQwen3_5MoeForConditionalGeneration" in proc.stdout + proc.stderr  # parallelised, not a plain copy
     assert "`Trainer.fit` stopped: `max_steps=3` reached" in proc.stdout + proc.stderr
-
-
-def test_expert_parallel_checkpoints_are_refused_not_written_wrong(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    proc = _cli(root, tmp_path / "ckpt", "--trainer.enable_checkpointing", "true")
-    assert proc.returncode != 0
-    assert "checkpoints of expert-parallel runs (ep_size > 1) are not supported yet" in proc.stderr
+    assert (tmp_path / "checkpoints" / "last.ckpt" / "meta.pt").is_file()  # a DCP directory
+    assert (tmp_path / "hf_export" / "config.json").is_file()
