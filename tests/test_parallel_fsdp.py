@@ -112,3 +112,48 @@ def test_ep2_fsdp_steps_equal_one_process(tmp_path):
         fails.append((ac, worst, [max(abs(a - b) / b for a, b in zip(r["norms"], ref_norms)) for r in res]))
     for ac, worst, norm_diffs in fails:
         assert worst[0][1] <= 1e-5 and max(norm_diffs) < 1e-5, (ac, worst, norm_diffs)
+
+
+def _mixed_precision_worker(rank, world):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from torch.distributed.tensor import DTensor
+
+    from qmoe_lightning.parallel.clip import clip_grad_norm_
+    from qmoe_lightning.parallel.parallelize import build_mesh, parallelize_model
+
+    mesh = build_mesh("cpu", world, ep_size=2)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = parallelize_model(_model(), mesh, ep_size=2, mp_policy=mp)
+    seen = {}
+    experts = model.model.layers[0].mlp.experts
+    router = model.model.layers[0].mlp.gate
+    experts.register_forward_pre_hook(lambda m, a: seen.__setitem__("experts", m.gate_and_up_projs.dtype))
+    router.register_forward_pre_hook(lambda m, a: seen.__setitem__("router", m.weight.dtype))
+    ids = _batches()[0]
+    res = model(input_ids=ids[rank:rank + 1], labels=ids[rank:rank + 1], num_items_in_batch=1)
+    (res.ce_loss * world / _n_global()).backward()
+    norm = clip_grad_norm_(model, 1e9).item()
+    grads = {n: (p.grad.dtype, type(p.grad).__name__) for n, p in model.named_parameters()}
+    params = {n: (p.to_local() if isinstance(p, DTensor) else p).dtype for n, p in model.named_parameters()}
+    return dict(seen=seen, grads=grads, params=params, norm=norm, ce=res.ce_loss.item())
+
+
+def test_mixed_precision_policy_bf16_compute_fp32_params_and_reduction(tmp_path):
+    results = run_workers(_mixed_precision_worker, 2, tmp_path, timeout=300)
+    for r in results:
+        assert r["seen"] == {"experts": torch.bfloat16, "router": torch.bfloat16}  # unsharded for compute: bf16
+        assert set(r["params"].values()) == {torch.float32}  # sharded masters stay fp32
+        assert {d for d, _ in r["grads"].values()} == {torch.float32}  # reduced in fp32
+    # the fp32 reference: same objective, one process
+    model = _model()
+    ids = _batches()[0]
+    ce = []
+    for r in range(2):
+        res = model(input_ids=ids[r:r + 1], labels=ids[r:r + 1], num_items_in_batch=1)
+        (res.ce_loss / _n_global()).backward()
+        ce.append(res.ce_loss.item())
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9).item()
+    for r, ref in zip(results, ce):
+        assert abs(r["ce"] - ref) / ref < 2e-2, (r["ce"], ref)  # bf16 compute: close, not equal
+        assert r["ce"] != ref
+    assert abs(results[0]["norm"] - norm) / norm < 5e-2 and results[0]["norm"] == results[1]["norm"]
