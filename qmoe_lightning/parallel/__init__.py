@@ -4,8 +4,11 @@
   all-to-all token dispatch, exact against one process).
 - `parallelize`: the mesh ("replicate", "efsdp", "ep" + flattened "dp_shard", "data_parallel") and
   `parallelize_model` (EP -> per-block activation checkpointing with routing replay -> FSDP2, expert gradient
-  divide factor, gloo settings).
+  divide factor, gloo settings, every rank runs the vision tower).
+- `state`: global (E, ...) DTensor views of the local expert slices, for distributed checkpoints, the gathered
+  HF / PEFT export and rank-local loading.
+- `loading`: rank-local loading of a Hugging Face checkpoint into a parallelised model (only owned slices read).
 - `clip`: EP-aware global gradient norm / clipping across mixed meshes.
-- `strategy`: `ExpertParallelStrategy(ModelParallelStrategy)` building that mesh (YAML: ep_size, replicate).
-Not done yet: rank-local safetensors loading of expert slices, HF export / DCP resume of EP-sharded experts.
+- `strategy`: `ExpertParallelStrategy(ModelParallelStrategy)` building that mesh (YAML: ep_size, replicate), with
+  DCP checkpoints of the global views.
 """
