@@ -146,6 +146,8 @@ class QMoELightningModule(pl.LightningModule):
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         precision = str(trainer.precision) if trainer is not None else "32-true"
         dtype = torch.bfloat16 if precision == "bf16-true" else torch.float16 if precision == "16-true" else None
+        strategy = trainer.strategy if trainer is not None else None
+        parallel = hasattr(strategy, "parallelize")  # ExpertParallelStrategy: EP + activation checkpointing + FSDP2
 
         source = None
         if hp.pretrained is not None:
@@ -159,14 +161,20 @@ class QMoELightningModule(pl.LightningModule):
             model = cls(config)
         if dtype is not None:
             model.to(dtype)  # A_log / dt_bias / inv_freq stay fp32 (KeepFp32Mixin)
-        model.to_empty(device=device)
-        model.reset_buffers()
-        if source is not None:
-            model.load_report = load_hf_weights(model, source)
-        else:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(hp.init_seed)
-                model.init_weights()
+        # Under the strategy with a checkpoint, no rank ever holds the full model: LoRA and the parallelisation are
+        # applied on meta, then each rank materialises its shards and reads only those from the safetensors
+        # (parallel/loading.py). Otherwise (no strategy, or a random init) the full model is built and filled here
+        # and parallelised at the end: a random init is defined on the full tensors (init_seed), not per shard.
+        rank_local = parallel and source is not None
+        if not rank_local:
+            model.to_empty(device=device)
+            model.reset_buffers()
+            if source is not None:
+                model.load_report = load_hf_weights(model, source)
+            else:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(hp.init_seed)
+                    model.init_weights()
         processor_source = hp.processor_source or source
         model.source_dir = Path(self._resolve_embedded(processor_source)) if processor_source else None
         model.text_model.gradient_checkpointing = bool(hp.activation_checkpointing)
@@ -174,20 +182,36 @@ class QMoELightningModule(pl.LightningModule):
         if hp.lora is not None:
             from .lora import apply_lora
 
-            report = apply_lora(model, hp.lora)  # freezes the base, adds adapters (after the weights are loaded)
+            # after the weights are loaded (full path), or on meta (rank-local: the adapters are initialised after
+            # loading by init_lora_parallel; apply_lora's seeding must not touch the device RNG here)
+            with torch.random.fork_rng(devices=[device] if rank_local and device.type == "cuda" else [],
+                                       enabled=rank_local):
+                report = apply_lora(model, hp.lora)  # freezes the base, adds adapters
             rank_zero_info("LoRA adapters:\n" + report.table())
             self.strict_loading = False  # checkpoints hold the adapters only
         self._apply_freezing()
+        # counted before parallelising: the global (unsharded) sizes
         n_total = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        rank_zero_info(f"model {type(model).__name__} from {source or 'config'} on {device} in "
-                       f"{time.perf_counter() - t0:.1f}s: {n_total / 1e6:.2f}M parameters, "
-                       f"{n_train / 1e6:.2f}M trainable")
+        name = type(model).__name__
         self._parallelized = False
-        strategy = trainer.strategy if trainer is not None else None
-        if hasattr(strategy, "parallelize"):  # ExpertParallelStrategy: EP + activation checkpointing + FSDP2
-            self.model = strategy.parallelize(self.model)
+        if parallel:
+            model = self.model = strategy.parallelize(self.model)
             self._parallelized = True
+        how = ""
+        if rank_local:
+            from .parallel.loading import init_lora_parallel, load_hf_weights_parallel
+
+            model.to_empty(device=device)
+            model.reset_buffers()
+            model.load_report = load_hf_weights_parallel(model, source)
+            if hp.lora is not None:
+                init_lora_parallel(model, model.lora_config.init_seed)  # == apply_lora on the full model
+            read = model.load_report["rank_local"]
+            how = (f", rank-local (rank {trainer.global_rank} read {read['read_elements'] / 1e6:.2f}M of "
+                   f"{read['checkpoint_elements'] / 1e6:.2f}M checkpoint elements)")
+        rank_zero_info(f"model {name} from {source or 'config'} on {device} in {time.perf_counter() - t0:.1f}s{how}: "
+                       f"{n_total / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable")
 
     def _resolve_embedded(self, value):
         from qmoe_lightning.embedded import resolve_path
