@@ -293,3 +293,24 @@ def test_vl_class_refuses_text_only_checkpoint(hf_and_dir, tmp_path):
     text_dir = Qwen3_5MoeForCausalLM.from_pretrained(path).save_pretrained(tmp_path / "t")
     with pytest.raises(ValueError, match="load it with Qwen3_5MoeForCausalLM"):
         Qwen3_5MoeForConditionalGeneration.from_pretrained(text_dir)
+
+
+def test_a_second_bf16_cast_keeps_fp32_values_exact():
+    """Lightning's bf16-true casts the whole module (`module.to(bf16)`) after configure_model: A_log / dt_bias and
+    fp32 LoRA adapters must come back with their exact fp32 values, not bf16-rounded ones (nn.Module._apply casts
+    a Parameter in place, so the guard has to keep a copy)."""
+    from qmoe_lightning.lora import LoraConfig, apply_lora
+    from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Qwen3_5MoeForConditionalGeneration.from_config(make_config(), dtype=torch.bfloat16)
+    apply_lora(model, LoraConfig(rank=4, alpha=8.0, adapter_dtype="float32"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dtype == torch.float32:
+                p.add_(torch.rand_like(p) * 1e-3)  # values bf16 cannot represent
+    fp32 = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.float32}
+    assert any("A_log" in n for n in fp32) and any("lora_B" in n for n in fp32)
+    model.to(torch.bfloat16)
+    params = dict(model.named_parameters())
+    assert all(params[n].dtype == torch.float32 and torch.equal(params[n], v) for n, v in fp32.items())

@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qmoe_lightning.models.norms import KeepFp32Mixin
 from qmoe_lightning.models.moe import GroupedExperts, _grouped_mm_ok, sort_by_expert
 
 PROJECTIONS = ("gate_up", "down")
 
 
-class LoRAGroupedExperts(GroupedExperts):
+class LoRAGroupedExperts(KeepFp32Mixin, GroupedExperts):
     def __init__(self, base: GroupedExperts, rank: int, alpha: float, projections=PROJECTIONS,
                  dtype: torch.dtype | None = None):
         nn.Module.__init__(self)  # GroupedExperts.__init__ would allocate (and init) a second set of experts
@@ -57,6 +58,9 @@ class LoRAGroupedExperts(GroupedExperts):
         self.gate_and_up_lora_B = new(E, rank, 2 * I) if gu else None
         self.down_lora_A = new(E, I, rank) if dn else None
         self.down_lora_B = new(E, rank, H) if dn else None
+        # fp32 adapters (masters under a bf16 base) survive a later `.to(bf16)` of the model (Lightning's bf16-true)
+        self._fp32_names = ("gate_and_up_lora_A", "gate_and_up_lora_B", "down_lora_A", "down_lora_B") \
+            if factory["dtype"] == torch.float32 else ()
         if factory["device"].type != "meta":
             self.reset_lora_parameters()
 

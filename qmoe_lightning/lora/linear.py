@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qmoe_lightning.models.norms import KeepFp32Mixin
 
-class LoRALinear(nn.Linear):
+
+class LoRALinear(KeepFp32Mixin, nn.Linear):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  dtype: torch.dtype | None = None):
         # nn.Module.__init__ only: nn.Linear.__init__ would allocate a second weight
@@ -34,6 +36,8 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # fp32 adapters (masters under a bf16 base) survive a later `.to(bf16)` of the model (Lightning's bf16-true)
+        self._fp32_names = ("lora_A", "lora_B") if factory["dtype"] == torch.float32 else ()
         if base.weight.device.type != "meta":
             self.reset_lora_parameters()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 class KeepFp32Mixin:
@@ -22,17 +23,28 @@ class KeepFp32Mixin:
     _fp32_names: tuple[str, ...] = ()
 
     def _apply(self, fn, recurse=True):
-        saved = {name: getattr(self, name) for name in self._fp32_names}
+        # Keep a COPY of the fp32 values: nn.Module._apply casts a Parameter in place (`param.data = fn(param.data)`),
+        # so holding on to the object would only give back its already-rounded values (Lightning's bf16-true
+        # `convert_module` does exactly such a `.to(bf16)` after configure_model). The tensors named here are small.
+        saved = {}
+        for name in self._fp32_names:
+            t = getattr(self, name, None)
+            if t is not None:
+                saved[name] = t.detach().clone() if t.dtype == torch.float32 and not t.is_meta else None
         super()._apply(fn, recurse)
         for name, old in saved.items():
             new = getattr(self, name)
             if new.dtype in (torch.float32, torch.float64):  # only guard against LOWER precision
                 continue
-            if old.dtype == torch.float32 and not old.is_meta and not new.is_meta:
-                fixed = old.detach().to(device=new.device)
+            if old is not None and not new.is_meta:
+                fixed = old.to(device=new.device)
             else:
                 fixed = new.detach().float()
-            if isinstance(new, nn.Parameter):
+            if isinstance(new, nn.Parameter) and is_traceable_wrapper_subclass(new):
+                # DTensor (FSDP2): `.data =` would change the wrapper's dtype but not its local tensor; swap whole
+                # tensors as nn.Module._apply itself does for subclasses (FSDP2 re-registers its shard afterwards)
+                torch.utils.swap_tensors(new, nn.Parameter(fixed, requires_grad=new.requires_grad))
+            elif isinstance(new, nn.Parameter):
                 new.data = fixed
             else:
                 setattr(self, name, fixed)
