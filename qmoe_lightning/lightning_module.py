@@ -3,7 +3,9 @@
 Model construction (`configure_model`, so Lightning runs it under the strategy's init context): the model is built
 on the meta device, materialised empty on the target device (bf16 directly under `bf16-true`, so a large model is
 never held in fp32) and then filled by streaming the safetensors of `pretrained`, or randomly initialised from
-`model_config`. `pretrained: embedded` selects the bundled tiny checkpoint (`qmoe_lightning.embedded`).
+`model_config`. `pretrained: embedded` selects the bundled tiny checkpoint (`qmoe_lightning.embedded`). Under
+`ExpertParallelStrategy` with a checkpoint, LoRA and the parallelisation (EP + FSDP2) are applied on meta and each
+rank then reads only its own expert slices and rows (`parallel/loading.py`): no rank ever holds the full model.
 
 Loss normalisation (the notable choice): the objective of one optimizer step is
     sum over all micro-batches and data-parallel ranks of CE_sum / N_global

@@ -14,8 +14,10 @@ YAML:
         class_path: qmoe_lightning.parallel.strategy.ExpertParallelStrategy
         init_args: {ep_size: 2, replicate: 1, activation_checkpointing: false, mixed_precision: false}
 
-`configure_model` must call `self.trainer.strategy.parallelize(self.model)` after the weights are loaded (and after
-LoRA is applied); gradient clipping must use `qmoe_lightning.parallel.clip.clip_grad_norm_(self.model, ...)`.
+`configure_model` must call `self.trainer.strategy.parallelize(self.model)` after LoRA is applied: either on a
+meta-device model, then `to_empty` and `parallel.loading.load_hf_weights_parallel` (what QMoELightningModule does
+with a checkpoint: rank-local loading), or on a model already holding its full weights. Gradient clipping must use
+`qmoe_lightning.parallel.clip.clip_grad_norm_(self.model, ...)` (QMoELightningModule does).
 """
 
 from __future__ import annotations
