@@ -157,3 +157,23 @@ def test_mixed_precision_policy_bf16_compute_fp32_params_and_reduction(tmp_path)
         assert abs(r["ce"] - ref) / ref < 2e-2, (r["ce"], ref)  # bf16 compute: close, not equal
         assert r["ce"] != ref
     assert abs(results[0]["norm"] - norm) / norm < 5e-2 and results[0]["norm"] == results[1]["norm"]
+
+
+def test_model_gradient_checkpointing_becomes_routing_replay_checkpointing():
+    """A model asking for its own checkpointing gets the per-block one with routing replay under parallelize_model
+    (a plain recompute could re-route tokens and desynchronise the all-to-all split sizes)."""
+    import torch.distributed as dist
+
+    from qmoe_lightning.parallel.parallelize import build_mesh, parallelize_model
+
+    from test_parallel_common import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model = _model()
+        model.text_model.gradient_checkpointing = True
+        parallelize_model(model, build_mesh("cpu", 1, 1), fsdp=False)
+        assert model.text_model.gradient_checkpointing is False
+        assert all(type(b).__name__.startswith("Checkpointed") for b in model.text_model.layers)
+    finally:
+        dist.destroy_process_group()

@@ -216,8 +216,10 @@ def parallelize_model(
                 shard_experts_(m, group)
     ep_scaled = ep_size > 1 or expert_mesh(mesh).size() < dp_world  # expert grads not averaged by dense FSDP
 
-    # 2. activation checkpointing with routing replay
-    if activation_checkpointing:
+    # 2. activation checkpointing with routing replay. A model that asks for its own checkpointing
+    # (`gradient_checkpointing`, e.g. the module's `activation_checkpointing: true`) gets this one instead: a plain
+    # recompute could route tokens differently and send all-to-all split sizes the other ranks do not expect.
+    if activation_checkpointing or getattr(text_model, "gradient_checkpointing", False):
         apply_activation_checkpointing(text_model)
 
     # the expert tensors' place in the global (E, ...) tensors, for checkpoints / export / loading (state.py)
