@@ -22,9 +22,9 @@ Order (each step relies on the one before):
      gradient, however, already SUMS the contributions of the ep ranks (the all-to-all backward brought them
      home), and FSDP then reduces only over efsdp: without correction it is ep-times the mean. The experts' FSDP
      modules therefore divide by the full data-parallel size (`set_gradient_divide_factor(dp_world)`); on gloo
-     every FSDP module on a mesh of more than one rank sums in the collective and divides afterwards
-     (`set_force_sum_reduction_for_comms`, gloo has no PREMUL_SUM / AVG); on a 1-rank mesh (efsdp = 1) it must not
-     (torch 2.13 would divide twice there).
+     FSDP modules sum in the collectives and divide afterwards (`set_force_sum_reduction_for_comms`, gloo has no
+     PREMUL_SUM / AVG), except expert modules whose shard group has one rank (efsdp = 1, also under HSDP): torch
+     2.13 would divide twice there (`_needs_force_sum`).
 Without FSDP (`fsdp=False`), the same 1/dp_world is applied to expert gradients by a tensor hook and dense
 gradients are left for DDP-like averaging by the caller.
 """
@@ -254,17 +254,23 @@ def parallelize_model(
         fully_shard(visual, mesh=dmesh, **kw)
     fully_shard(model, mesh=dmesh, mp_policy=mp_policy, reshard_after_forward=False)
     if _is_gloo(dmesh):
+        factored = {id(m) for m in experts_modules} if ep_scaled else set()
         for m in model.modules():
-            # not on a 1-rank mesh: there FSDP issues no collective, and torch 2.13 then applies the divide factor
-            # twice (input / factor in its world-size-1 branch, then the forced-sum post-division): experts of
-            # ep == world would get half their gradient
-            if isinstance(m, FSDPModule) and _fsdp_mesh_size(m) > 1:
+            if isinstance(m, FSDPModule) and _needs_force_sum(m, id(m) in factored):
                 m.set_force_sum_reduction_for_comms(True)
     return model
 
 
-def _fsdp_mesh_size(module: FSDPModule) -> int:
-    return module._get_fsdp_state()._fsdp_param_group.mesh_info.mesh.size()
+def _needs_force_sum(module: FSDPModule, has_divide_factor: bool) -> bool:
+    """gloo has no AVG / PREMUL_SUM, so FSDP must sum in the collectives and divide afterwards (force-sum) -- except
+    where torch 2.13 would then divide twice: when the SHARD group has one rank, FSDP skips the reduce-scatter and
+    divides the copied gradient by an explicit divide factor itself, and force-sum divides again afterwards (experts
+    with efsdp = 1 would get 1/dp of their gradient; with HSDP, replicate x efsdp=1, 1/dp^2 before this check). Without
+    force-sum that case issues only an all-reduce with SUM (HSDP) or nothing (one rank), both fine on gloo."""
+    info = module._get_fsdp_state()._fsdp_param_group.mesh_info
+    if info.mesh.size() == 1:
+        return False  # no collective at all
+    return info.shard_mesh_size > 1 or not has_divide_factor
 
 
 def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
