@@ -341,7 +341,9 @@ class QMoELightningModule(pl.LightningModule):
             keep_adapters_only(checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.hparams.lora is not None and self.model is not None:
+        # distributed checkpoints (ExpertParallelStrategy) hold no "state_dict" here: the strategy has loaded the
+        # tensors itself and checked them against the model (missing trainable / unexpected tensors raise there)
+        if self.hparams.lora is not None and self.model is not None and "state_dict" in checkpoint:
             from .lora import check_adapter_state_dict
 
             prefix = "model."

@@ -5,7 +5,8 @@ launched by Lightning on CPU processes (gloo), against one process accumulating 
   s the same two packs the single process accumulates at step s; after 4 AdamW steps with clipping the HF exports
   (gathered by the sharded export path) hold the same weights (fp32, max |diff| <= 1e-5 * max(1, |w|));
 - 4 processes (ep=2 x expert-FSDP 2, and HSDP: replicate 2 x ep=2) vs accumulate_grad_batches=4, likewise;
-- LoRA on attention, linear attention, shared and routed experts: same merged export and PEFT adapter;
+- LoRA on attention, linear attention, shared and routed experts (the EP run crashed after step 3 and resumed
+  from its adapter-only distributed checkpoint): same merged export and PEFT adapter;
 - crash after step 3 (an exception on every rank, checkpoint of step 2 on disk) and `--ckpt_path last`: the
   continuation ends bitwise where the uninterrupted run ends (distributed checkpoint with expert global views,
   optimizer state, sampler position).
@@ -122,9 +123,15 @@ def test_four_processes_equal_one_process_accumulating(tmp_path, single_accumula
           f"{worst:.2e}")
 
 
-def test_ep2_lora_equals_one_process_accumulating(tmp_path):
+def test_ep2_lora_crash_resume_equals_one_process_accumulating(tmp_path):
+    # the EP run crashes after step 3 and resumes from its step-2 checkpoint (adapters only + optimizer state)
     lora = ["--model.lora", LORA, "--model.lr", "2e-3", "--trainer.callbacks+=qmoe_lightning.lora.LoraExport"]
-    _fit(tmp_path / "ep", *lora)
+    ckpt = ["--trainer.enable_checkpointing", "true", "--trainer.callbacks+=callbacks.RunCheckpoint",
+            "--trainer.callbacks.every_n_train_steps", "2"]
+    proc = _fit(tmp_path / "ep", *lora, *ckpt, "--trainer.callbacks+=ep_test_callbacks.CrashAtStep",
+                "--trainer.callbacks.step", "3", check=False)
+    assert proc.returncode != 0 and "simulated crash at step 3" in proc.stderr
+    _fit(tmp_path / "ep", *lora, *ckpt, "--ckpt_path", "last")
     _fit(tmp_path / "single", *lora, "--trainer.accumulate_grad_batches", "2", devices=1)
     worst = _compare(_weights(tmp_path / "ep"), _weights(tmp_path / "single"))
     adapters = _compare(_weights(tmp_path / "ep", "hf_adapter"), _weights(tmp_path / "single", "hf_adapter"))

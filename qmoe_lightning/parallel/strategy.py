@@ -123,10 +123,15 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         views = global_state_dict(self.model, model_sd)
         have = {k for k in views if f"state_dict.{k}" in saved}
         missing = sorted(set(views) - have)
-        if strict and missing:
-            raise KeyError(f"{path}: {len(missing)} model tensor(s) missing from the checkpoint, e.g. {missing[:5]}")
-        if not have:
-            raise KeyError(f"{path}: no tensor of this model in the checkpoint (another model / LoRA config?)")
+        # strict_loading=False (LoRA: checkpoints hold the adapters only) excuses FROZEN tensors only: they come from
+        # `pretrained`; a trainable one missing, or a tensor the model does not have, means another model / config
+        trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
+        bad = missing if strict else [k for k in missing if k in trainable]
+        unexpected = sorted(k[len("state_dict."):] for k in saved
+                            if k.startswith("state_dict.") and k[len("state_dict."):] not in views)
+        if bad or unexpected or not have:
+            raise KeyError(f"{path} does not match this model: {len(bad)} tensor(s) missing from the checkpoint "
+                           f"{bad[:5]}, {len(unexpected)} unexpected {unexpected[:5]} (another model or LoRA config?)")
         dcp.load({"state_dict": {k: views[k] for k in have}}, checkpoint_id=path)  # in place: views share storage
         self.model.load_state_dict({k: model_sd[k] for k in have}, strict=False)  # explicit, also for buffers
 
