@@ -143,10 +143,13 @@ class _RecordingFile:
         return out
 
 
-def _record_reads(loading_module) -> list:
+def _record_reads() -> list:
+    """Record every read of the checkpoint files (the loaders open them through `checkpoint.CheckpointScan`)."""
+    from qmoe_lightning.models import checkpoint
+
     log: list = []
-    real = loading_module.safe_open
-    loading_module.safe_open = lambda *a, **k: _RecordingFile(real(*a, **k), log)
+    real = checkpoint.safe_open
+    checkpoint.safe_open = lambda *a, **k: _RecordingFile(real(*a, **k), log)
     return log
 
 
@@ -188,7 +191,7 @@ def _loading_worker(rank, world, ckpts, with_bad):
     from qmoe_lightning.parallel.parallelize import build_mesh
 
     mesh = build_mesh("cpu", world, ep_size=2)
-    log = _record_reads(loading)
+    log = _record_reads()
     out = {"layouts": {}, "errors": {}}
     ids = (torch.arange(24) * 7 % 400).reshape(1, 24)
     for layout, lora in (("per_expert", None), ("fused", LORA)):  # the LoRA model's state also holds the base

@@ -139,6 +139,45 @@ class HFCheckpointMixin:
         return save_hf_checkpoint(self, Path(save_directory), parse_size(max_shard_size))
 
 
+class CheckpointScan:
+    """What a pass over a checkpoint's keys did not load: keys skipped by reason, mtp keys kept for re-export (key
+    -> file) and keys that map to nothing in the model. Shared by `load_hf_weights` and rank-local loading."""
+
+    def __init__(self):
+        self.skipped: Counter = Counter()
+        self.passthrough: dict[str, Path] = {}
+        self.unexpected: list[str] = []
+
+    def keys(self, path: Path, adapter: Qwen3_5MoeStateDictAdapter, targets):
+        """Yield (file, open safetensors handle, key) for every checkpoint key whose native key is in `targets`;
+        account for every other key here."""
+        for file in safetensors_files(path):
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    native = adapter.hf_key_to_native(key)
+                    if isinstance(native, Skip):
+                        self.skipped[native.reason] += 1
+                        if native.reason == "mtp":
+                            self.passthrough[key] = file
+                    elif native not in targets:
+                        self.unexpected.append(key)
+                    else:
+                        yield file, f, key
+
+    def check(self, path: Path, model_name: str, missing: list[str]) -> None:
+        """Raise the strict-loading error listing `missing` native tensors and the unexpected checkpoint keys."""
+        if missing or self.unexpected:
+            raise ValueError(
+                f"checkpoint {path} does not match {model_name}:\n"
+                f"  missing ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
+                f"  unexpected ({len(self.unexpected)}): {self.unexpected[:20]}"
+                f"{' ...' if len(self.unexpected) > 20 else ''}"
+            )
+
+    def report(self, loaded: int) -> dict:
+        return {"loaded": loaded, "skipped": dict(self.skipped), "passthrough": self.passthrough}
+
+
 def load_hf_weights(model, path: Path) -> dict:
     """Stream every tensor of the checkpoint at `path` into `model` (strict). Returns a load report."""
     adapter = model.state_dict_adapter()
@@ -146,34 +185,21 @@ def load_hf_weights(model, path: Path) -> dict:
     if adapter.tied:
         targets.pop("lm_head.weight", None)
     written: dict[str, set] = {}
-    skipped: Counter = Counter()
-    passthrough: dict[str, Path] = {}
-    unexpected: list[str] = []
-    for file in safetensors_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                native = adapter.hf_key_to_native(key)
-                if isinstance(native, Skip):
-                    skipped[native.reason] += 1
-                    if native.reason == "mtp":
-                        passthrough[key] = file
-                    continue
-                if native not in targets:
-                    unexpected.append(key)
-                    continue
-                for a in adapter.convert_single_tensor_from_hf(key, f.get_tensor(key)):
-                    param = targets[a.native_key]
-                    dest = param.data if a.expert is None else param.data[a.expert]
-                    if a.cols is not None:
-                        dest = dest[:, a.cols]
-                    if tuple(dest.shape) != tuple(a.tensor.shape):
-                        raise ValueError(
-                            f"{file.name}: {key!r} -> {a.slot} has shape {tuple(a.tensor.shape)}, the model expects "
-                            f"{tuple(dest.shape)}; config and weights disagree"
-                        )
-                    with torch.no_grad():
-                        dest.copy_(a.tensor)
-                    written.setdefault(a.native_key, set()).add((a.expert, None if a.cols is None else a.cols.start))
+    scan = CheckpointScan()
+    for file, f, key in scan.keys(path, adapter, targets):
+        for a in adapter.convert_single_tensor_from_hf(key, f.get_tensor(key)):
+            param = targets[a.native_key]
+            dest = param.data if a.expert is None else param.data[a.expert]
+            if a.cols is not None:
+                dest = dest[:, a.cols]
+            if tuple(dest.shape) != tuple(a.tensor.shape):
+                raise ValueError(
+                    f"{file.name}: {key!r} -> {a.slot} has shape {tuple(a.tensor.shape)}, the model expects "
+                    f"{tuple(dest.shape)}; config and weights disagree"
+                )
+            with torch.no_grad():
+                dest.copy_(a.tensor)
+            written.setdefault(a.native_key, set()).add((a.expert, None if a.cols is None else a.cols.start))
     missing = []
     for key in targets:
         slots = written.get(key)
@@ -185,13 +211,8 @@ def load_hf_weights(model, path: Path) -> dict:
                                                          else (None,))}
             if not want <= slots:
                 missing.append(f"{key} ({len(want - slots)} expert slice(s))")
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match {type(model).__name__}:\n"
-            f"  missing ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
-            f"  unexpected ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
-        )
-    return {"loaded": len(written), "skipped": dict(skipped), "passthrough": passthrough}
+    scan.check(path, model.hf_architecture(), missing)
+    return scan.report(len(written))
 
 
 def parse_size(size: int | str) -> int:

@@ -47,14 +47,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from qmoe_lightning.lora.apply import is_adapter_key, lora_modules
-from qmoe_lightning.models.checkpoint import safetensors_files
-from qmoe_lightning.models.state_dict_adapter import Skip
+from qmoe_lightning.models.checkpoint import CheckpointScan
 
 from .state import global_state_dict
 
@@ -119,33 +117,15 @@ def _source_dims(view: torch.Tensor, probe: torch.Tensor, where: str) -> list[in
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _display_name(model: nn.Module) -> str:
-    arch = getattr(model, "hf_architecture", None)  # the model's own class name, also under FSDP2's subclass
-    return arch() if callable(arch) else type(model).__name__
-
-
 @torch.no_grad()
 def _load_local(model: nn.Module, path: Path, stats: dict) -> dict:
     adapter = model.state_dict_adapter()
     targets = {k: _target(k, v) for k, v in global_state_dict(model).items() if not is_adapter_key(k)}
     if adapter.tied:
         targets.pop("lm_head.weight", None)
-    skipped: Counter = Counter()
-    passthrough: dict[str, Path] = {}
-    unexpected: list[str] = []
-    for file in safetensors_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                native = adapter.hf_key_to_native(key)
-                if isinstance(native, Skip):
-                    skipped[native.reason] += 1
-                    if native.reason == "mtp":
-                        passthrough[key] = file
-                    continue
-                if native not in targets:
-                    unexpected.append(key)
-                    continue
-                stats["checkpoint_elements"] += _load_key(f, file, key, adapter, targets, stats)
+    scan = CheckpointScan()
+    for file, f, key in scan.keys(path, adapter, targets):
+        stats["checkpoint_elements"] += _load_key(f, file, key, adapter, targets, stats)
     missing = []
     for key, t in targets.items():
         done = sum(t.written.values())
@@ -153,13 +133,8 @@ def _load_local(model: nn.Module, path: Path, stats: dict) -> dict:
             missing.append(key)
         elif done < t.local_numel:
             missing.append(f"{key} ({_describe_gap(t)})")
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match {_display_name(model)}:\n"
-            f"  missing ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
-            f"  unexpected ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
-        )
-    return {"loaded": len(targets), "skipped": dict(skipped), "passthrough": passthrough}
+    scan.check(path, model.hf_architecture(), missing)  # the model's own class name, also under FSDP2's subclass
+    return scan.report(len(targets))
 
 
 def _load_key(f, file: Path, key: str, adapter, targets: dict[str, _Target], stats: dict) -> int:
