@@ -22,8 +22,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
-
 from .apply import has_lora
 from .peft_export import save_peft_adapter
 
@@ -62,6 +60,9 @@ class LoraExport(pl.Callback):
 
     def export(self, trainer, pl_module) -> Path:
         out = self.export_dir(trainer)
+        # imported here: parallel.expert_parallel imports lora.experts, so a module-level import would be circular
+        from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
+
         model = pl_module.model
         t0 = time.perf_counter()
         if is_sharded_model(model):  # all ranks gather the adapters in the same order, rank 0 writes

@@ -119,21 +119,12 @@ class LoRAGroupedExperts(KeepFp32Mixin, GroupedExperts):
     def _loop(self, x, indices, weights) -> torch.Tensor:
         """Per-expert loop (fp64 / CUDA fp32): `experts_loop_reference` plus the adapters."""
         out = torch.zeros_like(x)
-        I = self.intermediate_size
+        pairs = self.adapter_pairs()
         for e in range(self.num_experts):
             token, slot = torch.where(indices == e)
             if token.numel() == 0:
                 continue
-            xe = x[token]
-            h = xe @ self.gate_and_up_projs[e]
-            if self.gate_and_up_lora_A is not None:
-                A, B = self.gate_and_up_lora_A[e].to(x.dtype), self.gate_and_up_lora_B[e].to(x.dtype)
-                h = h + (xe @ A) * self.scaling @ B
-            act = F.silu(h[:, :I]) * h[:, I:]
-            y = act @ self.down_projs[e]
-            if self.down_lora_A is not None:
-                A, B = self.down_lora_A[e].to(x.dtype), self.down_lora_B[e].to(x.dtype)
-                y = y + (act @ A) * self.scaling @ B
+            y = expert_mlp(x[token], self.gate_and_up_projs[e], self.down_projs[e], pairs, e, self.scaling)
             out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
         return out
 
@@ -169,3 +160,21 @@ def merge_expert_weights(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scal
     when W is 16-bit). A function of tensors so that exporters can merge gathered copies of sharded experts too."""
     acc = torch.float32 if W.dtype in (torch.float16, torch.bfloat16) else W.dtype
     return torch.baddbmm(W.detach().to(acc), A.detach().to(acc), B.detach().to(acc), alpha=scaling).to(W.dtype)
+
+
+def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, pairs: dict, e: int,
+               scaling: float) -> torch.Tensor:
+    """Expert e on its rows x (n, H) -> (n, H), before the routing weight: SwiGLU(x W_gu + s (x A) B) W_d +
+    s (act A) B, with `pairs` = {"gate_up" / "down": (A (E, in, r), B (E, r, out))} (empty: no adapters), the
+    adapters cast to x's dtype. The per-expert loops of LoRAGroupedExperts and of the expert-parallel module."""
+    I = w_down.shape[0]
+    h = x @ w_gate_up  # (n, 2I)
+    if "gate_up" in pairs:
+        A, B = (t[e].to(x.dtype) for t in pairs["gate_up"])
+        h = h + (x @ A) * scaling @ B
+    act = F.silu(h[:, :I]) * h[:, I:]  # (n, I)
+    y = act @ w_down
+    if "down" in pairs:
+        A, B = (t[e].to(x.dtype) for t in pairs["down"])
+        y = y + (act @ A) * scaling @ B
+    return y

@@ -36,6 +36,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from torch.distributed.nn.functional import all_to_all_single as _autograd_a2a
 
+from qmoe_lightning.lora.experts import expert_mlp
 from qmoe_lightning.models.moe import GroupedExperts, _grouped_mm_ok
 
 # names of parameters with the expert on dim 0 (GroupedExperts + LoRAGroupedExperts adapters)
@@ -110,7 +111,6 @@ class _ExpertParallelMixin:
     def _local_loop(self, xs: torch.Tensor, offs: torch.Tensor, pairs: dict) -> torch.Tensor:
         """Per-local-expert loop (fp64, fp32 on CUDA, or no rows). Touches every parameter so that autograd and
         FSDP see the same graph on every rank, also when this rank received nothing."""
-        I = self.intermediate_size
         bounds = [0] + offs.tolist()
         out = xs.new_zeros(xs.shape[0], self.down_projs.shape[-1])
         # keep xs (-> the dispatch all_to_all) and every expert parameter in the graph even with no rows: all ranks
@@ -120,16 +120,8 @@ class _ExpertParallelMixin:
             a, b = bounds[j], bounds[j + 1]
             if a == b:
                 continue
-            xe = xs[a:b]
-            h = xe @ self.gate_and_up_projs[j]
-            if "gate_up" in pairs:
-                A, B = pairs["gate_up"]
-                h = h + (xe @ A[j]) * self.scaling @ B[j]
-            act = F.silu(h[:, :I]) * h[:, I:]
-            y = act @ self.down_projs[j]
-            if "down" in pairs:
-                A, B = pairs["down"]
-                y = y + (act @ A[j]) * self.scaling @ B[j]
+            y = expert_mlp(xs[a:b], self.gate_and_up_projs[j], self.down_projs[j], pairs, j,
+                           getattr(self, "scaling", 1.0))
             out = out.index_copy(0, torch.arange(a, b, device=xs.device), y)
         return out + touch
 
