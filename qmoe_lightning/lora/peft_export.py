@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qmoe_lightning.models.checkpoint import _swap_into_place
+from qmoe_lightning.models.checkpoint import _full, _swap_into_place
 from qmoe_lightning.models.moe import GroupedExperts
 
 from .apply import lora_modules
@@ -52,13 +52,6 @@ HF_EXPERT_PARAMS = {"gate_up": "gate_up_proj", "down": "down_proj"}
 
 def hf_module_name(native: str) -> str:
     return native.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if hasattr(t, "full_tensor"):  # DTensor (EP / FSDP2)
-        t = t.full_tensor()
-    return t.cpu()
 
 
 def experts_to_peft(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -119,8 +119,7 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
         strict = self.lightning_module.strict_loading
 
-        model_sd = self.model.state_dict()
-        views = global_state_dict(self.model, model_sd)
+        views = global_state_dict(self.model)
         have = {k for k in views if f"state_dict.{k}" in saved}
         missing = sorted(set(views) - have)
         # strict_loading=False (LoRA: checkpoints hold the adapters only) excuses FROZEN tensors only: they come from
@@ -132,8 +131,8 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         if bad or unexpected or not have:
             raise KeyError(f"{path} does not match this model: {len(bad)} tensor(s) missing from the checkpoint "
                            f"{bad[:5]}, {len(unexpected)} unexpected {unexpected[:5]} (another model or LoRA config?)")
-        dcp.load({"state_dict": {k: views[k] for k in have}}, checkpoint_id=path)  # in place: views share storage
-        self.model.load_state_dict({k: model_sd[k] for k in have}, strict=False)  # explicit, also for buffers
+        # in place: the views share storage with the parameters and buffers (state_dict() detaches, no copy)
+        dcp.load({"state_dict": {k: views[k] for k in have}}, checkpoint_id=path)
 
         for idx, optimizer in enumerate(self.optimizers):
             optimizer = getattr(optimizer, "_optimizer", optimizer)
