@@ -15,3 +15,57 @@ class CrashAtStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(f"CrashAtStep: simulated crash at step {self.step}")
+
+
+class DumpGradients(pl.Callback):
+    """Save the full gradients of the first `steps` optimizer steps to `<default_root_dir>/grads_step{s}.pt`
+    (rank 0 writes; every rank takes part in the gathers).
+
+    Taken where the optimizer would see them minus clipping: after the module's global token normalisation
+    (`on_before_optimizer_step`), before `configure_gradient_clipping`. Clipping and AdamW hide scaling bugs (a 2x
+    expert gradient comes out of clip + Adam as the same update), so the multi-process tests compare these tightly.
+    Expert-parallel tensors are gathered through their global (E, ...) views, FSDP2 shards by `full_tensor()`."""
+
+    def __init__(self, steps: int = 1):
+        self.steps = steps
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        clip = pl_module.configure_gradient_clipping
+
+        def dump_then_clip(optimizer, *args, **kwargs):
+            if trainer.global_step < self.steps:
+                self._dump(trainer, pl_module)
+            return clip(optimizer, *args, **kwargs)
+
+        pl_module.configure_gradient_clipping = dump_then_clip  # Lightning looks the hook up on the instance
+
+    def _dump(self, trainer, pl_module) -> None:
+        import os
+
+        import torch
+
+        from qmoe_lightning.parallel.state import expert_keys, full_tensor, global_view, is_expert_parallel_model
+
+        model = pl_module.model
+        keys = expert_keys(model) if is_expert_parallel_model(model) else {}
+        grads = {}
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                continue
+            g = global_view(p.grad, keys[name]) if name in keys else p.grad
+            grads[name] = full_tensor(g).detach().clone()
+        if trainer.global_rank == 0:
+            torch.save(grads, os.path.join(trainer.default_root_dir, f"grads_step{trainer.global_step}.pt"))
+
+
+class ScaleExpertGradients(pl.Callback):
+    """Multiply the routed experts' gradients by `factor` before the optimizer step: an injected scaling bug, the
+    negative control of the gradient comparisons."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        for name, p in pl_module.model.named_parameters():
+            if ".experts." in name and p.grad is not None:
+                p.grad.mul_(self.factor)

@@ -206,9 +206,14 @@ def test_hsdp_replicate2_x_ep2_gradients_equal_one_process(tmp_path):
     for r in range(4):
         res = model(input_ids=ids[r:r + 1], labels=ids[r:r + 1], num_items_in_batch=1)
         (res.ce_loss / (4 * (T - 1))).backward()
-    diffs = {n: ((grads[n] - p.grad).abs().max() / p.grad.abs().max()).item() for n, p in model.named_parameters()}
+    # each tensor's difference relative to its scale: its largest element, floored at 1e-3 of the largest gradient
+    # element of the model (a tensor whose gradient cancels to almost nothing, such as one layer's A_log / dt_bias,
+    # holds only rounding noise: 1.4e-5 of itself here, and more at other layouts)
+    floor = 1e-3 * max(p.grad.abs().max().item() for p in model.parameters())
+    diffs = {n: ((grads[n] - p.grad).abs().max() / max(p.grad.abs().max().item(), floor)).item()
+             for n, p in model.named_parameters()}
     experts = {n: d for n, d in diffs.items() if ".experts." in n}
     assert len(experts) == 8 and max(experts.values()) < 1e-5, experts  # (seen: 5e-7; the bug gave 0.75)
-    # everything else: fp32 reduction-order noise; the worst are A_log / dt_bias at 1.4e-5, the same value with
-    # replicate 1 (the configuration the weight-level tests pin down)
-    assert max(diffs.values()) < 5e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:4]
+    # everything else: fp32 reduction-order noise
+    assert max(diffs.values()) < 1e-4, sorted(diffs.items(), key=lambda kv: -kv[1])[:4]
+    print("hsdp gradient diffs", sorted(diffs.items(), key=lambda kv: -kv[1])[:3])
