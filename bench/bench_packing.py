@@ -3,7 +3,8 @@
 Corpus: N chat rows whose answer lengths are log-normal (median ~150 words, long tail cut at the pack size by
 truncation), ~30% with one image of random size 48..512 px (PNG files, decoded for real by the loader workers).
 Figures printed:
-- non-pad fraction: real tokens / (packs x padded row length) over the whole epoch (target >= 0.98);
+- non-pad fraction: real tokens / (packs x padded row length) over the whole epoch (target >= 0.98), and of the
+  re-planned epochs 1 and 2 and of first-fit-decreasing (the evaluation plan, the best fill but unmixed packs);
 - preparation throughput: samples/s of (a) the cached-datasets encoding stage with 2 processes, and (b) the
   DataLoader with 2 workers producing micro-batches (image decode + image processor + packing), and end to end.
 
@@ -86,6 +87,13 @@ def main() -> None:
         print(f"corpus: {n} samples, {real} tokens, {len(dm.train_dataset)} packs of {args.max_tokens} "
               f"(pad multiple {args.pad_to_multiple_of}); skipped/truncated: {dm.stats['train']}")
         print(f"packing efficiency (non-pad fraction): {real / padded:.4f}")
+        from data_modules import plan_packs
+
+        plan, m = dm.train_dataset.plan, args.pad_to_multiple_of
+        fill = lambda tokens: sum(plan.lengths) / sum(-(-t // m) * m for t in tokens)  # noqa: E731
+        ffd = [sum(plan.lengths[i] for i in p) for p in plan_packs(plan.lengths, args.max_tokens)]
+        print(f"re-planned epochs 1, 2: {fill(plan.pack_tokens(1)):.4f}, {fill(plan.pack_tokens(2)):.4f}; "
+              f"first-fit-decreasing: {fill(ffd):.4f} ({len(ffd)} packs)")
         print(f"preparation throughput: encode stage {n / t_prep:.0f} samples/s ({args.workers} processes), "
               f"loader {n / t_load:.0f} samples/s ({args.workers} workers), end to end "
               f"{n / (t_prep + t_load):.0f} samples/s")

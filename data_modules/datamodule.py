@@ -1,8 +1,9 @@
 """`MultimodalPackingDataModule`: chat / text files -> packed multimodal micro-batches with document boundaries.
 
-Pipeline: files --(sources: cached datasets stages)--> encoded samples --(packing.plan_packs, FFD)--> packs
---(sampler.PackSampler: seeded per epoch, token-balanced per data-parallel rank, resumable)--> DataLoader workers
-(decode images and videos, build the micro-batch dict described in `packing`).
+Pipeline: files --(sources: cached datasets stages)--> encoded samples --(planning.EpochPackPlan: training packs
+re-planned every epoch in a random order seeded by (seed, epoch); evaluation packs first-fit-decreasing, once)-->
+packs --(sampler.PackSampler: seeded per epoch, token-balanced per data-parallel rank, resumable)--> DataLoader
+workers (decode images and videos, build the micro-batch dict described in `packing`).
 
 Videos: a content item `{"type": "video", "video": [frame paths] | "frames/dir" | "clip.mp4", "fps": optional}` is
 processed as transformers' Qwen3-VL video processor would, without torchvision (see `video.py`).
@@ -28,7 +29,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from qmoe_lightning.embedded import SENTINEL, resolve_path
 
 from .encoding import TRUNCATED, Encoder
-from .packing import PackDataset, plan_packs
+from .packing import PackDataset
+from .planning import EpochPackPlan
 from .sampler import PackSampler
 from .sources import encode_files, first_bad, skip_summary
 
@@ -84,6 +86,8 @@ class MultimodalPackingDataModule(LightningDataModule):
             too_long: samples longer than max_tokens are "truncate"d or "drop"ped (both counted).
             strict: fail at the first bad sample (file:line and reason) instead of skipping and counting it.
             balance_visual_tokens: spread vision tokens evenly over packs.
+            shuffle: training packs re-planned every epoch from a random document order (seed, epoch) and drawn in
+                a random order; False: first-fit-decreasing packs, planned once, in plan order.
             cache_dir: datasets cache dir for the preprocessing stages (default: datasets' default).
             embedded_cache_dir: where the embedded default is built (default: ~/.cache/qmoe_lightning).
             preprocess_num_proc: processes for the encoding stage.
@@ -176,23 +180,23 @@ class MultimodalPackingDataModule(LightningDataModule):
             val, train = train.select(sorted(perm[:n_val])), train.select(sorted(perm[n_val:]))
             self.stats["val"] = {"ok": len(val), "from_train_fraction": n_val}
             self.stats["train"]["ok"] = len(train)
-        self.train_dataset = self._pack(train, encoder)
+        self.train_dataset = self._pack(train, encoder, shuffle=self.shuffle)
         self.val_dataset = self._pack(val, encoder) if val is not None else None
         self._log_summary()
         rank, world = self._coords()
-        pack_tokens = [self.train_dataset.pack_tokens(p) for p in range(len(self.train_dataset))]
-        self.train_sampler = PackSampler(pack_tokens, world, rank, shuffle=self.shuffle, seed=self.seed)
+        self.train_sampler = PackSampler(self.train_dataset.plan, world, rank, shuffle=self.shuffle, seed=self.seed)
         if self._pending_state is not None:
             self.train_sampler.load_state_dict(self._pending_state)
             self._pending_state = None
 
-    def _pack(self, records, encoder: Encoder) -> PackDataset:
+    def _pack(self, records, encoder: Encoder, shuffle: bool = False) -> PackDataset:
+        """shuffle: a training plan (random order, re-planned per epoch); else first-fit-decreasing, once."""
         lengths = records["num_tokens"]
-        visual = records["num_visual_tokens"]
-        packs = plan_packs(lengths, self.max_tokens, visual, self.balance_visual_tokens)
-        ds = PackDataset(records, packs, encoder, self.pad_to_multiple_of, strict=self.strict)
-        ds.fill = sum(lengths) / max(1, sum(-(-sum(lengths[i] for i in p) // self.pad_to_multiple_of)
-                                            * self.pad_to_multiple_of for p in packs))
+        plan = EpochPackPlan(lengths, self.max_tokens, records["num_visual_tokens"], self.balance_visual_tokens,
+                             shuffle=shuffle, seed=self.seed)
+        ds = PackDataset(records, plan, encoder, self.pad_to_multiple_of, strict=self.strict)
+        padded = sum(-(-t // self.pad_to_multiple_of) * self.pad_to_multiple_of for t in plan.pack_tokens(0))
+        ds.fill = sum(lengths) / max(1, padded)  # epoch 0's; later epochs differ in the third decimal
         ds.num_tokens = int(sum(lengths))
         return ds
 
@@ -228,8 +232,8 @@ class MultimodalPackingDataModule(LightningDataModule):
             encoder = self._encoder(model_dir)
             self.test_dataset = self._pack(self._load_split("test", spec, encoder), encoder)
         rank, world = self._coords()
-        tokens = [self.test_dataset.pack_tokens(p) for p in range(len(self.test_dataset))]
-        return self._loader(self.test_dataset, PackSampler(tokens, world, rank, shuffle=False, seed=self.seed))
+        return self._loader(self.test_dataset, PackSampler(self.test_dataset.plan, world, rank, shuffle=False,
+                                                           seed=self.seed))
 
     def val_dataloader(self):
         if self.train_dataset is None:
@@ -237,8 +241,8 @@ class MultimodalPackingDataModule(LightningDataModule):
         if self.val_dataset is None:
             return []
         rank, world = self._coords()
-        tokens = [self.val_dataset.pack_tokens(p) for p in range(len(self.val_dataset))]
-        return self._loader(self.val_dataset, PackSampler(tokens, world, rank, shuffle=False, seed=self.seed))
+        return self._loader(self.val_dataset, PackSampler(self.val_dataset.plan, world, rank, shuffle=False,
+                                                          seed=self.seed))
 
     # ------------------------------------------------------------------ resume
     def on_before_batch_transfer(self, batch, dataloader_idx: int):

@@ -1,11 +1,5 @@
-"""Pack planning (first-fit-decreasing) and micro-batch assembly for packed multimodal rows.
-
-Planning uses only token counts (computed at preparation without decoding pixels). First-fit-decreasing: samples
-sorted by length, longest first (ties by index so the plan is deterministic and identical on every rank), each put
-into the first pack with room (O(log n) per sample through a segment tree).
-`balance_visual_tokens`: as many packs as plain FFD needs are opened up front and samples with vision tokens go to
-the fitting pack with the fewest vision tokens so far (text samples first-fit), which evens out vision-tower work
-per micro-batch at a small fill cost.
+"""Micro-batch assembly for packed multimodal rows: a pack (document indices, planned in `planning.py` from token
+counts alone) -> decoded pixels -> one packed row.
 
 Micro-batch contract (one packed row, batch dimension 1):
     input_ids [1,T] long; labels [1,T] long (unshifted; the FIRST label of every document is -100 so no target
@@ -14,15 +8,14 @@ Micro-batch contract (one packed row, batch dimension 1):
     tail padding as its own final document when there is any); max_seqlen int; pixel_values / image_grid_thw and
     pixel_values_videos / video_grid_thw (None when absent); num_label_tokens int (targets, i.e. labels != -100);
     num_documents int (real documents, padding excluded); attention_mask [1,T] long (1 real token, 0 tail padding:
-    the model then leaves padding out of the MoE aux loss and the expert-load counts).
+    the model then leaves padding out of the MoE aux loss and the expert-load counts); documents list[int] (the
+    pack's document indices into its split, in row order).
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
-from collections.abc import Sequence
 
 import torch
 
@@ -30,76 +23,9 @@ from qmoe_lightning.models.mrope_positions import mrope_position_ids_packed
 
 from . import video as video_lib
 from .encoding import IGNORE
+from .planning import EpochPackPlan
 
 log = logging.getLogger(__name__)
-
-
-def plan_packs(lengths: Sequence[int], max_tokens: int, visual: Sequence[int] | None = None,
-               balance_visual_tokens: bool = False) -> list[list[int]]:
-    """First-fit-decreasing bin packing of sample indices into packs of at most max_tokens tokens.
-
-    First fit is a max segment tree over the free space of packs 0..n-1 (unopened packs have max_tokens free), so
-    "leftmost pack with free >= n" is O(log n) and opening a new pack needs no special case.
-    """
-    lengths = [int(n) for n in lengths]
-    if any(n > max_tokens for n in lengths):
-        raise ValueError("a sample is longer than max_tokens; truncate or drop it before planning")
-    if not lengths:
-        return []
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    size = 1
-    while size < len(lengths):
-        size *= 2
-    tree = [max_tokens] * (2 * size)
-
-    def first_fit(n: int) -> int:
-        node = 1
-        while node < size:
-            node = 2 * node if tree[2 * node] >= n else 2 * node + 1
-        return node - size
-
-    def set_free(p: int, value: int) -> None:
-        node = p + size
-        tree[node] = value
-        node //= 2
-        while node:
-            tree[node] = max(tree[2 * node], tree[2 * node + 1])
-            node //= 2
-
-    balance = balance_visual_tokens and visual is not None
-    # Balancing spreads the vision samples over as many packs as plain FFD would need (opened up front), picking
-    # the fitting pack with the fewest vision tokens through a lazy min-heap; text samples then fill the gaps.
-    n_target = len(plan_packs(lengths, max_tokens)) if balance else 0
-    packs: list[list[int]] = [[] for _ in range(n_target)]
-    vis: list[int] = [0] * n_target
-    heap = [(0, p) for p in range(n_target)]
-    for i in order:
-        n = lengths[i]
-        chosen = -1
-        if balance and visual[i] > 0:
-            aside = []
-            while heap and len(aside) < 64:  # bounded: past 64 full candidates, first fit decides
-                v, p = heapq.heappop(heap)
-                if v != vis[p]:
-                    continue  # stale entry
-                if tree[p + size] >= n:
-                    chosen = p
-                    break
-                aside.append((v, p))
-            for item in aside:
-                heapq.heappush(heap, item)
-        if chosen < 0:
-            chosen = first_fit(n)
-        if chosen == len(packs):
-            packs.append([])
-            vis.append(0)
-        packs[chosen].append(i)
-        set_free(chosen, tree[chosen + size] - n)
-        if visual is not None:
-            vis[chosen] += int(visual[i])
-        if balance:
-            heapq.heappush(heap, (vis[chosen], chosen))
-    return [p for p in packs if p]
 
 
 def padded_length(total: int, multiple: int) -> int:
@@ -162,19 +88,19 @@ def build_micro_batch(docs: list[dict], pad_token_id: int, image_token_id: int, 
 
 
 class PackDataset(torch.utils.data.Dataset):
-    """Map-style dataset of packs: item p decodes the images and videos of pack p's documents (in the DataLoader
-    worker) and returns the micro-batch dict. A document whose image or video fails to decode here (it passed the
-    header check at preparation) is left out of the pack with a warning naming file:line; `strict` raises instead."""
+    """Map-style dataset indexed by PACK CONTENTS: `dataset[(i, j, ...)]` decodes the images and videos of documents
+    i, j, ... (in the DataLoader worker) and returns their micro-batch dict; `PackSampler` yields these tuples from
+    `plan`, the epoch's packing plan (None: a dataset indexed by hand). `dataset[p]` (an int) is pack p of epoch 0. A document whose image or video fails to decode here (it passed the header
+    check at preparation) is left out of the pack with a warning naming file:line; `strict` raises instead."""
 
-    def __init__(self, records, packs: list[list[int]], encoder, pad_to_multiple_of: int, strict: bool = False):
-        self.records, self.packs, self.encoder = records, packs, encoder
+    def __init__(self, records, plan: EpochPackPlan | None, encoder, pad_to_multiple_of: int, strict: bool = False):
+        self.records, self.plan, self.encoder = records, plan, encoder
         self.pad_to_multiple_of, self.strict = pad_to_multiple_of, strict
 
     def __len__(self) -> int:
-        return len(self.packs)
-
-    def pack_tokens(self, p: int) -> int:
-        return int(sum(self.records[i]["num_tokens"] for i in self.packs[p]))
+        if self.plan is None:
+            raise TypeError("a PackDataset without a plan has no length")
+        return self.plan.num_packs
 
     def _load_images(self, rec: dict, doc: dict) -> None:
         from PIL import Image
@@ -213,11 +139,13 @@ class PackDataset(torch.utils.data.Dataset):
                     raise _DecodeError(reason, err) from err
         return doc
 
-    def __getitem__(self, p: int) -> dict:
+    def __getitem__(self, documents: tuple[int, ...]) -> dict:
+        if isinstance(documents, int):  # by hand: pack p of epoch 0's plan (training re-plans every epoch)
+            documents = self.plan.packs(0)[documents]
         enc = self.encoder
         enc.processor  # loads lazily in each worker
         docs = []
-        for i in self.packs[p]:
+        for i in documents:
             rec = self.records[int(i)]
             try:
                 docs.append(self._load_doc(rec))
@@ -225,11 +153,12 @@ class PackDataset(torch.utils.data.Dataset):
                 where = f"{rec['source']}:{rec['line']}"
                 if self.strict:
                     raise ValueError(f"{where}: {err.reason}: {err.error}") from err.error
-                log.warning("skipping %s in pack %d: %s: failed to decode: %s", where, p, err.reason, err.error)
+                log.warning("skipping %s (a pack of %d documents): %s: failed to decode: %s", where, len(documents),
+                            err.reason, err.error)
         tok = enc.processor.tokenizer
         batch = build_micro_batch(docs, tok.pad_token_id, enc.image_token_id, enc.video_token_id,
                                   self.pad_to_multiple_of, enc.merge)
-        batch["pack_index"] = int(p)
+        batch["documents"] = [int(i) for i in documents]  # indices into the split's records (order of the pack)
         return batch
 
 

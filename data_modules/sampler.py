@@ -1,6 +1,8 @@
-"""Resumable, token-balanced distributed sampler over packs.
+"""Resumable, token-balanced distributed sampler over packs; it yields each pack's document indices.
 
-Every rank computes the same global order (seed + epoch), so no communication is needed:
+Every rank computes the same global plan and order (seed + epoch), so no communication is needed:
+0. the epoch's packs come from `planning.EpochPackPlan` (re-planned every epoch when shuffling, the same number of
+   packs every epoch);
 1. the pack indices are shuffled with `torch.Generator().manual_seed(seed + epoch)` (or kept in order);
 2. the order is cut into rounds of `num_replicas` packs (the last round is filled by wrapping around to the start
    of the order, as torch's DistributedSampler does, so every rank runs the same number of steps and collectives
@@ -11,42 +13,46 @@ Every rank computes the same global order (seed + epoch), so no communication is
 Resume: `consumed` counts the micro-batches this rank has handed to the training step in the current epoch (the
 DataModule increments it from `on_before_batch_transfer`, which Lightning calls in the main process right before
 each step, so DataLoader prefetching does not inflate it). `state_dict()` / `load_state_dict()` carry
-(epoch, consumed); the next `__iter__` for that epoch starts after the consumed packs. Subclassing
+(epoch, consumed); the next `__iter__` for that epoch re-plans it and starts after the consumed packs. Subclassing
 DistributedSampler stops Lightning from wrapping this sampler in its own distributed sampler.
+
+Why the sampler yields pack CONTENTS (a tuple of document indices) rather than a pack number: the plan changes
+every epoch, and DataLoader workers hold a copy of the dataset made when they started (persistent workers live for
+the whole fit); indices travel to the workers with each request, so the workers always load the current plan.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DistributedSampler
+
+from .planning import EpochPackPlan
 
 log = logging.getLogger(__name__)
 
 
 class PackSampler(DistributedSampler):
-    def __init__(self, pack_tokens: Sequence[int], num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+    def __init__(self, plan: EpochPackPlan, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
                  seed: int = 0):
         # DistributedSampler.__init__ is not called: it wants a dataset and a process group; nothing else is used.
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
-        if not pack_tokens:
-            raise ValueError("no packs to sample from")
-        self.pack_tokens = [int(t) for t in pack_tokens]
+        self.plan = plan
         self.num_replicas, self.rank, self.shuffle, self.seed = num_replicas, rank, shuffle, seed
         self.epoch = 0
         self.drop_last = False
-        self.num_samples = math.ceil(len(self.pack_tokens) / num_replicas)
+        self.num_samples = math.ceil(plan.num_packs / num_replicas)
         self.total_size = self.num_samples * num_replicas
         self.consumed = 0  # micro-batches of the current epoch handed to the step
         self._resume_at = 0  # where the next __iter__ starts
 
     def rank_orders(self, epoch: int) -> list[list[int]]:
-        """The pack order of every rank for `epoch` (identical on all ranks)."""
-        n = len(self.pack_tokens)
+        """The pack order (indices into `plan.packs(epoch)`) of every rank for `epoch` (identical on all ranks)."""
+        tokens = self.plan.pack_tokens(epoch)
+        n = len(tokens)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(n, generator=g).tolist()
@@ -57,12 +63,17 @@ class PackSampler(DistributedSampler):
         per_rank: list[list[int]] = [[] for _ in range(self.num_replicas)]
         load = [0] * self.num_replicas
         for start in range(0, self.total_size, self.num_replicas):
-            chunk = sorted(order[start : start + self.num_replicas], key=lambda p: (-self.pack_tokens[p], p))
+            chunk = sorted(order[start : start + self.num_replicas], key=lambda p: (-tokens[p], p))
             ranks = sorted(range(self.num_replicas), key=lambda r: (load[r], r))
             for p, r in zip(chunk, ranks):
                 per_rank[r].append(p)
-                load[r] += self.pack_tokens[p]
+                load[r] += tokens[p]
         return per_rank
+
+    def rank_packs(self, epoch: int) -> list[tuple[int, ...]]:
+        """What this rank draws in `epoch`: the document indices of each of its packs, in order."""
+        packs = self.plan.packs(epoch)
+        return [tuple(packs[p]) for p in self.rank_orders(epoch)[self.rank]]
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -71,7 +82,7 @@ class PackSampler(DistributedSampler):
             self.consumed = 0
 
     def __iter__(self):
-        order = self.rank_orders(self.epoch)[self.rank]
+        order = self.rank_packs(self.epoch)
         start = self._resume_at
         self.consumed = start
 
@@ -94,14 +105,14 @@ class PackSampler(DistributedSampler):
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "num_replicas": self.num_replicas,
-                "num_packs": len(self.pack_tokens)}
+                "plan": self.plan.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("num_packs") != len(self.pack_tokens) or state.get("seed") != self.seed:
-            log.warning("sampler state is for %s packs / seed %s, now %d packs / seed %d: the data or options "
-                        "changed, so the saved position is not meaningful; starting epoch %s from its beginning",
-                        state.get("num_packs"), state.get("seed"), len(self.pack_tokens), self.seed,
-                        state.get("epoch"))
+        if state.get("plan") != self.plan.fingerprint() or state.get("seed") != self.seed:
+            log.warning("sampler state is for data %s / seed %s, now %s / seed %d: the data or options changed (or "
+                        "the checkpoint predates per-epoch packing), so the saved position is not meaningful; "
+                        "starting epoch %s from its beginning", state.get("plan", state.get("num_packs")),
+                        state.get("seed"), self.plan.fingerprint(), self.seed, state.get("epoch"))
             self.epoch, self._resume_at, self.consumed = int(state.get("epoch", 0)), 0, 0
             return
         if state.get("num_replicas") != self.num_replicas:

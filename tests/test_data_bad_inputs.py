@@ -90,7 +90,7 @@ def test_too_long_truncate_keeps_targets_and_counts(emb, data_dir):
     dm = _dm(emb, data_dir, str(train), too_long="truncate", max_tokens=128)
     dm.setup("fit")
     assert dm.stats["train"] == {"ok": 2, "truncated": 1}
-    assert max(len(p) for p in dm.train_dataset.packs) >= 1
+    assert max(len(p) for p in dm.train_dataset.plan.packs(0)) >= 1
     assert all(n <= 128 for n in dm.train_dataset.records["num_tokens"])
 
 

@@ -84,7 +84,7 @@ def test_packed_batch_equals_per_document_reference(emb):
     base = str(emb.train_path.parent)
     rows = _rows(emb.train_path, 8)
     records = [dict(encoder.encode(r, base), source="x", line=i + 1) for i, r in enumerate(rows)]
-    batch = PackDataset(records, [list(range(len(records)))], encoder, pad_to_multiple_of=64)[0]
+    batch = PackDataset(records, None, encoder, pad_to_multiple_of=64)[tuple(range(len(records)))]
 
     config = AutoConfig.from_pretrained(emb.model_dir)
     with torch.device("meta"):  # get_rope_index needs the config only, not weights

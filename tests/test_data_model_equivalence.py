@@ -55,9 +55,8 @@ def test_packed_equals_per_document(emb, tmp_path, with_video):
         videos = [dict(encoder.encode(r, str(tmp_path)), source="v", line=i + 1)
                   for i, r in enumerate(_video_rows(tmp_path))]
         records = records[:2] + videos[:1] + records[2:4] + videos[1:]
-    ds = PackDataset(records, [list(range(len(records)))], encoder, pad_to_multiple_of=64)
-    packed = ds[0]
-    singles = [PackDataset(records, [[i]], encoder, pad_to_multiple_of=1)[0] for i in range(len(records))]
+    packed = PackDataset(records, None, encoder, pad_to_multiple_of=64)[tuple(range(len(records)))]
+    singles = [PackDataset(records, None, encoder, pad_to_multiple_of=1)[(i,)] for i in range(len(records))]
     keys = ("input_ids", "labels", "position_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw",
             "pixel_values_videos", "video_grid_thw", "cu_seqlens")
     if with_video:

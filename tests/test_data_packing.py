@@ -1,4 +1,5 @@
-"""First-fit-decreasing planning and the packed rows the DataModule produces."""
+"""Pack planning (first-fit-decreasing for evaluation, random-order first fit re-planned per epoch for training)
+and the packed rows the DataModule produces."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import random
 
 import pytest
 
-from data_modules import MultimodalPackingDataModule, plan_packs
+from data_modules import EpochPackPlan, MultimodalPackingDataModule, plan_packs
 from data_modules.encoding import IGNORE
 from qmoe_lightning.embedded import ensure_embedded_default
 
@@ -96,3 +97,89 @@ def test_test_split_needs_test_path(emb, tmp_path):
     batch = next(iter(dm.test_dataloader()))
     assert batch["input_ids"].shape[1] <= 512 and batch["num_label_tokens"] > 0
     assert dm.stats["test"]["ok"] == len(dm.test_dataset.records)
+
+
+def _lognormal_lengths(n=4000, cap=4096, seed=0):
+    rng = random.Random(seed)  # the shape of bench/bench_packing.py's corpus: log-normal answers, some images
+    return [min(cap, int(1.3 * rng.lognormvariate(5.0, 1.0)) + rng.randint(23, 50) + (rng.random() < 0.3) * 64)
+            for _ in range(n)]
+
+
+def _mixed(packs, label):
+    return sum(len({label[i] for i in p}) == 2 for p in packs) / len(packs)
+
+
+def test_training_packs_mix_documents_whose_label_follows_their_length():
+    rng = random.Random(1)
+    label = [rng.random() < 0.5 for _ in range(800)]
+    lengths = [31 if y else 30 for y in label]  # the label is fully determined by the length
+    plan = EpochPackPlan(lengths, 256, seed=0)
+    for epoch in range(3):
+        assert _mixed(plan.packs(epoch), label) >= 0.9
+    # negative control: first-fit-decreasing (what training used to get) puts each label in its own packs
+    assert _mixed(plan_packs(lengths, 256), label) <= 0.05
+
+
+def test_training_plan_replanned_per_epoch_deterministic_and_complete():
+    lengths = _lognormal_lengths(1500, 1024)
+    plan = EpochPackPlan(lengths, 1024, seed=5)
+    again = EpochPackPlan(lengths, 1024, seed=5)
+    epochs = [plan.packs(e) for e in range(4)]
+    assert all(again.packs(e) == epochs[e] for e in (3, 0, 2, 1))  # a pure function of (seed, epoch), any order
+    assert EpochPackPlan(lengths, 1024, seed=6).packs(0) != epochs[0]
+    # the packs themselves change, not only their order (a document too long to share its pack stays alone)
+    contents = [{tuple(sorted(p)) for p in packs if len(p) > 1} for packs in epochs]
+    assert len(contents[0]) > 0.5 * plan.num_packs and len(contents[0] & contents[1]) < 0.05 * len(contents[0])
+    for packs in epochs:
+        assert len(packs) == plan.num_packs  # the same epoch length every epoch (Lightning sizes epochs once)
+        assert sorted(i for p in packs for i in p) == list(range(len(lengths)))  # every document exactly once
+        assert all(sum(lengths[i] for i in p) <= 1024 for p in packs)
+    assert plan.num_packs <= 1.03 * len(plan_packs(lengths, 1024))  # seen: 505 vs 497
+    fixed = EpochPackPlan(lengths, 1024, shuffle=False)
+    assert fixed.packs(0) == fixed.packs(7) == plan_packs(lengths, 1024)  # evaluation: FFD, planned once
+
+
+def test_training_plan_efficiency_on_lognormal_lengths():
+    lengths = _lognormal_lengths()
+    plan = EpochPackPlan(lengths, 4096, seed=0)
+    for epoch in range(3):
+        padded = sum(-(-t // 64) * 64 for t in plan.pack_tokens(epoch))
+        assert sum(lengths) / padded >= 0.98
+
+
+def test_epoch_with_fewer_packs_splits_and_visual_balancing_still_spreads_images():
+    from data_modules.planning import split_to_count
+
+    packs = split_to_count([[0, 1, 2, 3], [4], [5, 6]], 5)
+    assert sorted(i for p in packs for i in p) == list(range(7)) and len(packs) == 5
+    assert split_to_count([[0], [1]], 4) == [[0], [1]]  # nothing left to split
+    lengths = [50] * 40
+    visual = [40 if i < 10 else 0 for i in range(40)]
+    plan = EpochPackPlan(lengths, 200, visual, balance_visual_tokens=True, seed=0)
+    for epoch in range(3):
+        per_pack = sorted(sum(visual[i] for i in p) for p in plan.packs(epoch))
+        assert per_pack[-1] - per_pack[0] <= 40  # 10 images over 10 packs: one each
+
+
+def test_datamodule_packs_mix_answers_of_different_token_lengths(emb, tmp_path):
+    import json
+
+    # a two-answer task whose answers tokenise to different lengths: length alone gives the answer away
+    rng = random.Random(0)
+    path = tmp_path / "two.jsonl"
+    with open(path, "w") as f:
+        for _ in range(300):
+            answer = rng.choice(["one", "one two"])
+            f.write(json.dumps({"messages": [{"role": "user", "content": "Say it."},
+                                             {"role": "assistant", "content": answer}]}) + "\n")
+    dm = MultimodalPackingDataModule(model_path=str(emb.model_dir), train_path=str(path), max_tokens=256,
+                                     pad_to_multiple_of=16, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    dm.setup("fit")
+    records = dm.train_dataset.records
+    assert len(set(records["num_tokens"])) == 2
+    label = [n == max(records["num_tokens"]) for n in records["num_tokens"]]
+    for epoch in (0, 1):
+        dm.train_sampler.set_epoch(epoch)
+        packs = [batch["documents"] for batch in dm.train_dataloader()]
+        assert sorted(i for p in packs for i in p) == list(range(len(records)))
+        assert _mixed(packs, label) >= 0.9

@@ -1,11 +1,12 @@
-"""Distributed pack sampling and mid-epoch resume: same order as an uninterrupted run, on 1 and 2 ranks."""
+"""Distributed pack sampling and mid-epoch resume: same packs in the same order as an uninterrupted run, on 1 and 2
+ranks, in epoch 0 and in a re-planned epoch 1."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from data_modules import MultimodalPackingDataModule, PackSampler
+from data_modules import EpochPackPlan, MultimodalPackingDataModule, PackSampler
 from qmoe_lightning.embedded import ensure_embedded_default
 
 
@@ -33,24 +34,31 @@ def _epoch(dm, epoch, limit=None, count=True):
             break
         if count:
             dm.on_before_batch_transfer(batch, 0)  # what Lightning calls right before each training step
-        seen.append(batch["pack_index"])
+        seen.append(tuple(batch["documents"]))
     return seen
 
 
 def test_sampler_ranks_disjoint_balanced_and_seeded():
-    tokens = [100 + (i * 37) % 150 for i in range(23)]
+    lengths = [20 + (i * 37) % 90 for i in range(60)]
+    plan = EpochPackPlan(lengths, 256, seed=3)
+    tokens = plan.pack_tokens(0)
+    n = plan.num_packs
+    assert n >= 15 and all(t <= 256 for t in tokens)
     for world in (1, 2, 3):
-        orders = [PackSampler(tokens, world, r, seed=3).rank_orders(0)[r] for r in range(world)]
+        orders = [PackSampler(plan, world, r, seed=3).rank_orders(0)[r] for r in range(world)]
         assert len({len(o) for o in orders}) == 1  # same number of steps on every rank
         flat = [p for o in orders for p in o]
-        assert set(flat) == set(range(23))  # every pack somewhere; repeats only to fill the last round
-        assert len(flat) - len(set(flat)) == (-23) % world
+        assert set(flat) == set(range(n))  # every pack somewhere; repeats only to fill the last round
+        assert len(flat) - len(set(flat)) == (-n) % world
         loads = [sum(tokens[p] for p in o) for o in orders]
         assert max(loads) - min(loads) <= max(tokens)  # LPT per round keeps ranks within one pack
-    s = PackSampler(tokens, 1, 0, seed=3)
-    assert s.rank_orders(0) == PackSampler(tokens, 1, 0, seed=3).rank_orders(0)
+        docs = [i for r in range(world) for pack in PackSampler(plan, world, r, seed=3).rank_packs(0) for i in pack]
+        assert sorted(set(docs)) == list(range(60))  # every document drawn in the epoch
+    s = PackSampler(plan, 1, 0, seed=3)
+    assert s.rank_packs(0) == PackSampler(EpochPackPlan(lengths, 256, seed=3), 1, 0, seed=3).rank_packs(0)
     assert s.rank_orders(0) != s.rank_orders(1)  # reshuffled per epoch
-    assert PackSampler(tokens, 1, 0, shuffle=False).rank_orders(5)[0] == list(range(23))
+    fixed = EpochPackPlan(lengths, 256, shuffle=False)
+    assert PackSampler(fixed, 1, 0, shuffle=False).rank_orders(5)[0] == list(range(fixed.num_packs))
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -122,7 +130,7 @@ def test_lightning_checkpoint_resume(emb, cache, tmp_path):
             self.seen = []
 
         def training_step(self, batch, batch_idx):
-            self.seen.append(batch["pack_index"])
+            self.seen.append(tuple(batch["documents"]))
             return (self.w * batch["num_label_tokens"]).sum()
 
         def configure_optimizers(self):
@@ -143,3 +151,25 @@ def test_lightning_checkpoint_resume(emb, cache, tmp_path):
     rest = Recorder()
     trainer(max_epochs=2).fit(rest, datamodule=_dm(emb, cache), ckpt_path=str(path))
     assert part.seen + rest.seen == whole.seen
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_mid_epoch_1_of_replanned_packs(emb, cache, workers):
+    # epoch 1 has its own packs (re-planned); a run stopped 3 packs into it resumes on exactly those packs
+    ref = _dm(emb, cache)
+    ref.setup("fit")
+    full0, full1 = _epoch(ref, 0), _epoch(ref, 1)
+    assert set(full0) != set(full1)  # different pack contents, not only a different order
+    first = _dm(emb, cache)
+    first.setup("fit")
+    _epoch(first, 0)
+    head = _epoch(first, 1, limit=3)
+    state = first.state_dict()
+    assert state["sampler"]["epoch"] == 1 and state["sampler"]["consumed"] == 3
+    resumed = _dm(emb, cache, workers=workers)
+    resumed.load_state_dict(state)
+    resumed.setup("fit")
+    assert resumed.train_sampler.epoch == 1
+    resumed.train_sampler.set_epoch(1)  # as Lightning does at the epoch start: the position survives it
+    rest = [tuple(batch["documents"]) for batch in resumed.train_dataloader()]
+    assert head + rest == full1

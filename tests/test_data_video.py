@@ -216,7 +216,7 @@ def test_video_documents_equal_transformers_processor_and_rope(emb, tmp_path):
     records = [dict(encoder.encode(r, base), source="x", line=i + 1) for i, r in enumerate(rows)]
     assert [len(r["videos"]) for r in records] == [1, 1, 0]
     assert [json.loads(v)["frames"][-1].split("/")[-2:] for v in records[1]["videos"]] == [["clipB", "f003.png"]]
-    batch = PackDataset(records, [list(range(len(records)))], encoder, pad_to_multiple_of=64)[0]
+    batch = PackDataset(records, None, encoder, pad_to_multiple_of=64)[tuple(range(len(records)))]
     config = AutoConfig.from_pretrained(emb.model_dir)
     with torch.device("meta"):
         model = Qwen3_5MoeModel(config)

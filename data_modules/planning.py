@@ -1,0 +1,185 @@
+"""Which documents go into which packed row: bin packing by token count, re-planned every training epoch.
+
+Two planners, one first-fit core (`plan_packs`):
+- evaluation (val / test) and `shuffle: false`: first-fit-decreasing (longest first, ties by index), planned once.
+  The fullest packs, but each pack holds documents of similar length.
+- training (`EpochPackPlan`, shuffle on): the documents in a random order seeded by (seed, epoch), then first fit.
+  Why not FFD for training: when length correlates with content (answer words of different token counts, task
+  types, languages, short answers vs long reasoning) FFD puts documents of one kind together, every optimizer step
+  sees one kind only and the model chases the prior; a tiny model never learned a two-answer image task that way.
+  Random-order first fit mixes: each pack is the prefix of a random order plus gap fillers, and the contents
+  change every epoch. Efficiency stays high (first fit keeps every pack open; `bench/bench_packing.py`: 0.996
+  non-pad fraction vs 0.999 for FFD at 4096-token packs); the gap fillers are the one residual length bias
+  (short documents end up in partly filled packs a bit more often).
+
+Every training epoch has the same number of packs (Lightning sizes an epoch, the LR schedule and the progress bar
+from the loader length once): the count of epoch 0 is the target; a later epoch whose random order needs more packs
+is drawn again (next attempt seed), one that needs fewer splits its most crowded packs in two. Plans are pure
+functions of (lengths, max_tokens, seed, epoch): every data-parallel rank computes the same plan without talking,
+and a resumed run re-plans its epoch exactly.
+
+`balance_visual_tokens`: as many packs as plain FFD needs are opened up front and documents with vision tokens go
+to the fitting pack with the fewest vision tokens so far (text documents first-fit), which evens out vision-tower
+work per micro-batch at a small fill cost; for training, the documents with vision tokens are placed first (in
+their random order), then the text documents.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import random
+from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 16  # random orders tried for an epoch before falling back to epoch 0's plan
+
+
+def plan_packs(lengths: Sequence[int], max_tokens: int, visual: Sequence[int] | None = None,
+               balance_visual_tokens: bool = False, order: Sequence[int] | None = None) -> list[list[int]]:
+    """First-fit bin packing of document indices into packs of at most max_tokens tokens, documents taken in
+    `order` (default: longest first, ties by index, i.e. first-fit-decreasing).
+
+    First fit is a max segment tree over the free space of packs 0..n-1 (unopened packs have max_tokens free), so
+    "leftmost pack with free >= n" is O(log n) and opening a new pack needs no special case.
+    """
+    lengths = [int(n) for n in lengths]
+    if any(n > max_tokens for n in lengths):
+        raise ValueError("a sample is longer than max_tokens; truncate or drop it before planning")
+    if not lengths:
+        return []
+    if order is None:
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    size = 1
+    while size < len(lengths):
+        size *= 2
+    tree = [max_tokens] * (2 * size)
+
+    def first_fit(n: int) -> int:
+        node = 1
+        while node < size:
+            node = 2 * node if tree[2 * node] >= n else 2 * node + 1
+        return node - size
+
+    def set_free(p: int, value: int) -> None:
+        node = p + size
+        tree[node] = value
+        node //= 2
+        while node:
+            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            node //= 2
+
+    balance = balance_visual_tokens and visual is not None
+    # Balancing spreads the vision samples over as many packs as plain FFD would need (opened up front), picking
+    # the fitting pack with the fewest vision tokens through a lazy min-heap; text samples then fill the gaps.
+    n_target = len(plan_packs(lengths, max_tokens)) if balance else 0
+    packs: list[list[int]] = [[] for _ in range(n_target)]
+    vis: list[int] = [0] * n_target
+    heap = [(0, p) for p in range(n_target)]
+    for i in order:
+        n = lengths[i]
+        chosen = -1
+        if balance and visual[i] > 0:
+            aside = []
+            while heap and len(aside) < 64:  # bounded: past 64 full candidates, first fit decides
+                v, p = heapq.heappop(heap)
+                if v != vis[p]:
+                    continue  # stale entry
+                if tree[p + size] >= n:
+                    chosen = p
+                    break
+                aside.append((v, p))
+            for item in aside:
+                heapq.heappush(heap, item)
+        if chosen < 0:
+            chosen = first_fit(n)
+        if chosen == len(packs):
+            packs.append([])
+            vis.append(0)
+        packs[chosen].append(i)
+        set_free(chosen, tree[chosen + size] - n)
+        if visual is not None:
+            vis[chosen] += int(visual[i])
+        if balance:
+            heapq.heappush(heap, (vis[chosen], chosen))
+    return [p for p in packs if p]
+
+
+def split_to_count(packs: list[list[int]], count: int) -> list[list[int]]:
+    """Split the packs with the most documents in two (first half / second half) until there are `count` packs or
+    every pack holds one document. Splitting keeps every pack within its capacity."""
+    packs = [list(p) for p in packs]
+    heap = [(-len(p), k) for k, p in enumerate(packs)]
+    heapq.heapify(heap)
+    while len(packs) < count and heap:
+        neg, k = heapq.heappop(heap)
+        if -neg < 2:
+            break
+        half = -neg // 2
+        packs.append(packs[k][half:])
+        packs[k] = packs[k][:half]
+        for j in (k, len(packs) - 1):
+            heapq.heappush(heap, (-len(packs[j]), j))
+    return packs
+
+
+class EpochPackPlan:
+    """The packs of every epoch (lists of document indices), a pure function of (lengths, options, seed, epoch).
+
+    shuffle=False: one first-fit-decreasing plan for every epoch. shuffle=True: random-order first fit per epoch
+    with `num_packs` packs every epoch (see the module doc). Plans are cached per epoch (the last few)."""
+
+    def __init__(self, lengths: Sequence[int], max_tokens: int, visual: Sequence[int] | None = None,
+                 balance_visual_tokens: bool = False, shuffle: bool = True, seed: int = 0):
+        self.lengths = [int(n) for n in lengths]
+        if not self.lengths:
+            raise ValueError("no documents to pack")
+        self.visual = None if visual is None else [int(v) for v in visual]
+        self.max_tokens, self.balance, self.shuffle, self.seed = max_tokens, balance_visual_tokens, shuffle, seed
+        self._cache: dict[int, list[list[int]]] = {}
+        self._fixed = None if shuffle else self._plan(None)
+        if self._fixed is None:
+            self._cache[0] = self._random_plan(0, 0)
+        self.num_packs = len(self._fixed if self._fixed is not None else self._cache[0])
+
+    def _plan(self, order) -> list[list[int]]:
+        return plan_packs(self.lengths, self.max_tokens, self.visual, self.balance, order)
+
+    def _random_plan(self, epoch: int, attempt: int) -> list[list[int]]:
+        order = list(range(len(self.lengths)))
+        random.Random(f"qmoe-packs-{self.seed}-{epoch}-{attempt}").shuffle(order)  # str seeds: stable everywhere
+        if self.balance and self.visual is not None:
+            # documents with vision tokens first, each to the pack with the fewest so far; text fills the rest (in
+            # a random order text would fill the packs before the images come, leaving nothing to balance)
+            order = [i for i in order if self.visual[i] > 0] + [i for i in order if self.visual[i] == 0]
+        return self._plan(order)
+
+    def packs(self, epoch: int) -> list[list[int]]:
+        if self._fixed is not None:
+            return self._fixed
+        packs = self._cache.get(epoch)
+        if packs is None:
+            packs = self._draw(epoch)
+            # the current epoch, epoch 0 (the reference count) and one more are enough
+            for old in [e for e in self._cache if e not in (0, epoch)][:-1]:
+                del self._cache[old]
+            self._cache[epoch] = packs
+        return packs
+
+    def _draw(self, epoch: int) -> list[list[int]]:
+        for attempt in range(MAX_ATTEMPTS if epoch else 1):
+            packs = self._random_plan(epoch, attempt)
+            if len(packs) <= self.num_packs:
+                return split_to_count(packs, self.num_packs)
+        log.warning("epoch %d: %d random orders all needed more than %d packs; reusing epoch 0's packs", epoch,
+                    MAX_ATTEMPTS, self.num_packs)
+        return self._random_plan(0, 0)
+
+    def pack_tokens(self, epoch: int) -> list[int]:
+        return [sum(self.lengths[i] for i in p) for p in self.packs(epoch)]
+
+    def fingerprint(self) -> dict:
+        """What a saved sampler position is only meaningful for."""
+        return {"num_documents": len(self.lengths), "num_tokens": sum(self.lengths), "max_tokens": self.max_tokens,
+                "num_packs": self.num_packs}
