@@ -6,7 +6,7 @@ prompt reproduces the answer and stops": if every next-token argmax along the re
 token, greedy generation follows the same path. One forward per packed row instead of one generate per question.
 
 Documents are split into image documents (any image/video placeholder in the document) and text documents, so the
-bundled image questions (colour / shape, chance ~1/4 and ~1/3, 1/12 for "a <colour> <shape>") are reported apart
+bundled image questions (colour / shape / left-right / top-bottom, chance 1/4, 1/3, 1/2, 1/2) are reported apart
 from the text tasks.
 
 Targets follow the model: labels shifted left by one, the last token of every document has no target.

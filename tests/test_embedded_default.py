@@ -78,3 +78,27 @@ def test_model_loads_and_runs(emb):
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[1, 2, 3, 4]]))
     assert out.logits.shape == (1, 4, model.config.text_config.vocab_size)
+
+
+def test_position_answers_are_where_the_shape_is(emb):
+    from qmoe_lightning.embedded.synthetic import POSITION_QUESTIONS
+
+    rows = [json.loads(line) for line in open(emb.val_path)]
+    seen = {kind: set() for kind in POSITION_QUESTIONS}
+    for r in rows:
+        kind = r["meta"]["kind"].removeprefix("image_")
+        if kind not in POSITION_QUESTIONS:
+            continue
+        question, answers = POSITION_QUESTIONS[kind]
+        assert question in [i.get("text") for i in r["messages"][0]["content"]]
+        path = emb.val_path.parent / next(i["image"] for i in r["messages"][0]["content"] if i["type"] == "image")
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        colours = {tuple(c) for c in COLORS.values()}
+        xs, ys = zip(*[(x, y) for x in range(w) for y in range(h) if img.getpixel((x, y)) in colours])
+        coord, extent = (xs, w) if kind == "left_right" else (ys, h)
+        second = min(coord) >= extent // 2  # the whole shape in the second half, or the whole shape in the first
+        assert second or max(coord) < extent // 2, (path, min(coord), max(coord))
+        assert r["meta"]["answer"] == answers[second]
+        seen[kind].add(r["meta"]["answer"])
+    assert all(seen[k] == set(POSITION_QUESTIONS[k][1]) for k in seen)  # both answers of each kind occur
