@@ -38,13 +38,9 @@ SIZE = 64
 
 
 def draw(rng: random.Random, red_left: bool) -> Image.Image:
-    base = rng.randint(90, 140)
-    img = Image.new("RGB", (SIZE, SIZE), (base, base, base))
-    px = img.load()
-    for _ in range(SIZE * SIZE // 8):
-        x, y = rng.randrange(SIZE), rng.randrange(SIZE)
-        v = base + rng.randint(-25, 25)
-        px[x, y] = (v, v, v)
+    from qmoe_lightning.embedded.synthetic import noisy_background
+
+    img = noisy_background(rng, SIZE)
     d = ImageDraw.Draw(img)
     for color, left in (((220, 40, 40), red_left), ((40, 80, 220), not red_left)):
         extent = rng.randint(10, 20)

@@ -35,16 +35,22 @@ WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "rocket"
 SYSTEM_PROMPT = "You are a helpful assistant."
 
 
-def draw_shape(rng: random.Random, color: str, shape: str, size: int,
-               box: tuple[int, int, int, int] | None = None) -> Image.Image:
-    """A filled shape on a noisy grey background; `box` (x0, y0, x1, y1) places it, default: large, anywhere."""
+def noisy_background(rng: random.Random, size: int) -> Image.Image:
+    """A grey square image with sparse grey noise, so the background is not a constant."""
     base = rng.randint(90, 140)
     img = Image.new("RGB", (size, size), (base, base, base))
     px = img.load()
-    for _ in range(size * size // 8):  # sparse grey noise so the background is not a constant
+    for _ in range(size * size // 8):
         x, y = rng.randrange(size), rng.randrange(size)
         v = base + rng.randint(-25, 25)
         px[x, y] = (v, v, v)
+    return img
+
+
+def draw_shape(rng: random.Random, color: str, shape: str, size: int,
+               box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """A filled shape on a noisy grey background; `box` (x0, y0, x1, y1) places it, default: large, anywhere."""
+    img = noisy_background(rng, size)
     draw = ImageDraw.Draw(img)
     if box is None:
         extent = rng.randint(size // 2, size - 8)
