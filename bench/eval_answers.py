@@ -2,9 +2,9 @@
 
 For every row of a JSONL file whose `meta` holds {"kind", "answer"} (the embedded data and
 `bench/bench_position_task.py` write such rows), every candidate answer of that kind (the distinct answers of the
-kind in the file) is scored by transformers' `AutoModelForImageTextToText` loaded from the export: the summed log
-probability of the assistant turn (the answer and its end-of-turn token) after the prompt, one document per
-forward. The prediction is the best-scoring candidate; chance is 1 / number of candidates.
+kind in the whole file) is scored by transformers' `AutoModelForImageTextToText` loaded from the export: the
+summed log probability of the assistant turn (the answer and its end-of-turn token) after the prompt, one
+document per forward. The prediction is the best-scoring candidate; chance is 1 / number of candidates.
 
 `--blank` repeats the image questions with every image replaced by a uniform grey image of the same size: a model
 that reads the pixels drops to chance there; one that learnt the answer prior (or the document length) does not.
@@ -13,6 +13,7 @@ Inputs are made by the project's own encoder (the chat template and image proces
 processor applies them, tested in tests/test_data_encoding.py); the numbers come from transformers alone.
 
 Usage: python bench/eval_answers.py EXPORT_DIR DATA.jsonl [--blank] [--limit N]
+       (DATA `embedded`: the embedded default's held-out split)
 """
 
 from __future__ import annotations
@@ -60,7 +61,16 @@ def _blank_images(row: dict, base: Path, out: Path) -> dict:
     return dict(row, messages=messages)
 
 
-def score_rows(export: str, rows: list[dict], base: Path, log_every: int = 0) -> list[dict]:
+def answers_by_kind(rows: list[dict]) -> dict[str, list[str]]:
+    candidates: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        kind, answer = row["meta"]["kind"], row["meta"]["answer"]
+        if answer not in candidates[kind]:
+            candidates[kind].append(answer)
+    return candidates
+
+
+def score_rows(export: str, rows: list[dict], base: Path, candidates: dict[str, list[str]]) -> list[dict]:
     """Per row: {"kind", "answer", "prediction", "candidates"}; transformers does the scoring."""
     from transformers import AutoModelForImageTextToText
 
@@ -69,11 +79,6 @@ def score_rows(export: str, rows: list[dict], base: Path, log_every: int = 0) ->
 
     model = AutoModelForImageTextToText.from_pretrained(export, dtype=torch.float32).eval()
     encoder = Encoder(export, max_tokens=4096)
-    candidates: dict[str, list[str]] = defaultdict(list)
-    for row in rows:
-        kind, answer = row["meta"]["kind"], row["meta"]["answer"]
-        if answer not in candidates[kind]:
-            candidates[kind].append(answer)
     results = []
     for n, row in enumerate(rows):
         kind = row["meta"]["kind"]
@@ -93,8 +98,6 @@ def score_rows(export: str, rows: list[dict], base: Path, log_every: int = 0) ->
         best = candidates[kind][max(range(len(scores)), key=scores.__getitem__)]
         results.append({"kind": kind, "answer": row["meta"]["answer"], "prediction": best,
                         "candidates": len(candidates[kind])})
-        if log_every and (n + 1) % log_every == 0:
-            print(f"  scored {n + 1}/{len(rows)}", file=sys.stderr)
     return results
 
 
@@ -110,17 +113,22 @@ def accuracy_by_kind(results: list[dict]) -> dict[str, tuple[float, int, float]]
 def evaluate(export: str, data: str, blank: bool = False, limit: int | None = None,
              kinds: tuple[str, ...] = ("image_",)) -> dict[str, dict]:
     """{"real": accuracy_by_kind, "blank": ... (if asked)} over the rows whose kind starts with one of `kinds`."""
+    from qmoe_lightning.embedded import resolve_path
+
+    data = resolve_path(data, "val")
     base = Path(data).parent
     with open(data) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    rows = [r for r in rows if "meta" in r and r["meta"]["kind"].startswith(kinds)][:limit]
+    rows = [r for r in rows if "meta" in r and r["meta"]["kind"].startswith(kinds)]
     if not rows:
         raise ValueError(f"{data}: no rows with meta.kind starting with {kinds}")
-    out = {"real": accuracy_by_kind(score_rows(export, rows, base))}
+    candidates = answers_by_kind(rows)  # from every row of the kind, also when only the first `limit` are scored
+    rows = rows[:limit]
+    out = {"real": accuracy_by_kind(score_rows(export, rows, base, candidates))}
     if blank:
         with tempfile.TemporaryDirectory() as tmp:
             blanks = [_blank_images(r, base, Path(tmp)) for r in rows]
-            out["blank"] = accuracy_by_kind(score_rows(export, blanks, base))
+            out["blank"] = accuracy_by_kind(score_rows(export, blanks, base, candidates))
     return out
 
 
@@ -136,7 +144,7 @@ def format_table(result: dict[str, dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("export", help="Hugging Face model directory (e.g. runs/tiny/hf_export)")
-    ap.add_argument("data", help="JSONL with meta.kind / meta.answer per row (e.g. the embedded val.jsonl)")
+    ap.add_argument("data", help="JSONL with meta.kind / meta.answer per row, or `embedded` (its held-out split)")
     ap.add_argument("--blank", action="store_true", help="also score with blank images")
     ap.add_argument("--limit", type=int, default=None, help="first N image rows only")
     args = ap.parse_args()
