@@ -6,8 +6,10 @@ What: `model.save_pretrained` of the native model (LoRA adapters merged in, `lor
 generation_config.json, and the tokenizer / processor / chat-template files of the source checkpoint, so
 `AutoModelForImageTextToText.from_pretrained(dir)` and `AutoProcessor.from_pretrained(dir)` load it as is
 (AutoProcessor of Qwen3-VL-style processors needs torchvision, a transformers requirement).
-Atomic: the files are written into a temporary sibling directory that is renamed into place, so a crash leaves
-the previous export (or none), never a half-written directory.
+Safe (`qmoe_lightning.export_dir`): only a previous export of ours is ever replaced (a `dirpath` naming the run
+directory, `.` or any other non-empty directory is an error at fit start, before training); the files are written
+into a temporary sibling that is swapped into place, so a crash at any moment leaves the previous export (or the
+new one), never a half-written or missing one; temporaries that killed exports left are removed at the next start.
 
 Hub push (`repo_id` set): after a successful local export, on global rank 0, through huggingface_hub with retries.
 The token comes only from the environment variable named by `token_env`. A failed push is logged as an error and
@@ -32,6 +34,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
+from qmoe_lightning.export_dir import check_export_target, recover
 from qmoe_lightning.hub import PushResult, push_folder_to_hub
 from qmoe_lightning.lora import save_merged_pretrained
 from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
@@ -87,6 +90,16 @@ class HFExport(pl.Callback):
 
     def export_dir(self, trainer) -> Path:
         return Path(self.dirpath or os.path.join(trainer.default_root_dir, "hf_export"))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Before any training: the target may only be a previous export; debris of killed exports goes."""
+        if stage != "fit":
+            return
+        # every rank checks (they all raise together instead of leaving the others waiting in a collective)
+        out = check_export_target(self.export_dir(trainer), trainer.default_root_dir)
+        if trainer.is_global_zero:
+            for p in recover(out):
+                log.warning("removed or restored %s, left by an export that was killed", p)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

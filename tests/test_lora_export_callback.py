@@ -31,8 +31,8 @@ def test_lora_export_writes_hf_adapter(tmp_path, capsys):
     cb.on_train_end(_trainer(tmp_path), module)
     out = tmp_path / "hf_adapter"
     assert cb.last_export == out
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                      "qmoe_lora.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".qmoe_export", "adapter_config.json",
+                                                      "adapter_model.safetensors", "qmoe_lora.json"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "org/base-model"
     assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]

@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..export_dir import follow_umask
 from .synthetic import tokenizer_corpus, write_split
 from .tokenizer import save_tokenizer, train_tokenizer
 
@@ -136,6 +137,7 @@ def ensure_embedded_default(cache_dir: str | os.PathLike | None = None) -> Embed
     tmp = Path(tempfile.mkdtemp(prefix=f".embedded-v{VERSION}-", dir=base))
     try:
         _build(tmp)
+        follow_umask(tmp)  # mkdtemp makes it 0700 and safetensors writes 0600: other users could not read it
         try:
             os.rename(tmp, root)  # atomic on one filesystem; fails if another builder finished first
         except OSError:

@@ -15,6 +15,7 @@ adapters (full (E, ...) expert adapters) in the same order, rank 0 writes, as HF
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -22,8 +23,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
+from qmoe_lightning.export_dir import check_export_target, recover
+
 from .apply import has_lora
 from .peft_export import save_peft_adapter
+
+log = logging.getLogger(__name__)
 
 
 class LoraExport(pl.Callback):
@@ -50,6 +55,16 @@ class LoraExport(pl.Callback):
 
             return str(resolve_path(pretrained, "model", getattr(hp, "embedded_cache_dir", None)))
         return None if pretrained is None else str(pretrained)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Before any training: the target may only be a previous adapter export (see qmoe_lightning.export_dir)."""
+        if stage != "fit":
+            return
+        # every rank checks (they all raise together instead of leaving the others waiting in a collective)
+        out = check_export_target(self.export_dir(trainer), trainer.default_root_dir)
+        if trainer.is_global_zero:
+            for p in recover(out):
+                log.warning("removed or restored %s, left by an export that was killed", p)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if not has_lora(pl_module.model):

@@ -38,7 +38,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qmoe_lightning.models.checkpoint import _full, _swap_into_place
+from qmoe_lightning.export_dir import check_export_target, recover, swap_into_place, temp_dir
+from qmoe_lightning.models.checkpoint import _full
 from qmoe_lightning.models.moe import GroupedExperts
 
 from .apply import lora_modules
@@ -173,9 +174,10 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_n
         config["peft_version"] = peft.__version__
     except ImportError:
         pass
-    out_dir = Path(out_dir).resolve()
+    out_dir = check_export_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    recover(out_dir)
+    tmp = temp_dir(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -184,7 +186,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_n
         cfg = getattr(model, "lora_config", None)
         if cfg is not None:  # provenance: training-time settings PEFT has no field for (its LoraConfig rejects them)
             (tmp / "qmoe_lora.json").write_text(json.dumps(dict(vars(cfg)), indent=2))
-        _swap_into_place(tmp, out_dir)
+        swap_into_place(tmp, out_dir, "peft_adapter")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,8 +8,8 @@ the error lists what is missing / unexpected. Tensors that are knowingly not loa
 text-only model) are counted in `model.load_report`; mtp.* tensors are copied through on save.
 
 Saving writes the official fused layout into a temporary sibling directory (shards + index + config + generation
-config + the source's tokenizer / processor files) and renames it into place: a crash leaves the previous export
-intact.
+config + the source's tokenizer / processor files) and swaps it into place (`qmoe_lightning.export_dir`): only a
+previous export is ever replaced, and a crash at any moment leaves the previous export (or the new one) in place.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..export_dir import check_export_target, recover, swap_into_place, temp_dir
 from .state_dict_adapter import Qwen3_5MoeStateDictAdapter, Skip
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
@@ -236,9 +237,10 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
     """Write `model` as an HF directory. `state_dict`: the native tensors to write (default `model.state_dict()`),
     e.g. a lazy mapping with LoRA adapters merged in; it is walked once, one tensor at a time."""
     adapter = model.state_dict_adapter()
-    out_dir = out_dir.resolve()
+    out_dir = check_export_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    recover(out_dir)
+    tmp = temp_dir(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -291,19 +293,8 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
             for name in COMPANION_FILES:
                 if (Path(source) / name).is_file():
                     shutil.copy2(Path(source) / name, tmp / name)
-        _swap_into_place(tmp, out_dir)
+        swap_into_place(tmp, out_dir, "hf_model")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
