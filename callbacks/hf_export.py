@@ -12,7 +12,8 @@ into a temporary sibling that is swapped into place, so a crash at any moment le
 new one), never a half-written or missing one; temporaries that killed exports left are removed at the next start.
 
 Hub push (`repo_id` set): after a successful local export, on global rank 0, through huggingface_hub with retries.
-The token comes only from the environment variable named by `token_env`. A failed push is logged as an error and
+The token comes only from the environment variable named by `token_env` or the cached `hf auth login`, never
+from configs. Large exports upload resumably (see qmoe_lightning.hub). A failed push is logged as an error and
 recorded in `self.last_push`; it never raises and never deletes the local export, so training results are not lost
 to a network problem. `push_on_every_export` (default False) also pushes the periodic exports.
 
@@ -35,7 +36,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from qmoe_lightning.export_dir import check_export_target, recover
-from qmoe_lightning.hub import PushResult, push_folder_to_hub
+from qmoe_lightning.hub import PushResult, push_folder_to_hub, retry_command
 from qmoe_lightning.lora import save_merged_pretrained
 from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
 
@@ -146,5 +147,6 @@ class HFExport(pl.Callback):
             rank_zero_info(f"pushed {self.last_export} to the Hub repo {result.repo_id} ({result.url})")
         else:
             log.error("pushing %s to the Hub repo %s failed after %d attempt(s): %s. The local export is intact at "
-                      "%s; push it later with `huggingface-cli upload %s %s`.", self.last_export, result.repo_id,
-                      result.attempts, result.error, self.last_export, result.repo_id, self.last_export)
+                      "%s; push it later (an interrupted upload resumes) with `%s`.", self.last_export,
+                      result.repo_id, result.attempts, result.error, self.last_export,
+                      retry_command(self.last_export, result.repo_id))

@@ -1,9 +1,15 @@
 """Pushing a finished local export to the Hugging Face Hub, with retries, never touching the local copy.
 
-The token is read only from the environment (`HF_TOKEN` by default; never from configs, which are saved next to
-checkpoints). `huggingface_hub.HfApi` does the work: `create_repo(exist_ok=True)` then `upload_folder`, retried
-with exponential backoff on any exception; the result is a `PushResult` whose `error` says what failed after the
-last attempt, so the caller can report it while the local export stays where it is.
+The token is read only from the environment (`HF_TOKEN` by default) or huggingface_hub's cached login (`hf auth
+login`); never from configs, which are saved next to checkpoints. `huggingface_hub.HfApi` does the work:
+`create_repo(exist_ok=True)` then `upload_folder`, retried with exponential backoff on any exception; the result is
+a `PushResult` whose `error` says what failed after the last attempt, so the caller can report it while the local
+export stays where it is.
+
+Real-size exports (tens to hundreds of GB): in huggingface_hub >= 1.x with hf_xet (both pulled in by transformers)
+`upload_folder` streams the files, splits large folders into several commits and resumes an interrupted upload
+when called again (committed files skipped, uploaded chunks deduplicated) -- what `upload_large_folder` did in
+older versions, which 2.x no longer has. So a retry, or `retry_command`, continues where the last attempt stopped.
 """
 
 from __future__ import annotations
@@ -15,6 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+IGNORE = [".qmoe_export"]  # our export marker: local bookkeeping, not part of the model
+
+
+def retry_command(folder: str | os.PathLike, repo_id: str) -> str:
+    """What a user runs to push (or resume pushing) an export by hand: the `hf` CLI of huggingface_hub >= 1.0
+    (`huggingface-cli` is gone there)."""
+    return f"hf upload {repo_id} {folder} . --repo-type model --exclude {IGNORE[0]}"
 
 
 @dataclass
@@ -54,7 +68,7 @@ def push_folder_to_hub(
         try:
             api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True, token=token)
             info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                     commit_message=commit_message, token=token)
+                                     commit_message=commit_message, token=token, ignore_patterns=IGNORE)
             url = getattr(info, "commit_url", None) or (str(info) if info is not None else None)
             return PushResult(True, repo_id, attempt, url=url)
         except Exception as err:  # network, auth, rate limit: all retried, reported at the end

@@ -135,6 +135,7 @@ def test_hub_push_retries_then_succeeds_with_env_token(tmp_path, monkeypatch):
     uploads = [kw for name, kw in api.calls if name == "upload_folder"]
     assert len(uploads) == 3 and all(kw["token"] == "hf_secret" for kw in uploads)
     assert uploads[0]["folder_path"] == str(tmp_path) and uploads[0]["repo_id"] == "org/model"
+    assert uploads[0]["ignore_patterns"] == [".qmoe_export"]  # our marker is not part of the model
     creates = [kw for name, kw in api.calls if name == "create_repo"]
     assert creates[0]["private"] is True and creates[0]["exist_ok"] is True
 
@@ -159,6 +160,9 @@ def test_hub_push_failure_is_reported_and_local_export_kept(trained, tmp_path, m
     assert export.last_push is not None and not export.last_push.ok and export.last_push.attempts == 2
     assert "hub unreachable" in export.last_push.error
     assert any("failed after 2 attempt" in r.message for r in caplog.records)
+    # the hint is a command that exists with today's huggingface_hub (`huggingface-cli` is gone in 1.x)
+    assert any("`hf upload org/model " in r.message for r in caplog.records)
+    assert not any("huggingface-cli" in r.message for r in caplog.records)
     out_dir = tmp_path / "run" / "hf_export"
     assert calls["folder"] == out_dir and (out_dir / "config.json").is_file()
     assert any(p.suffix == ".safetensors" for p in out_dir.iterdir())
