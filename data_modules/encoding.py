@@ -34,6 +34,7 @@ IGNORE = -100
 
 # Skip reasons (stable names: they appear in logs and in DataModule.stats).
 INVALID_JSON = "invalid_json"
+INVALID_UTF8 = "invalid_utf8"  # bytes that are not UTF-8 (never decoded with replacement characters)
 BAD_SCHEMA = "bad_schema"
 MISSING_ROLE = "missing_role"
 MISSING_CONTENT = "missing_content"

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import datasets
 
-from .encoding import EMPTY_FILE, INVALID_JSON, BadSample, Encoder
+from .encoding import EMPTY_FILE, INVALID_JSON, INVALID_UTF8, BadSample, Encoder
 from .video import decoder_available as video_decoder_available
 
-READER_VERSION = 1
+READER_VERSION = 2  # 2: invalid UTF-8 counted per row
 ENCODER_VERSION = 2  # 2: video columns
 
 
@@ -88,29 +88,54 @@ def _rows_of_file(path: str):
                 count += 1
                 yield _row(row, path, line, base)
     elif path.endswith(".json"):
+        # decoded with surrogateescape: a bad byte makes only the rows that hold it bad (found after parsing)
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", errors="surrogateescape")
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
             count += 1
-            yield _row(None, path, getattr(err, "lineno", 0), base, INVALID_JSON, str(err))
+            yield _row(None, path, err.lineno, base, INVALID_JSON, str(err))
             return
         rows = data if isinstance(data, list) else [data]
         for i, row in enumerate(rows):  # "line" of a JSON array is the element number (1-based)
             count += 1
-            yield _row(row, path, i + 1, base)
+            bad = _undecodable(row)
+            if bad is not None:
+                yield _row(None, path, i + 1, base, INVALID_UTF8, f"bytes that are not UTF-8 in {bad[:60]!r}")
+            else:
+                yield _row(row, path, i + 1, base)
     else:  # JSONL (any other extension is read as JSON lines too)
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for i, text in enumerate(f, start=1):
-                if not text.strip():
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f, start=1):
+                if not raw.strip():
                     continue
                 count += 1
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield _row(None, path, i, base, INVALID_UTF8,
+                               f"byte 0x{raw[err.start]:02x} at column {err.start + 1} is not UTF-8")
+                    continue
                 try:
                     yield _row(json.loads(text), path, i, base)
                 except json.JSONDecodeError as err:
                     yield _row(None, path, i, base, INVALID_JSON, f"{err.msg} at column {err.colno}")
     if count == 0:
         yield _row(None, path, 0, base, EMPTY_FILE, "the file holds no rows")
+
+
+def _undecodable(value) -> str | None:
+    """The first string inside `value` holding an undecodable byte (a surrogateescape character), else None."""
+    if isinstance(value, str):
+        return value if any("\udc80" <= c <= "\udcff" for c in value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        for part in ((key,) if isinstance(key, str) else ()) + (item,):
+            bad = _undecodable(part)
+            if bad is not None:
+                return bad
+    return None
 
 
 def _generate_rows(files: list[str], stamps: list):  # stamps: only for the datasets cache key

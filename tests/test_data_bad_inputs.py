@@ -146,3 +146,22 @@ def test_json_parquet_and_saved_dataset_sources(emb, data_dir):
         dm = _dm(emb, data_dir, spec)
         dm.setup("fit")
         assert dm.stats["train"]["ok"] == (6 if "*" in spec else 3), spec
+
+
+def test_invalid_utf8_is_counted_per_row_and_strict_names_the_line(emb, data_dir):
+    good = json.dumps(_chat()).encode()
+    bad = json.dumps(_chat(a="caf__")).encode().replace(b"caf__", b"caf\xe9\xff")  # latin-1 bytes, not UTF-8
+    jsonl = data_dir / "latin1.jsonl"
+    jsonl.write_bytes(b"\n".join([good, bad, good]) + b"\n")
+    dm = _dm(emb, data_dir, str(jsonl))
+    dm.setup("fit")
+    assert dm.stats["train"] == {"invalid_utf8": 1, "ok": 2}  # never trained as U+FFFD
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: invalid_utf8: byte 0xe9 at column \d+"):
+        _dm(emb, data_dir, str(jsonl), strict=True).setup("fit")
+    array = data_dir / "latin1.json"
+    array.write_bytes(b"[" + b",\n".join([good, bad, good, good]) + b"]")
+    dm = _dm(emb, data_dir, str(array))
+    dm.setup("fit")
+    assert dm.stats["train"] == {"invalid_utf8": 1, "ok": 3}  # one bad byte used to drop the whole array as one row
+    with pytest.raises(ValueError, match=r"latin1.json:2: invalid_utf8"):
+        _dm(emb, data_dir, str(array), strict=True).setup("fit")
