@@ -37,6 +37,7 @@ INVALID_JSON = "invalid_json"
 INVALID_UTF8 = "invalid_utf8"  # bytes that are not UTF-8 (never decoded with replacement characters)
 BAD_SCHEMA = "bad_schema"
 MISSING_ROLE = "missing_role"
+BAD_ROLE = "bad_role"  # a role the chat template does not know and no common alias of one
 MISSING_CONTENT = "missing_content"
 MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
@@ -48,6 +49,8 @@ EMPTY_FILE = "empty_file"
 # VIDEO_TOO_SHORT "video_too_short" (fewer frames than temporal_patch_size: transformers' smart_resize raises),
 # VIDEO_DECODER_MISSING "video_decoder_missing" (an encoded video file and no PyAV to decode it).
 VIDEO_REASONS = (MISSING_VIDEO, CORRUPT_VIDEO, VIDEO_TOO_SHORT, VIDEO_DECODER_MISSING)
+ROLES = {"system", "user", "assistant", "tool"}  # what the Qwen chat templates render
+ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # ShareGPT's names
 # Not a skip: counted so truncation is never silent either.
 TRUNCATED = "truncated"
 
@@ -143,13 +146,16 @@ class Encoder:
         return {"size": {"shortest_edge": self.pixel_bounds[0], "longest_edge": self.pixel_bounds[1]}}
 
     def image_grid(self, path: str) -> list[int]:
-        """(t, h, w) in patches, from the file header; also verifies the file so corrupt images fail here."""
+        """(t, h, w) in patches, from the file header; also decodes the file once so corrupt or truncated images fail
+        here, at preparation (counted, or strict's error), not in a DataLoader worker mid-training."""
         if not os.path.isfile(path):
             raise BadSample(MISSING_IMAGE, f"image file not found: {path}")
         try:
             with Image.open(path) as im:
                 width, height = im.size
                 im.verify()  # checks structure/CRCs without decoding the pixels
+            with Image.open(path) as im:
+                im.load()  # and decodes them: a truncated JPEG passes verify() and would only fail in training
         except Exception as err:  # PIL raises many types for bad files
             raise BadSample(CORRUPT_IMAGE, f"cannot read image {path}: {type(err).__name__}: {err}") from None
         try:
@@ -163,6 +169,12 @@ class Encoder:
         """-> (messages for the chat template, image paths, videos). A video is `video.resolve_video`'s source plus
         the "fps" of its item (frame lists only; None when absent), in order of appearance."""
         messages = row.get("messages")
+        if messages is None and "conversations" in row:  # ShareGPT: {"conversations": [{"from", "value"}]}
+            turns = row["conversations"]
+            if not isinstance(turns, list):
+                raise BadSample(BAD_SCHEMA, "'conversations' must be a list of {'from', 'value'} objects")
+            messages = [{"role": t.get("from"), "content": t.get("value")} if isinstance(t, dict) else t
+                        for t in turns]
         if isinstance(messages, str):  # parquet/JSON producers sometimes store the list as a JSON string
             try:
                 messages = json.loads(messages)
@@ -177,6 +189,10 @@ class Encoder:
             role = msg.get("role")
             if not isinstance(role, str) or not role:
                 raise BadSample(MISSING_ROLE, f"message {i} has no role")
+            role = ROLE_ALIASES.get(role, role)
+            if role not in ROLES:
+                raise BadSample(BAD_ROLE, f"message {i} has role {msg['role']!r}; expected one of "
+                                f"{sorted(ROLES)} (or the ShareGPT names {sorted(ROLE_ALIASES)})")
             content = msg.get("content")
             if content is None or content == "" or content == []:
                 raise BadSample(MISSING_CONTENT, f"message {i} ({role}) has no content")
@@ -245,7 +261,7 @@ class Encoder:
         p = self.processor
         if not isinstance(row, dict):
             raise BadSample(BAD_SCHEMA, "row is not a JSON object")
-        if "messages" not in row:
+        if "messages" not in row and "conversations" not in row:
             text = row.get("text")
             if not isinstance(text, str) or not text.strip():
                 raise BadSample(MISSING_CONTENT, "row has neither 'messages' nor a non-empty 'text'")

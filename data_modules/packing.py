@@ -108,7 +108,8 @@ class PackDataset(torch.utils.data.Dataset):
         images = []
         for path in rec["images"]:
             with Image.open(path) as im:
-                images.append(im.convert("RGB"))
+                im.load()
+                images.append(im)  # as read: the processor's convert_rgb composites transparency on white
         out = self.encoder.processor.image_processor(images, return_tensors="pt", **self.encoder.image_size_kwargs())
         grid = out["image_grid_thw"]
         if grid.tolist() != rec["image_grids"]:

@@ -27,7 +27,7 @@ from .encoding import EMPTY_FILE, INVALID_JSON, INVALID_UTF8, BadSample, Encoder
 from .video import decoder_available as video_decoder_available
 
 READER_VERSION = 2  # 2: invalid UTF-8 counted per row
-ENCODER_VERSION = 2  # 2: video columns
+ENCODER_VERSION = 3  # 2: video columns; 3: roles checked, images decoded at preparation
 
 
 def expand_paths(spec) -> list[str]:

@@ -165,3 +165,60 @@ def test_invalid_utf8_is_counted_per_row_and_strict_names_the_line(emb, data_dir
     assert dm.stats["train"] == {"invalid_utf8": 1, "ok": 3}  # one bad byte used to drop the whole array as one row
     with pytest.raises(ValueError, match=r"latin1.json:2: invalid_utf8"):
         _dm(emb, data_dir, str(array), strict=True).setup("fit")
+
+
+def test_sharegpt_rows_and_role_aliases_encode_like_messages(emb, data_dir):
+    from data_modules.encoding import Encoder
+
+    enc = Encoder(str(emb.model_dir), max_tokens=256)
+    ref = enc.encode(_chat(), str(data_dir))
+    sharegpt = {"conversations": [{"from": "human", "value": "What is two plus two?"},
+                                  {"from": "gpt", "value": "four"}]}
+    aliased = {"messages": [{"role": "human", "content": "What is two plus two?"},
+                            {"role": "gpt", "content": "four"}]}
+    for row in (sharegpt, aliased):
+        got = enc.encode(row, str(data_dir))
+        assert got["input_ids"] == ref["input_ids"] and got["labels"] == ref["labels"]
+
+
+def test_unknown_roles_are_counted_not_trained(emb, data_dir):
+    narrator = {"messages": [{"role": "narrator", "content": "Once"}, {"role": "assistant", "content": "upon"}]}
+    train = _write_jsonl(data_dir / "roles.jsonl", [_chat(), narrator, _chat()])
+    dm = _dm(emb, data_dir, str(train))
+    dm.setup("fit")
+    assert dm.stats["train"] == {"bad_role": 1, "ok": 2}
+    with pytest.raises(ValueError, match=r"roles.jsonl:2: bad_role: message 0 has role 'narrator'"):
+        _dm(emb, data_dir, str(train), strict=True).setup("fit")
+
+
+def test_truncated_jpeg_fails_at_preparation_not_in_training(emb, data_dir):
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, format="JPEG")
+    (data_dir / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # header intact, data cut
+    train = _write_jsonl(data_dir / "jpeg.jsonl", [_chat(image="ok.png"), _chat(image="cut.jpg")])
+    dm = _dm(emb, data_dir, str(train))
+    dm.setup("fit")
+    assert dm.stats["train"] == {"corrupt_image": 1, "ok": 1}  # counted at preparation (the summary said 0)
+    with pytest.raises(ValueError, match=r"jpeg.jsonl:2: corrupt_image: .*cut.jpg"):
+        _dm(emb, data_dir, str(train), strict=True).setup("fit")
+
+
+def test_transparent_images_are_composited_on_white_like_the_processor(emb, data_dir):
+    import torch
+
+    from data_modules.encoding import Encoder
+    from data_modules.packing import PackDataset
+
+    rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 0))  # fully transparent red ...
+    rgba.paste((0, 0, 255, 255), (0, 0, 32, 64))  # ... and an opaque blue half
+    rgba.save(data_dir / "alpha.png")
+    enc = Encoder(str(emb.model_dir), max_tokens=256)
+    rec = dict(enc.encode(_chat(image="alpha.png"), str(data_dir)), source="x", line=1)
+    got = PackDataset([rec], None, enc, pad_to_multiple_of=1)[(0,)]["pixel_values"]
+    white = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    ip = enc.processor.image_processor
+    assert torch.equal(got, ip([white], return_tensors="pt", **enc.image_size_kwargs())["pixel_values"])
+    dropped = ip([rgba.convert("RGB")], return_tensors="pt", **enc.image_size_kwargs())["pixel_values"]
+    assert not torch.equal(got, dropped)  # what the loader did before: alpha dropped, red shows
