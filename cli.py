@@ -8,16 +8,22 @@ A LightningCLI (jsonargparse) over `QMoELightningModule` and `MultimodalPackingD
 - the config of every run is saved beside its checkpoints: `<checkpoint dir>/config.yaml` (the latest run) plus
   `config-<UTC time>.yaml` (kept per run), so re-running into the same directory never fails and never loses the
   config of an earlier run. Without a checkpoint callback it goes to the logger's directory instead;
-- `--ckpt_path last` resumes from `<default_root_dir>/checkpoints/last.ckpt` when the config uses `RunCheckpoint`.
+- `--ckpt_path last` resumes from `<default_root_dir>/checkpoints/last.ckpt` when the config uses `RunCheckpoint`;
+  a resume continues the saved run exactly (optimizer and schedule state included), so model settings that differ
+  from the checkpoint's (`--model.lr 0.5`) stop the run with a message saying what differs and what to do, instead
+  of being silently replaced by the checkpoint's (Lightning's behaviour) or ignored by the restored schedule.
 The optimizer and schedule are the module's own (`model.lr`, `model.warmup_steps`, ...), so the CLI's generic
 `--optimizer` / `--lr_scheduler` groups are not added.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 import time
+from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -61,6 +67,54 @@ class SaveConfigBesideCheckpoints(SaveConfigCallback):
 class QMoECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.default_root_dir": "runs/default"})
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaces Lightning's, which overwrites the model section with the checkpoint's hyperparameters and so
+        silently drops `--model.*` overrides (and the saved config then records values the user did not ask for)."""
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        cfg = self.config[sub]
+        path = _resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("trainer", {}).get("default_root_dir"))
+        saved = _checkpoint_hparams(path) if path is not None else {}
+        given = cfg["model"].as_dict() if hasattr(cfg["model"], "as_dict") else dict(cfg["model"])
+        differ = [k for k in sorted(set(saved) & set(given)) if _canonical(saved[k]) != _canonical(given[k])]
+        if differ:
+            lines = "\n".join(f"  model.{k}: {given[k]!r} here, {saved[k]!r} in the checkpoint" for k in differ)
+            sys.stderr.write(
+                f"error: resuming from {path}, but these model settings differ from the checkpoint's:\n{lines}\n"
+                "A resume continues the saved run exactly (weights, optimizer and LR schedule state), so they cannot "
+                "change here. Resume with the run's own config (saved beside its checkpoints as config.yaml), or "
+                "train on with new settings as a new run from the exported weights: --model.pretrained "
+                "<default_root_dir>/hf_export (without --ckpt_path).\n")
+            raise SystemExit(2)
+
+
+def _resolve_ckpt_path(ckpt_path, root) -> Path | None:
+    if not ckpt_path:
+        return None
+    path = Path(root or "", "checkpoints", "last.ckpt") if ckpt_path == "last" else Path(ckpt_path)
+    return path if path.exists() else None
+
+
+def _checkpoint_hparams(path: Path) -> dict:
+    """The module hyperparameters saved in a Lightning checkpoint file or distributed checkpoint directory."""
+    import torch
+
+    meta = path / "meta.pt" if path.is_dir() else path
+    if not meta.is_file():
+        return {}
+    try:
+        hparams = torch.load(meta, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+    except Exception:  # not ours to judge here: Lightning reports an unreadable checkpoint with its path
+        return {}
+    return {k: v for k, v in dict(hparams).items() if not k.startswith("_")}
+
+
+def _canonical(value) -> str:
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    return json.dumps(value, sort_keys=True, default=str).replace("(", "[").replace(")", "]")
 
 
 def main(args=None, run: bool = True) -> QMoECLI:

@@ -103,3 +103,20 @@ def test_every_shipped_config_parses(config, capsys):
     code, text = _run_cli_expecting_exit(["fit", "--config", str(Path(TINY).parent / config), "--print_config"],
                                          capsys)
     assert code == 0 and "model:" in text and "data:" in text
+
+
+def test_resume_with_a_different_model_setting_stops_and_says_how(tmp_path, small_data, capsys):
+    root = tmp_path / "run"
+    args = ["fit", "--config", TINY, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+            "--data.train_path", str(small_data), "--data.val_path", str(small_data), "--data.max_tokens", "128",
+            "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache")]
+    cli.main(args)
+    ckpt = str(root / "checkpoints" / "last.ckpt")
+    for where in (ckpt, "last"):
+        code, text = _run_cli_expecting_exit([*args, "--trainer.max_steps", "3", "--ckpt_path", where,
+                                              "--model.lr", "0.5"], capsys)
+        assert code == 2 and "model.lr: 0.5 here, 0.003 in the checkpoint" in text and "--model.pretrained" in text
+    # the same settings resume (and go on to step 3)
+    app = cli.main([*args, "--trainer.max_steps", "3", "--ckpt_path", ckpt])
+    assert app.trainer.global_step == 3
