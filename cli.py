@@ -8,6 +8,9 @@ A LightningCLI (jsonargparse) over `QMoELightningModule` and `MultimodalPackingD
 - the config of every run is saved beside its checkpoints: `<checkpoint dir>/config.yaml` (the latest run) plus
   `config-<UTC time>.yaml` (kept per run), so re-running into the same directory never fails and never loses the
   config of an earlier run. Without a checkpoint callback it goes to the logger's directory instead;
+- `data.model_path` (the processor the data is tokenised with) follows `model.pretrained` unless given: training a
+  real model on the embedded tokenizer's ids cannot happen by omission (and a processor whose vocabulary does not
+  fit the model's embedding stops the run, see `QMoELightningModule.on_fit_start`);
 - `--ckpt_path last` resumes from `<default_root_dir>/checkpoints/last.ckpt` when the config uses `RunCheckpoint`;
   a resume continues the saved run exactly (optimizer and schedule state included), so model settings that differ
   from the checkpoint's (`--model.lr 0.5`) stop the run with a message saying what differs and what to do, instead
@@ -67,6 +70,15 @@ class SaveConfigBesideCheckpoints(SaveConfigCallback):
 class QMoECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.default_root_dir": "runs/default"})
+
+    def before_instantiate_classes(self) -> None:
+        """data.model_path unset: the processor of the model that trains (its tokenizer must index its embedding)."""
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
+        if cfg["data"].get("model_path") is None:
+            model = cfg["model"]
+            source = model.get("processor_source") or model.get("pretrained")
+            cfg["data"]["model_path"] = source if source is not None else "embedded"
 
     def _parse_ckpt_path(self) -> None:
         """Replaces Lightning's, which overwrites the model section with the checkpoint's hyperparameters and so

@@ -44,7 +44,7 @@ def _identity(batch):
 class MultimodalPackingDataModule(LightningDataModule):
     def __init__(
         self,
-        model_path: str = SENTINEL,
+        model_path: str | None = None,
         train_path: str | list[str] = SENTINEL,
         val_path: str | list[str] | None = None,
         val_fraction: float = 0.0,
@@ -72,6 +72,8 @@ class MultimodalPackingDataModule(LightningDataModule):
         """
         Args:
             model_path: model directory with the processor (tokenizer, chat template, image processor), or "embedded".
+                None (default): the model's own -- `cli.py` sets it to `model.pretrained` (or `model.processor_source`),
+                so the data is tokenised for the model that trains on it; used alone, None means "embedded".
             train_path / val_path: JSONL / JSON / Parquet file, glob, `save_to_disk` dir, or a list; or "embedded".
             val_fraction: share of the training samples held out for validation when `val_path` is not given.
             test_path: data for `cli.py test` (same forms; "embedded" is the embedded held-out split).
@@ -113,11 +115,12 @@ class MultimodalPackingDataModule(LightningDataModule):
         self.test_dataset: PackDataset | None = None
         self.train_sampler: PackSampler | None = None
         self._pending_state: dict | None = None
+        self.encoder: Encoder | None = None
 
     # ------------------------------------------------------------------ preparation
     def _resolved(self):
         emb = self.embedded_cache_dir
-        model = resolve_path(self.model_path, "model", emb)
+        model = resolve_path(SENTINEL if self.model_path is None else self.model_path, "model", emb)
         train = resolve_path(self.train_path, "train", emb)
         val = resolve_path(self.val_path, "val", emb)
         if val is None and self.val_fraction == 0 and self.train_path == SENTINEL:
@@ -168,7 +171,7 @@ class MultimodalPackingDataModule(LightningDataModule):
         if self.train_dataset is not None:
             return
         model_dir, train_spec, val_spec = self._resolved()
-        encoder = self._encoder(model_dir)
+        encoder = self.encoder = self._encoder(model_dir)  # the LightningModule checks it fits its model
         train = self._load_split("train", train_spec, encoder)
         val = self._load_split("val", val_spec, encoder) if val_spec is not None else None
         if val is None and self.val_fraction > 0:

@@ -281,6 +281,33 @@ class QMoELightningModule(pl.LightningModule):
     def on_train_start(self) -> None:
         self._t_prev = time.perf_counter()
 
+    def on_fit_start(self) -> None:
+        self._check_data_processor()
+
+    def on_test_start(self) -> None:
+        self._check_data_processor()
+
+    def _check_data_processor(self) -> None:
+        """The DataModule's token ids must index this model's embedding, and its vision placeholders must be the
+        ids the model replaces: a tokenizer of another model trains on garbage ids without any error otherwise."""
+        enc = getattr(getattr(self.trainer, "datamodule", None), "encoder", None)
+        if enc is None or self.model is None:
+            return
+        config = self.model.config
+        text = getattr(config, "text_config", config)
+        vocab, rows = len(enc.processor.tokenizer), int(text.vocab_size)
+        problems = []
+        if vocab > rows:
+            problems.append(f"its tokenizer has {vocab} tokens but the model embeds {rows}")
+        for name in ("image_token_id", "video_token_id"):
+            want = getattr(config, name, None)
+            if want is not None and getattr(enc, name) != want:
+                problems.append(f"its {name} is {getattr(enc, name)}, the model's is {want}")
+        if problems:
+            raise ValueError(f"data.model_path {enc.model_dir} does not fit model.pretrained "
+                             f"{self.hparams.pretrained}: {'; '.join(problems)}. Leave data.model_path unset (it then "
+                             "follows the model) or point it at the model's own processor.")
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """Normalise the accumulated gradients by the global target-token count of the step (see module doc)."""
         win = self.window
@@ -326,6 +353,7 @@ class QMoELightningModule(pl.LightningModule):
 
     def on_validation_start(self) -> None:
         self._t_pause = time.perf_counter()
+        self._check_data_processor()  # `cli.py validate` (cheap: a length and two ids)
 
     def on_validation_end(self) -> None:
         # validation inside an epoch must not count as training time in tokens/s

@@ -120,3 +120,33 @@ def test_resume_with_a_different_model_setting_stops_and_says_how(tmp_path, smal
     # the same settings resume (and go on to step 3)
     app = cli.main([*args, "--trainer.max_steps", "3", "--ckpt_path", ckpt])
     assert app.trainer.global_step == 3
+
+
+def test_data_follows_the_model_and_a_foreign_tokenizer_is_refused(tmp_path, small_data):
+    import json
+    import shutil
+
+    from qmoe_lightning.embedded import ensure_embedded_default
+
+    # a "real" model of our own: the embedded one in another directory
+    other = tmp_path / "other_model"
+    shutil.copytree(ensure_embedded_default().model_dir, other)
+    base = ["--config", TINY, "--model.pretrained", str(other), "--trainer.max_steps", "1",
+            "--trainer.default_root_dir", str(tmp_path / "run"), "--data.train_path", str(small_data),
+            "--data.val_path", str(small_data), "--data.max_tokens", "128", "--data.num_workers", "0",
+            "--data.cache_dir", str(tmp_path / "cache")]
+    app = cli.main(base, run=False)
+    assert app.datamodule.model_path == str(other)  # not the embedded tokenizer the config used to pin
+
+    # another model's processor: a tokenizer with more tokens than the model has embedding rows
+    from transformers import AutoTokenizer
+
+    foreign = tmp_path / "foreign_processor"
+    shutil.copytree(other, foreign)
+    tok = AutoTokenizer.from_pretrained(foreign)
+    tok.add_tokens([f"word{i}" for i in range(100)])
+    tok.save_pretrained(foreign)
+    app = cli.main([*base, "--data.model_path", str(foreign)], run=False)
+    with pytest.raises(ValueError, match=r"foreign_processor does not fit .*tokenizer has \d+ tokens but the model"):
+        app.trainer.fit(app.model, datamodule=app.datamodule)
+    assert app.trainer.global_step == 0
