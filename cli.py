@@ -114,13 +114,18 @@ def _checkpoint_hparams(path: Path) -> dict:
     import torch
 
     meta = path / "meta.pt" if path.is_dir() else path
-    if not meta.is_file():
-        return {}
     try:
-        hparams = torch.load(meta, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-    except Exception:  # not ours to judge here: Lightning reports an unreadable checkpoint with its path
-        return {}
-    return {k: v for k, v in dict(hparams).items() if not k.startswith("_")}
+        if not meta.is_file():
+            raise FileNotFoundError(f"{meta} is missing")
+        ckpt = torch.load(meta, weights_only=True, map_location="cpu")
+        if not isinstance(ckpt, dict):
+            raise TypeError(f"it holds a {type(ckpt).__name__}, not a checkpoint dict")
+    except Exception as err:  # Lightning would fail later with an IndexError that does not name the file
+        sys.stderr.write(f"error: --ckpt_path {path}: not a readable Lightning checkpoint ({type(err).__name__}: "
+                         f"{err}); expected a .ckpt file or a distributed checkpoint directory written by a fit "
+                         "(e.g. <default_root_dir>/checkpoints/last.ckpt, or `--ckpt_path last`)\n")
+        raise SystemExit(2) from None
+    return {k: v for k, v in dict(ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
 
 
 def _canonical(value) -> str:

@@ -222,16 +222,25 @@ class QMoELightningModule(pl.LightningModule):
 
     @staticmethod
     def _config_from(spec):
-        from transformers import AutoConfig, Qwen3_5MoeConfig
+        from transformers import Qwen3_5MoeConfig
 
-        if isinstance(spec, dict):
-            return Qwen3_5MoeConfig(**spec)
-        path = Path(spec)
-        if not path.exists():
-            raise FileNotFoundError(f"model_config: {path} does not exist")
-        if path.is_file():
-            return Qwen3_5MoeConfig(**json.loads(path.read_text()))
-        return AutoConfig.from_pretrained(path)
+        from .models.checkpoint import SUPPORTED_MODEL_TYPES, load_config
+
+        where = "model_config"
+        if not isinstance(spec, dict):
+            path = Path(spec)
+            if not path.exists():
+                raise FileNotFoundError(f"model_config: {path} does not exist")
+            if path.is_dir():
+                return load_config(path)  # checks model_type, naming the file
+            where, spec = f"model_config {path}", json.loads(path.read_text())
+        model_type = spec.get("model_type", "qwen3_5_moe")
+        if model_type not in SUPPORTED_MODEL_TYPES:  # another family's keys would fail later as AttributeErrors
+            raise ValueError(f"{where}: model_type {model_type!r} is not supported; expected one of "
+                             f"{SUPPORTED_MODEL_TYPES}")
+        if model_type == "qwen3_5_moe_text":
+            spec = {"text_config": {k: v for k, v in spec.items() if k != "model_type"}}
+        return Qwen3_5MoeConfig(**{k: v for k, v in spec.items() if k != "model_type"})
 
     def _apply_freezing(self) -> None:
         hp = self.hparams

@@ -150,3 +150,11 @@ def test_data_follows_the_model_and_a_foreign_tokenizer_is_refused(tmp_path, sma
     with pytest.raises(ValueError, match=r"foreign_processor does not fit .*tokenizer has \d+ tokens but the model"):
         app.trainer.fit(app.model, datamodule=app.datamodule)
     assert app.trainer.global_step == 0
+
+
+def test_garbage_ckpt_path_names_the_file(tmp_path, capsys):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"\x00\x01not a checkpoint" * 10)
+    code, text = _run_cli_expecting_exit(["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "r"),
+                                          "--ckpt_path", str(junk)], capsys)
+    assert code == 2 and f"--ckpt_path {junk}: not a readable Lightning checkpoint" in text

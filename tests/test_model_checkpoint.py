@@ -314,3 +314,69 @@ def test_a_second_bf16_cast_keeps_fp32_values_exact():
     model.to(torch.bfloat16)
     params = dict(model.named_parameters())
     assert all(params[n].dtype == torch.float32 and torch.equal(params[n], v) for n, v in fp32.items())
+
+
+# ---- loading as a user would (bad-input probe of the reliability issue) -------------------------------------------
+
+
+def test_from_pretrained_takes_the_checkpoint_dtype_and_exports_one_dtype(hf_and_dir, tmp_path):
+    _, path = hf_and_dir
+    bf16 = Qwen3_5MoeForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)
+    out = bf16.save_pretrained(tmp_path / "bf16")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16"
+    assert cfg["text_config"].get("dtype", "bfloat16") == "bfloat16"  # no sub-config left saying otherwise
+    auto = Qwen3_5MoeForConditionalGeneration.from_pretrained(out)  # default "auto": the checkpoint's dtype
+    assert auto.lm_head.weight.dtype == torch.bfloat16  # it used to build fp32: twice the memory
+    assert {p.dtype for n, p in auto.named_parameters() if n.endswith("A_log")} == {torch.float32}  # fp32 as always
+    assert Qwen3_5MoeForConditionalGeneration.from_pretrained(out, dtype=None).lm_head.weight.dtype == torch.float32
+    fp32 = Qwen3_5MoeForConditionalGeneration.from_pretrained(out, dtype=torch.float32).save_pretrained(tmp_path / "f")
+    cfg = json.loads((fp32 / "config.json").read_text())
+    assert cfg["dtype"] == "float32" and cfg["text_config"].get("dtype", "float32") == "float32"
+
+
+def test_meta_device_reads_no_tensor_data_but_still_checks_the_checkpoint(hf_and_dir, tmp_path, monkeypatch):
+    _, path = hf_and_dir
+    reads = []
+    real_get_tensor = ckpt.read_tensor
+
+    def counting(f, file, key, meta=False):
+        if not meta:
+            reads.append(key)
+        return real_get_tensor(f, file, key, meta)
+
+    monkeypatch.setattr(ckpt, "read_tensor", counting)
+    model = Qwen3_5MoeForConditionalGeneration.from_pretrained(path, device="meta")
+    assert model.lm_head.weight.is_meta and reads == []  # every tensor used to be read for nothing
+    bad = copy_ckpt(path, tmp_path / "bad")
+    rewrite_weights(bad, lambda t: {k: (v[:-1] if k == "lm_head.weight" else v) for k, v in t.items()})
+    with pytest.raises(ValueError, match="lm_head.weight"):  # a wrong shape is still found from the headers
+        Qwen3_5MoeForConditionalGeneration.from_pretrained(bad, device="meta")
+
+
+def test_truncated_safetensors_names_the_file(hf_and_dir, tmp_path):
+    _, path = hf_and_dir
+    dst = copy_ckpt(path, tmp_path / "cut")
+    shard = sorted(dst.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(ValueError, match=rf"{shard.name}.*damaged or truncated"):
+        Qwen3_5MoeForConditionalGeneration.from_pretrained(dst)
+
+
+def test_missing_local_path_that_looks_like_a_hub_id_says_both(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"'myorg/my-model': there is no such local directory .*hub repo"):
+        ckpt.resolve_checkpoint_dir("myorg/my-model")
+
+
+def test_model_config_of_another_model_type_is_named(tmp_path):
+    from qmoe_lightning.lightning_module import QMoELightningModule
+
+    with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
+        QMoELightningModule._config_from({"model_type": "llama", "hidden_size": 64})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "mixtral"}))
+    with pytest.raises(ValueError, match=rf"model_config {path}: model_type 'mixtral'"):
+        QMoELightningModule._config_from(str(path))

@@ -46,8 +46,13 @@ def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"checkpoint directory {path} does not exist (and is not a hub id 'org/name')")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "*.jinja",
-                                                                         "*.txt", "*.model"]))
+    try:
+        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "*.jinja",
+                                                                             "*.txt", "*.model"]))
+    except Exception as err:  # offline, no such repo, gated, network: one message that says both things tried
+        raise FileNotFoundError(
+            f"{path_or_hub_id!r}: there is no such local directory ({path.resolve()}), and fetching it as a hub repo "
+            f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
 def load_config(path: Path):
@@ -81,6 +86,44 @@ def safetensors_files(path: Path) -> list[Path]:
     if not found:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
     return found
+
+
+def open_safetensors(file: Path):
+    """`safe_open` whose errors name the file (the library's say only "Error while deserializing header")."""
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as err:
+        raise ValueError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err}); it is damaged or "
+                         "truncated (an interrupted download or copy?): fetch or export it again") from None
+
+
+def read_tensor(f, file: Path, key: str, meta: bool = False) -> torch.Tensor:
+    """Tensor `key` of the open file `f`; on `meta` only its header (shape, dtype), no data read."""
+    try:
+        if meta:
+            sl = f.get_slice(key)
+            return torch.empty(sl.get_shape(), dtype=_SAFETENSORS_DTYPES[sl.get_dtype()], device="meta")
+        return f.get_tensor(key)
+    except Exception as err:
+        raise ValueError(f"{file}: cannot read tensor {key!r} ({type(err).__name__}: {err}); the file is damaged or "
+                         "truncated: fetch or export it again") from None
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                       "F8_E5M2": torch.float8_e5m2}
+
+
+def checkpoint_dtype(config) -> torch.dtype | None:
+    """The dtype config.json declares (`dtype`, or the older `torch_dtype`), top level or text config."""
+    for c in (config, getattr(config, "text_config", None)):
+        value = getattr(c, "dtype", None) if c is not None else None
+        if isinstance(value, str):
+            value = getattr(torch, value, None)
+        if isinstance(value, torch.dtype):
+            return value
+    return None
 
 
 class HFCheckpointMixin:
@@ -122,11 +165,18 @@ class HFCheckpointMixin:
 
     @classmethod
     def from_pretrained(
-        cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype | None = None,
+        cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None = "auto",
         device: str | torch.device = "cpu",
     ):
+        """dtype: "auto" (default, as transformers): the dtype config.json declares (fp32 if none); None: fp32;
+        or a torch dtype. device "meta": the model's structure only; the checkpoint is still checked key by key
+        and shape by shape from the file headers, but no tensor data is read."""
         path = resolve_checkpoint_dir(path_or_hub_id)
         config = load_config(path)
+        if dtype == "auto":
+            dtype = checkpoint_dtype(config)
+        elif isinstance(dtype, str):
+            raise ValueError(f"dtype must be 'auto', None or a torch.dtype, got {dtype!r}")
         if not cls._is_text_only() and config.model_type != "qwen3_5_moe":
             raise ValueError(
                 f"{path} holds a text-only {config.model_type!r} checkpoint; load it with Qwen3_5MoeForCausalLM"
@@ -153,7 +203,7 @@ class CheckpointScan:
         """Yield (file, open safetensors handle, key) for every checkpoint key whose native key is in `targets`;
         account for every other key here."""
         for file in safetensors_files(path):
-            with safe_open(file, framework="pt", device="cpu") as f:
+            with open_safetensors(file) as f:
                 for key in f.keys():
                     native = adapter.hf_key_to_native(key)
                     if isinstance(native, Skip):
@@ -187,8 +237,9 @@ def load_hf_weights(model, path: Path) -> dict:
         targets.pop("lm_head.weight", None)
     written: dict[str, set] = {}
     scan = CheckpointScan()
+    meta = any(t.is_meta for t in targets.values())  # a structure-only model: check the headers, read nothing
     for file, f, key in scan.keys(path, adapter, targets):
-        for a in adapter.convert_single_tensor_from_hf(key, f.get_tensor(key)):
+        for a in adapter.convert_single_tensor_from_hf(key, read_tensor(f, file, key, meta)):
             param = targets[a.native_key]
             dest = param.data if a.expert is None else param.data[a.expert]
             if a.cols is not None:
@@ -286,7 +337,10 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
 
         config = model.config
         config.architectures = [model.hf_architecture()]
-        config.dtype = dtype_numel.most_common(1)[0][0]  # the dtype most of the written weights have
+        written_dtype = dtype_numel.most_common(1)[0][0]  # the dtype most of the written weights have
+        for c in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+            if c is not None:  # sub-configs loaded from a bf16 checkpoint would otherwise still say bf16
+                c.dtype = written_dtype
         config.save_pretrained(tmp)
         source = getattr(model, "source_dir", None)
         if source is not None:
