@@ -35,7 +35,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from qmoe_lightning.export_dir import check_export_target, recover
+from qmoe_lightning.export_dir import prepare_target
 from qmoe_lightning.hub import PushResult, push_folder_to_hub, retry_command
 from qmoe_lightning.lora import save_merged_pretrained
 from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
@@ -94,13 +94,8 @@ class HFExport(pl.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Before any training: the target may only be a previous export; debris of killed exports goes."""
-        if stage != "fit":
-            return
-        # every rank checks (they all raise together instead of leaving the others waiting in a collective)
-        out = check_export_target(self.export_dir(trainer), trainer.default_root_dir)
-        if trainer.is_global_zero:
-            for p in recover(out):
-                log.warning("removed or restored %s, left by an export that was killed", p)
+        if stage == "fit":
+            prepare_target(self.export_dir(trainer), trainer.default_root_dir, repair=trainer.is_global_zero)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

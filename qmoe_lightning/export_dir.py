@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import shutil
 import socket
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 MARKER = ".qmoe_export"
 _RENAME_EXCHANGE = 2
@@ -99,6 +102,16 @@ def recover(out_dir: str | os.PathLike) -> list[Path]:
                 shutil.rmtree(p, ignore_errors=True)
             done.append(p)
     return done
+
+
+def prepare_target(out_dir: str | os.PathLike, run_dir: str | os.PathLike, repair: bool) -> Path:
+    """What an export callback does at fit start: check the target (on every rank, so that all raise together
+    rather than leaving the others waiting in a collective) and, where `repair` (rank 0), clear crash debris."""
+    out = check_export_target(out_dir, run_dir)
+    if repair:
+        for p in recover(out):
+            log.warning("removed or restored %s, left by an export that was killed", p)
+    return out
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -123,7 +123,6 @@ def test_resume_with_a_different_model_setting_stops_and_says_how(tmp_path, smal
 
 
 def test_data_follows_the_model_and_a_foreign_tokenizer_is_refused(tmp_path, small_data):
-    import json
     import shutil
 
     from qmoe_lightning.embedded import ensure_embedded_default

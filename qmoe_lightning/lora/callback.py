@@ -15,7 +15,6 @@ adapters (full (E, ...) expert adapters) in the same order, rank 0 writes, as HF
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from pathlib import Path
@@ -23,12 +22,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from qmoe_lightning.export_dir import check_export_target, recover
+from qmoe_lightning.export_dir import prepare_target
 
 from .apply import has_lora
 from .peft_export import save_peft_adapter
 
-log = logging.getLogger(__name__)
 
 
 class LoraExport(pl.Callback):
@@ -58,13 +56,8 @@ class LoraExport(pl.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Before any training: the target may only be a previous adapter export (see qmoe_lightning.export_dir)."""
-        if stage != "fit":
-            return
-        # every rank checks (they all raise together instead of leaving the others waiting in a collective)
-        out = check_export_target(self.export_dir(trainer), trainer.default_root_dir)
-        if trainer.is_global_zero:
-            for p in recover(out):
-                log.warning("removed or restored %s, left by an export that was killed", p)
+        if stage == "fit":
+            prepare_target(self.export_dir(trainer), trainer.default_root_dir, repair=trainer.is_global_zero)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if not has_lora(pl_module.model):
