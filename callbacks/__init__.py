@@ -1,8 +1,10 @@
-"""Lightning callbacks for MoE fine-tuning: aux-loss logging, expert-load statistics, Hugging Face export."""
+"""Lightning callbacks for MoE fine-tuning: aux-loss logging, expert-load statistics, run summary figure, Hugging
+Face export."""
 
 from .expert_load import ExpertLoadStats
 from .hf_export import HFExport
 from .moe_aux_loss import MoEAuxLossLogger
 from .run_checkpoint import RunCheckpoint
+from .run_summary import RunSummaryPlot
 
-__all__ = ["ExpertLoadStats", "HFExport", "MoEAuxLossLogger", "RunCheckpoint"]
+__all__ = ["ExpertLoadStats", "HFExport", "MoEAuxLossLogger", "RunCheckpoint", "RunSummaryPlot"]

@@ -12,8 +12,9 @@ with ONE all-reduce, and logged:
     experts/window_tokens         routed tokens in the window (all ranks)
 The last window's totals are kept in `self.last_counts` (L x E) and `self.last_summary` for inspection.
 
-Every `heatmap_every_n_steps` (at the first window end on or after each multiple) a layers x experts PNG of the
-window's relative load is written to `<dirpath>/expert_load_step{step:07d}.png` (default dirpath:
+Every `heatmap_every_n_steps` (at the first window end on or after each multiple) a layers x experts heatmap of
+the window's relative load (`heatmap.py`: labelled axes, colour bar in x uniform share, dead experts crossed out,
+step / CV / max-mean / dead in the title) is written to `<dirpath>/expert_load_step{step:07d}.png` (default dirpath:
 `<default_root_dir>/expert_load`) on global rank 0, and logged with `add_image` when the logger is TensorBoard.
 Token counts follow the model's `expert_token_counts` (what the routers actually picked, top-k per token).
 """
@@ -30,7 +31,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from qmoe_lightning.router_stats import RouterStats
 
-from .heatmap import load_heatmap, save_png
+from .heatmap import load_heatmap_figure, save_figure
 
 
 class ExpertLoadStats(pl.Callback):
@@ -119,8 +120,8 @@ class ExpertLoadStats(pl.Callback):
                 self._write_heatmap(trainer, self.last_counts.numpy(), step)
 
     def _write_heatmap(self, trainer, counts, step: int) -> None:
-        image = load_heatmap(counts, title=f"expert load, step {step} (1.0 = uniform)")
-        path = save_png(image, self._dir(trainer) / f"expert_load_step{step:07d}.png")
+        fig, title = load_heatmap_figure(counts, step)
+        path, image = save_figure(fig, title, self._dir(trainer) / f"expert_load_step{step:07d}.png")
         self.heatmaps.append(path)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

@@ -81,6 +81,10 @@ def test_tiny_fit_end_to_end_rerun_and_validate(tmp_path, small_data):
     assert "max_steps: 2" in (ckpt / "config.yaml").read_text()
     assert (root / "hf_export" / "config.json").is_file()
     assert any((root / "expert_load").glob("*.png"))
+    from PIL import Image
+
+    with Image.open(root / "run_summary.png") as im:  # the run at a glance (callbacks.RunSummaryPlot)
+        assert im.text["Title"] == "run summary: 2 optimizer steps"
     metrics = app.trainer.callback_metrics
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/image_acc",
             "moe/aux_loss"} <= set(metrics)

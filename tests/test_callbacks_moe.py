@@ -18,7 +18,7 @@ from PIL import Image
 from test_app_common import make_datamodule, make_trainer, small_data  # noqa: F401  (fixture)
 
 from callbacks import ExpertLoadStats, MoEAuxLossLogger
-from callbacks.heatmap import load_heatmap
+from callbacks.heatmap import heatmap_title, load_heatmap_figure, relative_load, save_figure, summary_figure
 from qmoe_lightning.lightning_module import QMoELightningModule
 
 
@@ -94,27 +94,51 @@ def test_expert_load_stats_match_router_outputs(tmp_path, small_data):
     assert s["experts/layer_0/max_mean_ratio"] == pytest.approx(float(ratio[0]), rel=1e-9)
     assert trainer.callback_metrics["experts/cv"].item() == pytest.approx(s["experts/cv"], rel=1e-6)
 
-    # the heatmap: a valid PNG, one cell row per layer, one cell column per expert
+    # the heatmap: a valid PNG whose title (also in its metadata) carries the step and the window's statistics
     assert len(stats.heatmaps) == 1 and stats.heatmaps[0].parent == tmp_path / "expert_load"
     raw = stats.heatmaps[0].read_bytes()
     assert raw[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(stats.heatmaps[0]) as im:
         im.verify()
     with Image.open(stats.heatmaps[0]) as im:
-        img = np.asarray(im.convert("RGB"))
-    expected = load_heatmap(counts.numpy(), title="expert load, step 3 (1.0 = uniform)")
-    assert img.shape == expected.shape and np.array_equal(img, expected)
+        assert im.text["Title"] == heatmap_title(counts.numpy(), 3)
+    assert f"dead {int((counts == 0).sum())}" in heatmap_title(counts.numpy(), 3)
 
 
-def test_heatmap_marks_dead_experts_and_scales_by_uniform_share():
-    counts = np.array([[10, 10, 10, 10], [40, 0, 0, 0]])
-    img = load_heatmap(counts, cell=4)
-    assert img.dtype == np.uint8 and img.ndim == 3
-    row0 = img[1, ::4][:4]  # layer 0, one pixel per expert: all uniform -> identical colours
-    assert (row0 == row0[0]).all() and row0[0].any()
-    row1 = img[5, ::4][:4]
-    assert (row1[1:] == 0).all()  # dead experts are black
-    assert not (row1[0] == row0[0]).all()  # 4x the uniform share is drawn differently from 1x
+def _render(fig_title, tmp_path, name):
+    path, rgb = save_figure(*fig_title, tmp_path / name)
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        return im.size, im.text["Title"], np.asarray(im.convert("RGB")), rgb
+
+
+@pytest.mark.parametrize("L,E", [(4, 8), (40, 256)])  # the tiny model and the real 35B-A3B / 397B shape
+def test_heatmap_is_labelled_and_readable_at_real_sizes(tmp_path, L, E):
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(50, size=(L, E))
+    counts[1, 3] = counts[L - 1, E - 1] = 0  # two dead experts
+    counts[0, 0] = 50 * 6  # a hot one, above the colour scale
+    size, title, img, rgb = _render(load_heatmap_figure(counts, step=1200), tmp_path, f"h{E}.png")
+    assert title.startswith("expert load, step 1200\nCV ") and title.endswith("dead 2")
+    assert size[0] >= 500 and size[1] >= 250 and size[0] <= 2700  # readable, not a 96 x 48 thumbnail
+    assert E < 100 or size[0] >= 2000  # 256 experts get a wide figure
+    assert rgb.shape == (size[1], size[0], 3)  # the array TensorBoard gets is the same picture
+    red = (img[..., 0] > 200) & (img[..., 1] < 60) & (img[..., 2] < 60)
+    assert red.sum() > 20  # the dead experts are crossed out
+
+
+def test_relative_load_scales_by_uniform_share():
+    rel = relative_load(np.array([[10, 10, 10, 10], [40, 0, 0, 0], [0, 0, 0, 0]]))
+    assert rel.tolist() == [[1, 1, 1, 1], [4, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_summary_figure(tmp_path):
+    history = {"train/loss": [(s, 6.0 / s) for s in range(1, 50)], "val/loss": [(25, 0.4), (49, 0.3)],
+               "moe/aux_loss": [(s, 1.0 + 0.01 * s) for s in range(1, 50)], "experts/cv": [(10, 0.5), (20, 0.4)]}
+    size, title, img, _ = _render(summary_figure(history, "run summary: 49 optimizer steps"), tmp_path, "s.png")
+    assert title == "run summary: 49 optimizer steps" and size == (1000, 650)
+    assert img.std() > 10  # not blank
 
 
 def test_aux_loss_logger_per_layer_matches_router_outputs(tmp_path, small_data):
