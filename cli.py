@@ -31,7 +31,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from callbacks import RunCheckpoint
+from callbacks import RunCheckpoint, StepProgressBar
 from data_modules.datamodule import MultimodalPackingDataModule
 from qmoe_lightning.lightning_module import QMoELightningModule
 
@@ -70,6 +70,19 @@ class SaveConfigBesideCheckpoints(SaveConfigCallback):
 class QMoECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.default_root_dir": "runs/default"})
+
+    def _instantiate_trainer(self, config, callbacks):
+        """Lightning's, plus `StepProgressBar` as the progress bar ("Epoch N", not "Epoch N/-2") when the config
+        shows one and names none of its own (added here, not to the saved config: a rerun with
+        `--trainer.enable_progress_bar false` must not meet a progress bar callback it refuses)."""
+        from lightning.pytorch.callbacks import ProgressBar
+
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if config.get("enable_progress_bar", True) is not False and not any(
+                isinstance(c, ProgressBar) for c in [*configured, *callbacks]):
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:
         """data.model_path unset: the processor of the model that trains (its tokenizer must index its embedding)."""

@@ -85,6 +85,20 @@ def test_tiny_fit_end_to_end_rerun_and_validate(tmp_path, small_data):
 
     with Image.open(root / "run_summary.png") as im:  # the run at a glance (callbacks.RunSummaryPlot)
         assert im.text["Title"] == "run summary: 2 optimizer steps"
+    from callbacks import RunReport
+
+    start = RunReport.start_block(app.trainer, app.model)
+    assert "Qwen3_5MoeForConditionalGeneration from embedded" in start and "routed experts" in start
+    assert "precision 32-true" in start and "train data: 24 samples" in start
+    end = RunReport.end_block(app.trainer)
+    for where in ("checkpoints", "HF export", "heatmaps", "summary", "config", "logs"):
+        assert where in end, (where, end)
+    assert str(root / "hf_export") in end and "last.ckpt" in end
+    bar = cli.main([a for a in args[1:] if a not in ("--trainer.enable_progress_bar", "false")], run=False).trainer
+    progress = bar.progress_bar_callback
+    assert type(progress).__name__ == "StepProgressBar" and bar.max_epochs in (None, -1)
+    progress._trainer = bar  # what Lightning sets at setup
+    assert progress._get_train_description(2).strip() == "Epoch 2"  # Lightning's rich bar said "Epoch 2/-2"
     metrics = app.trainer.callback_metrics
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss", "val/image_acc",
             "moe/aux_loss"} <= set(metrics)

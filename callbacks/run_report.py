@@ -1,0 +1,133 @@
+"""What a run prints besides the progress bar: one block at fit start saying what is trained, one at fit end
+saying where everything went; and a progress bar that does not print "Epoch 2/-2".
+
+`RunReport` (global rank 0 prints, nothing is gathered):
+- start: the model (architecture, source), parameters total and trainable by group (embeddings and LM head,
+  attention, linear attention, routed experts, shared expert, router, vision, LoRA adapters), precision, devices and
+  the parallel layout, the data of each split (samples, tokens, packs, non-pad fraction, skipped rows by reason);
+- end: checkpoints (directory, last), exports (HF model, PEFT adapter), figures, TensorBoard logs, saved config.
+It replaces Lightning's model summary table in the recipes (`enable_model_summary: false`), whose FLOPs column
+reads 0 for this model.
+
+`StepProgressBar`: Lightning's progress bar, except that a run bounded by steps (`max_epochs` unset, -1) shows
+"Epoch N" instead of "Epoch N/-2" (the rich bar's `max_epochs - 1`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+
+try:
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    RichProgressBar()  # raises without the optional `rich` package
+    _BASE = RichProgressBar
+except (ImportError, ModuleNotFoundError):
+    from lightning.pytorch.callbacks import TQDMProgressBar as _BASE
+
+
+class StepProgressBar(_BASE):
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs not in (None, -1):
+            return super()._get_train_description(current_epoch)
+        description = f"Epoch {current_epoch}"
+        return f"{description:{max(len(description), len(getattr(self, 'validation_description', '')))}}"
+
+
+def parameter_groups(model) -> tuple[Counter, Counter]:
+    """(total, trainable) parameter counts by group, from parameter names (native model)."""
+    total, trainable = Counter(), Counter()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            group = "LoRA adapters"
+        elif "embed_tokens" in name or name.startswith("lm_head"):
+            group = "embeddings / LM head"
+        elif ".mlp.experts." in name:
+            group = "routed experts"
+        elif ".mlp.shared_expert" in name:
+            group = "shared expert"
+        elif name.endswith("mlp.gate.weight"):
+            group = "router"
+        elif ".self_attn." in name:
+            group = "attention"
+        elif ".linear_attn." in name:
+            group = "linear attention"
+        elif ".visual." in name or name.startswith("model.visual"):
+            group = "vision tower"
+        else:
+            group = "norms / other"
+        total[group] += p.numel()
+        if p.requires_grad:
+            trainable[group] += p.numel()
+    return total, trainable
+
+
+def _m(n: int) -> str:
+    return f"{n / 1e6:,.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+class RunReport(pl.Callback):
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            rank_zero_info(self.start_block(trainer, pl_module))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            rank_zero_info(self.end_block(trainer))
+
+    @staticmethod
+    def start_block(trainer, pl_module) -> str:
+        model = pl_module.model
+        hp = pl_module.hparams
+        arch = model.hf_architecture() if hasattr(model, "hf_architecture") else type(model).__name__
+        lines = [f"== run: {arch} from {hp.get('pretrained') or hp.get('model_config')}"]
+        total, trainable = parameter_groups(model)
+        note = " (expert parallel: this rank's expert slices)" if getattr(pl_module, "_parallelized", False) else ""
+        lines.append(f"parameters: {_m(sum(total.values()))} total, {_m(sum(trainable.values()))} trainable{note}")
+        for group in sorted(total, key=lambda g: -total[g]):
+            lines.append(f"  {group:<22}{_m(total[group]):>12} {_m(trainable[group]):>12} trainable")
+        strategy = trainer.strategy
+        layout = f"{type(strategy).__name__}"
+        if hasattr(strategy, "ep_size"):
+            layout += f" (ep {strategy.ep_size}, replicate {getattr(strategy, 'replicate', 1)})"
+        lines.append(f"precision {trainer.precision}; {trainer.num_nodes} node(s) x {trainer.num_devices} "
+                     f"{type(trainer.accelerator).__name__.replace('Accelerator', '').lower()} device(s); {layout}")
+        lines.append(f"optimizer: AdamW lr {hp.get('lr')}, warmup {hp.get('warmup_steps')} steps, "
+                     f"max_steps {trainer.max_steps}, accumulate {trainer.accumulate_grad_batches}")
+        dm = getattr(trainer, "datamodule", None)
+        for split in ("train", "val"):
+            ds = getattr(dm, f"{split}_dataset", None)
+            stats = dict(getattr(dm, "stats", {}).get(split, {}))
+            if ds is None:
+                continue
+            skipped = {k: v for k, v in stats.items() if k not in ("ok", "truncated", "from_train_fraction")}
+            lines.append(f"{split} data: {stats.get('ok', 0)} samples, {ds.num_tokens:,} tokens, {len(ds)} packs of "
+                         f"{dm.max_tokens} (non-pad {ds.fill:.3f}); skipped {sum(skipped.values())}"
+                         f"{' ' + str(skipped) if skipped else ''}; truncated {stats.get('truncated', 0)}")
+        return "\n".join(lines)
+
+    @staticmethod
+    def end_block(trainer) -> str:
+        lines = [f"== run finished at step {trainer.global_step}; outputs:"]
+        for cb in trainer.checkpoint_callbacks:
+            if getattr(cb, "dirpath", None):
+                last = getattr(cb, "last_model_path", "") or ""
+                lines.append(f"  checkpoints   {cb.dirpath}{'  (last: ' + os.path.basename(last) + ')' if last else ''}")
+        for cb in trainer.callbacks:
+            name = type(cb).__name__
+            if getattr(cb, "last_export", None) is not None:
+                what = "PEFT adapter" if name == "LoraExport" else "HF export"
+                lines.append(f"  {what:<13} {cb.last_export}")
+            if getattr(cb, "heatmaps", None):
+                lines.append(f"  heatmaps      {cb.heatmaps[-1].parent} ({len(cb.heatmaps)})")
+            if getattr(cb, "path", None) is not None and name == "RunSummaryPlot":
+                lines.append(f"  summary       {cb.path}")
+            if getattr(cb, "saved_to", None):
+                lines.append(f"  config        {cb.saved_to}")
+        if trainer.log_dir:
+            lines.append(f"  logs          {trainer.log_dir} (tensorboard --logdir {trainer.log_dir})")
+        return "\n".join(lines)
