@@ -175,3 +175,27 @@ def test_garbage_ckpt_path_names_the_file(tmp_path, capsys):
     code, text = _run_cli_expecting_exit(["fit", "--config", TINY, "--trainer.default_root_dir", str(tmp_path / "r"),
                                           "--ckpt_path", str(junk)], capsys)
     assert code == 2 and f"--ckpt_path {junk}: not a readable Lightning checkpoint" in text
+
+
+def test_commented_logger_block_of_the_tiny_recipe_works_when_uncommented(tmp_path, small_data):
+    import re
+
+    import yaml
+
+    text = re.sub(r"\n  # (logger:|  - class_path: lightning\.pytorch\.loggers|    init_args:|      \w+: )",
+                  lambda m: "\n  " + m.group(1), Path(TINY).read_text())
+    config = yaml.safe_load(text)
+    loggers = config["trainer"]["logger"]
+    assert [lg["class_path"].rsplit(".", 1)[1] for lg in loggers] == ["TensorBoardLogger", "CSVLogger", "WandbLogger"]
+    config["trainer"]["logger"] = [lg for lg in loggers if "Wandb" not in lg["class_path"]]  # wandb: optional
+    for lg in config["trainer"]["logger"]:
+        lg["init_args"]["save_dir"] = str(tmp_path / "run")
+    path = tmp_path / "tiny_loggers.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli.main(["fit", "--config", str(path), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+              "--trainer.log_every_n_steps", "1", "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
+              "--data.train_path", str(small_data), "--data.val_path", str(small_data), "--data.max_tokens", "128",
+              "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache")])
+    metrics = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "train/loss" in metrics and "val/loss" in metrics
+    assert list((tmp_path / "run" / "lightning_logs").glob("version_0/events.out.tfevents.*"))
