@@ -1,7 +1,7 @@
 """What a run prints besides the progress bar: one block at fit start saying what is trained, one at fit end
 saying where everything went; and a progress bar that does not print "Epoch 2/-2".
 
-`RunReport` (global rank 0 prints, nothing is gathered):
+`RunReport` (global rank 0 prints; nothing is gathered and no collective is called, the other ranks are not there):
 - start: the model (architecture, source), parameters total and trainable by group (embeddings and LM head,
   attention, linear attention, routed experts, shared expert, router, vision, LoRA adapters), precision, devices and
   the parallel layout, the data of each split (samples, tokens, packs, non-pad fraction, skipped rows by reason);
@@ -84,7 +84,9 @@ class RunReport(pl.Callback):
         model = pl_module.model
         hp = pl_module.hparams
         arch = model.hf_architecture() if hasattr(model, "hf_architecture") else type(model).__name__
-        lines = [f"== run: {arch} from {hp.get('pretrained') or hp.get('model_config')}"]
+        runtime = type(model).__name__  # e.g. FSDPQwen3_5Moe... once FSDP2 has wrapped it
+        lines = [f"== run: {arch} from {hp.get('pretrained') or hp.get('model_config')}"
+                 + (f" (as {runtime})" if runtime != arch else "")]
         total, trainable = parameter_groups(model)
         note = " (expert parallel: this rank's expert slices)" if getattr(pl_module, "_parallelized", False) else ""
         lines.append(f"parameters: {_m(sum(total.values()))} total, {_m(sum(trainable.values()))} trainable{note}")
@@ -128,6 +130,8 @@ class RunReport(pl.Callback):
                 lines.append(f"  summary       {cb.path}")
             if getattr(cb, "saved_to", None):
                 lines.append(f"  config        {cb.saved_to}")
-        if trainer.log_dir:
-            lines.append(f"  logs          {trainer.log_dir} (tensorboard --logdir {trainer.log_dir})")
+        # the logger's own directory: `trainer.log_dir` broadcasts (a collective), and only rank 0 is here
+        log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+        if log_dir:
+            lines.append(f"  logs          {log_dir} (tensorboard --logdir {log_dir})")
         return "\n".join(lines)
