@@ -1,7 +1,8 @@
 """PEFT-format adapter export (`hf_adapter/`): what `peft.PeftModel.from_pretrained(transformers_model, dir)` loads.
 
 Files: `adapter_config.json` (a PEFT `LoraConfig`) and `adapter_model.safetensors`, written into a temporary
-sibling directory renamed into place (a crash leaves the previous export or none).
+sibling directory swapped into place by `qmoe_lightning.export_dir` (only a previous export is replaced; a crash
+at any moment leaves the previous export or the new one).
 
 Names: transformers' module names (native `shared_experts` -> `shared_expert`, everything else unchanged), keys
 `base_model.model.<module>.lora_A.weight (r, in)` / `.lora_B.weight (out, r)`, as `PeftModel.save_pretrained` writes.
