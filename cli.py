@@ -130,7 +130,7 @@ def _checkpoint_hparams(path: Path) -> dict:
     try:
         if not meta.is_file():
             raise FileNotFoundError(f"{meta} is missing")
-        ckpt = torch.load(meta, weights_only=True, map_location="cpu")
+        ckpt = torch.load(meta, weights_only=True, map_location="cpu", mmap=True)  # tensors stay on disk
         if not isinstance(ckpt, dict):
             raise TypeError(f"it holds a {type(ckpt).__name__}, not a checkpoint dict")
     except Exception as err:  # Lightning would fail later with an IndexError that does not name the file
@@ -144,7 +144,7 @@ def _checkpoint_hparams(path: Path) -> dict:
 def _canonical(value) -> str:
     if hasattr(value, "as_dict"):
         value = value.as_dict()
-    return json.dumps(value, sort_keys=True, default=str).replace("(", "[").replace(")", "]")
+    return json.dumps(value, sort_keys=True, default=str)  # tuples and lists both become JSON arrays
 
 
 def main(args=None, run: bool = True) -> QMoECLI:

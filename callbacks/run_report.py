@@ -21,13 +21,12 @@ from collections import Counter
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-try:
-    from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
-    RichProgressBar()  # raises without the optional `rich` package
-    _BASE = RichProgressBar
-except (ImportError, ModuleNotFoundError):
-    from lightning.pytorch.callbacks import TQDMProgressBar as _BASE
+from qmoe_lightning.lora.apply import group_of
+
+_BASE = RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar  # what Lightning itself would pick
 
 
 class StepProgressBar(_BASE):
@@ -39,27 +38,18 @@ class StepProgressBar(_BASE):
 
 
 def parameter_groups(model) -> tuple[Counter, Counter]:
-    """(total, trainable) parameter counts by group, from parameter names (native model)."""
+    """(total, trainable) parameter counts by group, from parameter names (native model): the LoRA report's groups
+    (`lora.apply.group_of`) plus adapters, embeddings / LM head and routers on lines of their own."""
     total, trainable = Counter(), Counter()
     for name, p in model.named_parameters():
         if "lora_" in name:
             group = "LoRA adapters"
         elif "embed_tokens" in name or name.startswith("lm_head"):
             group = "embeddings / LM head"
-        elif ".mlp.experts." in name:
-            group = "routed experts"
-        elif ".mlp.shared_expert" in name:
-            group = "shared expert"
         elif name.endswith("mlp.gate.weight"):
             group = "router"
-        elif ".self_attn." in name:
-            group = "attention"
-        elif ".linear_attn." in name:
-            group = "linear attention"
-        elif ".visual." in name or name.startswith("model.visual"):
-            group = "vision tower"
         else:
-            group = "norms / other"
+            group = group_of(name).replace("_", " ")  # routed experts, shared expert, attention, ..., other
         total[group] += p.numel()
         if p.requires_grad:
             trainable[group] += p.numel()

@@ -90,8 +90,9 @@ def build_micro_batch(docs: list[dict], pad_token_id: int, image_token_id: int, 
 class PackDataset(torch.utils.data.Dataset):
     """Map-style dataset indexed by PACK CONTENTS: `dataset[(i, j, ...)]` decodes the images and videos of documents
     i, j, ... (in the DataLoader worker) and returns their micro-batch dict; `PackSampler` yields these tuples from
-    `plan`, the epoch's packing plan (None: a dataset indexed by hand). `dataset[p]` (an int) is pack p of epoch 0. A document whose image or video fails to decode here (it passed the header
-    check at preparation) is left out of the pack with a warning naming file:line; `strict` raises instead."""
+    `plan`, the epoch's packing plan (None: a dataset indexed by hand). `dataset[p]` (an int) is pack p of epoch 0.
+    A document whose image or video fails to decode here (it passed the header check at preparation) is left out of
+    the pack with a warning naming file:line; `strict` raises instead."""
 
     def __init__(self, records, plan: EpochPackPlan | None, encoder, pad_to_multiple_of: int, strict: bool = False):
         self.records, self.plan, self.encoder = records, plan, encoder

@@ -8,8 +8,8 @@ Two planners, one first-fit core (`plan_packs`):
   types, languages, short answers vs long reasoning) FFD puts documents of one kind together, every optimizer step
   sees one kind only and the model chases the prior; a tiny model never learned a two-answer image task that way.
   Random-order first fit mixes: each pack is the prefix of a random order plus gap fillers, and the contents
-  change every epoch. Efficiency stays high (first fit keeps every pack open; `bench/bench_packing.py`: 0.996
-  non-pad fraction vs 0.999 for FFD at 4096-token packs); the gap fillers are the one residual length bias
+  change every epoch. Efficiency stays high (first fit keeps every pack open; `bench/bench_packing.py`: 0.997
+  non-pad fraction vs 0.9995 for FFD at 4096-token packs); the gap fillers are the one residual length bias
   (short documents end up in partly filled packs a bit more often).
 
 Every training epoch has the same number of packs (Lightning sizes an epoch, the LR schedule and the progress bar
@@ -174,7 +174,7 @@ class EpochPackPlan:
                 return split_to_count(packs, self.num_packs)
         log.warning("epoch %d: %d random orders all needed more than %d packs; reusing epoch 0's packs", epoch,
                     MAX_ATTEMPTS, self.num_packs)
-        return self._random_plan(0, 0)
+        return self._cache[0]  # never evicted
 
     def pack_tokens(self, epoch: int) -> list[int]:
         return [sum(self.lengths[i] for i in p) for p in self.packs(epoch)]

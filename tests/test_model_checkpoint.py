@@ -380,3 +380,6 @@ def test_model_config_of_another_model_type_is_named(tmp_path):
     path.write_text(json.dumps({"model_type": "mixtral"}))
     with pytest.raises(ValueError, match=rf"model_config {path}: model_type 'mixtral'"):
         QMoELightningModule._config_from(str(path))
+    # a text-only config's keys are the text model's
+    text = QMoELightningModule._config_from({"model_type": "qwen3_5_moe_text", "hidden_size": 48})
+    assert text.model_type == "qwen3_5_moe" and text.text_config.hidden_size == 48

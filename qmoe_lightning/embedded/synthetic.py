@@ -3,7 +3,8 @@
 Image rows show one filled shape (COLORS x SHAPES) on a noisy background and ask about its content (colour or
 shape; a large shape at a random place) or its position (left or right half, top or bottom half; a small shape
 kept inside one half); the answer can only come from the pixels (the question text is the same for every image of
-a kind), and the position questions only from WHERE in the image they are, which the model must tell apart. Text-only rows are small deterministic tasks (counting, copying, arithmetic) so the default recipe
+a kind), and the position questions only from WHERE in the image they are, which the model must tell apart.
+Text-only rows are small deterministic tasks (counting, copying, arithmetic) so the default recipe
 also exercises plain chat packing. Validation rows carry `meta` ({"kind", "answer"}) so an evaluation can measure
 held-out accuracy per question kind (chance: 1/len(COLORS) for colour, 1/len(SHAPES) for shape, 1/2 for position).
 

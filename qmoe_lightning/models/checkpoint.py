@@ -98,25 +98,19 @@ def open_safetensors(file: Path):
 
 
 def read_tensor(f, file: Path, key: str, meta: bool = False) -> torch.Tensor:
-    """Tensor `key` of the open file `f`; on `meta` only its header (shape, dtype), no data read."""
+    """Tensor `key` of the open file `f`; on `meta` a meta tensor of its shape (from the header, no data read)."""
     try:
         if meta:
-            sl = f.get_slice(key)
-            return torch.empty(sl.get_shape(), dtype=_SAFETENSORS_DTYPES[sl.get_dtype()], device="meta")
+            return torch.empty(f.get_slice(key).get_shape(), device="meta")
         return f.get_tensor(key)
     except Exception as err:
         raise ValueError(f"{file}: cannot read tensor {key!r} ({type(err).__name__}: {err}); the file is damaged or "
                          "truncated: fetch or export it again") from None
 
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-                       "F8_E5M2": torch.float8_e5m2}
-
-
 def checkpoint_dtype(config) -> torch.dtype | None:
-    """The dtype config.json declares (`dtype`, or the older `torch_dtype`), top level or text config."""
+    """The dtype config.json declares (`dtype`; transformers maps the older `torch_dtype` onto it), top level or
+    text config."""
     for c in (config, getattr(config, "text_config", None)):
         value = getattr(c, "dtype", None) if c is not None else None
         if isinstance(value, str):
