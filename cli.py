@@ -1,13 +1,17 @@
-"""Command line of qmoe_lightning: `python cli.py {fit,validate,test} --config configs/X.yaml [--a.b value ...]`.
+"""Command line of qmoe_lightning: `python cli.py {fit,validate,test,predict} --config configs/X.yaml [--a.b value ...]`.
 
 A LightningCLI (jsonargparse) over `QMoELightningModule` and `MultimodalPackingDataModule`:
 - every argument is typed and documented from the classes' docstrings (`python cli.py fit --help`); unknown keys
   and wrong types fail at parse time, before anything is built, with the offending key in the message;
 - dotted overrides: `--trainer.max_steps 10 --data.train_path d.jsonl --trainer.default_root_dir runs/x`;
 - `--print_config` prints the fully resolved config;
-- the config of every run is saved beside its checkpoints: `<checkpoint dir>/config.yaml` (the latest run) plus
-  `config-<UTC time>.yaml` (kept per run), so re-running into the same directory never fails and never loses the
-  config of an earlier run. Without a checkpoint callback it goes to the logger's directory instead;
+- the config of every run is saved beside its checkpoints: `<checkpoint dir>/config.yaml` (the latest fit) plus
+  `config-<UTC time>.yaml` (kept per run; `config-<stage>-<UTC time>.yaml` for validate / test / predict, which
+  never replace the fit's config.yaml that a resume is told to use), so re-running into the same directory never
+  fails and never loses the config of an earlier run. Without a checkpoint callback it goes to the logger's
+  directory instead;
+- `predict` answers the prompts of `--data.predict_path` with transformers' `generate` on the trained model
+  (`--model.generation.*`: greedy by default) and writes `<default_root_dir>/predictions.jsonl`;
 - `data.model_path` (the processor the data is tokenised with) follows `model.pretrained` unless given: training a
   real model on the embedded tokenizer's ids cannot happen by omission (and a processor whose vocabulary does not
   fit the model's embedding stops the run, see `QMoELightningModule.on_fit_start`);
@@ -36,6 +40,10 @@ from data_modules.datamodule import MultimodalPackingDataModule
 from qmoe_lightning.lightning_module import QMoELightningModule
 
 
+# module arguments a checkpoint may differ in: they do not shape the training state (decoding options of predict)
+NOT_TRAINING_SETTINGS = {"generation"}
+
+
 class SaveConfigBesideCheckpoints(SaveConfigCallback):
     """Writes the run's config next to its checkpoints (`config.yaml` + a timestamped copy), overwriting safely."""
 
@@ -57,12 +65,16 @@ class SaveConfigBesideCheckpoints(SaveConfigCallback):
             os.makedirs(target, exist_ok=True)
             now = time.time()
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{now % 1:.6f}"[1:] + "Z"
-            stamped = os.path.join(target, f"config-{stamp}.yaml")
+            stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str enum)
+            fit = stage == "fit"
+            stamped = os.path.join(target, f"config-{stamp}.yaml" if fit else f"config-{stage}-{stamp}.yaml")
             self.parser.save(self.config, stamped, skip_none=False, overwrite=True, multifile=self.multifile)
-            tmp = os.path.join(target, f".{self.config_filename}.tmp")
-            shutil.copyfile(stamped, tmp)
-            os.replace(tmp, os.path.join(target, self.config_filename))  # atomic: never a half-written config
-            self.saved_to = os.path.join(target, self.config_filename)
+            self.saved_to = stamped
+            if fit:  # config.yaml is the config a resume uses: a predict / validate config must not replace it
+                tmp = os.path.join(target, f".{self.config_filename}.tmp")
+                shutil.copyfile(stamped, tmp)
+                os.replace(tmp, os.path.join(target, self.config_filename))  # atomic: never a half-written config
+                self.saved_to = os.path.join(target, self.config_filename)
         self.already_saved = True
         trainer.strategy.barrier("save_config")
 
@@ -103,7 +115,8 @@ class QMoECLI(LightningCLI):
         path = _resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("trainer", {}).get("default_root_dir"))
         saved = _checkpoint_hparams(path) if path is not None else {}
         given = cfg["model"].as_dict() if hasattr(cfg["model"], "as_dict") else dict(cfg["model"])
-        differ = [k for k in sorted(set(saved) & set(given)) if _canonical(saved[k]) != _canonical(given[k])]
+        differ = [k for k in sorted(set(saved) & set(given) - NOT_TRAINING_SETTINGS)
+                  if _canonical(saved[k]) != _canonical(given[k])]
         if differ:
             lines = "\n".join(f"  model.{k}: {given[k]!r} here, {saved[k]!r} in the checkpoint" for k in differ)
             sys.stderr.write(

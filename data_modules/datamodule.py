@@ -31,6 +31,7 @@ from qmoe_lightning.embedded import SENTINEL, resolve_path
 from .encoding import TRUNCATED, Encoder
 from .packing import PackDataset
 from .planning import EpochPackPlan
+from .prompts import PromptDataset
 from .sampler import PackSampler
 from .sources import encode_files, first_bad, skip_summary
 
@@ -49,6 +50,7 @@ class MultimodalPackingDataModule(LightningDataModule):
         val_path: str | list[str] | None = None,
         val_fraction: float = 0.0,
         test_path: str | list[str] | None = None,
+        predict_path: str | list[str] | None = None,
         max_tokens: int = 4096,
         pad_to_multiple_of: int = 64,
         num_workers: int = 2,
@@ -77,6 +79,8 @@ class MultimodalPackingDataModule(LightningDataModule):
             train_path / val_path: JSONL / JSON / Parquet file, glob, `save_to_disk` dir, or a list; or "embedded".
             val_fraction: share of the training samples held out for validation when `val_path` is not given.
             test_path: data for `cli.py test` (same forms; "embedded" is the embedded held-out split).
+            predict_path: prompts for `cli.py predict` (same forms and messages format; "embedded" is the embedded
+                held-out split). A final assistant turn is the reference answer; rows without one are only answered.
             max_tokens: pack size in tokens (a multiple of `pad_to_multiple_of`).
             pad_to_multiple_of: the tail padding rounds each packed row up to this multiple.
             labels: "assistant" (assistant turns only) or "all".
@@ -102,6 +106,7 @@ class MultimodalPackingDataModule(LightningDataModule):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
         self.model_path, self.train_path, self.val_path, self.test_path = model_path, train_path, val_path, test_path
+        self.predict_path = predict_path
         self.val_fraction, self.max_tokens, self.pad_to_multiple_of = val_fraction, max_tokens, pad_to_multiple_of
         self.num_workers, self.seed, self.labels, self.too_long = num_workers, seed, labels, too_long
         self.min_pixels, self.max_pixels, self.strict = min_pixels, max_pixels, strict
@@ -113,14 +118,19 @@ class MultimodalPackingDataModule(LightningDataModule):
         self.train_dataset: PackDataset | None = None
         self.val_dataset: PackDataset | None = None
         self.test_dataset: PackDataset | None = None
+        self.predict_dataset: PromptDataset | None = None
         self.train_sampler: PackSampler | None = None
         self._pending_state: dict | None = None
         self.encoder: Encoder | None = None
 
     # ------------------------------------------------------------------ preparation
+    def _resolved_model(self) -> str:
+        return str(resolve_path(SENTINEL if self.model_path is None else self.model_path, "model",
+                                self.embedded_cache_dir))
+
     def _resolved(self):
         emb = self.embedded_cache_dir
-        model = resolve_path(SENTINEL if self.model_path is None else self.model_path, "model", emb)
+        model = self._resolved_model()
         train = resolve_path(self.train_path, "train", emb)
         val = resolve_path(self.val_path, "val", emb)
         if val is None and self.val_fraction == 0 and self.train_path == SENTINEL:
@@ -130,20 +140,28 @@ class MultimodalPackingDataModule(LightningDataModule):
     def _test_spec(self):
         return resolve_path(self.test_path, "val", self.embedded_cache_dir)
 
+    def _predict_spec(self):
+        return resolve_path(self.predict_path, "val", self.embedded_cache_dir)
+
     def _encoder(self, model_dir: str) -> Encoder:
         return Encoder(model_dir, self.max_tokens, self.labels, self.too_long, self.min_pixels, self.max_pixels,
                        self.video_min_pixels, self.video_max_pixels, self.video_fps)
 
     def prepare_data(self) -> None:
         """Local rank 0 only (Lightning): build the embedded default and fill the preprocessing cache."""
+        if self.trainer is not None and self.trainer.predicting:  # predict reads its prompts only
+            if (spec := self._predict_spec()) is not None:
+                encode_files(spec, self._encoder(self._resolved_model()), self.cache_dir, self.preprocess_num_proc,
+                             prompts=True)
+            return
         model_dir, train, val = self._resolved()
         encoder = self._encoder(model_dir)
         for spec in (train, val, self._test_spec()):
             if spec is not None:
                 encode_files(spec, encoder, self.cache_dir, self.preprocess_num_proc)
 
-    def _load_split(self, name: str, spec, encoder: Encoder):
-        encoded, files = encode_files(spec, encoder, self.cache_dir, self.preprocess_num_proc)
+    def _load_split(self, name: str, spec, encoder: Encoder, prompts: bool = False):
+        encoded, files = encode_files(spec, encoder, self.cache_dir, self.preprocess_num_proc, prompts=prompts)
         if self.strict and (bad := first_bad(encoded)) is not None:
             raise ValueError(f"strict mode: bad {name} sample at {bad}")
         counts, good, truncated = skip_summary(encoded)
@@ -168,6 +186,9 @@ class MultimodalPackingDataModule(LightningDataModule):
         return 0, 1
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":  # prompts only: no training data is read (or required to exist)
+            self.encoder = self.encoder or self._encoder(self._resolved_model())
+            return
         if self.train_dataset is not None:
             return
         model_dir, train_spec, val_spec = self._resolved()
@@ -231,12 +252,28 @@ class MultimodalPackingDataModule(LightningDataModule):
             spec = self._test_spec()
             if spec is None:
                 raise ValueError("no test data: set data.test_path (a data file, glob, list, or 'embedded')")
-            model_dir, _, _ = self._resolved()
-            encoder = self._encoder(model_dir)
+            encoder = self._encoder(self._resolved_model())
             self.test_dataset = self._pack(self._load_split("test", spec, encoder), encoder)
         rank, world = self._coords()
         return self._loader(self.test_dataset, PackSampler(self.test_dataset.plan, world, rank, shuffle=False,
                                                            seed=self.seed))
+
+    def predict_dataloader(self):
+        """One prompt per micro-batch, in file order (see `prompts.PromptDataset`)."""
+        if self.predict_dataset is None:
+            spec = self._predict_spec()
+            if spec is None:
+                raise ValueError("no prompts: set data.predict_path (a data file, glob, list, or 'embedded')")
+            encoder = self.encoder or self._encoder(self._resolved_model())
+            self.predict_dataset = PromptDataset(self._load_split("predict", spec, encoder, prompts=True), encoder,
+                                                 strict=self.strict)
+            stats = self.stats["predict"]
+            skipped = {k: v for k, v in stats.items() if k not in ("ok", TRUNCATED)}
+            (rank_zero_warn if skipped else rank_zero_info)(
+                f"predict data: {stats['ok']} prompts; skipped {sum(skipped.values())}{' ' + str(skipped) if skipped else ''}")
+        return torch.utils.data.DataLoader(
+            self.predict_dataset, batch_size=None, shuffle=False, num_workers=self.num_workers, collate_fn=_identity,
+            prefetch_factor=2 if self.num_workers > 0 else None)
 
     def val_dataloader(self):
         if self.train_dataset is None:

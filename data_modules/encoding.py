@@ -270,12 +270,32 @@ class Encoder:
         messages, images, videos = self.normalise_messages(row, base_dir)
         grids = [self.image_grid(path) for path in images]
         planned = [self.probe_video(v) for v in videos]
-        text = p.apply_chat_template(messages, tokenize=False)
+        expanded, ids, offsets, spans = self._render(messages, grids, planned)
+        if self.labels == "all":
+            labels = [IGNORE if t in (self.image_token_id, self.video_token_id) else t for t in ids]
+        else:
+            turns = [(m.start(1), m.end(1)) for m in re.finditer(
+                r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", expanded, flags=re.DOTALL)]
+            labels = [IGNORE] * len(ids)
+            k = 0
+            for t, (s, e) in enumerate(offsets):
+                while k < len(turns) and turns[k][1] <= s:
+                    k += 1
+                if k < len(turns) and s >= turns[k][0] and e <= turns[k][1] and e > s:
+                    labels[t] = ids[t]
+        return self._finish(ids, labels, images, grids, [json.dumps(v) for v in planned],
+                            [v["grid"] for v in planned], spans)
+
+    def _render(self, messages: list[dict], grids: list[list[int]], planned: list[dict],
+                add_generation_prompt: bool = False) -> tuple[str, list[int], list, list[tuple[str, int, int]]]:
+        """Chat template with the vision placeholders expanded -> (text, ids, offsets, vision token spans)."""
+        p = self.processor
+        text = p.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         pieces = re.split(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})", text)
         n_img, n_vid = pieces[1::2].count(self.image_token), pieces[1::2].count(self.video_token)
-        if (n_img, n_vid) != (len(images), len(videos)):
+        if (n_img, n_vid) != (len(grids), len(planned)):
             raise BadSample(BAD_SCHEMA, f"the chat template emitted {n_img} image / {n_vid} video placeholders for "
-                            f"{len(images)} images / {len(videos)} videos")
+                            f"{len(grids)} images / {len(planned)} videos")
         merge2 = self.merge * self.merge
         expanded, char_spans = pieces[0], []
         next_grid, next_video = iter(grids), iter(planned)
@@ -289,21 +309,48 @@ class Encoder:
             expanded += replacement + piece
         enc = p.tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        spans = self._token_spans(ids, enc["offset_mapping"], char_spans)
-        if self.labels == "all":
-            labels = [IGNORE if t in (self.image_token_id, self.video_token_id) else t for t in ids]
+        return expanded, ids, enc["offset_mapping"], self._token_spans(ids, enc["offset_mapping"], char_spans)
+
+    def encode_prompt(self, row: dict, base_dir: str) -> dict:
+        """Raw row -> the prompt of `cli.py predict`: {input_ids, labels (all ignored), images, image_grids, videos,
+        video_grids, num_tokens, num_visual_tokens, truncated, reference, prompt_id}.
+
+        A final assistant turn is the reference answer, and the prompt is the row's own training encoding up to that
+        turn's first target token: generation then starts exactly where validation's teacher forcing judges the
+        answer. Without one, the prompt is the chat template's generation prompt and there is no reference. A prompt
+        longer than max_tokens is skipped (too_long): a cut prompt would ask another question."""
+        if not isinstance(row, dict):
+            raise BadSample(BAD_SCHEMA, "row is not a JSON object")
+        if "messages" not in row and "conversations" not in row:
+            raise BadSample(BAD_SCHEMA, "a prompt row needs 'messages' (or ShareGPT 'conversations'); a plain 'text' "
+                            "row has no question to answer")
+        messages, images, videos = self.normalise_messages(row, base_dir)
+        grids = [self.image_grid(path) for path in images]
+        planned = [self.probe_video(v) for v in videos]
+        reference = None
+        if messages[-1]["role"] == "assistant":
+            content = messages[-1]["content"]
+            reference = content if isinstance(content, str) else "".join(i["text"] for i in content
+                                                                           if i["type"] == "text")
+            if len(messages) == 1:
+                raise BadSample(BAD_SCHEMA, "the row holds only an assistant turn: there is no prompt")
+            expanded, ids, offsets, _ = self._render(messages, grids, planned)
+            header = expanded.rfind("<|im_start|>assistant\n")
+            if header < 0:
+                raise BadSample(BAD_SCHEMA, "the chat template rendered no '<|im_start|>assistant' header for the "
+                                "final assistant turn")
+            start = header + len("<|im_start|>assistant\n")
+            ids = ids[:next((t for t, (s, _e) in enumerate(offsets) if s >= start), len(ids))]
         else:
-            turns = [(m.start(1), m.end(1)) for m in re.finditer(
-                r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", expanded, flags=re.DOTALL)]
-            labels = [IGNORE] * len(ids)
-            k = 0
-            for t, (s, e) in enumerate(enc["offset_mapping"]):
-                while k < len(turns) and turns[k][1] <= s:
-                    k += 1
-                if k < len(turns) and s >= turns[k][0] and e <= turns[k][1] and e > s:
-                    labels[t] = ids[t]
-        return self._finish(ids, labels, images, grids, [json.dumps(v) for v in planned],
-                            [v["grid"] for v in planned], spans)
+            expanded, ids, offsets, _ = self._render(messages, grids, planned, add_generation_prompt=True)
+        if len(ids) > self.max_tokens:
+            raise BadSample(TOO_LONG, f"prompt of {len(ids)} tokens > max_tokens={self.max_tokens}")
+        prompt_id = row.get("id")
+        visual = sum(1 for t in ids if t in (self.image_token_id, self.video_token_id))
+        return {"input_ids": ids, "labels": [IGNORE] * len(ids), "images": images, "image_grids": grids,
+                "videos": [json.dumps(v) for v in planned], "video_grids": [v["grid"] for v in planned],
+                "num_tokens": len(ids), "num_visual_tokens": visual, "truncated": False, "reference": reference,
+                "prompt_id": None if prompt_id is None else str(prompt_id)}
 
     def _token_spans(self, ids, offsets, char_spans) -> list[tuple[str, int, int]]:
         """Token ranges of each vision item, widened to the template's vision_start/end around it."""

@@ -130,7 +130,7 @@ class PackDataset(torch.utils.data.Dataset):
         doc["pixel_values_videos"] = torch.cat(pixels)
         doc["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
 
-    def _load_doc(self, rec: dict) -> dict:
+    def load_document(self, rec: dict) -> dict:
         doc = {"input_ids": rec["input_ids"], "labels": rec["labels"]}
         for key, load, reason in (("images", self._load_images, "corrupt_image"),
                                   ("videos", self._load_videos, "corrupt_video")):
@@ -138,7 +138,7 @@ class PackDataset(torch.utils.data.Dataset):
                 try:
                     load(rec, doc)
                 except Exception as err:
-                    raise _DecodeError(reason, err) from err
+                    raise DecodeError(reason, err) from err
         return doc
 
     def __getitem__(self, documents: tuple[int, ...]) -> dict:
@@ -150,8 +150,8 @@ class PackDataset(torch.utils.data.Dataset):
         for i in documents:
             rec = self.records[int(i)]
             try:
-                docs.append(self._load_doc(rec))
-            except _DecodeError as err:
+                docs.append(self.load_document(rec))
+            except DecodeError as err:
                 where = f"{rec['source']}:{rec['line']}"
                 if self.strict:
                     raise ValueError(f"{where}: {err.reason}: {err.error}") from err.error
@@ -164,7 +164,9 @@ class PackDataset(torch.utils.data.Dataset):
         return batch
 
 
-class _DecodeError(Exception):
+class DecodeError(Exception):
+    """An image or video of a document that passed the header check at preparation failed to decode."""
+
     def __init__(self, reason: str, error: Exception):
         super().__init__(f"{reason}: {error}")
         self.reason, self.error = reason, error

@@ -163,19 +163,24 @@ ENCODED_FEATURES = datasets.Features({
     "skip_reason": datasets.Value("string"),
     "skip_detail": datasets.Value("string"),
 })
+# prompts of `cli.py predict` (Encoder.encode_prompt): the reference answer (None without one) and the row's "id"
+PROMPT_FEATURES = datasets.Features({**ENCODED_FEATURES, "reference": datasets.Value("string"),
+                                     "prompt_id": datasets.Value("string")})
 _EMPTY = {"input_ids": [], "labels": [], "images": [], "image_grids": [], "videos": [], "video_grids": [],
           "num_tokens": 0, "num_visual_tokens": 0, "truncated": False}
 
 
-def _encode_example(example: dict, encoder: Encoder) -> dict:
+def _encode_example(example: dict, encoder: Encoder, prompts: bool = False) -> dict:
     out = {"source": example["source"], "line": example["line"], "skip_reason": example["skip_reason"],
            "skip_detail": example["skip_detail"]}
+    empty = {**_EMPTY, "reference": None, "prompt_id": None} if prompts else _EMPTY
     if example["skip_reason"]:
-        return {**_EMPTY, **out}
+        return {**empty, **out}
+    encode = encoder.encode_prompt if prompts else encoder.encode
     try:
-        return {**encoder.encode(json.loads(example["row"]), example["base_dir"]), **out}
+        return {**encode(json.loads(example["row"]), example["base_dir"]), **out}
     except BadSample as bad:
-        return {**_EMPTY, **out, "skip_reason": bad.reason, "skip_detail": bad.detail}
+        return {**empty, **out, "skip_reason": bad.reason, "skip_detail": bad.detail}
 
 
 def _processor_digest(model_dir: str) -> str:
@@ -187,8 +192,10 @@ def _processor_digest(model_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
-def encode_files(spec, encoder: Encoder, cache_dir: str | None = None, num_proc: int | None = None):
-    """-> (encoded dataset incl. bad rows, list of files). Cached; see the module docstring."""
+def encode_files(spec, encoder: Encoder, cache_dir: str | None = None, num_proc: int | None = None,
+                 prompts: bool = False):
+    """-> (encoded dataset incl. bad rows, list of files). Cached; see the module docstring. prompts: encode the
+    rows as `cli.py predict` prompts (`Encoder.encode_prompt`) instead of training documents."""
     files = expand_paths(spec)
     stamps = [_file_stamp(f) for f in files]
     key = json.dumps([READER_VERSION, files, stamps], default=str)
@@ -197,10 +204,11 @@ def encode_files(spec, encoder: Encoder, cache_dir: str | None = None, num_proc:
         fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
     options = [ENCODER_VERSION, raw._fingerprint, _processor_digest(encoder.model_dir), encoder.max_tokens,
                encoder.labels, encoder.too_long, encoder.min_pixels, encoder.max_pixels, encoder.video_min_pixels,
-               encoder.video_max_pixels, encoder.video_fps, video_decoder_available()]
+               encoder.video_max_pixels, encoder.video_fps, video_decoder_available(), prompts]
     fp = hashlib.sha256(json.dumps(options).encode()).hexdigest()[:16]
-    encoded = raw.map(_encode_example, fn_kwargs={"encoder": encoder}, remove_columns=raw.column_names,
-                      features=ENCODED_FEATURES, new_fingerprint=fp, num_proc=num_proc if num_proc and num_proc > 1
+    encoded = raw.map(_encode_example, fn_kwargs={"encoder": encoder, "prompts": prompts},
+                      remove_columns=raw.column_names, features=PROMPT_FEATURES if prompts else ENCODED_FEATURES,
+                      new_fingerprint=fp, num_proc=num_proc if num_proc and num_proc > 1
                       else None, desc="encoding samples")
     return encoded, files
 

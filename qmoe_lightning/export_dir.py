@@ -171,3 +171,14 @@ def follow_umask(root: str | os.PathLike) -> None:
             os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
         for f in filenames:
             os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a small output file (predictions.jsonl) through a temporary sibling and one rename: a crash leaves the
+    previous file or the new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{_host()}-{os.getpid()}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -22,6 +22,11 @@ gradients in `configure_gradient_clipping` or later.
 Logged: train/loss (token-weighted CE of the step), train/aux_loss (mean of the model's aux over micro-batches),
 train/lr, train/grad_norm (before clipping), train/tokens_per_s (all ranks, wall time between optimizer steps);
 val/loss, val/image_acc, val/text_acc (exact-match greedy answers, see `evaluation.py`).
+
+Predict (`cli.py predict`): the model is handed to transformers' `generate` in memory (`generation.py`: tensors
+shared, LoRA merged) and every prompt of `data.predict_path` is answered; `<default_root_dir>/predictions.jsonl`
+gets one row per prompt and the exact-match accuracy is printed (image / text apart, as val/image_acc and
+val/text_acc). One process only: a model sharded over several processes is exported and served instead.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from .evaluation import document_answer_correct
+from .generation import GenerationOptions
 from .lora import LoraConfig
 from .optim import build_adamw, warmup_cosine_scheduler
 from .router_stats import RouterStats
@@ -90,6 +96,7 @@ class QMoELightningModule(pl.LightningModule):
         init_seed: int = 0,
         embedded_cache_dir: str | None = None,
         lora: LoraConfig | None = None,
+        generation: GenerationOptions | None = None,
     ):
         """
         Args:
@@ -121,6 +128,9 @@ class QMoELightningModule(pl.LightningModule):
             lora: LoRA adapters (`qmoe_lightning.lora.LoraConfig`: rank, alpha, targets, expert_rank, ...). When
                 set, the base model is frozen, only the adapters train, and checkpoints hold the adapters (plus
                 optimizer state) only; HF exports are merged. None: full fine-tuning.
+            generation: decoding options of `cli.py predict` (`qmoe_lightning.generation.GenerationOptions`:
+                max_new_tokens, temperature, top_p, seed); None: greedy, 64 new tokens. Not a training setting:
+                a resume ignores it.
         """
         super().__init__()
         if pretrained is None and model_config is None:
@@ -430,11 +440,78 @@ class QMoELightningModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
+    # ------------------------------------------------------------------ predict
+    def on_predict_start(self) -> None:
+        from .generation import Predictor, transformers_model
+
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            raise RuntimeError(
+                f"cli.py predict runs in one process (this run has {trainer.world_size}): generation needs the whole "
+                "model on one device. Run it with --trainer.devices 1 (and --trainer.num_nodes 1) on the export "
+                "(--model.pretrained <default_root_dir>/hf_export), or serve the export with vLLM / transformers.")
+        self._check_data_processor()
+        fetch = None
+        if getattr(self, "_parallelized", False):  # FSDP2 / expert-parallel on one process: full tensors
+            from .parallel.state import full_tensor_fetcher
+
+            fetch = full_tensor_fetcher(self.model)
+        options = GenerationOptions.from_any(self.hparams.generation)
+        tokenizer = trainer.datamodule.encoder.processor.tokenizer
+        self._predictor = Predictor(transformers_model(self.model, fetch), tokenizer, options)
+        self._predictions = []
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        row = {k: batch[k] for k in ("prompt_id", "source", "kind")}
+        if batch.get("error") is not None:
+            row.update(answer=None, reference=batch["reference"], correct=None, error=batch["error"])
+        else:
+            result = self._predictor.answer(batch, batch["index"])
+            row.update(answer=result["answer"], reference=batch["reference"], correct=result["correct"],
+                       finished=result["finished"], new_tokens=result["new_tokens"])
+        self._predictions.append(row)
+        return row
+
+    def on_predict_epoch_end(self) -> None:
+        from .export_dir import write_text_atomic
+
+        rows, self._predictions = self._predictions, []
+        self._predictor = None  # frees the transformers model's cache and merged tensors
+        path = Path(self.trainer.default_root_dir) / "predictions.jsonl"
+        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        self.predict_summary = summary = prediction_summary(rows)
+        parts = [f"predict: {len(rows)} prompts answered -> {path}"]
+        if summary["failed"]:
+            parts.append(f"{summary['failed']} failed to decode (error in their rows)")
+        if summary["judged"]:
+            by_kind = ", ".join(f"{k} {v['correct']}/{v['judged']} = {v['acc']:.4f}" for k, v in summary["kinds"].items())
+            parts.append(f"exact match {summary['correct']}/{summary['judged']} = {summary['acc']:.4f} ({by_kind})")
+        if summary["unfinished"]:
+            parts.append(f"{summary['unfinished']} answers hit max_new_tokens (counted wrong when judged)")
+        rank_zero_info("; ".join(parts))
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+
+
+def prediction_summary(rows: list[dict]) -> dict:
+    """Exact-match counts of predictions.jsonl rows: overall and per kind as validation groups them ("image":
+    image or video in the prompt, as val/image_acc; "text": as val/text_acc)."""
+    judged = [r for r in rows if r.get("correct") is not None]
+    kinds = {}
+    for name in ("image", "text"):
+        mine = [r for r in judged if (r["kind"] == "text") == (name == "text")]
+        if mine:
+            correct = sum(r["correct"] for r in mine)
+            kinds[name] = {"correct": correct, "judged": len(mine), "acc": correct / len(mine)}
+    correct = sum(r["correct"] for r in judged)
+    return {"prompts": len(rows), "judged": len(judged), "correct": correct,
+            "acc": correct / len(judged) if judged else None, "kinds": kinds,
+            "failed": sum(1 for r in rows if r.get("error")),
+            "unfinished": sum(1 for r in rows if r.get("finished") is False)}
 
 
 def _real_tokens(batch: dict) -> int:

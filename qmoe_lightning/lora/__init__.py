@@ -13,11 +13,12 @@ from .callback import LoraExport
 from .config import ALIASES, DEFAULT_TARGETS, LoraConfig
 from .experts import LoRAGroupedExperts
 from .linear import LoRALinear
-from .merge import merge_lora_, save_merged_pretrained
+from .merge import MergedStateDict, merge_lora_, save_merged_pretrained
 from .peft_export import experts_from_peft, experts_to_peft, load_peft_adapter, peft_adapter_state, save_peft_adapter
 
 __all__ = [
     "ALIASES", "DEFAULT_TARGETS", "GROUPS", "LoRAGroupedExperts", "LoRALinear", "LoraConfig", "LoraExport", "LoraReport",
+    "MergedStateDict",
     "adapter_state_dict", "apply_lora", "check_adapter_state_dict", "experts_from_peft", "experts_to_peft",
     "group_of", "has_lora", "is_adapter_key", "keep_adapters_only", "load_peft_adapter", "lora_modules",
     "merge_lora_", "peft_adapter_state", "reset_lora_parameters", "resolve_targets", "save_merged_pretrained", "save_peft_adapter",

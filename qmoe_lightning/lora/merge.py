@@ -30,11 +30,6 @@ from .experts import LoRAGroupedExperts, merge_expert_weights
 from .linear import LoRALinear, merge_linear_weight
 
 
-def merged_tensor(module: nn.Module, param_name: str) -> torch.Tensor | None:
-    """Merged value of `module.<param_name>` if it is an adapted base weight, else None."""
-    return _merged(module, param_name, lambda pname: getattr(module, pname))
-
-
 def _merged(module: nn.Module, param_name: str, get) -> torch.Tensor | None:
     """Merged value of `module.<param_name>` from the tensors `get(<param name in module>)` returns (the module's
     own, or gathered full copies of sharded ones), or None if it is not an adapted base weight."""
@@ -47,8 +42,9 @@ def _merged(module: nn.Module, param_name: str, get) -> torch.Tensor | None:
     return None
 
 
-class _MergedStateDict(Mapping):
-    """Read-only view of `model.state_dict()` with merged weights and no adapter keys; values computed on access.
+class MergedStateDict(Mapping):
+    """Read-only view of `model.state_dict()` with merged weights and no adapter keys; values computed on access
+    (the merged export and `qmoe_lightning.generation.transformers_model` read the model through it).
 
     `fetch(key)`: how a state-dict tensor is read (default: as the model holds it). For a sharded model pass
     `parallel.state.full_tensor_fetcher(model)`: then every access is a collective and every rank must walk the
@@ -92,7 +88,7 @@ def save_merged_pretrained(model: nn.Module, out_dir: str | os.PathLike, max_sha
     if fetch is None and write and not has_lora(model):
         return model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     with torch.no_grad():
-        view = _MergedStateDict(model, fetch)
+        view = MergedStateDict(model, fetch)
         if not write:
             view.drain()
             return None

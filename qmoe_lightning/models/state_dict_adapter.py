@@ -125,8 +125,11 @@ class Qwen3_5MoeStateDictAdapter:
         return native, aside
 
     # ---- native -> HF -------------------------------------------------------------------------------------------
-    def convert_single_tensor_to_hf(self, fqn: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """Rename one native tensor to the official HF name, transposing experts to the fused HF layout."""
+    def convert_single_tensor_to_hf(self, fqn: str, tensor: torch.Tensor,
+                                    contiguous: bool = True) -> list[tuple[str, torch.Tensor]]:
+        """Rename one native tensor to the official HF name, transposing experts to the fused HF layout.
+        contiguous=False: experts as transposed views sharing the native storage (an in-memory transformers model
+        for generation; files need contiguous tensors)."""
         if fqn == "lm_head.weight" and self.tied:
             return []  # tied to the embedding, which is saved under its own name
         key = fqn.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
@@ -135,10 +138,10 @@ class Qwen3_5MoeStateDictAdapter:
             raise ValueError(
                 f"{fqn} holds {tensor.shape[0]} of {self.num_experts} experts (an expert-parallel shard?): gather "
                 "all experts before writing a Hugging Face checkpoint")
-        if key.endswith(".mlp.experts.gate_and_up_projs"):
-            return [(key[: -len("gate_and_up_projs")] + "gate_up_proj", tensor.transpose(1, 2).contiguous())]
-        if key.endswith(".mlp.experts.down_projs"):
-            return [(key[: -len("down_projs")] + "down_proj", tensor.transpose(1, 2).contiguous())]
+        for native, hf in ((".mlp.experts.gate_and_up_projs", "gate_up_proj"), (".mlp.experts.down_projs", "down_proj")):
+            if key.endswith(native):
+                hf_tensor = tensor.transpose(1, 2)
+                return [(key[: -len(native)] + ".mlp.experts." + hf, hf_tensor.contiguous() if contiguous else hf_tensor)]
         return [(key, tensor)]
 
     def to_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

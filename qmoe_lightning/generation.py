@@ -1,0 +1,129 @@
+"""Answer generation for `cli.py predict`: the trained native model as an in-memory transformers model, transformers'
+`generate` (greedy by default), and the exact-match judge.
+
+Why transformers' `generate` rather than a native decode loop: the native model is a training model (packed rows,
+no cache), while transformers' implementation is the numerical reference it matches to the last logit
+(tests/test_model_parity.py) and brings the attention KV cache, the linear-attention (conv + recurrent state) cache
+and every sampling option. The conversion shares the native tensors (experts as transposed views, nothing copied);
+only LoRA-adapted weights are materialised merged, one new tensor each. So predict holds the model once, plus the
+merged adapted weights and the cache.
+
+Exact match: an answer is correct when generation stopped by itself (an end token within `max_new_tokens`) and its
+text equals the reference, both with a leading `<think>...</think>` block removed and outer whitespace stripped.
+With the prompt cut from the row's own training encoding (`Encoder.encode_prompt`), greedy exact match is what
+validation's teacher-forced exact match measures (`evaluation.py`): every argmax along the reference is the
+reference token iff greedy decoding reproduces it. They can differ only where decoding and re-encoding a text give
+other tokens, or where two logits tie within rounding (the two implementations agree to ~1e-6).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_THINK = re.compile(r"^\s*<think>.*?</think>", flags=re.DOTALL)
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # the chat turn's end and the document end
+
+
+@dataclass
+class GenerationOptions:
+    """Decoding options of `cli.py predict` (`--model.generation.max_new_tokens 32`, ...)."""
+
+    max_new_tokens: int = 64  # an answer not finished by then counts as wrong (and is written as cut)
+    temperature: float = 0.0  # 0: greedy (argmax); > 0: sampling at this temperature
+    top_p: float = 1.0  # nucleus sampling when temperature > 0
+    seed: int = 0  # sampling seed: prompt i samples with seed + i, the same answers whatever the order
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"generation.temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}")
+
+
+    @classmethod
+    def from_any(cls, value) -> GenerationOptions:
+        """None -> the defaults; a dict (YAML, checkpoint hyperparameters) -> GenerationOptions; one as is."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"unknown generation option(s) {sorted(unknown)}; known: "
+                                 f"{sorted(cls.__dataclass_fields__)}")
+            return cls(**value)
+        raise TypeError(f"generation must be a mapping or GenerationOptions, got {type(value).__name__}")
+
+
+def normalise_answer(text: str) -> str:
+    """What exact match compares: the text without a leading thinking block, outer whitespace stripped."""
+    return _THINK.sub("", text, count=1).strip()
+
+
+@torch.no_grad()
+def transformers_model(model: nn.Module, fetch=None):
+    """The native `model` (LoRA merged) as the transformers model of its architecture, sharing its tensors.
+
+    fetch: how a state-dict tensor is read (`parallel.state.full_tensor_fetcher` for an FSDP2 / expert-parallel
+    model on one process: full tensors, copied)."""
+    import transformers
+
+    from .lora import MergedStateDict
+
+    adapter = model.state_dict_adapter()
+    view = MergedStateDict(model, fetch)
+    state = {}
+    for key in view:
+        for hf_key, tensor in adapter.convert_single_tensor_to_hf(key, view[key].detach(), contiguous=False):
+            state[hf_key] = tensor
+    cls = getattr(transformers, model.hf_architecture())
+    weight = model.text_model.embed_tokens.weight
+    hf = cls.from_pretrained(None, config=model.config, state_dict=state, dtype=weight.dtype)
+    return hf.to(weight.device).eval()  # non-persistent buffers (rotary inv_freq) are built on the CPU
+
+
+class Predictor:
+    """Generates and judges the answer to one prompt micro-batch (`data_modules.prompts.PromptDataset`)."""
+
+    MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
+                    "pixel_values_videos", "video_grid_thw")
+
+    def __init__(self, hf_model, tokenizer, options: GenerationOptions):
+        self.model, self.tokenizer, self.options = hf_model, tokenizer, options
+        stops = {tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS} | {tokenizer.eos_token_id}
+        self.stop_ids = sorted(t for t in stops if t is not None and t != tokenizer.unk_token_id)
+        if not self.stop_ids:
+            raise ValueError(f"the tokenizer knows none of the end tokens {STOP_TOKENS} and has no eos token: "
+                             "generation could never stop")
+
+    @torch.no_grad()
+    def answer(self, batch: dict, index: int) -> dict:
+        """-> {answer, finished, new_tokens, correct (None without a reference)} for the prompt `batch`."""
+        o = self.options
+        inputs = {k: batch[k] for k in self.MODEL_INPUTS if batch.get(k) is not None}
+        sampling = o.temperature > 0
+        kwargs = dict(max_new_tokens=o.max_new_tokens, do_sample=sampling, eos_token_id=self.stop_ids,
+                      pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                      else self.stop_ids[0])
+        # greedy: no sampling options at all (the model's generation_config may carry some; they would warn)
+        kwargs.update(temperature=o.temperature if sampling else None, top_p=o.top_p if sampling else None,
+                      top_k=None)
+        device = self.model.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=sampling):
+            if sampling:
+                torch.manual_seed(o.seed + index)
+            out = self.model.generate(**inputs, **kwargs)
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        stop = next((i for i, t in enumerate(new) if t in self.stop_ids), None)
+        text = self.tokenizer.decode(new if stop is None else new[:stop], skip_special_tokens=False)
+        answer = normalise_answer(text)
+        reference = batch.get("reference")
+        correct = None if reference is None else bool(stop is not None and answer == normalise_answer(reference))
+        return {"answer": answer, "finished": stop is not None, "new_tokens": len(new), "correct": correct}
