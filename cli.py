@@ -54,7 +54,7 @@ class SaveConfigBesideCheckpoints(SaveConfigCallback):
         # Lightning moves checkpoint callbacks to the end of the list, so their setup has not run yet here
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, RunCheckpoint):
-                cb._default_dir(trainer)
+                cb.resolve_dirpath(trainer)
             if isinstance(cb, ModelCheckpoint) and cb.dirpath:
                 target = str(cb.dirpath)
                 break

@@ -1,12 +1,13 @@
 """Lightning callbacks for MoE fine-tuning: aux-loss logging, expert-load statistics, run summary figure, Hugging
-Face export."""
+Face export (merged, or the PEFT adapter of a LoRA run)."""
 
 from .expert_load import ExpertLoadStats
 from .hf_export import HFExport
+from .lora_export import LoraExport
 from .moe_aux_loss import MoEAuxLossLogger
 from .run_checkpoint import RunCheckpoint
 from .run_report import RunReport, StepProgressBar
 from .run_summary import RunSummaryPlot
 
-__all__ = ["ExpertLoadStats", "HFExport", "MoEAuxLossLogger", "RunCheckpoint", "RunReport", "RunSummaryPlot",
+__all__ = ["ExpertLoadStats", "HFExport", "LoraExport", "MoEAuxLossLogger", "RunCheckpoint", "RunReport", "RunSummaryPlot",
            "StepProgressBar"]

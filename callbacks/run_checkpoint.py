@@ -24,15 +24,16 @@ class RunCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, save_last=save_last, **kwargs)
         self._dirpath_given = dirpath is not None
 
-    def _default_dir(self, trainer) -> None:
+    def resolve_dirpath(self, trainer) -> None:
+        """dirpath := <default_root_dir>/checkpoints unless given (also what the CLI saves the config beside)."""
         if not self._dirpath_given:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self._default_dir(trainer)
+        self.resolve_dirpath(trainer)
         super().setup(trainer, pl_module, stage)
 
     def _find_last_checkpoints(self, trainer) -> set[str]:
         # `ckpt_path="last"` is resolved before the callbacks' setup: the directory must be known here already
-        self._default_dir(trainer)
+        self.resolve_dirpath(trainer)
         return super()._find_last_checkpoints(trainer)

@@ -46,9 +46,5 @@ def load_processor(model_dir: str):
                                      chat_template=chat_template)
 
 
-def has_video(processor) -> bool:
-    return getattr(processor, "video_processor", None) is not None
-
-
 def spatial_merge_size(processor) -> int:
     return int(getattr(processor.image_processor, "merge_size", 2))

@@ -45,11 +45,6 @@ class RouterStats:
         n = torch.tensor(float(router_logits[0].shape[0]), dtype=torch.float64, device=prob_sum.device)
         return cls(expert_token_counts.detach().to(prob_sum.device).double(), prob_sum, entropy, n)
 
-    @classmethod
-    def zeros_like(cls, other: RouterStats) -> RouterStats:
-        return cls(torch.zeros_like(other.counts), torch.zeros_like(other.prob_sum),
-                   torch.zeros_like(other.entropy_sum), torch.zeros_like(other.tokens))
-
     def merge(self, other: RouterStats) -> RouterStats:
         return RouterStats(self.counts + other.counts, self.prob_sum + other.prob_sum,
                            self.entropy_sum + other.entropy_sum, self.tokens + other.tokens)

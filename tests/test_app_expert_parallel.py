@@ -194,7 +194,7 @@ def test_four_processes_equal_one_process_accumulating(tmp_path, single_accumula
 
 def test_ep2_lora_crash_resume_equals_one_process_accumulating(tmp_path):
     # the EP run crashes after step 3 and resumes from its step-2 checkpoint (adapters only + optimizer state)
-    lora = ["--model.lora", LORA, "--model.lr", "2e-3", "--trainer.callbacks+=qmoe_lightning.lora.LoraExport"]
+    lora = ["--model.lora", LORA, "--model.lr", "2e-3", "--trainer.callbacks+=callbacks.LoraExport"]
     ckpt = ["--trainer.enable_checkpointing", "true", "--trainer.callbacks+=callbacks.RunCheckpoint",
             "--trainer.callbacks.every_n_train_steps", "2"]
     proc = _fit(tmp_path / "ep", *lora, *ckpt, "--trainer.callbacks+=ep_test_callbacks.CrashAtStep",

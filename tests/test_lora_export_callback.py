@@ -10,7 +10,8 @@ import pytest
 import torch
 from tiny_configs import make_config
 
-from qmoe_lightning.lora import LoraConfig, LoraExport, apply_lora
+from callbacks import LoraExport
+from qmoe_lightning.lora import LoraConfig, apply_lora
 from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration
 
 

@@ -9,7 +9,6 @@ PEFT-format exports.
 
 from .apply import (GROUPS, LoraReport, adapter_state_dict, apply_lora, check_adapter_state_dict, group_of,
                     has_lora, is_adapter_key, keep_adapters_only, lora_modules, reset_lora_parameters, resolve_targets, summarize)
-from .callback import LoraExport
 from .config import ALIASES, DEFAULT_TARGETS, LoraConfig
 from .experts import LoRAGroupedExperts
 from .linear import LoRALinear
@@ -17,7 +16,7 @@ from .merge import MergedStateDict, merge_lora_, save_merged_pretrained
 from .peft_export import experts_from_peft, experts_to_peft, load_peft_adapter, peft_adapter_state, save_peft_adapter
 
 __all__ = [
-    "ALIASES", "DEFAULT_TARGETS", "GROUPS", "LoRAGroupedExperts", "LoRALinear", "LoraConfig", "LoraExport", "LoraReport",
+    "ALIASES", "DEFAULT_TARGETS", "GROUPS", "LoRAGroupedExperts", "LoRALinear", "LoraConfig", "LoraReport",
     "MergedStateDict",
     "adapter_state_dict", "apply_lora", "check_adapter_state_dict", "experts_from_peft", "experts_to_peft",
     "group_of", "has_lora", "is_adapter_key", "keep_adapters_only", "load_peft_adapter", "lora_modules",

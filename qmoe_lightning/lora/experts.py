@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qmoe_lightning.models.norms import KeepFp32Mixin
-from qmoe_lightning.models.moe import GroupedExperts, _grouped_mm_ok, sort_by_expert
+from qmoe_lightning.models.moe import GroupedExperts, grouped_mm_supported, sort_by_expert
 
 PROJECTIONS = ("gate_up", "down")
 
@@ -89,7 +89,7 @@ class LoRAGroupedExperts(KeepFp32Mixin, GroupedExperts):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H), indices/weights (N, k) -> (N, H); same sorting and numerics as GroupedExperts.forward."""
-        if not _grouped_mm_ok(x):
+        if not grouped_mm_supported(x):
             return self._loop(x, indices, weights)
         order, token_of, offs = sort_by_expert(indices, self.num_experts)  # (N*k,), (N*k,), (E,)
         xs = x[token_of]  # (N*k, H)

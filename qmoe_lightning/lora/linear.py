@@ -54,11 +54,6 @@ class LoRALinear(KeepFp32Mixin, nn.Linear):
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # no-op unless the adapter is kept wider
         return y + F.linear(F.linear(self.lora_dropout(x), A), B) * self.scaling
 
-    def delta_weight(self) -> torch.Tensor:
-        """(out, in) update `scaling * B A`, in the base weight's dtype (computed in fp32 when the base is 16-bit)."""
-        acc = torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
-        return (self.lora_B.to(acc) @ self.lora_A.to(acc) * self.scaling).to(self.weight.dtype)
-
     def merged_weight(self) -> torch.Tensor:
         return merge_linear_weight(self.weight, self.lora_A, self.lora_B, self.scaling)
 

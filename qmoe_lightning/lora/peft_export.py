@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qmoe_lightning.export_dir import check_export_target, recover, swap_into_place, temp_dir
-from qmoe_lightning.models.checkpoint import _full
+from qmoe_lightning.models.checkpoint import full_cpu_tensor
 from qmoe_lightning.models.moe import GroupedExperts
 
 from .apply import lora_modules
@@ -110,8 +110,8 @@ def peft_adapter_state(model: nn.Module, fetch=None) -> tuple[dict, dict[str, to
     tensors: dict[str, torch.Tensor] = {}
     for name, m in linear.items():
         key = PREFIX + hf_module_name(name)
-        tensors[f"{key}.lora_A.weight"] = _full(fetch(f"{name}.lora_A")).contiguous()
-        tensors[f"{key}.lora_B.weight"] = _full(fetch(f"{name}.lora_B")).contiguous()
+        tensors[f"{key}.lora_A.weight"] = full_cpu_tensor(fetch(f"{name}.lora_A")).contiguous()
+        tensors[f"{key}.lora_B.weight"] = full_cpu_tensor(fetch(f"{name}.lora_B")).contiguous()
 
     target_parameters: list[str] = []
     rank_pattern, alpha_pattern = {}, {}
@@ -128,7 +128,7 @@ def peft_adapter_state(model: nn.Module, fetch=None) -> tuple[dict, dict[str, to
             for depth, proj in enumerate(ordered):
                 if proj in pairs:
                     prefix = "gate_and_up_lora" if proj == "gate_up" else "down_lora"
-                    A, B = (_full(fetch(f"{name}.{prefix}_{ab}")) for ab in "AB")
+                    A, B = (full_cpu_tensor(fetch(f"{name}.{prefix}_{ab}")) for ab in "AB")
                 else:  # excluded layer: zero adapter, loads without missing keys and adds nothing
                     n_in, n_out = shapes[proj]
                     dtype = next(iter(next(iter(experts.values())).adapter_pairs().values()))[0].dtype

@@ -271,7 +271,8 @@ def parse_size(size: int | str) -> int:
     return int(s)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full_cpu_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy of the whole tensor (gathered if it is a DTensor shard): what a checkpoint file holds."""
     t = t.detach()
     if hasattr(t, "full_tensor"):  # DTensor (FSDP2 / expert parallel)
         t = t.full_tensor()
@@ -312,7 +313,7 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
             total += nbytes
 
         for fqn, tensor in (model.state_dict() if state_dict is None else state_dict).items():
-            for key, t in adapter.convert_single_tensor_to_hf(fqn, _full(tensor)):
+            for key, t in adapter.convert_single_tensor_to_hf(fqn, full_cpu_tensor(tensor)):
                 dtype_numel[t.dtype] += t.numel()
                 add(key, t)
         for key, file in (getattr(model, "load_report", None) or {}).get("passthrough", {}).items():

@@ -16,7 +16,6 @@ and CUDA); `experts_loop_reference` is the readable per-expert loop kept beside 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,9 @@ class TopKRouter(nn.Module):
         return logits, weights.to(logits.dtype), indices
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """Can `torch._grouped_mm` run the expert matmuls for activations `x` (CUDA: bf16 only)? Else the per-expert
+    loop runs."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.is_cuda:
@@ -73,7 +74,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H), indices/weights (N, k) -> (N, H)."""
-        if not _grouped_mm_ok(x):
+        if not grouped_mm_supported(x):
             return experts_loop_reference(self, x, indices, weights)
         order, token_of, offs = sort_by_expert(indices, self.num_experts)  # (N*k,), (N*k,), (E,)
         xs = x[token_of]  # (N*k, H)
@@ -130,7 +131,3 @@ class SparseMoE(nn.Module):
         if self.shared_experts is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_experts(flat)
         return out.reshape(B, T, H), logits, indices
-
-
-def init_std(config) -> float:
-    return getattr(config, "initializer_range", 0.02) or 1 / math.sqrt(config.hidden_size)

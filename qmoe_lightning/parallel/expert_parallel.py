@@ -37,7 +37,7 @@ with warnings.catch_warnings():
     from torch.distributed.nn.functional import all_to_all_single as _autograd_a2a
 
 from qmoe_lightning.lora.experts import expert_mlp
-from qmoe_lightning.models.moe import GroupedExperts, _grouped_mm_ok
+from qmoe_lightning.models.moe import GroupedExperts, grouped_mm_supported
 
 # names of parameters with the expert on dim 0 (GroupedExperts + LoRAGroupedExperts adapters)
 EXPERT_DIM0_PARAMS = ("gate_and_up_projs", "down_projs", "gate_and_up_lora_A", "gate_and_up_lora_B", "down_lora_A",
@@ -96,7 +96,7 @@ class _ExpertParallelMixin:
         """xs (rows, H) grouped by local expert (cumulative `offs`) -> (rows, H), before the routing weight."""
         lora = getattr(self, "adapter_pairs", None)
         pairs = lora() if lora is not None else {}
-        if not _grouped_mm_ok(xs) or xs.shape[0] == 0:
+        if not grouped_mm_supported(xs) or xs.shape[0] == 0:
             return self._local_loop(xs, offs, pairs)
         h = torch._grouped_mm(xs, self.gate_and_up_projs, offs=offs)
         if "gate_up" in pairs:
@@ -182,10 +182,5 @@ def shard_experts_(experts: GroupedExperts, ep_group: dist.ProcessGroup | None) 
         setattr(experts, name, nn.Parameter(local, requires_grad=p.requires_grad))
     experts.ep_group, experts.ep_size, experts.ep_rank = ep_group, ep_size, ep_rank
     experts.num_local_experts = stop - start
-    experts.expert_offset = start
     experts.__class__ = _ep_class(type(experts))
     return experts
-
-
-def expert_parallel_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if is_expert_parallel(m)}

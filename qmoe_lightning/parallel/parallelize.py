@@ -43,7 +43,6 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from qmoe_lightning.models.moe import GroupedExperts, TopKRouter
-from qmoe_lightning.models.text_model import Qwen3_5MoeBlock
 
 from .expert_parallel import is_expert_parallel, shard_experts_
 from .state import build_expert_state_mesh, expert_layout_for, set_expert_global_layout
@@ -271,8 +270,4 @@ def _needs_force_sum(module: FSDPModule, has_divide_factor: bool) -> bool:
     if info.mesh.size() == 1:
         return False  # no collective at all
     return info.shard_mesh_size > 1 or not has_divide_factor
-
-
-def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 

@@ -4,7 +4,7 @@ it applies LoRA).
 
 It only reads `pl_module.model` (the native model with adapters applied by `apply_lora` in `configure_model`), so a
 run without adapters fails loudly at fit start instead of writing nothing at the end. The merged export
-(`hf_export/`) stays with `callbacks.HFExport`, which must call `save_merged_pretrained` (see merge.py): a plain
+(`hf_export/`) stays with `callbacks.HFExport`, which must call `qmoe_lightning.lora.save_merged_pretrained`: a plain
 `save_pretrained` of a LoRA model would write the adapter tensors under names transformers does not know.
 
 `base_model_name_or_path` in adapter_config.json: the `base_model_name_or_path` argument, else the module's
@@ -23,10 +23,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from qmoe_lightning.export_dir import prepare_target
-
-from .apply import has_lora
-from .peft_export import save_peft_adapter
-
+from qmoe_lightning.lora import has_lora, save_peft_adapter
+from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
 
 
 class LoraExport(pl.Callback):
@@ -68,9 +66,6 @@ class LoraExport(pl.Callback):
 
     def export(self, trainer, pl_module) -> Path:
         out = self.export_dir(trainer)
-        # imported here: parallel.expert_parallel imports lora.experts, so a module-level import would be circular
-        from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
-
         model = pl_module.model
         t0 = time.perf_counter()
         if is_sharded_model(model):  # all ranks gather the adapters in the same order, rank 0 writes
