@@ -116,14 +116,15 @@ class HFExport(pl.Callback):
         out = self.export_dir(trainer)
         self._last_step_exported = trainer.global_step
         model = pl_module.model
+        source = getattr(pl_module, "checkpoint_source", None)  # companion files, mtp.* passthrough (build_model)
         t0 = time.perf_counter()
         # LoRA adapters are merged into the exported weights; a plain model is saved as is
         if is_sharded_model(model):
             # every rank walks the tensors in the same order (one all-gather each), rank 0 writes
             save_merged_pretrained(model, out, max_shard_size=self.max_shard_size, fetch=full_tensor_fetcher(model),
-                                   write=trainer.is_global_zero)
+                                   write=trainer.is_global_zero, source=source)
         elif trainer.is_global_zero:
-            save_merged_pretrained(model, out, max_shard_size=self.max_shard_size)
+            save_merged_pretrained(model, out, max_shard_size=self.max_shard_size, source=source)
         rank_zero_info(f"HF export (step {trainer.global_step}) written to {out} in {time.perf_counter() - t0:.1f}s")
         trainer.strategy.barrier("hf_export")
         self.last_export = out

@@ -15,17 +15,8 @@ Targets follow the model: labels shifted left by one, the last token of every do
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-
-def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """(1, T) unshifted labels -> (1, T) targets, none crossing a document boundary (as the model's loss)."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    if cu_seqlens is not None:
-        ends = cu_seqlens[1:].long().to(labels.device) - 1
-        targets = targets.clone()
-        targets[0, ends[ends >= 0]] = -100
-    return targets
+from .models.lm_loss import next_token_targets
 
 
 @torch.no_grad()

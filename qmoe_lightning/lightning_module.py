@@ -102,9 +102,9 @@ class QMoELightningModule(pl.LightningModule):
         Args:
             pretrained: Hugging Face model directory or hub id ("org/name") to fine-tune, or "embedded" for the
                 bundled tiny checkpoint. None: random init from `model_config`.
-            model_config: used when `pretrained` is None: a `Qwen3_5MoeConfig` kwargs dict, or a path to a
-                config.json / a directory holding one.
-            text_only: build `Qwen3_5MoeForCausalLM` (no vision tower) instead of the vision-language model.
+            model_config: used when `pretrained` is None: config.json keys as a dict (its `model_type` picks the
+                family, default qwen3_5_moe), or a path to a config.json / a directory holding one.
+            text_only: build the family's text-only model (no vision tower) instead of the vision-language one.
             processor_source: directory whose tokenizer/processor files are copied into HF exports
                 (default: the `pretrained` directory).
             lr: peak AdamW learning rate.
@@ -141,6 +141,8 @@ class QMoELightningModule(pl.LightningModule):
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         self.save_hyperparameters()
         self.model = None
+        self.checkpoint_source = None  # where the weights came from (companion files, mtp.* passthrough): exports
+        self._parallelized = False
         self.collect_router_stats = False  # switched on by the MoE callbacks (needs output_router_logits)
         self.window: StepWindow | None = None  # the current (or just finished) optimizer step
         self._t_prev: float | None = None
@@ -150,112 +152,44 @@ class QMoELightningModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # configure_model runs again for validate/test after fit
             return
-        from qmoe_lightning.models import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
-        from qmoe_lightning.models.checkpoint import load_config, load_hf_weights, resolve_checkpoint_dir
+        from .build import build_model
+        from .models.checkpoint import resolve_checkpoint_dir
+        from .models.registry import config_from, family_of, load_config
 
         hp = self.hparams
         trainer = self._trainer
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         precision = str(trainer.precision) if trainer is not None else "32-true"
-        dtype = torch.bfloat16 if precision == "bf16-true" else torch.float16 if precision == "16-true" else None
-        strategy = trainer.strategy if trainer is not None else None
-        parallel = hasattr(strategy, "parallelize")  # ExpertParallelStrategy: EP + activation checkpointing + FSDP2
-
-        source = None
+        checkpoint = None
         if hp.pretrained is not None:
-            source = resolve_checkpoint_dir(self._resolve_embedded(hp.pretrained))
-            config = load_config(source)
+            checkpoint = resolve_checkpoint_dir(self._resolve_embedded(hp.pretrained))
+            config = load_config(checkpoint)
         else:
-            config = self._config_from(hp.model_config)
-        cls = Qwen3_5MoeForCausalLM if hp.text_only else Qwen3_5MoeForConditionalGeneration
-        t0 = time.perf_counter()
-        with torch.device("meta"):
-            model = cls(config)
-        if dtype is not None:
-            model.to(dtype)  # A_log / dt_bias / inv_freq stay fp32 (KeepFp32Mixin)
-        # Under the strategy with a checkpoint, no rank ever holds the full model: LoRA and the parallelisation are
-        # applied on meta, then each rank materialises its shards and reads only those from the safetensors
-        # (parallel/loading.py). Otherwise (no strategy, or a random init) the full model is built and filled here
-        # and parallelised at the end: a random init is defined on the full tensors (init_seed), not per shard.
-        rank_local = parallel and source is not None
-        if not rank_local:
-            model.to_empty(device=device)
-            model.reset_buffers()
-            if source is not None:
-                model.load_report = load_hf_weights(model, source)
-            else:
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(hp.init_seed)
-                    model.init_weights()
-        processor_source = hp.processor_source or source
-        model.source_dir = Path(self._resolve_embedded(processor_source)) if processor_source else None
-        model.text_model.gradient_checkpointing = bool(hp.activation_checkpointing)
-        self.model = model
-        if hp.lora is not None:
-            from .lora import apply_lora
-
-            # after the weights are loaded (full path), or on meta (rank-local: the adapters are initialised after
-            # loading by init_lora_parallel; apply_lora's seeding must not touch the device RNG here)
-            with torch.random.fork_rng(devices=[device] if rank_local and device.type == "cuda" else [],
-                                       enabled=rank_local):
-                report = apply_lora(model, hp.lora)  # freezes the base, adds adapters
-            rank_zero_info("LoRA adapters:\n" + report.table())
+            config = config_from(hp.model_config)
+        built = build_model(
+            family_of(config.model_type).model_class(text_only=hp.text_only), config,
+            checkpoint=checkpoint,
+            processor_dir=Path(self._resolve_embedded(hp.processor_source)) if hp.processor_source else None,
+            dtype={"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision),
+            device=trainer.strategy.root_device if trainer is not None else torch.device("cpu"),
+            lora=hp.lora, freeze=self._apply_freezing,
+            # ExpertParallelStrategy's plan (EP + activation checkpointing + FSDP2); other strategies have none
+            parallelize=getattr(trainer.strategy, "parallelize", None) if trainer is not None else None,
+            activation_checkpointing=hp.activation_checkpointing, init_seed=hp.init_seed)
+        self.model, self.checkpoint_source, self._parallelized = built.model, built.source, built.parallelized
+        if built.lora_report is not None:
+            rank_zero_info("LoRA adapters:\n" + built.lora_report.table())
             self.strict_loading = False  # checkpoints hold the adapters only
-        self._apply_freezing()
-        # counted before parallelising: the global (unsharded) sizes
-        n_total = sum(p.numel() for p in model.parameters())
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        name = type(model).__name__
-        self._parallelized = False
-        if parallel:
-            model = self.model = strategy.parallelize(self.model)
-            self._parallelized = True
-        how = ""
-        if rank_local:
-            from .parallel.loading import init_lora_parallel, load_hf_weights_parallel
-
-            model.to_empty(device=device)
-            model.reset_buffers()
-            model.load_report = load_hf_weights_parallel(model, source)
-            if hp.lora is not None:
-                init_lora_parallel(model, model.lora_config.init_seed)  # == apply_lora on the full model
-            read = model.load_report["rank_local"]
-            how = (f", rank-local (rank {trainer.global_rank} read {read['read_elements'] / 1e6:.2f}M of "
-                   f"{read['checkpoint_elements'] / 1e6:.2f}M checkpoint elements)")
-        rank_zero_info(f"model {name} from {source or 'config'} on {device} in {time.perf_counter() - t0:.1f}s{how}: "
-                       f"{n_total / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable")
+        rank_zero_info(built.summary(trainer.global_rank if trainer is not None else 0))
 
     def _resolve_embedded(self, value):
         from qmoe_lightning.embedded import resolve_path
 
         return resolve_path(value, "model", self.hparams.embedded_cache_dir)
 
-    @staticmethod
-    def _config_from(spec):
-        from transformers import Qwen3_5MoeConfig
-
-        from .models.checkpoint import SUPPORTED_MODEL_TYPES, load_config
-
-        where = "model_config"
-        if not isinstance(spec, dict):
-            path = Path(spec)
-            if not path.exists():
-                raise FileNotFoundError(f"model_config: {path} does not exist")
-            if path.is_dir():
-                return load_config(path)  # checks model_type, naming the file
-            where, spec = f"model_config {path}", json.loads(path.read_text())
-        model_type = spec.get("model_type", "qwen3_5_moe")
-        if model_type not in SUPPORTED_MODEL_TYPES:  # another family's keys would fail later as AttributeErrors
-            raise ValueError(f"{where}: model_type {model_type!r} is not supported; expected one of "
-                             f"{SUPPORTED_MODEL_TYPES}")
-        if model_type == "qwen3_5_moe_text":
-            spec = {"text_config": {k: v for k, v in spec.items() if k != "model_type"}}
-        return Qwen3_5MoeConfig(**{k: v for k, v in spec.items() if k != "model_type"})
-
-    def _apply_freezing(self) -> None:
+    def _apply_freezing(self, model) -> None:
         hp = self.hparams
         frozen = 0
-        for name, p in self.model.named_parameters():
+        for name, p in model.named_parameters():
             freeze = ((hp.freeze_vision_tower and name.startswith("model.visual."))
                       or (hp.freeze_router and name.endswith("mlp.gate.weight"))
                       or (hp.freeze_embeddings and name.endswith("embed_tokens.weight")))
@@ -360,7 +294,7 @@ class QMoELightningModule(pl.LightningModule):
         by_value = str(gradient_clip_algorithm or "norm").lower().endswith("value")
         max_norm = gradient_clip_val if gradient_clip_val and not by_value else float("inf")
         # one pass: the total norm (before clipping) is returned and logged; clipping happens when max_norm < inf
-        if getattr(self, "_parallelized", False):  # mixed EP / FSDP meshes: torch's clip cannot stack them
+        if self._parallelized:  # mixed EP / FSDP meshes: torch's clip cannot stack them
             from .parallel.clip import clip_grad_norm_
 
             norm = clip_grad_norm_(self.model, max_norm)
@@ -452,7 +386,7 @@ class QMoELightningModule(pl.LightningModule):
                 "(--model.pretrained <default_root_dir>/hf_export), or serve the export with vLLM / transformers.")
         self._check_data_processor()
         fetch = None
-        if getattr(self, "_parallelized", False):  # FSDP2 / expert-parallel on one process: full tensors
+        if self._parallelized:  # FSDP2 / expert-parallel on one process: full tensors
             from .parallel.state import full_tensor_fetcher
 
             fetch = full_tensor_fetcher(self.model)

@@ -85,7 +85,7 @@ def test_export_processor_loads(trained, tmp_path):
         processor = load_processor.__wrapped__(str(out_dir))
     from data_modules.processor import load_processor
 
-    source = load_processor.__wrapped__(str(trained[0].model.source_dir))
+    source = load_processor.__wrapped__(str(trained[0].checkpoint_source.directory))
     msgs = [{"role": "user", "content": [{"type": "text", "text": "What color is the shape?"}]}]
     text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert text == source.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)

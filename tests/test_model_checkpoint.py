@@ -136,7 +136,7 @@ def test_mtp_tensors_are_kept_aside_and_copied_through(hf_and_dir, tmp_path):
     index_file.write_text(json.dumps(index))
 
     model = Qwen3_5MoeForConditionalGeneration.from_pretrained(src)
-    assert model.load_report["skipped"]["mtp"] == 2
+    assert model.checkpoint_source.report.skipped["mtp"] == 2
     out = read_all(model.save_pretrained(tmp_path / "export"))
     for k, v in mtp.items():
         assert torch.equal(out[k], v)
@@ -230,8 +230,12 @@ def test_wrong_model_type_is_rejected(hf_and_dir, tmp_path):
     cfg = json.loads((dst / "config.json").read_text())
     cfg["model_type"] = "llama"
     (dst / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
+    with pytest.raises(ValueError, match="model_type 'llama' cannot be loaded by Qwen3_5MoeForConditionalGeneration"):
         Qwen3_5MoeForConditionalGeneration.from_pretrained(dst)
+    from qmoe_lightning.models.registry import load_config
+
+    with pytest.raises(ValueError, match=r"config.json: model_type 'llama' is not supported; expected one of"):
+        load_config(dst)  # what the app checks (the registry's families)
 
 
 def test_missing_and_unexpected_tensors_are_listed(hf_and_dir, tmp_path):
@@ -291,7 +295,8 @@ def test_export_refuses_a_shard_of_the_experts(hf_and_dir):
 def test_vl_class_refuses_text_only_checkpoint(hf_and_dir, tmp_path):
     _, path = hf_and_dir
     text_dir = Qwen3_5MoeForCausalLM.from_pretrained(path).save_pretrained(tmp_path / "t")
-    with pytest.raises(ValueError, match="load it with Qwen3_5MoeForCausalLM"):
+    with pytest.raises(ValueError, match=r"'qwen3_5_moe_text' cannot be loaded by Qwen3_5MoeForConditionalGeneration.*"
+                                         r"text-only model class"):
         Qwen3_5MoeForConditionalGeneration.from_pretrained(text_dir)
 
 
@@ -372,14 +377,21 @@ def test_missing_local_path_that_looks_like_a_hub_id_says_both(tmp_path, monkeyp
 
 
 def test_model_config_of_another_model_type_is_named(tmp_path):
-    from qmoe_lightning.lightning_module import QMoELightningModule
+    from qmoe_lightning.models.registry import config_from, family_of_model, supported_model_types
 
     with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
-        QMoELightningModule._config_from({"model_type": "llama", "hidden_size": 64})
+        config_from({"model_type": "llama", "hidden_size": 64})
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "mixtral"}))
     with pytest.raises(ValueError, match=rf"model_config {path}: model_type 'mixtral'"):
-        QMoELightningModule._config_from(str(path))
+        config_from(str(path))
     # a text-only config's keys are the text model's
-    text = QMoELightningModule._config_from({"model_type": "qwen3_5_moe_text", "hidden_size": 48})
+    text = config_from({"model_type": "qwen3_5_moe_text", "hidden_size": 48})
     assert text.model_type == "qwen3_5_moe" and text.text_config.hidden_size == 48
+    # the registry knows the family of every native class, wrapped ones (FSDP2's swap) included
+    assert supported_model_types() == ("qwen3_5_moe", "qwen3_5_moe_text")
+    wrapped = type("FSDPQwen3_5MoeForCausalLM", (Qwen3_5MoeForCausalLM,), {})
+    assert wrapped.hf_architecture() == "Qwen3_5MoeForCausalLM"
+    with torch.device("meta"):
+        model = wrapped(text)
+    assert family_of_model(model).name == "Qwen3.5-MoE" and model.state_dict_adapter().text_only

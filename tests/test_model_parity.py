@@ -164,7 +164,7 @@ def test_every_parameter_gradient_matches(pairs, variant):
 def test_causal_lm_matches_vl_text_path_and_loads_vl_checkpoint(pairs):
     hf, nat, path = pairs["alt"]
     text = Qwen3_5MoeForCausalLM.from_pretrained(path).eval()
-    assert text.load_report["skipped"].get("vision", 0) > 0  # vision tower counted, not silently dropped
+    assert text.checkpoint_source.report.skipped.get("vision", 0) > 0  # vision tower counted, not silently dropped
     assert not any(n.startswith("model.visual") for n, _ in text.named_parameters())
     ids = torch.randint(0, 400, (2, 30))
     with torch.no_grad():

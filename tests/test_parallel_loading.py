@@ -21,6 +21,7 @@ the adapters fp32, the rest bf16).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -209,9 +210,9 @@ def _loading_worker(rank, world, ckpts, with_bad):
         if lora:
             apply_lora(ref, LoraConfig(**lora))  # one process: adapters initialised on the loaded full model
         out["layouts"][layout] = dict(
-            reads=reads, report=report, logits_diff=diff, n_adapters=n_adapters,
+            reads=reads, report=dataclasses.asdict(report), logits_diff=diff, n_adapters=n_adapters,
             mismatches=_mismatches(_gathered(model), ref.state_dict()),
-            same_report={k: report[k] for k in ("loaded", "skipped", "passthrough")} == ref.load_report,
+            same_report=dataclasses.replace(report, rank_local=None) == ref.checkpoint_source.report,
             n_lora_keys=sum("lora_" in k for k in ref.state_dict()), experts=list(range(*_expert_box(model))))
     if with_bad:
         # EP without FSDP: dense tensors replicated (read whole on every rank), experts still rank-local
@@ -294,7 +295,7 @@ def test_rank_local_loading_ep2_efsdp2(checkpoints, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the real module
 MODULE_SCRIPT = textwrap.dedent('''
-    import os, sys
+    import dataclasses, os, sys
     sys.modules.setdefault("fla", None); sys.modules.setdefault("causal_conv1d", None)
     sys.path[:0] = [{root!r}, {tests!r}]
     import torch
@@ -318,7 +319,7 @@ MODULE_SCRIPT = textwrap.dedent('''
             experts = module.model.model.language_model.layers[0].mlp.experts
             local = {{k: (v.to_local() if hasattr(v, "to_local") else v).dtype for k, v in module.model.state_dict().items()}}
             result = dict(after_configure=module.after_configure, at_fit_start=gathered(module.model), local_dtypes=local,
-                          report=module.model.load_report, strict_loading=module.strict_loading,
+                          report=dataclasses.asdict(module.checkpoint_source.report), strict_loading=module.strict_loading,
                           parallelized=module._parallelized, local_experts=experts.num_local_experts)
             torch.save(result, os.path.join({out!r}, f"rank{{trainer.global_rank}}.pt"))
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qmoe_lightning.models.checkpoint import parse_size, save_hf_checkpoint
+from qmoe_lightning.models.checkpoint import CheckpointSource, parse_size, save_hf_checkpoint
 
 from .apply import has_lora, is_adapter_key, lora_modules
 from .experts import LoRAGroupedExperts, merge_expert_weights
@@ -79,20 +79,22 @@ class MergedStateDict(Mapping):
 
 
 def save_merged_pretrained(model: nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB",
-                           fetch=None, write: bool = True) -> Path | None:
+                           fetch=None, write: bool = True, source: CheckpointSource | None = None) -> Path | None:
     """Write `model` with its adapters merged as a Hugging Face directory (atomic); the model is left unchanged.
+    source: the checkpoint the base weights came from (companion files, passthrough tensors; see checkpoint.py).
 
     Sharded (FSDP2 / expert-parallel) models: call on EVERY rank with `fetch=full_tensor_fetcher(model)` and
     `write=(rank == 0)`: tensors are gathered one at a time (bounded memory: one full tensor plus the shard being
     written) and only rank 0 writes."""
-    if fetch is None and write and not has_lora(model):
-        return model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     with torch.no_grad():
-        view = MergedStateDict(model, fetch)
+        view = MergedStateDict(model, fetch) if fetch is not None or has_lora(model) else None
         if not write:
-            view.drain()
+            if view is not None:
+                view.drain()
             return None
-        return save_hf_checkpoint(model, Path(out_dir), parse_size(max_shard_size), state_dict=view)
+        if source is None:  # a model used alone: what its from_pretrained recorded
+            source = getattr(model, "checkpoint_source", None)
+        return save_hf_checkpoint(model, Path(out_dir), parse_size(max_shard_size), state_dict=view, source=source)
 
 
 def merge_lora_(model: nn.Module) -> int:

@@ -5,7 +5,11 @@ empty on the target device and then streams the safetensors files tensor by tens
 into the parameters: the checkpoint is never held in memory next to the model. Loading is strict: every native
 parameter must be written completely (each expert slice counted) and every checkpoint tensor must land somewhere;
 the error lists what is missing / unexpected. Tensors that are knowingly not loaded (mtp.*, the vision tower for a
-text-only model) are counted in `model.load_report`; mtp.* tensors are copied through on save.
+text-only model) are counted in the `LoadReport`; mtp.* tensors are recorded there and copied through on save.
+
+Where a model's weights came from (`CheckpointSource`: the directory whose tokenizer / processor / generation files
+an export copies, and the load report) is passed to the exporters as an argument. `from_pretrained` records it in
+the model's one declared field `checkpoint_source`, so that `save_pretrained` of a model used alone round-trips.
 
 Saving writes the official fused layout into a temporary sibling directory (shards + index + config + generation
 config + the source's tokenizer / processor files) and swaps it into place (`qmoe_lightning.export_dir`): only a
@@ -18,22 +22,45 @@ import json
 import os
 import shutil
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..export_dir import check_export_target, recover, swap_into_place, temp_dir
-from .state_dict_adapter import Qwen3_5MoeStateDictAdapter, Skip
+from .state_dict_adapter import Skip
 
-SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
 # copied from the source checkpoint so that an export is a complete, servable model directory
 COMPANION_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
     "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
     "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
 )
+
+
+@dataclass
+class LoadReport:
+    """What loading a checkpoint did."""
+
+    loaded: int  # native tensors written
+    skipped: dict[str, int] = field(default_factory=dict)  # checkpoint keys knowingly not loaded, by reason
+    passthrough: dict[str, Path] = field(default_factory=dict)  # HF key -> file: mtp.*, copied through on export
+    rank_local: dict[str, int] | None = None  # rank-local loading: {"read_elements", "checkpoint_elements"}
+
+
+@dataclass
+class CheckpointSource:
+    """Where a model's weights came from, as far as an export needs it."""
+
+    directory: Path | None = None  # tokenizer / processor / generation files copied into exports
+    report: LoadReport | None = None  # passthrough tensors written back on export
+
+    @property
+    def passthrough(self) -> dict[str, Path]:
+        return self.report.passthrough if self.report is not None else {}
 
 
 def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
@@ -55,16 +82,18 @@ def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
             f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
-def load_config(path: Path):
-    config_file = path / "config.json"
+def read_config(path: Path, model_types: tuple[str, ...] | None = None, model_name: str = ""):
+    """transformers' config of the HF directory `path`; with `model_types`, any other model_type is an error naming
+    the file (the app checks against the registry: `registry.load_config`)."""
+    config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: not a Hugging Face model directory")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{config_file}: model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES} "
-            "(Qwen3.5-MoE / Qwen3.6-MoE checkpoints)"
-        )
+    if model_types is not None:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        if model_type not in model_types:
+            raise ValueError(f"{config_file}: model_type {model_type!r} cannot be loaded by {model_name}; expected "
+                             f"one of {model_types} (a text-only checkpoint has no vision tower: load it with the "
+                             "family's text-only model class)")
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(path)
@@ -121,24 +150,24 @@ def checkpoint_dtype(config) -> torch.dtype | None:
 
 
 class HFCheckpointMixin:
-    """`from_pretrained` / `save_pretrained` for `Qwen3_5MoeForConditionalGeneration` and `Qwen3_5MoeForCausalLM`."""
+    """`from_pretrained` / `save_pretrained` for the native model classes. Each class declares what it is:"""
+
+    HF_ARCHITECTURE: ClassVar[str]  # transformers' class of the same model: config.json's `architectures`
+    MODEL_TYPES: ClassVar[tuple[str, ...]]  # config.json model_types it loads
+    TEXT_ONLY: ClassVar[bool]  # no vision tower
+    STATE_DICT_ADAPTER: ClassVar[type]  # HF <-> native tensor names and layouts: (config, text_only) -> adapter
+
+    # set by from_pretrained (None otherwise): what save_pretrained copies through when not given a source
+    checkpoint_source: CheckpointSource | None = None
 
     @classmethod
     def hf_architecture(cls) -> str:
-        """The model class's own name, also when FSDP2 (or another wrapper) has swapped in a subclass of it
-        ("FSDPQwen3_5MoeForCausalLM"): what config.json's `architectures` must say for transformers / vLLM."""
-        for klass in cls.__mro__:
-            if klass.__name__ in ("Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM") and \
-                    klass.__module__.startswith("qmoe_lightning."):
-                return klass.__name__
-        return cls.__name__
+        """What config.json's `architectures` must say for transformers / vLLM; a class attribute, so a subclass
+        FSDP2 (or another wrapper) swaps in ("FSDPQwen3_5MoeForCausalLM") still says the model's own."""
+        return cls.HF_ARCHITECTURE
 
-    @classmethod
-    def _is_text_only(cls) -> bool:
-        return cls.hf_architecture() == "Qwen3_5MoeForCausalLM"
-
-    def state_dict_adapter(self) -> Qwen3_5MoeStateDictAdapter:
-        return Qwen3_5MoeStateDictAdapter(self.config, text_only=self._is_text_only())
+    def state_dict_adapter(self):
+        return self.STATE_DICT_ADAPTER(self.config, text_only=self.TEXT_ONLY)
 
     @classmethod
     def from_config(cls, config, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
@@ -166,22 +195,20 @@ class HFCheckpointMixin:
         or a torch dtype. device "meta": the model's structure only; the checkpoint is still checked key by key
         and shape by shape from the file headers, but no tensor data is read."""
         path = resolve_checkpoint_dir(path_or_hub_id)
-        config = load_config(path)
+        config = read_config(path, cls.MODEL_TYPES, cls.HF_ARCHITECTURE)
         if dtype == "auto":
             dtype = checkpoint_dtype(config)
         elif isinstance(dtype, str):
             raise ValueError(f"dtype must be 'auto', None or a torch.dtype, got {dtype!r}")
-        if not cls._is_text_only() and config.model_type != "qwen3_5_moe":
-            raise ValueError(
-                f"{path} holds a text-only {config.model_type!r} checkpoint; load it with Qwen3_5MoeForCausalLM"
-            )
         model = cls._empty(config, dtype, device)
-        model.load_report = load_hf_weights(model, path)
-        model.source_dir = path
+        model.checkpoint_source = CheckpointSource(path, load_hf_weights(model, path))
         return model
 
-    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
-        return save_hf_checkpoint(self, Path(save_directory), parse_size(max_shard_size))
+    def save_pretrained(self, save_directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        source: CheckpointSource | None = None) -> Path:
+        """source: companion files and passthrough tensors to write (default: what from_pretrained recorded)."""
+        return save_hf_checkpoint(self, Path(save_directory), parse_size(max_shard_size),
+                                  source=source or self.checkpoint_source)
 
 
 class CheckpointScan:
@@ -193,7 +220,7 @@ class CheckpointScan:
         self.passthrough: dict[str, Path] = {}
         self.unexpected: list[str] = []
 
-    def keys(self, path: Path, adapter: Qwen3_5MoeStateDictAdapter, targets):
+    def keys(self, path: Path, adapter, targets):
         """Yield (file, open safetensors handle, key) for every checkpoint key whose native key is in `targets`;
         account for every other key here."""
         for file in safetensors_files(path):
@@ -219,11 +246,11 @@ class CheckpointScan:
                 f"{' ...' if len(self.unexpected) > 20 else ''}"
             )
 
-    def report(self, loaded: int) -> dict:
-        return {"loaded": loaded, "skipped": dict(self.skipped), "passthrough": self.passthrough}
+    def report(self, loaded: int) -> LoadReport:
+        return LoadReport(loaded, dict(self.skipped), dict(self.passthrough))
 
 
-def load_hf_weights(model, path: Path) -> dict:
+def load_hf_weights(model, path: Path) -> LoadReport:
     """Stream every tensor of the checkpoint at `path` into `model` (strict). Returns a load report."""
     adapter = model.state_dict_adapter()
     targets = {k: v for k, v in model.state_dict(keep_vars=True).items()}
@@ -279,9 +306,12 @@ def full_cpu_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.cpu()
 
 
-def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=None) -> Path:
+def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=None,
+                       source: CheckpointSource | None = None) -> Path:
     """Write `model` as an HF directory. `state_dict`: the native tensors to write (default `model.state_dict()`),
-    e.g. a lazy mapping with LoRA adapters merged in; it is walked once, one tensor at a time."""
+    e.g. a lazy mapping with LoRA adapters merged in; it is walked once, one tensor at a time. `source`: the
+    checkpoint the weights came from (its companion files and passthrough tensors are written too); None: the
+    weights only, with config.json."""
     adapter = model.state_dict_adapter()
     out_dir = check_export_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -316,7 +346,7 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
             for key, t in adapter.convert_single_tensor_to_hf(fqn, full_cpu_tensor(tensor)):
                 dtype_numel[t.dtype] += t.numel()
                 add(key, t)
-        for key, file in (getattr(model, "load_report", None) or {}).get("passthrough", {}).items():
+        for key, file in (source.passthrough if source is not None else {}).items():
             with safe_open(file, framework="pt", device="cpu") as f:
                 add(key, f.get_tensor(key))
         flush()
@@ -337,11 +367,10 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
             if c is not None:  # sub-configs loaded from a bf16 checkpoint would otherwise still say bf16
                 c.dtype = written_dtype
         config.save_pretrained(tmp)
-        source = getattr(model, "source_dir", None)
-        if source is not None:
+        if source is not None and source.directory is not None:
             for name in COMPANION_FILES:
-                if (Path(source) / name).is_file():
-                    shutil.copy2(Path(source) / name, tmp / name)
+                if (Path(source.directory) / name).is_file():
+                    shutil.copy2(Path(source.directory) / name, tmp / name)
         swap_into_place(tmp, out_dir, "hf_model")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

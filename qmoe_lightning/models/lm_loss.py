@@ -68,3 +68,16 @@ def linear_cross_entropy(
         total = total + F.cross_entropy(logits, targets[start : start + chunk_size], ignore_index=-100,
                                         reduction="sum")
     return total
+
+
+def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) unshifted labels (HF convention) -> (B, T) next-token targets: position t predicts labels[t + 1], the
+    last position nothing, and with `cu_seqlens` (a packed row, B = 1) no target crosses a document boundary (the
+    last token of every document predicts nothing). The one label shift of the project: the model's loss and the
+    answer accuracy both use it."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:].long().to(labels.device) - 1
+        targets = targets.clone()
+        targets[0, ends[ends >= 0]] = -100
+    return targets

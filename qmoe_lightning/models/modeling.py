@@ -30,11 +30,12 @@ from transformers import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig
 from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeVisionModel
 
 from .checkpoint import HFCheckpointMixin
-from .lm_loss import linear_cross_entropy
+from .lm_loss import linear_cross_entropy, next_token_targets
 from .moe import GroupedExperts, TopKRouter
 from .mrope_positions import IMAGE, VIDEO, mrope_position_ids, mrope_position_ids_packed, split_video_grids
 from .packing import SequenceInfo, build_sequence_info
 from .rotary import Fp32SafeTextRotaryEmbedding, Fp32SafeVisionRotaryEmbedding
+from .state_dict_adapter import Qwen3_5MoeStateDictAdapter
 from .text_model import Qwen3_5MoeTextModelBackend
 
 
@@ -81,6 +82,8 @@ def load_balancing_loss(
 
 class _Qwen3_5MoeBase(HFCheckpointMixin, nn.Module):
     """Shared forward tail: positions, decoder, LM head, losses. Subclasses provide `text_model` and `embed`."""
+
+    STATE_DICT_ADAPTER = Qwen3_5MoeStateDictAdapter
 
     text_config: Qwen3_5MoeTextConfig
 
@@ -140,7 +143,7 @@ class _Qwen3_5MoeBase(HFCheckpointMixin, nn.Module):
 
         ce = logits = n_targets = None
         if labels is not None:
-            targets = shift_labels(labels, info)  # (B, T)
+            targets = next_token_targets(labels, info.cu_seqlens if info.packed else None)  # (B, T)
             keep = targets != -100
             n_targets = keep.sum()
             if not return_logits:
@@ -169,18 +172,12 @@ class _Qwen3_5MoeBase(HFCheckpointMixin, nn.Module):
         )
 
 
-def shift_labels(labels: torch.Tensor, info: SequenceInfo) -> torch.Tensor:
-    """(B, T) labels -> (B, T) next-token targets; no target crosses a document boundary."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    if info.packed:
-        doc_ends = info.cu_seqlens[1:].long() - 1  # last token of each document predicts nothing
-        targets = targets.clone()
-        targets[0, doc_ends[doc_ends >= 0]] = -100
-    return targets
-
-
 class Qwen3_5MoeForCausalLM(_Qwen3_5MoeBase):
     """Text-only model. Loads text-only and VL checkpoints (the vision tower's tensors are skipped, and counted)."""
+
+    HF_ARCHITECTURE = "Qwen3_5MoeForCausalLM"
+    MODEL_TYPES = ("qwen3_5_moe_text", "qwen3_5_moe")
+    TEXT_ONLY = True
 
     def __init__(self, config: Qwen3_5MoeTextConfig | Qwen3_5MoeConfig):
         super().__init__()
@@ -243,6 +240,9 @@ class Qwen3_5MoeForConditionalGeneration(_Qwen3_5MoeBase):
     # runs the vision tower, on a zero placeholder whose output enters the embeddings times 0 (exactly nothing
     # changes, and its zero gradients keep the reduce-scatter), and images and videos go through ONE tower call.
     always_run_vision: bool = False
+    HF_ARCHITECTURE = "Qwen3_5MoeForConditionalGeneration"
+    MODEL_TYPES = ("qwen3_5_moe",)  # a text-only checkpoint has no vision tower: Qwen3_5MoeForCausalLM loads it
+    TEXT_ONLY = False
 
     def __init__(self, config: Qwen3_5MoeConfig):
         super().__init__()

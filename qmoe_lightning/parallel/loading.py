@@ -52,7 +52,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from qmoe_lightning.lora.apply import is_adapter_key, lora_modules
-from qmoe_lightning.models.checkpoint import CheckpointScan
+from qmoe_lightning.models.checkpoint import CheckpointScan, LoadReport
 
 from .state import global_state_dict
 
@@ -118,7 +118,7 @@ def _source_dims(view: torch.Tensor, probe: torch.Tensor, where: str) -> list[in
 
 # ---------------------------------------------------------------------------------------------- loading
 @torch.no_grad()
-def _load_local(model: nn.Module, path: Path, stats: dict) -> dict:
+def _load_local(model: nn.Module, path: Path, stats: dict) -> LoadReport:
     adapter = model.state_dict_adapter()
     targets = {k: _target(k, v) for k, v in global_state_dict(model).items() if not is_adapter_key(k)}
     if adapter.tied:
@@ -197,11 +197,12 @@ def _describe_gap(t: _Target) -> str:
     return f"{t.local_numel - sum(t.written.values())} of this rank's {t.local_numel} elements not written"
 
 
-def load_hf_weights_parallel(model: nn.Module, path: str | Path, group: dist.ProcessGroup | None = None) -> dict:
+def load_hf_weights_parallel(model: nn.Module, path: str | Path,
+                             group: dist.ProcessGroup | None = None) -> LoadReport:
     """Fill a parallelised, materialised model from the HF checkpoint directory `path`, each rank reading only its
     own slices (see module doc). Strict; raises the same error on every rank of `group` (default: world) if any
-    rank's part does not match. Returns `load_hf_weights`' report ({"loaded", "skipped", "passthrough"}) plus
-    "rank_local": {"read_elements", "checkpoint_elements"} (what this rank read, of the loaded tensors' total)."""
+    rank's part does not match. Returns `load_hf_weights`' report with `rank_local` = {"read_elements",
+    "checkpoint_elements"} (what this rank read, of the loaded tensors' total)."""
     path = Path(path)
     stats = Counter(read_elements=0, checkpoint_elements=0)
     report, error, exc = None, None, None
@@ -221,7 +222,7 @@ def load_hf_weights_parallel(model: nn.Module, path: str | Path, group: dist.Pro
     if failed:
         text = "\n".join(f"[rank(s) {ranks}] {e}" for e, ranks in failed.items())
         raise ValueError(f"rank-local loading of {path} failed:\n{text}") from exc
-    report["rank_local"] = dict(stats)
+    report.rank_local = dict(stats)
     return report
 
 

@@ -1,0 +1,120 @@
+"""`build_model`: the one pipeline every model of the app is made by.
+
+Fixed order: meta construction -> dtype -> [weights, on the full model] -> LoRA -> freezing -> parallelisation
+(the strategy's `parallelize`: EP -> activation checkpointing -> FSDP2) -> [weights, rank-local] -> LoRA init.
+Which of the two weight steps runs is decided once, from what is given:
+- full: no parallel plan, or a random init. The whole model is materialised and filled (streamed from the
+  checkpoint, or `init_weights` under `init_seed`), LoRA is applied to the loaded weights and the plan, if any,
+  comes last. A random init is defined on the full tensors, so one seed gives one model whatever the layout.
+- rank-local: a parallel plan and a checkpoint. LoRA and the plan are applied on meta, then every rank
+  materialises its shards and reads only those from the safetensors (`parallel.loading`): no rank ever holds the
+  full model. The adapters are initialised afterwards by `init_lora_parallel`, bitwise what `apply_lora` gives on
+  the full model with the same seed.
+
+The result carries where the weights came from (`CheckpointSource`: the directory of the companion files and the
+typed load report with the `mtp.*` tensors to copy through), which exporters receive as an argument, and the
+parameter counts taken before parallelisation (global sizes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .lora import LoraConfig, LoraReport, apply_lora
+from .models.checkpoint import CheckpointSource, load_hf_weights
+from .parallel.loading import init_lora_parallel, load_hf_weights_parallel
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    checkpoint: Path | None  # the weights' checkpoint directory (None: random init)
+    source: CheckpointSource  # directory None and report None for a random init without a processor source
+    parallelized: bool
+    rank_local: bool  # the weights were read shard by shard
+    num_parameters: int  # global (unsharded) counts
+    num_trainable: int
+    lora_report: LoraReport | None
+    seconds: float
+
+    def summary(self, rank: int = 0) -> str:
+        """One line for the log: class, origin, device, sizes (and what this rank read when rank-local)."""
+        m, report = self.model, self.source.report
+        origin = self.checkpoint or "config"
+        how = ""
+        if self.rank_local and report is not None and report.rank_local:
+            read = report.rank_local
+            how = (f", rank-local (rank {rank} read {read['read_elements'] / 1e6:.2f}M of "
+                   f"{read['checkpoint_elements'] / 1e6:.2f}M checkpoint elements)")
+        device = next((p.device for p in m.parameters()), torch.device("cpu"))
+        return (f"model {m.hf_architecture()} from {origin} on {device} in {self.seconds:.1f}s{how}: "
+                f"{self.num_parameters / 1e6:.2f}M parameters, {self.num_trainable / 1e6:.2f}M trainable")
+
+
+def build_model(
+    model_class: type[nn.Module],
+    config,
+    *,
+    checkpoint: Path | None = None,
+    processor_dir: Path | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device = torch.device("cpu"),
+    lora: LoraConfig | None = None,
+    freeze: Callable[[nn.Module], None] | None = None,
+    parallelize: Callable[[nn.Module], nn.Module] | None = None,
+    activation_checkpointing: bool = False,
+    init_seed: int = 0,
+) -> BuiltModel:
+    """Build `model_class(config)` on `device` in `dtype` (None: fp32; A_log / dt_bias / inv_freq stay fp32).
+
+    checkpoint: HF directory to load (strict), or None for the random init seeded by `init_seed`.
+    processor_dir: whose tokenizer / processor files exports copy (default: `checkpoint`).
+    freeze: called on the model after LoRA and before parallelisation (sets requires_grad).
+    parallelize: the strategy's plan (`ExpertParallelStrategy.parallelize`); None: a single-device model.
+    activation_checkpointing: recompute every decoder block in backward (without a plan; a plan applies its own).
+    """
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = model_class(config)
+    if dtype is not None:
+        model.to(dtype)
+    rank_local = parallelize is not None and checkpoint is not None
+    cuda = [device] if device.type == "cuda" else []
+    report = None
+    if not rank_local:
+        model.to_empty(device=device)
+        model.reset_buffers()
+        if checkpoint is not None:
+            report = load_hf_weights(model, checkpoint)
+        else:
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(init_seed)
+                model.init_weights()
+    model.text_model.gradient_checkpointing = bool(activation_checkpointing)
+    lora_report = None
+    if lora is not None:
+        # on meta (rank-local), the adapters get their values from init_lora_parallel after loading: the seeding
+        # inside apply_lora must not move the device RNG here
+        with torch.random.fork_rng(devices=cuda, enabled=rank_local):
+            lora_report = apply_lora(model, lora)  # freezes the base, adds adapters
+    if freeze is not None:
+        freeze(model)
+    n_total = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if parallelize is not None:
+        model = parallelize(model)
+    if rank_local:
+        model.to_empty(device=device)
+        model.reset_buffers()
+        report = load_hf_weights_parallel(model, checkpoint)
+        if lora is not None:
+            init_lora_parallel(model, model.lora_config.init_seed)  # == apply_lora on the full model
+    directory = processor_dir if processor_dir is not None else checkpoint
+    return BuiltModel(model, checkpoint, CheckpointSource(directory, report), parallelize is not None, rank_local, n_total,
+                      n_train, lora_report, time.perf_counter() - t0)

@@ -1,0 +1,124 @@
+"""Model-family registry: a config.json `model_type` -> what the app needs to build, load, adapt and export a model
+of that family. Nothing outside `qmoe_lightning/models/` names a family: the app asks `family_of(model_type)`.
+
+Adding a family: its model files (native classes with `HFCheckpointMixin`, a state-dict adapter) and one
+`register(ModelFamily(...))` below.
+
+    family = family_of(config.model_type)
+    model_class = family.model_class(text_only=False)      # native class
+    config = family.config_from_dict({"text_config": {...}})
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .checkpoint import read_config
+from .modeling import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str  # for messages ("Qwen3.5-MoE")
+    model_type: str  # config.json model_type of the vision-language checkpoints
+    text_model_type: str | None  # of text-only checkpoints (their keys are the VL config's text_config)
+    vision_language: type[nn.Module]  # native classes
+    text_only: type[nn.Module]
+    config_class: str  # transformers config class of `model_type` (by name: transformers imports lazily)
+    lora_targets: tuple[str, ...]  # LoRA aliases that exist in this family (lora.config.ALIASES)
+    processor: str  # "qwen3_vl": transformers' Qwen3VLProcessor (image + video processors, see data_modules)
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        return (self.model_type,) + ((self.text_model_type,) if self.text_model_type else ())
+
+    def model_class(self, text_only: bool) -> type[nn.Module]:
+        return self.text_only if text_only else self.vision_language
+
+    def config_from_dict(self, spec: dict, where: str = "model_config"):
+        """A config from config.json-style keys (`model_type` optional; a text-only type takes text keys)."""
+        import transformers
+
+        spec = dict(spec)
+        model_type = spec.pop("model_type", self.model_type)
+        if model_type == self.text_model_type and self.text_model_type is not None:
+            spec = {"text_config": spec}
+        elif model_type != self.model_type:
+            raise ValueError(f"{where}: model_type {model_type!r} is not {self.name}'s {self.model_types}")
+        return getattr(transformers, self.config_class)(**spec)
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register(family: ModelFamily) -> ModelFamily:
+    for t in family.model_types:
+        if t in FAMILIES:
+            raise ValueError(f"model_type {t!r} is already registered to {FAMILIES[t].name}")
+        FAMILIES[t] = family
+    return family
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(FAMILIES)
+
+
+def family_of(model_type: str | None, where: str = "") -> ModelFamily:
+    family = FAMILIES.get(model_type)
+    if family is None:
+        names = sorted({f.name for f in FAMILIES.values()})
+        raise ValueError(f"{where + ': ' if where else ''}model_type {model_type!r} is not supported; expected one "
+                         f"of {supported_model_types()} ({', '.join(names)} checkpoints)")
+    return family
+
+
+def family_of_model(model: nn.Module) -> ModelFamily:
+    """The family of a native model (any wrapper FSDP2 swapped in included)."""
+    for klass in type(model).__mro__:
+        for family in FAMILIES.values():
+            if klass in (family.vision_language, family.text_only):
+                return family
+    raise TypeError(f"{type(model).__name__} is not a registered native model class")
+
+
+def load_config(path: Path):
+    """The transformers config of the HF model directory `path`; an unknown model_type is an error naming the file."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: not a Hugging Face model directory")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{config_file} is not a JSON object: {err}") from None
+    family_of(model_type, str(config_file))
+    return read_config(path)
+
+
+def config_from(spec: dict | str | Path, where: str = "model_config"):
+    """A config from a dict of config.json keys, a config.json file, or a model directory."""
+    if not isinstance(spec, dict):
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"{where}: {path} does not exist")
+        if path.is_dir():
+            return load_config(path)  # checks model_type, naming the file
+        where, spec = f"{where} {path}", json.loads(path.read_text())
+    model_type = spec.get("model_type")
+    family = family_of(model_type, where) if model_type is not None else QWEN3_5_MOE
+    return family.config_from_dict(spec, where)
+
+
+QWEN3_5_MOE = register(ModelFamily(
+    name="Qwen3.5-MoE",
+    model_type="qwen3_5_moe",
+    text_model_type="qwen3_5_moe_text",
+    vision_language=Qwen3_5MoeForConditionalGeneration,
+    text_only=Qwen3_5MoeForCausalLM,
+    config_class="Qwen3_5MoeConfig",
+    lora_targets=("attention", "linear_attention", "shared_expert", "experts"),
+    processor="qwen3_vl",
+))
