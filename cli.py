@@ -18,7 +18,8 @@ A LightningCLI (jsonargparse) over `QMoELightningModule` and `MultimodalPackingD
 - `--ckpt_path last` resumes from `<default_root_dir>/checkpoints/last.ckpt` when the config uses `RunCheckpoint`;
   a resume continues the saved run exactly (optimizer and schedule state included), so model settings that differ
   from the checkpoint's (`--model.lr 0.5`) stop the run with a message saying what differs and what to do, instead
-  of being silently replaced by the checkpoint's (Lightning's behaviour) or ignored by the restored schedule.
+  of being silently replaced by the checkpoint's (Lightning's behaviour) or ignored by the restored schedule;
+  validate / test / predict only read the weights, so only the settings that shape the model must match;
 The optimizer and schedule are the module's own (`model.lr`, `model.warmup_steps`, ...), so the CLI's generic
 `--optimizer` / `--lr_scheduler` groups are not added.
 """
@@ -42,6 +43,8 @@ from qmoe_lightning.lightning_module import QMoELightningModule
 
 # module arguments a checkpoint may differ in: they do not shape the training state (decoding options of predict)
 NOT_TRAINING_SETTINGS = {"generation"}
+# what makes a checkpoint's tensors fit the model (the only settings validate / test / predict compare)
+MODEL_SHAPE_SETTINGS = {"pretrained", "model_config", "text_only", "lora", "processor_source"}
 
 
 class SaveConfigBesideCheckpoints(SaveConfigCallback):
@@ -115,8 +118,17 @@ class QMoECLI(LightningCLI):
         path = _resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("trainer", {}).get("default_root_dir"))
         saved = _checkpoint_hparams(path) if path is not None else {}
         given = cfg["model"].as_dict() if hasattr(cfg["model"], "as_dict") else dict(cfg["model"])
-        differ = [k for k in sorted(set(saved) & set(given) - NOT_TRAINING_SETTINGS)
-                  if _canonical(saved[k]) != _canonical(given[k])]
+        # fit resumes the run: every setting counts; validate / test / predict only read weights from it, so only
+        # what shapes the model does (a different lr cannot change an evaluation)
+        keys = set(saved) & set(given) - NOT_TRAINING_SETTINGS
+        if sub != "fit":
+            keys &= MODEL_SHAPE_SETTINGS
+        differ = [k for k in sorted(keys) if _canonical(saved[k]) != _canonical(given[k])]
+        if differ and sub != "fit":
+            lines = "\n".join(f"  model.{k}: {given[k]!r} here, {saved[k]!r} in the checkpoint" for k in differ)
+            sys.stderr.write(f"error: {sub} with weights from {path}, but the model it was trained as differs:\n"
+                             f"{lines}\nUse the run's own config (saved beside its checkpoints as config.yaml).\n")
+            raise SystemExit(2)
         if differ:
             lines = "\n".join(f"  model.{k}: {given[k]!r} here, {saved[k]!r} in the checkpoint" for k in differ)
             sys.stderr.write(

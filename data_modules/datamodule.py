@@ -160,8 +160,8 @@ class MultimodalPackingDataModule(LightningDataModule):
             if spec is not None:
                 encode_files(spec, encoder, self.cache_dir, self.preprocess_num_proc)
 
-    def _load_split(self, name: str, spec, encoder: Encoder, prompts: bool = False):
-        encoded, files = encode_files(spec, encoder, self.cache_dir, self.preprocess_num_proc, prompts=prompts)
+    def _load_split(self, name: str, spec, encoder: Encoder):
+        encoded, files = encode_files(spec, encoder, self.cache_dir, self.preprocess_num_proc)
         if self.strict and (bad := first_bad(encoded)) is not None:
             raise ValueError(f"strict mode: bad {name} sample at {bad}")
         counts, good, truncated = skip_summary(encoded)
@@ -265,12 +265,20 @@ class MultimodalPackingDataModule(LightningDataModule):
             if spec is None:
                 raise ValueError("no prompts: set data.predict_path (a data file, glob, list, or 'embedded')")
             encoder = self.encoder or self._encoder(self._resolved_model())
-            self.predict_dataset = PromptDataset(self._load_split("predict", spec, encoder, prompts=True), encoder,
-                                                 strict=self.strict)
-            stats = self.stats["predict"]
-            skipped = {k: v for k, v in stats.items() if k not in ("ok", TRUNCATED)}
-            (rank_zero_warn if skipped else rank_zero_info)(
-                f"predict data: {stats['ok']} prompts; skipped {sum(skipped.values())}{' ' + str(skipped) if skipped else ''}")
+            # every row is kept: a skipped one becomes a predictions.jsonl row with its reason, not a gap
+            encoded, _ = encode_files(spec, encoder, self.cache_dir, self.preprocess_num_proc, prompts=True)
+            if self.strict and (bad := first_bad(encoded)) is not None:
+                raise ValueError(f"strict mode: bad predict sample at {bad}")
+            counts, good, _ = skip_summary(encoded)
+            self.stats["predict"] = {**dict(sorted(counts.items())), "ok": len(good)}
+            self.predict_dataset = PromptDataset(encoded, encoder, strict=self.strict)
+            msg = f"predict data: {len(good)} prompts"
+            if counts:
+                bad_rows = [f"{r['source']}:{r['line']}: {r['skip_reason']}: {r['skip_detail']}"
+                            for r in encoded.select([i for i, r in enumerate(encoded["skip_reason"]) if r][:3])]
+                msg += (f"; {sum(counts.values())} rows cannot be answered {dict(counts)} (each gets a "
+                        f"predictions.jsonl row with its error), first: " + "; ".join(bad_rows))
+            (rank_zero_warn if counts else rank_zero_info)(msg)
         return torch.utils.data.DataLoader(
             self.predict_dataset, batch_size=None, shuffle=False, num_workers=self.num_workers, collate_fn=_identity,
             prefetch_factor=2 if self.num_workers > 0 else None)

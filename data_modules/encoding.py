@@ -274,17 +274,23 @@ class Encoder:
         if self.labels == "all":
             labels = [IGNORE if t in (self.image_token_id, self.video_token_id) else t for t in ids]
         else:
-            turns = [(m.start(1), m.end(1)) for m in re.finditer(
-                r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", expanded, flags=re.DOTALL)]
-            labels = [IGNORE] * len(ids)
-            k = 0
-            for t, (s, e) in enumerate(offsets):
-                while k < len(turns) and turns[k][1] <= s:
-                    k += 1
-                if k < len(turns) and s >= turns[k][0] and e <= turns[k][1] and e > s:
-                    labels[t] = ids[t]
+            labels = self._assistant_labels(expanded, ids, offsets)
         return self._finish(ids, labels, images, grids, [json.dumps(v) for v in planned],
                             [v["grid"] for v in planned], spans)
+
+    @staticmethod
+    def _assistant_labels(expanded: str, ids: list[int], offsets) -> list[int]:
+        """Labels of the tokens inside assistant turns (`<|im_start|>assistant\\n` ... `<|im_end|>` included)."""
+        turns = [(m.start(1), m.end(1)) for m in re.finditer(
+            r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", expanded, flags=re.DOTALL)]
+        labels = [IGNORE] * len(ids)
+        k = 0
+        for t, (s, e) in enumerate(offsets):
+            while k < len(turns) and turns[k][1] <= s:
+                k += 1
+            if k < len(turns) and s >= turns[k][0] and e <= turns[k][1] and e > s:
+                labels[t] = ids[t]
+        return labels
 
     def _render(self, messages: list[dict], grids: list[list[int]], planned: list[dict],
                 add_generation_prompt: bool = False) -> tuple[str, list[int], list, list[tuple[str, int, int]]]:
@@ -313,12 +319,14 @@ class Encoder:
 
     def encode_prompt(self, row: dict, base_dir: str) -> dict:
         """Raw row -> the prompt of `cli.py predict`: {input_ids, labels (all ignored), images, image_grids, videos,
-        video_grids, num_tokens, num_visual_tokens, truncated, reference, prompt_id}.
+        video_grids, num_tokens, num_visual_tokens, truncated, reference, reference_ids, prompt_id}.
 
         A final assistant turn is the reference answer, and the prompt is the row's own training encoding up to that
         turn's first target token: generation then starts exactly where validation's teacher forcing judges the
-        answer. Without one, the prompt is the chat template's generation prompt and there is no reference. A prompt
-        longer than max_tokens is skipped (too_long): a cut prompt would ask another question."""
+        answer. `reference_ids` are that turn's target tokens (answer and end token), what greedy generation must
+        reproduce to count as right, as in validation. Without a final assistant turn the prompt is the chat
+        template's generation prompt and there is no reference. A prompt longer than max_tokens is skipped
+        (too_long): a cut prompt would ask another question."""
         if not isinstance(row, dict):
             raise BadSample(BAD_SCHEMA, "row is not a JSON object")
         if "messages" not in row and "conversations" not in row:
@@ -327,7 +335,7 @@ class Encoder:
         messages, images, videos = self.normalise_messages(row, base_dir)
         grids = [self.image_grid(path) for path in images]
         planned = [self.probe_video(v) for v in videos]
-        reference = None
+        reference, reference_ids = None, None
         if messages[-1]["role"] == "assistant":
             content = messages[-1]["content"]
             reference = content if isinstance(content, str) else "".join(i["text"] for i in content
@@ -340,7 +348,9 @@ class Encoder:
                 raise BadSample(BAD_SCHEMA, "the chat template rendered no '<|im_start|>assistant' header for the "
                                 "final assistant turn")
             start = header + len("<|im_start|>assistant\n")
-            ids = ids[:next((t for t, (s, _e) in enumerate(offsets) if s >= start), len(ids))]
+            cut = next((t for t, (s, _e) in enumerate(offsets) if s >= start), len(ids))
+            reference_ids = [t for t in self._assistant_labels(expanded, ids, offsets)[cut:] if t != IGNORE]
+            ids = ids[:cut]
         else:
             expanded, ids, offsets, _ = self._render(messages, grids, planned, add_generation_prompt=True)
         if len(ids) > self.max_tokens:
@@ -350,7 +360,7 @@ class Encoder:
         return {"input_ids": ids, "labels": [IGNORE] * len(ids), "images": images, "image_grids": grids,
                 "videos": [json.dumps(v) for v in planned], "video_grids": [v["grid"] for v in planned],
                 "num_tokens": len(ids), "num_visual_tokens": visual, "truncated": False, "reference": reference,
-                "prompt_id": None if prompt_id is None else str(prompt_id)}
+                "reference_ids": reference_ids, "prompt_id": None if prompt_id is None else str(prompt_id)}
 
     def _token_spans(self, ids, offsets, char_spans) -> list[tuple[str, int, int]]:
         """Token ranges of each vision item, widened to the template's vision_start/end around it."""

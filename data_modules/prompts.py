@@ -4,8 +4,11 @@ one sequence, and a lone prompt needs no `cu_seqlens`).
 Each item is the micro-batch dict of `packing.build_micro_batch` for the prompt alone, without tail padding
 (input_ids, attention_mask, mm_token_type_ids, position_ids, pixel tensors and grids), plus:
     prompt_id str (the row's "id", else "<file name>:<line>"); source str ("<file>:<line>"); reference str | None
-    (the row's final assistant turn); kind "image" | "video" | "text"; index int (the prompt's position, which seeds
-    sampling); error str | None (an image or video that failed to decode: the prompt is reported, not generated).
+    (the row's final assistant turn); reference_ids list[int] | None (its target tokens: answer + end token);
+    kind "image" | "video" | "text"; index int (the prompt's position, which seeds sampling); error str | None.
+A row that could not be made into a prompt (skipped at preparation: bad schema, too long, missing image...) or
+whose image / video failed to decode here is an item with `error` ("<reason>: <detail>") and no model inputs: it
+is reported in predictions.jsonl, not generated and not silently dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from .packing import DecodeError, PackDataset, build_micro_batch
 
 class PromptDataset(torch.utils.data.Dataset):
     def __init__(self, records, encoder, strict: bool = False):
+        """records: every encoded prompt row, skipped ones included (`skip_reason` set)."""
         self.records, self.encoder, self.strict = records, encoder, strict
         self._docs = PackDataset(records, None, encoder, pad_to_multiple_of=1, strict=strict)
 
@@ -30,7 +34,10 @@ class PromptDataset(torch.utils.data.Dataset):
         where = f"{rec['source']}:{rec['line']}"
         kind = "video" if rec["videos"] else "image" if rec["images"] else "text"
         info = {"prompt_id": rec["prompt_id"] or f"{os.path.basename(rec['source'])}:{rec['line']}", "source": where,
-                "reference": rec["reference"], "kind": kind, "index": int(index), "error": None}
+                "reference": rec["reference"], "reference_ids": rec["reference_ids"], "kind": kind,
+                "index": int(index), "error": None}
+        if rec["skip_reason"]:
+            return {**info, "kind": None, "error": f"{rec['skip_reason']}: {rec['skip_detail']}"}
         enc = self.encoder
         enc.processor  # loads lazily in each worker
         try:

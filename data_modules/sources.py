@@ -27,7 +27,7 @@ from .encoding import EMPTY_FILE, INVALID_JSON, INVALID_UTF8, BadSample, Encoder
 from .video import decoder_available as video_decoder_available
 
 READER_VERSION = 2  # 2: invalid UTF-8 counted per row
-ENCODER_VERSION = 3  # 2: video columns; 3: roles checked, images decoded at preparation
+ENCODER_VERSION = 4  # 2: video columns; 3: roles checked, images decoded at preparation; 4: prompt reference ids
 
 
 def expand_paths(spec) -> list[str]:
@@ -165,6 +165,7 @@ ENCODED_FEATURES = datasets.Features({
 })
 # prompts of `cli.py predict` (Encoder.encode_prompt): the reference answer (None without one) and the row's "id"
 PROMPT_FEATURES = datasets.Features({**ENCODED_FEATURES, "reference": datasets.Value("string"),
+                                     "reference_ids": datasets.List(datasets.Value("int32")),
                                      "prompt_id": datasets.Value("string")})
 _EMPTY = {"input_ids": [], "labels": [], "images": [], "image_grids": [], "videos": [], "video_grids": [],
           "num_tokens": 0, "num_visual_tokens": 0, "truncated": False}
@@ -173,7 +174,7 @@ _EMPTY = {"input_ids": [], "labels": [], "images": [], "image_grids": [], "video
 def _encode_example(example: dict, encoder: Encoder, prompts: bool = False) -> dict:
     out = {"source": example["source"], "line": example["line"], "skip_reason": example["skip_reason"],
            "skip_detail": example["skip_detail"]}
-    empty = {**_EMPTY, "reference": None, "prompt_id": None} if prompts else _EMPTY
+    empty = {**_EMPTY, "reference": None, "reference_ids": None, "prompt_id": None} if prompts else _EMPTY
     if example["skip_reason"]:
         return {**empty, **out}
     encode = encoder.encode_prompt if prompts else encoder.encode

@@ -8,23 +8,25 @@ and every sampling option. The conversion shares the native tensors (experts as 
 only LoRA-adapted weights are materialised merged, one new tensor each. So predict holds the model once, plus the
 merged adapted weights and the cache.
 
-Exact match: an answer is correct when generation stopped by itself (an end token within `max_new_tokens`) and its
-text equals the reference, both with a leading `<think>...</think>` block removed and outer whitespace stripped.
-With the prompt cut from the row's own training encoding (`Encoder.encode_prompt`), greedy exact match is what
-validation's teacher-forced exact match measures (`evaluation.py`): every argmax along the reference is the
-reference token iff greedy decoding reproduces it. They can differ only where decoding and re-encoding a text give
-other tokens, or where two logits tie within rounding (the two implementations agree to ~1e-6).
+Exact match is judged on tokens, as validation judges it (`evaluation.py`): an answer is right when the generated
+tokens begin with the reference turn's target tokens, its end token included (`reference_ids`). With the prompt cut
+from the row's own training encoding (`Encoder.encode_prompt`), that is what validation's teacher-forced exact match
+measures: every argmax along the reference is the reference token iff greedy decoding reproduces it. The two can
+differ only where two logits tie within rounding (the implementations agree to ~1e-6). A row with a reference is
+given at least as many new tokens as its reference has, whatever `max_new_tokens` says. The `answer` text written
+out is the decoded tokens before the first end token, a thinking block and outer whitespace removed (display only).
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-_THINK = re.compile(r"^\s*<think>.*?</think>", flags=re.DOTALL)
+_THINK = re.compile(r"^(\s*<think>)?.*?</think>", flags=re.DOTALL)  # a thinking template may open it in the prompt
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # the chat turn's end and the document end
 
 
@@ -32,7 +34,7 @@ STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # the chat turn's end and the doc
 class GenerationOptions:
     """Decoding options of `cli.py predict` (`--model.generation.max_new_tokens 32`, ...)."""
 
-    max_new_tokens: int = 64  # an answer not finished by then counts as wrong (and is written as cut)
+    max_new_tokens: int = 64  # rows with a reference get at least the reference's length
     temperature: float = 0.0  # 0: greedy (argmax); > 0: sampling at this temperature
     top_p: float = 1.0  # nucleus sampling when temperature > 0
     seed: int = 0  # sampling seed: prompt i samples with seed + i, the same answers whatever the order
@@ -63,8 +65,8 @@ class GenerationOptions:
 
 
 def normalise_answer(text: str) -> str:
-    """What exact match compares: the text without a leading thinking block, outer whitespace stripped."""
-    return _THINK.sub("", text, count=1).strip()
+    """The answer as shown: without a thinking block (also one opened by the prompt), outer whitespace stripped."""
+    return (_THINK.sub("", text, count=1) if "</think>" in text else text).strip()
 
 
 @torch.no_grad()
@@ -85,8 +87,11 @@ def transformers_model(model: nn.Module, fetch=None):
             state[hf_key] = tensor
     cls = getattr(transformers, model.hf_architecture())
     weight = model.text_model.embed_tokens.weight
-    hf = cls.from_pretrained(None, config=model.config, state_dict=state, dtype=weight.dtype)
-    return hf.to(weight.device).eval()  # non-persistent buffers (rotary inv_freq) are built on the CPU
+    # device_map: tensors already on that device are taken as they are (without it transformers copies every
+    # tensor to the CPU first); non-persistent buffers (rotary inv_freq) are built there too
+    hf = cls.from_pretrained(None, config=model.config, state_dict=state, dtype=weight.dtype,
+                             device_map={"": weight.device})
+    return hf.eval()
 
 
 class Predictor:
@@ -97,6 +102,7 @@ class Predictor:
 
     def __init__(self, hf_model, tokenizer, options: GenerationOptions):
         self.model, self.tokenizer, self.options = hf_model, tokenizer, options
+        self.accepted = set(inspect.signature(hf_model.forward).parameters)  # a text-only model takes no pixels
         stops = {tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS} | {tokenizer.eos_token_id}
         self.stop_ids = sorted(t for t in stops if t is not None and t != tokenizer.unk_token_id)
         if not self.stop_ids:
@@ -108,8 +114,16 @@ class Predictor:
         """-> {answer, finished, new_tokens, correct (None without a reference)} for the prompt `batch`."""
         o = self.options
         inputs = {k: batch[k] for k in self.MODEL_INPUTS if batch.get(k) is not None}
+        dropped = {k for k in inputs if k not in self.accepted}
+        if dropped - {"mm_token_type_ids"} or ("mm_token_type_ids" in dropped
+                                               and bool((inputs["mm_token_type_ids"] != 0).any())):
+            raise ValueError(f"prompt {batch.get('source')}: it holds images or videos, but the model "
+                             f"({type(self.model).__name__}) is text-only")
+        inputs = {k: v for k, v in inputs.items() if k in self.accepted}
+        reference_ids = batch.get("reference_ids")
         sampling = o.temperature > 0
-        kwargs = dict(max_new_tokens=o.max_new_tokens, do_sample=sampling, eos_token_id=self.stop_ids,
+        budget = max(o.max_new_tokens, len(reference_ids)) if reference_ids else o.max_new_tokens
+        kwargs = dict(max_new_tokens=budget, do_sample=sampling, eos_token_id=self.stop_ids,
                       pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                       else self.stop_ids[0])
         # greedy: no sampling options at all (the model's generation_config may carry some; they would warn)
@@ -123,7 +137,6 @@ class Predictor:
         new = out[0, inputs["input_ids"].shape[1]:].tolist()
         stop = next((i for i, t in enumerate(new) if t in self.stop_ids), None)
         text = self.tokenizer.decode(new if stop is None else new[:stop], skip_special_tokens=False)
-        answer = normalise_answer(text)
-        reference = batch.get("reference")
-        correct = None if reference is None else bool(stop is not None and answer == normalise_answer(reference))
-        return {"answer": answer, "finished": stop is not None, "new_tokens": len(new), "correct": correct}
+        correct = None if not reference_ids else new[:len(reference_ids)] == list(reference_ids)
+        return {"answer": normalise_answer(text), "finished": stop is not None, "new_tokens": len(new),
+                "correct": correct}

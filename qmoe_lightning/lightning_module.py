@@ -396,13 +396,16 @@ class QMoELightningModule(pl.LightningModule):
         self._predictions = []
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """One predictions.jsonl row: prompt_id, source, kind, answer, reference, correct (None without a
+        reference), finished, new_tokens, error (why a row could not be answered; None otherwise)."""
         row = {k: batch[k] for k in ("prompt_id", "source", "kind")}
         if batch.get("error") is not None:
-            row.update(answer=None, reference=batch["reference"], correct=None, error=batch["error"])
+            row.update(answer=None, reference=batch["reference"], correct=None, finished=None, new_tokens=0,
+                       error=batch["error"])
         else:
             result = self._predictor.answer(batch, batch["index"])
             row.update(answer=result["answer"], reference=batch["reference"], correct=result["correct"],
-                       finished=result["finished"], new_tokens=result["new_tokens"])
+                       finished=result["finished"], new_tokens=result["new_tokens"], error=None)
         self._predictions.append(row)
         return row
 
@@ -416,12 +419,12 @@ class QMoELightningModule(pl.LightningModule):
         self.predict_summary = summary = prediction_summary(rows)
         parts = [f"predict: {len(rows)} prompts answered -> {path}"]
         if summary["failed"]:
-            parts.append(f"{summary['failed']} failed to decode (error in their rows)")
+            parts.append(f"{summary['failed']} could not be answered (the reason is in their rows' error)")
         if summary["judged"]:
             by_kind = ", ".join(f"{k} {v['correct']}/{v['judged']} = {v['acc']:.4f}" for k, v in summary["kinds"].items())
             parts.append(f"exact match {summary['correct']}/{summary['judged']} = {summary['acc']:.4f} ({by_kind})")
         if summary["unfinished"]:
-            parts.append(f"{summary['unfinished']} answers hit max_new_tokens (counted wrong when judged)")
+            parts.append(f"{summary['unfinished']} answers hit max_new_tokens before an end token")
         rank_zero_info("; ".join(parts))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:

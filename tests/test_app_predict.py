@@ -51,13 +51,16 @@ def test_prompt_is_the_training_encoding_up_to_the_answer(small_data):
         assert full["labels"][k - 1] == IGNORE and prompt["labels"] == [IGNORE] * k
         tail = enc.processor.tokenizer.decode(full["input_ids"][k:])
         assert tail.startswith(last + "<|im_end|>"), tail
+        # what generation must reproduce: the final turn's targets, as validation judges them
+        assert prompt["reference_ids"] == [t for t in full["labels"][k:] if t != IGNORE]
+        assert enc.processor.tokenizer.decode(prompt["reference_ids"]) == last + "<|im_end|>"
         assert prompt["images"] == full["images"] and prompt["image_grids"] == full["image_grids"]
     # without a final assistant turn: the generation prompt, no reference
     question = {"id": 7, "messages": two_turns["messages"][:3]}
     prompt = enc.encode_prompt(question, base)
     text = enc.processor.apply_chat_template(question["messages"], tokenize=False, add_generation_prompt=True)
     assert prompt["input_ids"] == enc.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert prompt["reference"] is None and prompt["prompt_id"] == "7"
+    assert prompt["reference"] is None and prompt["reference_ids"] is None and prompt["prompt_id"] == "7"
     assert text.endswith("<|im_start|>assistant\n")
     # rows a prompt cannot be made from
     with pytest.raises(BadSample, match="'messages'") as err:
@@ -68,11 +71,54 @@ def test_prompt_is_the_training_encoding_up_to_the_answer(small_data):
     assert err.value.reason == "too_long"
 
 
-def test_normalise_answer_drops_a_leading_think_block_only():
+def test_normalise_answer_drops_a_thinking_block():
     assert normalise_answer("<think>\nhm\n</think>\n\n red ") == "red"
-    assert normalise_answer(" red <think>x</think>") == "red <think>x</think>"
+    assert normalise_answer("hm, reasoning\n</think>\n\nred") == "red"  # the prompt opened <think>
+    assert normalise_answer(" red ") == "red"
     with pytest.raises(ValueError, match="temperature"):
         GenerationOptions(temperature=-1.0)
+
+
+class _FixedModel:
+    """Stands in for the transformers model: `generate` appends fixed tokens (what greedy decoding produced)."""
+
+    def __init__(self, new_tokens):
+        self.new, self.device, self.calls = new_tokens, torch.device("cpu"), []
+
+    def forward(self, input_ids=None, attention_mask=None, mm_token_type_ids=None, pixel_values=None,
+                image_grid_thw=None):
+        raise AssertionError("not called")
+
+    def generate(self, input_ids, **kwargs):
+        self.calls.append(kwargs)
+        return torch.cat([input_ids, torch.tensor([self.new])], 1)
+
+
+def test_exact_match_is_on_tokens_with_the_turn_end_as_validation():
+    tok = Encoder(embedded_model_dir(), max_tokens=64).processor.tokenizer
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    prompt = {"input_ids": torch.tensor([ids("Q")]), "source": "p.jsonl:1"}
+    ref = ids("red") + [im_end]
+
+    def judge(new, reference_ids=ref, max_new_tokens=8):
+        model = _FixedModel(new)
+        out = Predictor(model, tok, GenerationOptions(max_new_tokens=max_new_tokens)).answer(
+            {**prompt, "reference": "red", "reference_ids": reference_ids}, 0)
+        return out, model.calls[0]
+
+    assert judge(ref)[0]["correct"] is True and judge(ref)[0]["answer"] == "red"
+    assert judge(ids("red") + [eot])[0]["correct"] is False  # stopped, but not with the turn's end
+    assert judge(ids("red\n") + [im_end])[0]["correct"] is False  # same text once stripped: validation says wrong
+    assert judge(ids("red"))[0] == {"answer": "red", "finished": False, "new_tokens": len(ids("red")),
+                                    "correct": False}
+    # a reference longer than max_new_tokens still gets the tokens it needs to be matched
+    assert judge(ref, max_new_tokens=1)[1]["max_new_tokens"] == len(ref)
+    # a text-only model never silently drops the pixels of an image prompt
+    text_only = Predictor(_FixedModel(ref), tok, GenerationOptions())
+    text_only.accepted = {"input_ids", "attention_mask"}
+    with pytest.raises(ValueError, match="p.jsonl:1: it holds images or videos.*text-only"):
+        text_only.answer({**prompt, "pixel_values": torch.zeros(4, 8)}, 0)
 
 
 def test_transformers_model_shares_tensors_and_gives_the_native_logits():
@@ -176,14 +222,46 @@ def test_predict_without_references_and_with_a_bad_row(tmp_path, small_data):
                     "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache"),
                     "--model.generation.max_new_tokens", "3", "--model.generation.temperature", "1.0"])
     out = [json.loads(line) for line in open(root / "predictions.jsonl")]
-    assert [r["prompt_id"] for r in out] == [f"q{i}" for i in range(5)]
-    assert all(r["reference"] is None and r["correct"] is None and r["new_tokens"] <= 3 for r in out)
+    assert [r["prompt_id"] for r in out] == [f"q{i}" for i in range(5)] + ["prompts.jsonl:6"]
+    assert all(r["reference"] is None and r["correct"] is None and r["new_tokens"] <= 3 for r in out[:5])
+    # the row that cannot be a prompt is reported where it was, with its reason, not dropped
+    assert out[5]["answer"] is None and out[5]["error"].startswith("missing_image: ")
+    assert out[5]["source"] == f"{prompts}:6"
     assert app.datamodule.stats["predict"] == {"missing_image": 1, "ok": 5}
-    assert app.model.predict_summary["judged"] == 0
+    assert app.model.predict_summary["judged"] == 0 and app.model.predict_summary["failed"] == 1
     # sampling is seeded per prompt: the same answers again
     again = cli.main(["predict", "--config", TINY, "--trainer.default_root_dir", str(root),
                       "--trainer.enable_progress_bar", "false", "--data.predict_path", str(prompts),
                       "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache"),
                       "--model.generation.max_new_tokens", "3", "--model.generation.temperature", "1.0"])
     assert [json.loads(line) for line in open(root / "predictions.jsonl")] == out
-    assert again.model.predict_summary["prompts"] == 5
+    assert again.model.predict_summary["prompts"] == 6
+
+
+def test_text_only_model_trains_and_predicts_and_refuses_images(tmp_path, small_data, capsys):
+    text = small_data.parent / "text.jsonl"
+    text.write_text("".join(json.dumps(r) + "\n" for r in _rows(small_data) if isinstance(r["messages"][0]["content"],
+                                                                                           str)))
+    root = tmp_path / "run"
+    common = ["--config", TINY, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+              "--data.max_tokens", "128", "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache"),
+              "--model.text_only", "true"]
+    fit = ["fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+           "--data.val_path", str(text)]
+    app = cli.main([*fit, "--data.train_path", str(text)])
+    assert app.trainer.global_step == 2 and type(app.model.model).__name__ == "Qwen3_5MoeForCausalLM"
+    # predict reads weights only: a training setting that differs from the checkpoint's (lr) does not matter
+    ckpt = str(root / "checkpoints" / "last.ckpt")
+    pred = cli.main(["predict", *common, "--data.predict_path", str(text), "--ckpt_path", ckpt, "--model.lr", "0.5",
+                     "--model.generation.max_new_tokens", "4"])
+    rows = [json.loads(line) for line in open(root / "predictions.jsonl")]
+    assert len(rows) == 8 and all(r["kind"] == "text" and r["error"] is None for r in rows)
+    assert pred.model.predict_summary["judged"] == 8
+    # ... one that shapes the model does
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", *common, "--data.predict_path", str(text), "--ckpt_path", ckpt,
+                  "--model.lora", "{rank: 2}"])
+    assert exit_info.value.code == 2 and "model.lora" in capsys.readouterr().err
+    # image rows on a text-only model: an error, never pixels silently dropped
+    with pytest.raises(ValueError, match="Qwen3_5MoeForCausalLM is text-only, but the batch holds images"):
+        cli.main([*fit, "--data.train_path", str(small_data), "--trainer.default_root_dir", str(tmp_path / "r2")])

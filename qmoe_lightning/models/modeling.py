@@ -207,8 +207,17 @@ class Qwen3_5MoeForCausalLM(_Qwen3_5MoeBase):
         logits_to_keep: int = 0,
         num_items_in_batch: torch.Tensor | int | None = None,
         return_logits: bool = True,
+        mm_token_type_ids: torch.Tensor | None = None,
         **unused,
     ) -> MoeOutput:
+        # the packed batches of the DataModule carry the token types (all 0 in text-only data) and, for image rows,
+        # pixels: a text-only model accepts the former and refuses anything visual instead of ignoring it
+        vision = sorted(k for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+                        if unused.pop(k, None) is not None)
+        if vision or (mm_token_type_ids is not None and bool((mm_token_type_ids != 0).any())):
+            raise ValueError(f"{type(self).HF_ARCHITECTURE} is text-only, but the batch holds images or videos "
+                             f"({', '.join(vision) or 'image / video token types'}): train the vision-language "
+                             "model on it, or give text-only data")
         _reject_unknown(unused)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
