@@ -4,7 +4,7 @@
     git worktree add /tmp/before <rev> && (cd /tmp/before && python bench/numerics_fingerprint.py --out before.pt)
     python bench/numerics_fingerprint.py --compare before.pt after.pt
 
-Per recipe (full fine-tuning, LoRA on every target with non-zero B, text-only) it builds the module the way a run
+Per recipe (full fine-tuning, LoRA on every target with non-zero B, text-only, activation checkpointing) it builds the module the way a run
 does (`QMoELightningModule.configure_model` on the embedded default), takes the first 3 training packs of the
 embedded data (images and text, several documents per pack), and records for each pack: the full logits, the
 summed CE, the aux loss and every trainable parameter's gradient of `ce + coef * n * aux` (what a training step
@@ -29,6 +29,7 @@ RECIPES = {
     "full": {},
     "lora": {"lora": {"rank": 4, "alpha": 8, "targets": ["all-linear"], "expert_rank": 2}},
     "text_only": {"text_only": True},
+    "checkpointed": {"activation_checkpointing": True},
 }
 
 
@@ -44,7 +45,7 @@ def fingerprint(recipe: dict, packs: int = 3, seed: int = 0) -> dict:
         kwargs["lora"] = LoraConfig(**kwargs["lora"])
     module = QMoELightningModule(pretrained="embedded", **kwargs)
     module.configure_model()
-    model = module.model
+    model = module.model.train()
     with torch.no_grad():  # B = 0 at init would hide the adapters from the logits
         for name, p in model.named_parameters():
             if "lora_B" in name or "_lora_B" in name:

@@ -44,6 +44,20 @@ def _opt(model):
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, eps=1e-3, foreach=False)
 
 
+def _count_replays() -> list:
+    """Counts the routing decisions taken from a record (a recompute) instead of the router's own top-k."""
+    from qmoe_lightning.models.moe import RoutingReplay
+
+    calls, indices = [], RoutingReplay.indices
+
+    def counting(self, probs, top_k):
+        calls.append(self.mode)
+        return indices(self, probs, top_k)
+
+    RoutingReplay.indices = counting
+    return calls
+
+
 def _fsdp_worker(rank, world):
     from torch.distributed.tensor import DTensor
 
@@ -52,7 +66,9 @@ def _fsdp_worker(rank, world):
 
     mesh = build_mesh("cpu", world, ep_size=2)
     out = {}
+    calls = _count_replays()
     for ac in (False, True):
+        calls.clear()
         model = parallelize_model(_model(), mesh, ep_size=2, fsdp=True, activation_checkpointing=ac)
         opt = _opt(model)
         norms = []
@@ -64,7 +80,7 @@ def _fsdp_worker(rank, world):
             opt.zero_grad()
         weights = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
                    for n, p in model.named_parameters()}
-        replays = sum(getattr(m, "replayed_calls", 0) for m in model.modules())
+        replays = calls.count("replay")
         dense_placements = str(model.model.layers[0].mlp.gate.weight.placements)
         out[ac] = dict(weights=weights, norms=norms, replays=replays, dense=dense_placements,
                        local_experts=model.model.layers[0].mlp.experts.num_local_experts)
@@ -95,8 +111,7 @@ def test_ep2_fsdp_steps_equal_one_process(tmp_path):
     for ac in (False, True):
         res = [r[ac] for r in results]
         assert res[0]["local_experts"] == 4 and "Shard(dim=0)" in res[0]["dense"]
-        if ac:
-            assert res[0]["replays"] == STEPS * len(make_config().text_config.layer_types)
+        assert res[0]["replays"] == (STEPS * len(make_config().text_config.layer_types) if ac else 0)
         diffs = {}
         for name, w in ref.items():
             if name.endswith(("experts.gate_and_up_projs", "experts.down_projs")):
@@ -159,22 +174,29 @@ def test_mixed_precision_policy_bf16_compute_fp32_params_and_reduction(tmp_path)
     assert abs(results[0]["norm"] - norm) / norm < 5e-2 and results[0]["norm"] == results[1]["norm"]
 
 
-def test_model_gradient_checkpointing_becomes_routing_replay_checkpointing():
-    """A model asking for its own checkpointing gets the per-block one with routing replay under parallelize_model
-    (a plain recompute could re-route tokens and desynchronise the all-to-all split sizes)."""
+def test_model_gradient_checkpointing_replays_routing_under_parallelize(monkeypatch):
+    """A model asking for its own checkpointing keeps it under parallelize_model, and its recompute replays the
+    recorded routing (a plain recompute could re-route tokens and desynchronise the all-to-all split sizes)."""
     import torch.distributed as dist
 
+    from qmoe_lightning.models.moe import RoutingReplay
     from qmoe_lightning.parallel.parallelize import build_mesh, parallelize_model
 
     from test_parallel_common import free_port
 
+    monkeypatch.setattr(RoutingReplay, "indices", RoutingReplay.indices)  # the original comes back after the test
+    calls = _count_replays()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        model = _model()
+        model = _model().train()
         model.text_model.gradient_checkpointing = True
         parallelize_model(model, build_mesh("cpu", 1, 1), fsdp=False)
-        assert model.text_model.gradient_checkpointing is False
-        assert all(type(b).__name__.startswith("Checkpointed") for b in model.text_model.layers)
+        assert model.text_model.gradient_checkpointing
+        assert all(b.mlp.gate.replay is b.routing_replay for b in model.text_model.layers)
+        ids = _batches()[0][:1]
+        model(input_ids=ids, labels=ids, num_items_in_batch=1).ce_loss.backward()
+        n = len(model.text_model.layers)
+        assert calls == ["record"] * n + ["replay"] * n  # forward records, backward recomputes with the record
     finally:
         dist.destroy_process_group()
 

@@ -7,17 +7,16 @@ Every adapter tensor has the expert on dim 0, exactly like `gate_and_up_projs (E
 so expert parallelism shards them with `Shard(0)` on the same mesh as the experts they adapt: an EP rank holds the
 adapters of its own experts and nothing else.
 
-Forward (the notable choice): the (token, slot) pairs are sorted by expert once, as in `GroupedExperts.forward`, and
-the adapter runs as two extra grouped GEMMs per projection on the same sorted rows and offsets:
+Forward (the notable choice): the experts' own computation (`GroupedExperts.swiglu`, rows sorted by expert, local
+or expert-parallel) with the adapter added by `adapt` after each projection, as two extra matmuls of the same kind
+(grouped GEMM or segment loop) on the same rows and offsets:
     h  = xs @ W_gu[e]            + s * (xs @ A_gu[e]) @ B_gu[e]
     ys = act(h) @ W_down[e]      + s * (act(h) @ A_down[e]) @ B_down[e]
 No per-step delta of the full expert weights (E*H*2I) is formed: the extra work is O(tokens * r * (in + out)),
 a small fraction of the base GEMMs for r << I, and the backward only produces (E, in, r) / (E, r, out) gradients.
 `torch._grouped_mm` wants 16-byte aligned strides, so a rank whose row is not a multiple of 16 bytes is zero-padded
-on the fly (an adapter-sized copy; exact, the padded rank contributes 0).
-
-Where grouped GEMMs are not available (fp64, fp32 on CUDA) the same maths runs as a per-expert loop, mirroring
-`experts_loop_reference`. The scale alpha/r is applied on the r-wide intermediate (cheapest place).
+on the fly (an adapter-sized copy; exact, the padded rank contributes 0). The scale alpha/r is applied on the r-wide
+intermediate (cheapest place).
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qmoe_lightning.models.moe import GroupedExperts, grouped_mm
 from qmoe_lightning.models.norms import KeepFp32Mixin
-from qmoe_lightning.models.moe import GroupedExperts, grouped_mm_supported, sort_by_expert
 
 PROJECTIONS = ("gate_up", "down")
 
@@ -42,6 +41,7 @@ class LoRAGroupedExperts(KeepFp32Mixin, GroupedExperts):
         self.intermediate_size = base.intermediate_size
         self.gate_and_up_projs = base.gate_and_up_projs
         self.down_projs = base.down_projs
+        self.dispatcher, self.num_local_experts = base.dispatcher, base.num_local_experts
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
         self.projections = tuple(p for p in PROJECTIONS if p in projections)
@@ -87,46 +87,19 @@ class LoRAGroupedExperts(KeepFp32Mixin, GroupedExperts):
         return out
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (N, H), indices/weights (N, k) -> (N, H); same sorting and numerics as GroupedExperts.forward."""
-        if not grouped_mm_supported(x):
-            return self._loop(x, indices, weights)
-        order, token_of, offs = sort_by_expert(indices, self.num_experts)  # (N*k,), (N*k,), (E,)
-        xs = x[token_of]  # (N*k, H)
-        h = torch._grouped_mm(xs, self.gate_and_up_projs, offs=offs)  # (N*k, 2I)
-        if self.gate_and_up_lora_A is not None:
-            # in place: grouped_mm's backward needs its inputs, not its output, so this saves a (rows, 2I) copy
-            h = h.add_(self._lora_grouped(xs, self.gate_and_up_lora_A, self.gate_and_up_lora_B, offs))
-        gate, up = h.chunk(2, dim=-1)
-        act = F.silu(gate) * up  # (N*k, I)
-        ys = torch._grouped_mm(act, self.down_projs, offs=offs)  # (N*k, H)
-        if self.down_lora_A is not None:
-            ys = ys.add_(self._lora_grouped(act, self.down_lora_A, self.down_lora_B, offs))
-        ys = ys * weights.reshape(-1)[order].unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
-
-    def _lora_grouped(self, xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        A, B = A.to(xs.dtype), B.to(xs.dtype)
-        r = A.shape[-1]
-        per_row = 16 // xs.element_size()  # grouped_mm: 16-byte aligned strides
-        pad = (-r) % per_row
-        if pad:
-            A = F.pad(A, (0, pad))  # (E, in, r + pad), zero columns
-            B = F.pad(B, (0, 0, 0, pad))  # (E, r + pad, out), zero rows
-        low = torch._grouped_mm(xs, A, offs=offs) * self.scaling  # (rows, r)
-        return torch._grouped_mm(low, B, offs=offs)
-
-    def _loop(self, x, indices, weights) -> torch.Tensor:
-        """Per-expert loop (fp64 / CUDA fp32): `experts_loop_reference` plus the adapters."""
-        out = torch.zeros_like(x)
-        pairs = self.adapter_pairs()
-        for e in range(self.num_experts):
-            token, slot = torch.where(indices == e)
-            if token.numel() == 0:
-                continue
-            y = expert_mlp(x[token], self.gate_and_up_projs[e], self.down_projs[e], pairs, e, self.scaling)
-            out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
-        return out
+    def adapt(self, projection: str, x: torch.Tensor, y: torch.Tensor, offs: torch.Tensor, mm) -> torch.Tensor:
+        """y + s * (x @ A[e]) @ B[e] on every expert's rows, in place (the matmuls' backward needs their inputs,
+        not this output: no (rows, out) copy is kept)."""
+        pair = self.adapter_pairs().get(projection)
+        if pair is None:
+            return y
+        A, B = (t.to(x.dtype) for t in pair)  # no-op unless the adapter is kept wider than the activations
+        if mm is grouped_mm:
+            pad = (-A.shape[-1]) % (16 // x.element_size())  # grouped_mm: 16-byte aligned strides
+            if pad:
+                A = F.pad(A, (0, pad))  # (E, in, r + pad), zero columns
+                B = F.pad(B, (0, 0, 0, pad))  # (E, r + pad, out), zero rows
+        return y.add_(mm(mm(x, A, offs) * self.scaling, B, offs))
 
     # ------------------------------------------------------------------ merge
     def merged_weights(self) -> dict[str, torch.Tensor]:
@@ -160,21 +133,3 @@ def merge_expert_weights(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scal
     when W is 16-bit). A function of tensors so that exporters can merge gathered copies of sharded experts too."""
     acc = torch.float32 if W.dtype in (torch.float16, torch.bfloat16) else W.dtype
     return torch.baddbmm(W.detach().to(acc), A.detach().to(acc), B.detach().to(acc), alpha=scaling).to(W.dtype)
-
-
-def expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, pairs: dict, e: int,
-               scaling: float) -> torch.Tensor:
-    """Expert e on its rows x (n, H) -> (n, H), before the routing weight: SwiGLU(x W_gu + s (x A) B) W_d +
-    s (act A) B, with `pairs` = {"gate_up" / "down": (A (E, in, r), B (E, r, out))} (empty: no adapters), the
-    adapters cast to x's dtype. The per-expert loops of LoRAGroupedExperts and of the expert-parallel module."""
-    I = w_down.shape[0]
-    h = x @ w_gate_up  # (n, 2I)
-    if "gate_up" in pairs:
-        A, B = (t[e].to(x.dtype) for t in pairs["gate_up"])
-        h = h + (x @ A) * scaling @ B
-    act = F.silu(h[:, :I]) * h[:, I:]  # (n, I)
-    y = act @ w_down
-    if "down" in pairs:
-        A, B = (t[e].to(x.dtype) for t in pairs["down"])
-        y = y + (act @ A) * scaling @ B
-    return y

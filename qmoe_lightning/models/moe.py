@@ -10,16 +10,67 @@ Numerics follow transformers exactly: router matmul in the activation dtype, sof
 renormalised, weights cast back to the activation dtype; the routing weight multiplies the expert output AFTER
 the down projection (NeMo multiplies before it and loses exact parity in bf16).
 
-`GroupedExperts.forward` sorts the (token, slot) pairs by expert once and runs two `torch._grouped_mm` calls (CPU
-and CUDA); `experts_loop_reference` is the readable per-expert loop kept beside it for tests.
+One expert computation (`GroupedExperts`): the (token, slot) pairs are sorted by expert once, handed to the
+module's `dispatcher` (here `LocalDispatcher`: every expert is local; `parallel.expert_parallel.AllToAllDispatcher`
+sends rows to the rank owning their expert and back), and `swiglu` runs on the rows of each local expert:
+`torch._grouped_mm` where it runs (CPU fp32 / bf16, CUDA bf16), else a loop over the experts' row segments doing
+the same maths (fp64, CUDA fp32). Adapters plug into `adapt` (LoRA: `lora.experts.LoRAGroupedExperts`), between
+each projection and what follows it. `experts_loop_reference` is the readable per-expert loop over token
+indices, kept beside it for tests only.
+
+Routing replay (activation checkpointing): a recompute must route tokens exactly as the forward did (bf16 GEMMs
+can tie differently, and under expert parallelism the all-to-all split sizes of the recompute must match the other
+ranks'). A router given a `RoutingReplay` records its top-k indices in the checkpointed forward and reuses them in
+the recompute; the decoder block owns the object and drives its phases (`text_model.Qwen3_5MoeBlock`).
 """
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class RoutingReplay:
+    """Top-k choices of one checkpointed block: recorded by its forward, replayed (in order) by its recompute.
+
+    `phases(cache)` gives the (forward, recompute) context managers for `torch.utils.checkpoint`'s `context_fn`;
+    `cache` is per call, so micro-batches never see each other's choices. Outside both phases routers route."""
+
+    def __init__(self):
+        self.mode: str | None = None  # None, "record" or "replay"
+        self.cache: list[torch.Tensor] = []
+        self.position = 0
+
+    def phases(self, cache: list):
+        return _ReplayPhase(self, "record", cache), _ReplayPhase(self, "replay", cache)
+
+    def indices(self, probs: torch.Tensor, top_k: int) -> torch.Tensor:
+        if self.mode == "record":
+            indices = torch.topk(probs.detach(), top_k, dim=-1).indices
+            self.cache.append(indices)
+            return indices
+        indices = self.cache[self.position]
+        self.position += 1
+        return indices
+
+
+class _ReplayPhase:
+    def __init__(self, replay: RoutingReplay, mode: str, cache: list):
+        self.replay, self.mode, self.cache = replay, mode, cache
+
+    def __enter__(self):
+        r = self.replay
+        self.saved = (r.mode, r.cache, r.position)
+        r.mode, r.cache, r.position = self.mode, self.cache, 0
+        if self.mode == "record":
+            self.cache.clear()
+        return self
+
+    def __exit__(self, *exc):
+        r = self.replay
+        r.mode, r.cache, r.position = self.saved
+        return False
 
 
 class TopKRouter(nn.Module):
@@ -27,6 +78,7 @@ class TopKRouter(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        self.replay: RoutingReplay | None = None  # set by the block that checkpoints itself
 
     def reset_parameters(self, std: float = 0.02) -> None:
         nn.init.normal_(self.weight, std=std)
@@ -35,7 +87,14 @@ class TopKRouter(nn.Module):
         """x (N, H) -> logits (N, E), weights (N, k) in x.dtype, indices (N, k)."""
         logits = F.linear(x, self.weight)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, indices = torch.topk(probs, self.top_k, dim=-1)
+        if self.replay is None or self.replay.mode is None:
+            weights, indices = torch.topk(probs, self.top_k, dim=-1)
+        else:
+            # record and replay run the SAME differentiable ops (the checkpoint checks saved tensors position by
+            # position): the indices come from a detached topk or the record, the weights from a gather of the
+            # probabilities, which equals topk's values bitwise
+            indices = self.replay.indices(probs, self.top_k)
+            weights = probs.gather(-1, indices)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights.to(logits.dtype), indices
 
@@ -50,22 +109,39 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
     return x.dtype in (torch.float32, torch.bfloat16)
 
 
-def sort_by_expert(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """indices (N, k) -> order (N*k,) of (token, slot) pairs grouped by expert, their token (N*k,), and
-    grouped_mm offsets (E,) int32 (cumulative pair counts per expert)."""
-    flat = indices.reshape(-1)
-    order = flat.argsort(stable=True)
-    offs = torch.bincount(flat, minlength=num_experts).cumsum(0).to(torch.int32)
-    return order, order // indices.shape[1], offs
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x (rows, in) grouped by expert (cumulative row counts `offs` (E,)), w (E, in, out) -> (rows, out)."""
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+def segment_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`grouped_mm` as a loop over the experts' row segments (any dtype / device)."""
+    bounds = [0] + offs.tolist()
+    pieces = [x[a:b] @ w[e] for e, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a]
+    return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[-1])
+
+
+class LocalDispatcher:
+    """Every expert is on this device: the rows sorted by expert are the local rows."""
+
+    def dispatch(self, xs: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """xs (rows, H) sorted by expert, counts (E,) rows per expert -> (local rows, their offsets, context)."""
+        return xs, counts.cumsum(0).to(torch.int32), None
+
+    def combine(self, ys: torch.Tensor, context) -> torch.Tensor:
+        """Expert outputs of the local rows -> outputs in the order `dispatch` was given."""
+        return ys
 
 
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts = num_experts  # global E; this module holds `num_local_experts` of them
         self.intermediate_size = intermediate_size
         self.gate_and_up_projs = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
         self.down_projs = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.dispatcher = LocalDispatcher()
+        self.num_local_experts = num_experts
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -73,19 +149,36 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.down_projs, std=std)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (N, H), indices/weights (N, k) -> (N, H)."""
-        if not grouped_mm_supported(x):
-            return experts_loop_reference(self, x, indices, weights)
-        order, token_of, offs = sort_by_expert(indices, self.num_experts)  # (N*k,), (N*k,), (E,)
-        xs = x[token_of]  # (N*k, H)
-        gate, up = torch._grouped_mm(xs, self.gate_and_up_projs, offs=offs).chunk(2, dim=-1)  # (N*k, I) each
-        ys = torch._grouped_mm(F.silu(gate) * up, self.down_projs, offs=offs)  # (N*k, H)
+        """x (N, H), indices/weights (N, k) (global expert ids) -> (N, H)."""
+        flat = indices.reshape(-1)  # (N*k,)
+        order = flat.argsort(stable=True)  # pairs grouped by expert, token order within an expert
+        token_of = order // indices.shape[1]  # (N*k,)
+        counts = torch.bincount(flat, minlength=self.num_experts)  # (E,)
+        local, offs, context = self.dispatcher.dispatch(x[token_of], counts)
+        ys = self.dispatcher.combine(self.swiglu(local, offs), context)  # (N*k, H)
         ys = ys * weights.reshape(-1)[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
 
+    def swiglu(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """xs (rows, H) grouped by local expert (cumulative `offs`) -> (rows, H), before the routing weight."""
+        mm = grouped_mm if grouped_mm_supported(xs) and xs.shape[0] > 0 else segment_mm
+        h = self.adapt("gate_up", xs, mm(xs, self.gate_and_up_projs, offs), offs, mm)  # (rows, 2I)
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate) * up  # (rows, I)
+        ys = self.adapt("down", act, mm(act, self.down_projs, offs), offs, mm)  # (rows, H)
+        if xs.shape[0] == 0:
+            # no rows here (an expert-parallel rank that received none): keep the input and every parameter in the
+            # graph, so all ranks run the same backward collectives and FSDP gets a gradient for each parameter
+            ys = ys + sum((p.sum() * 0 for p in self.parameters()), xs.sum() * 0)
+        return ys
+
+    def adapt(self, projection: str, x: torch.Tensor, y: torch.Tensor, offs: torch.Tensor, mm) -> torch.Tensor:
+        """y = x @ W[projection] of the rows; adapters add their term here (`mm`: the matmul in use)."""
+        return y
+
 
 def experts_loop_reference(experts: GroupedExperts, x, indices, weights) -> torch.Tensor:
-    """Per-expert loop (transformers' eager path, native layout). Exact; slow on many experts."""
+    """Per-expert loop over token indices (transformers' eager path, native layout). For tests: exact, slow."""
     out = torch.zeros_like(x)
     I = experts.intermediate_size
     for e in range(experts.num_experts):

@@ -16,7 +16,7 @@ from torch import nn
 
 from .attention import GatedAttention
 from .gated_deltanet import GatedDeltaNet
-from .moe import SparseMoE
+from .moe import RoutingReplay, SparseMoE
 from .norms import ZeroCenteredRMSNorm
 from .packing import SequenceInfo
 from .rotary import Fp32SafeTextRotaryEmbedding
@@ -36,10 +36,22 @@ class Qwen3_5MoeBlock(nn.Module):
         self.mlp = SparseMoE(config)
         self.input_layernorm = ZeroCenteredRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # activation checkpointing: the block recomputes itself in backward, routing replayed (see moe.py). Inside
+        # the block's own forward, so that an FSDP2 wrapper of the block gathers its parameters around it once.
+        self.checkpointing = False
+        self.routing_replay = RoutingReplay()
+        self.mlp.gate.replay = self.routing_replay
 
     def forward(
         self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], info: SequenceInfo
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not (self.checkpointing and self.training and torch.is_grad_enabled()):
+            return self._forward(h, rope, info)
+        cache: list = []  # this call's routing, recorded in forward, replayed in the recompute
+        return torch.utils.checkpoint.checkpoint(self._forward, h, rope, info, use_reentrant=False,
+                                                 context_fn=lambda: self.routing_replay.phases(cache))
+
+    def _forward(self, h, rope, info):
         x = self.input_layernorm(h)
         if self.layer_type == "linear_attention":
             h = h + self.linear_attn(x, info)
@@ -57,7 +69,16 @@ class Qwen3_5MoeTextModelBackend(nn.Module):
         self.layers = nn.ModuleList(Qwen3_5MoeBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = ZeroCenteredRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Fp32SafeTextRotaryEmbedding(config)
-        self.gradient_checkpointing = False
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Every block recomputes itself in backward (routing replayed: see `Qwen3_5MoeBlock`)."""
+        return all(layer.checkpointing for layer in self.layers)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        for layer in self.layers:
+            layer.checkpointing = bool(value)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -70,11 +91,7 @@ class Qwen3_5MoeTextModelBackend(nn.Module):
         h = inputs_embeds
         all_logits, all_indices = [], []
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                # routing is a pure function of the layer input, so the recompute routes tokens identically
-                h, logits, indices = torch.utils.checkpoint.checkpoint(layer, h, rope, info, use_reentrant=False)
-            else:
-                h, logits, indices = layer(h, rope, info)
+            h, logits, indices = layer(h, rope, info)
             all_logits.append(logits)
             all_indices.append(indices)
         return self.norm(h), all_logits, all_indices

@@ -8,11 +8,11 @@ then FSDP over `efsdp` (HSDP over (replicate, efsdp)).
 
 Order (each step relies on the one before):
   1. EP: every `GroupedExperts` (or LoRA experts) keeps its E/ep experts (`expert_parallel.shard_experts_`);
-  2. activation checkpointing per decoder block (`text_model.gradient_checkpointing` is switched off, the block
-     itself checkpoints). Routing is recorded in the forward and REPLAYED on recompute: the recomputed router uses
-     the recorded top-k indices (weights re-gathered from the recomputed probabilities, bitwise the same values),
-     so a recompute can never route tokens differently (bf16 / nondeterministic GEMMs) and the all-to-all split
-     sizes of the recompute always match the other ranks';
+  2. activation checkpointing per decoder block (the blocks' own, inside their forward, so inside the FSDP2 unit).
+     Routing is recorded in the forward and REPLAYED on recompute (`models.moe.RoutingReplay`): the recomputed
+     router uses the recorded top-k indices (weights re-gathered from the recomputed probabilities, bitwise the same
+     values), so a recompute can never route tokens differently (bf16 / nondeterministic GEMMs) and the all-to-all
+     split sizes of the recompute always match the other ranks';
   3. FSDP2: per block, the experts first (expert mesh), then the block (dense mesh: attention, router, shared
      expert, norms); the vision tower, then the root (embeddings, LM head, final norm). The model is switched to
      `always_run_vision`: a rank without images still runs the tower (on a placeholder, times 0), and images +
@@ -31,18 +31,14 @@ gradients are left for DDP-like averaging by the caller.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import checkpoint
 
-from qmoe_lightning.models.moe import GroupedExperts, TopKRouter
+from qmoe_lightning.models.moe import GroupedExperts
 
 from .expert_parallel import is_expert_parallel, shard_experts_
 from .state import build_expert_state_mesh, expert_layout_for, set_expert_global_layout
@@ -86,85 +82,10 @@ def expert_mesh(mesh: DeviceMesh) -> DeviceMesh:
 
 
 # ---------------------------------------------------------------------------------------------------------- AC
-_routing = threading.local()  # .mode in {None, "record", "replay"}, .cache: list of recorded top-k indices
-
-
-class _RoutingContext:
-    def __init__(self, mode: str, cache: list):
-        self.mode, self.cache = mode, cache
-
-    def __enter__(self):
-        self.saved = (getattr(_routing, "mode", None), getattr(_routing, "cache", None), getattr(_routing, "i", 0))
-        _routing.mode, _routing.cache, _routing.i = self.mode, self.cache, 0
-        if self.mode == "record":
-            self.cache.clear()
-
-    def __exit__(self, *exc):
-        _routing.mode, _routing.cache, _routing.i = self.saved
-        return False
-
-
-class _ReplayRouterMixin:
-    """TopKRouter whose top-k indices are recorded in a checkpointed forward and reused in its recompute (outside a
-    checkpointed block it is the plain TopKRouter)."""
-
-    def forward(self, x: torch.Tensor):
-        mode = getattr(_routing, "mode", None)
-        if mode is None:
-            return super().forward(x)
-        # record and replay run the SAME differentiable ops (the checkpoint checks saved tensors position by
-        # position): the top-k indices come from a detached topk (record) or the cache (replay), the weights from
-        # a gather of the probabilities, which equals topk's values bitwise
-        logits = F.linear(x, self.weight)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        if mode == "record":
-            indices = torch.topk(probs.detach(), self.top_k, dim=-1).indices
-            _routing.cache.append(indices)
-        else:
-            indices = _routing.cache[_routing.i]
-            _routing.i += 1
-            self.replayed_calls = getattr(self, "replayed_calls", 0) + 1  # diagnostics (tests check AC replays)
-        weights = probs.gather(-1, indices)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return logits, weights.to(logits.dtype), indices
-
-
-class _CheckpointedBlockMixin:
-    """Decoder block that checkpoints itself (non-reentrant) with routing record / replay contexts."""
-
-    def forward(self, h, rope, info):
-        inner = super().forward
-        if not (self.training and torch.is_grad_enabled()):
-            return inner(h, rope, info)
-        cache: list = []
-        return checkpoint(inner, h, rope, info, use_reentrant=False,
-                          context_fn=lambda: (_RoutingContext("record", cache), _RoutingContext("replay", cache)))
-
-
-_SWAPPED: dict[tuple[type, type], type] = {}
-
-
-def _swap_class(module: nn.Module, mixin: type, prefix: str) -> None:
-    cls = type(module)
-    if issubclass(cls, mixin):
-        return
-    key = (mixin, cls)
-    if key not in _SWAPPED:
-        _SWAPPED[key] = type(f"{prefix}{cls.__name__}", (mixin, cls), {})
-    module.__class__ = _SWAPPED[key]
-
-
 def apply_activation_checkpointing(text_model: nn.Module) -> int:
-    """Per-block AC with routing replay; returns the number of checkpointed blocks."""
-    text_model.gradient_checkpointing = False  # the blocks checkpoint themselves
-    n = 0
-    for block in text_model.layers:
-        for m in block.modules():
-            if isinstance(m, TopKRouter):
-                _swap_class(m, _ReplayRouterMixin, "Replay")
-        _swap_class(block, _CheckpointedBlockMixin, "Checkpointed")
-        n += 1
-    return n
+    """Per-block AC with routing replay (the blocks' own, `text_model.Qwen3_5MoeBlock`); returns the block count."""
+    text_model.gradient_checkpointing = True
+    return len(text_model.layers)
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -215,10 +136,8 @@ def parallelize_model(
                 shard_experts_(m, group)
     ep_scaled = ep_size > 1 or expert_mesh(mesh).size() < dp_world  # expert grads not averaged by dense FSDP
 
-    # 2. activation checkpointing with routing replay. A model that asks for its own checkpointing
-    # (`gradient_checkpointing`, e.g. the module's `activation_checkpointing: true`) gets this one instead: a plain
-    # recompute could route tokens differently and send all-to-all split sizes the other ranks do not expect.
-    if activation_checkpointing or getattr(text_model, "gradient_checkpointing", False):
+    # 2. activation checkpointing with routing replay (also what a model that asked for its own gets)
+    if activation_checkpointing:
         apply_activation_checkpointing(text_model)
 
     # the expert tensors' place in the global (E, ...) tensors, for checkpoints / export / loading (state.py)
