@@ -52,23 +52,23 @@ class ExpertLoadStats(pl.Callback):
         self.per_layer = per_layer
         self._acc: RouterStats | None = None
         self._steps_in_window = 0
+        self._last_index = 0
         self._next_heatmap = heatmap_every_n_steps
         self.last_counts: torch.Tensor | None = None
         self.last_summary: dict[str, float] = {}
         self.heatmaps: list[Path] = []
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        pl_module.collect_router_stats = True
+    needs_router_stats = True  # the module collects them for the steps' summaries (output_router_logits)
 
     def _dir(self, trainer) -> Path:
         return Path(self.dirpath or os.path.join(trainer.default_root_dir, "expert_load"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        win = getattr(pl_module, "window", None)
-        if win is None or not win.closed or getattr(win, "_load_seen", False):
+        step = getattr(pl_module, "last_step", None)
+        if step is None or step.index <= self._last_index:  # no new optimizer step since the last batch
             return
-        win._load_seen = True
-        for s in win.router_stats:
+        self._last_index = step.index
+        for s in step.router_stats:
             self._acc = s if self._acc is None else self._acc.merge(s)
         self._steps_in_window += 1
         if self._steps_in_window >= self.window_steps:

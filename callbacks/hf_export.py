@@ -99,8 +99,7 @@ class HFExport(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        win = getattr(pl_module, "window", None)
-        step_done = win is None or win.closed
+        step_done = not getattr(pl_module, "step_in_progress", False)  # not between accumulated micro-batches
         if (self.every_n_steps and step_done and step > 0 and step % self.every_n_steps == 0
                 and step != self._last_step_exported):
             self.export(trainer, pl_module, push=self.push_on_every_export)

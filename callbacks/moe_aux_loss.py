@@ -7,9 +7,9 @@
   micro-batches of the step on all ranks. A single layer's value is 1.0 for a perfectly uniform router and grows
   to num_experts / top_k when every token goes to the same experts.
 
-The module only collects router statistics when a callback asks for them (`collect_router_stats`), because it
-means returning the router logits from the forward. Logging happens at the end of the last micro-batch of each
-optimizer step (the step's window is closed by then).
+The module only collects router statistics when a callback says it reads them (`needs_router_stats`), because it
+means returning the router logits from the forward. The values come from the module's read-only summary of the
+last optimizer step (`last_step`), logged once per step at the end of its last micro-batch.
 """
 
 from __future__ import annotations
@@ -27,16 +27,17 @@ class MoEAuxLossLogger(pl.Callback):
         """
         self.per_layer = per_layer
         self.log_every_n_steps = max(1, log_every_n_steps)
+        self._last_index = 0
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.per_layer:
-            pl_module.collect_router_stats = True
+    @property
+    def needs_router_stats(self) -> bool:  # the module collects them for the steps' summaries
+        return self.per_layer
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        win = getattr(pl_module, "window", None)
-        if win is None or not win.closed or getattr(win, "_aux_logged", False):
+        win = getattr(pl_module, "last_step", None)
+        if win is None or win.index <= self._last_index:  # no new optimizer step since the last batch
             return
-        win._aux_logged = True
+        self._last_index = win.index
         if trainer.global_step % self.log_every_n_steps:
             return
         metrics = {}

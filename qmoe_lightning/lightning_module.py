@@ -55,8 +55,8 @@ MODEL_INPUTS = ("input_ids", "labels", "position_ids", "cu_seqlens", "max_seqlen
 
 
 @dataclass
-class StepWindow:
-    """Sums over the micro-batches of one optimizer step (this rank). `closed` once the step has been taken."""
+class _StepWindow:
+    """Sums over the micro-batches of the optimizer step in progress (this rank); the module's own."""
 
     ce_sum: torch.Tensor | float = 0.0
     n_targets: torch.Tensor | float = 0.0
@@ -65,10 +65,20 @@ class StepWindow:
     micro_batches: int = 0
     aux_values: list[torch.Tensor] = field(default_factory=list)  # model aux loss of each micro-batch
     router_stats: list[RouterStats] = field(default_factory=list)  # per micro-batch, when collected
-    closed: bool = False
-    # filled when closed (global over ranks)
-    loss: float | None = None
-    global_targets: float | None = None
+
+
+@dataclass(frozen=True)
+class StepSummary:
+    """What the last optimizer step did: `QMoELightningModule.last_step`, read by callbacks (never written).
+
+    `index` counts the steps of this fit (1 for the first): a callback that must see each step once keeps the
+    last index it handled."""
+
+    index: int
+    loss: float  # token-weighted CE of the step, all ranks
+    global_targets: float  # target tokens of the step, all ranks
+    aux_values: tuple[torch.Tensor, ...]  # the model's aux loss of each of this rank's micro-batches
+    router_stats: tuple[RouterStats, ...]  # per micro-batch of this rank, when a callback asked for them
 
 
 class QMoELightningModule(pl.LightningModule):
@@ -143,8 +153,11 @@ class QMoELightningModule(pl.LightningModule):
         self.model = None
         self.checkpoint_source = None  # where the weights came from (companion files, mtp.* passthrough): exports
         self._parallelized = False
-        self.collect_router_stats = False  # switched on by the MoE callbacks (needs output_router_logits)
-        self.window: StepWindow | None = None  # the current (or just finished) optimizer step
+        self.last_step: StepSummary | None = None  # the last optimizer step taken (callbacks read it)
+        self._window: _StepWindow | None = None  # the optimizer step in progress
+        # router statistics cost output_router_logits: collected when a callback says it reads them
+        # (`needs_router_stats = True`), decided at fit start
+        self._collect_router_stats = False
         self._t_prev: float | None = None
         self._eval_sums: torch.Tensor | None = None
 
@@ -210,13 +223,18 @@ class QMoELightningModule(pl.LightningModule):
         return self.model(**inputs, **kwargs)
 
     # ------------------------------------------------------------------ training
+    @property
+    def step_in_progress(self) -> bool:
+        """Micro-batches of an optimizer step not taken yet (gradient accumulation): weights are mid-update."""
+        return self._window is not None
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if self.window is None or self.window.closed:
-            self.window = StepWindow()
-        win = self.window
+        if self._window is None:
+            self._window = _StepWindow()
+        win = self._window
         # label_logits_only: LM head + CE fused over target rows (no (T, vocab) logits; training never reads them)
         out = self(batch, num_items_in_batch=1, return_logits=not self.hparams.label_logits_only,
-                    output_router_logits=self.collect_router_stats)
+                    output_router_logits=self._collect_router_stats)
         n = out.num_label_tokens.to(out.ce_loss.dtype)
         coef = self.aux_loss_coef
         loss = out.ce_loss + coef * n * out.aux_loss if coef else out.ce_loss
@@ -226,7 +244,7 @@ class QMoELightningModule(pl.LightningModule):
         win.aux_values.append(out.aux_loss.detach())
         win.tokens += _real_tokens(batch)
         win.micro_batches += 1
-        if self.collect_router_stats and out.router_logits is not None:
+        if self._collect_router_stats and out.router_logits is not None:
             win.router_stats.append(RouterStats.from_router_outputs(out.router_logits, out.expert_token_counts,
                                                                     batch.get("attention_mask")))
         return loss
@@ -236,6 +254,8 @@ class QMoELightningModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._check_data_processor()
+        self._collect_router_stats = any(getattr(cb, "needs_router_stats", False) for cb in self.trainer.callbacks)
+        self._window = None
 
     def on_test_start(self) -> None:
         self._check_data_processor()
@@ -263,7 +283,7 @@ class QMoELightningModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Normalise the accumulated gradients by the global target-token count of the step (see module doc)."""
-        win = self.window
+        win, self._window = self._window, None
         dev = self.device
         sums = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(())
                             for v in (win.n_targets, win.ce_sum, win.aux_sum, win.tokens, win.micro_batches)])
@@ -274,13 +294,12 @@ class QMoELightningModule(pl.LightningModule):
             for p in group["params"]:
                 if p.grad is not None:
                     p.grad.mul_(scale)
-        win.loss = ce_global / max(n_global, 1.0)
-        win.global_targets = n_global
-        win.closed = True
+        self.last_step = StepSummary(self.trainer.global_step + 1, ce_global / max(n_global, 1.0), n_global, tuple(win.aux_values),
+                                     tuple(win.router_stats))
         now = time.perf_counter()
         dt = now - (self._t_prev or now)
         self._t_prev = now
-        self.log("train/loss", win.loss, prog_bar=True)
+        self.log("train/loss", self.last_step.loss, prog_bar=True)
         self.log("train/aux_loss", aux_global / max(micro_global, 1.0))
         self.log("train/lr", optimizer.param_groups[0]["lr"], prog_bar=True)
         self.log("train/target_tokens", n_global)

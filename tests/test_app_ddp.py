@@ -33,7 +33,7 @@ class SavingGradCapture(GradCapture):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         if self.trainer.is_global_zero:
-            torch.save({"grads": self.grads, "targets": self.window.global_targets}, self.out_path)
+            torch.save({"grads": self.grads, "targets": self.last_step.global_targets}, self.out_path)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -113,7 +113,7 @@ def test_aux_loss_gradient_matches_documented_objective(tmp_path, small_data):
     total.backward()
     for name, p in ref.model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
-    assert module.window.global_targets == N
+    assert module.last_step.global_targets == N
 
 
 class LossRecorder(pl.Callback):
@@ -122,8 +122,8 @@ class LossRecorder(pl.Callback):
         self.stop_at = stop_at
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if pl_module.window is not None and pl_module.window.closed:
-            self.losses[trainer.global_step] = pl_module.window.loss
+        if pl_module.last_step is not None and not pl_module.step_in_progress:
+            self.losses[trainer.global_step] = pl_module.last_step.loss
             if self.stop_at is not None and trainer.global_step >= self.stop_at:
                 trainer.should_stop = True  # an interruption right after a checkpoint
 
