@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# the default: adapters on every part a user of a Qwen3.5-MoE usually names
+# the default: adapters on every part a user of a Qwen3.5-MoE usually names
 DEFAULT_TARGETS = ("attention", "linear_attention", "shared_expert", "experts")
 
 ALIASES: dict[str, str] = {

@@ -6,7 +6,7 @@ j < 3 * section[2]`, else the T axis; then `cat(freqs, freqs)` (rotate_half layo
 and cast to the activation dtype, as transformers does.
 
 Vision: transformers' vision tower is reused; only its rotary module is swapped for `Fp32SafeVisionRotaryEmbedding`
-so `inv_freq` survives `.to(bfloat16)` (the seed's Fp32Safe* classes).
+so `inv_freq` survives `.to(bfloat16)` (as NeMo Automodel's Fp32Safe* rotary classes).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Layer: `h += mixer(input_layernorm(h)); h += moe(post_attention_layernorm(h))`, 
 The backend takes embeddings (the multimodal splice happens outside), 3-D positions and one `SequenceInfo`
 computed once per forward, and returns the final hidden states plus, per layer, the router logits and the top-k
 expert indices (the aux loss and the expert-load statistics are computed from those by the caller).
-No collectives here: parallelism is applied from outside (see the expert-parallel issue).
+No collectives here: parallelism is applied from outside (`qmoe_lightning/parallel`).
 """
 
 from __future__ import annotations
