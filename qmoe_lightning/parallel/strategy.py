@@ -22,9 +22,11 @@ with a checkpoint: rank-local loading), or on a model already holding its full w
 
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from torch import nn
@@ -33,6 +35,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from .parallelize import ParallelDims, build_mesh, parallelize_model
 from .state import global_optimizer_state, global_state_dict, is_expert_parallel_model
+
+
+def _destroy_process_group_at_exit() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class ExpertParallelStrategy(ModelParallelStrategy):
@@ -61,6 +68,9 @@ class ExpertParallelStrategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         ParallelStrategy.setup_environment(self)  # skip ModelParallelStrategy's (dp, tp) mesh
         self._setup_distributed()
+        # a process group still alive when the interpreter tears down its C++ objects can end a successful run in
+        # std::terminate ("terminate called without an active exception", exit code -6: seen once on gloo in CI)
+        atexit.register(_destroy_process_group_at_exit)
         self._device_mesh = self.build_device_mesh(self.world_size, self.root_device)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
