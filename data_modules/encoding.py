@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -79,6 +80,45 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+@dataclass(frozen=True)
+class ProcessorFacts:
+    """The processor's tokens, ids and sizes that encoding needs (placeholders, document end, patch geometry)."""
+
+    image_token: str
+    image_token_id: int
+    video_token: str
+    video_token_id: int
+    vision_start: str
+    vision_start_id: int
+    vision_end: str
+    vision_end_id: int
+    eos_id: int  # the document end appended to plain-text rows
+    patch: int  # vision patch size (pixels)
+    merge: int  # spatial merge size (patches)
+    pixel_bounds: tuple[int, int]  # image pixel bounds the plan and the image processor use
+    video_config: video_lib.VideoConfig
+
+    @classmethod
+    def of(cls, processor, encoder: Encoder) -> ProcessorFacts:
+        tok, ip = processor.tokenizer, processor.image_processor
+        image_token = processor.image_token
+        video_token = getattr(processor, "video_token", "<|video_pad|>")
+        vision_start = getattr(processor, "vision_start_token", "<|vision_start|>")
+        vision_end = getattr(processor, "vision_end_token", "<|vision_end|>")
+        eos_id = tok.convert_tokens_to_ids("<|endoftext|>")
+        if eos_id is None or eos_id == tok.unk_token_id:
+            eos_id = tok.eos_token_id
+        size = ip.size
+        return cls(
+            image_token, tok.convert_tokens_to_ids(image_token), video_token, tok.convert_tokens_to_ids(video_token),
+            vision_start, tok.convert_tokens_to_ids(vision_start), vision_end, tok.convert_tokens_to_ids(vision_end),
+            eos_id, int(ip.patch_size), int(ip.merge_size),
+            (int(encoder.min_pixels if encoder.min_pixels is not None else size["shortest_edge"]),
+             int(encoder.max_pixels if encoder.max_pixels is not None else size["longest_edge"])),
+            video_lib.VideoConfig.from_model_dir(encoder.model_dir, encoder.video_min_pixels,
+                                                 encoder.video_max_pixels))
+
+
 class Encoder:
     """Turns raw rows into token records for one processor and one set of options (picklable for datasets.map)."""
 
@@ -96,20 +136,11 @@ class Encoder:
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.video_min_pixels, self.video_max_pixels, self.video_fps = video_min_pixels, video_max_pixels, video_fps
         self._processor = None
+        self._facts: ProcessorFacts | None = None
 
     # The processor is loaded lazily so the Encoder pickles small into datasets.map workers.
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_processor"} | {"_processor": None}
-
-    _LAZY = frozenset({"image_token", "image_token_id", "video_token", "video_token_id", "vision_start",
-                       "vision_start_id", "vision_end", "vision_end_id", "eos_id", "patch", "merge", "pixel_bounds",
-                       "video_config"})
-
-    def __getattr__(self, name):  # processor-derived attributes load the processor on first use
-        if name in Encoder._LAZY:
-            self.processor
-            return self.__dict__[name]
-        raise AttributeError(name)
+        return {**self.__dict__, "_processor": None, "_facts": None}
 
     @property
     def processor(self):
@@ -117,32 +148,31 @@ class Encoder:
             from .processor import load_processor
 
             self._processor = load_processor(self.model_dir)
-            tok = self._processor.tokenizer
-            ip = self._processor.image_processor
-            self.image_token = self._processor.image_token
-            self.image_token_id = tok.convert_tokens_to_ids(self.image_token)
-            self.video_token = getattr(self._processor, "video_token", "<|video_pad|>")
-            self.video_token_id = tok.convert_tokens_to_ids(self.video_token)
-            self.vision_start = getattr(self._processor, "vision_start_token", "<|vision_start|>")
-            self.vision_end = getattr(self._processor, "vision_end_token", "<|vision_end|>")
-            self.vision_start_id = tok.convert_tokens_to_ids(self.vision_start)
-            self.vision_end_id = tok.convert_tokens_to_ids(self.vision_end)
-            self.video_config = video_lib.VideoConfig.from_model_dir(self.model_dir, self.video_min_pixels,
-                                                                     self.video_max_pixels)
-            self.eos_id = tok.convert_tokens_to_ids("<|endoftext|>")
-            if self.eos_id is None or self.eos_id == tok.unk_token_id:
-                self.eos_id = tok.eos_token_id
-            self.patch, self.merge = int(ip.patch_size), int(ip.merge_size)
-            size = ip.size
-            self.pixel_bounds = (
-                int(self.min_pixels if self.min_pixels is not None else size["shortest_edge"]),
-                int(self.max_pixels if self.max_pixels is not None else size["longest_edge"]),
-            )
         return self._processor
+
+    @property
+    def facts(self) -> ProcessorFacts:
+        """What encoding reads from the processor, read once."""
+        if self._facts is None:
+            self._facts = ProcessorFacts.of(self.processor, self)
+        return self._facts
+
+    image_token = property(lambda self: self.facts.image_token)
+    image_token_id = property(lambda self: self.facts.image_token_id)
+    video_token = property(lambda self: self.facts.video_token)
+    video_token_id = property(lambda self: self.facts.video_token_id)
+    vision_start = property(lambda self: self.facts.vision_start)
+    vision_start_id = property(lambda self: self.facts.vision_start_id)
+    vision_end = property(lambda self: self.facts.vision_end)
+    vision_end_id = property(lambda self: self.facts.vision_end_id)
+    eos_id = property(lambda self: self.facts.eos_id)
+    patch = property(lambda self: self.facts.patch)
+    merge = property(lambda self: self.facts.merge)
+    pixel_bounds = property(lambda self: self.facts.pixel_bounds)
+    video_config = property(lambda self: self.facts.video_config)
 
     def image_size_kwargs(self) -> dict:
         """Kwargs for the image processor at load time; the same bounds the plan used."""
-        self.processor
         return {"size": {"shortest_edge": self.pixel_bounds[0], "longest_edge": self.pixel_bounds[1]}}
 
     def image_grid(self, path: str) -> list[int]:
@@ -241,7 +271,6 @@ class Encoder:
 
     def probe_video(self, video: dict) -> dict:
         """Plan one normalised video (grid, frame indices, fps) from headers; bad videos raise BadSample."""
-        self.processor
         source = {k: v for k, v in video.items() if k != "fps"}
         try:
             return video_lib.probe(source, self.video_config, video.get("fps"))

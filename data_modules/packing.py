@@ -1,15 +1,8 @@
 """Micro-batch assembly for packed multimodal rows: a pack (document indices, planned in `planning.py` from token
 counts alone) -> decoded pixels -> one packed row.
 
-Micro-batch contract (one packed row, batch dimension 1):
-    input_ids [1,T] long; labels [1,T] long (unshifted; the FIRST label of every document is -100 so no target
-    crosses a document boundary after the model's shift; padding -100); mm_token_type_ids [1,T] (0 text, 1 image,
-    2 video); position_ids [3,1,T] (mRoPE restarting per document); cu_seqlens int32 [N+1] (documents, then the
-    tail padding as its own final document when there is any); max_seqlen int; pixel_values / image_grid_thw and
-    pixel_values_videos / video_grid_thw (None when absent); num_label_tokens int (targets, i.e. labels != -100);
-    num_documents int (real documents, padding excluded); attention_mask [1,T] long (1 real token, 0 tail padding:
-    the model then leaves padding out of the MoE aux loss and the expert-load counts); documents list[int] (the
-    pack's document indices into its split, in row order).
+A micro-batch is a `qmoe_lightning.models.batch.PackedBatch` (one packed row, batch dimension 1; the contract, with
+shapes, is documented there). The tail padding is its own final document in `cu_seqlens` when there is any.
 """
 
 from __future__ import annotations
@@ -19,6 +12,7 @@ import logging
 
 import torch
 
+from qmoe_lightning.models.batch import PackedBatch
 from qmoe_lightning.models.mrope_positions import mrope_position_ids_packed
 
 from . import video as video_lib
@@ -33,7 +27,7 @@ def padded_length(total: int, multiple: int) -> int:
 
 
 def build_micro_batch(docs: list[dict], pad_token_id: int, image_token_id: int, video_token_id: int,
-                      pad_to_multiple_of: int, spatial_merge_size: int) -> dict:
+                      pad_to_multiple_of: int, spatial_merge_size: int) -> PackedBatch:
     """Concatenate encoded documents (dicts with input_ids, labels and optional pixel tensors) into one packed row."""
     ids, labels, lens = [], [], []
     pixel_values, image_grids, video_pixels, video_grids = [], [], [], []
@@ -70,21 +64,21 @@ def build_micro_batch(docs: list[dict], pad_token_id: int, image_token_id: int, 
     label_tensor = torch.tensor(labels, dtype=torch.long)
     attention_mask = torch.zeros(1, padded, dtype=torch.long)
     attention_mask[0, :total] = 1
-    return {
-        "input_ids": input_ids.unsqueeze(0),
-        "labels": label_tensor.unsqueeze(0),
-        "mm_token_type_ids": types.unsqueeze(0),
-        "position_ids": position_ids,
-        "cu_seqlens": cu,
-        "max_seqlen": int(max(lens)),
-        "pixel_values": torch.cat(pixel_values) if pixel_values else None,
-        "image_grid_thw": image_grid_thw,
-        "pixel_values_videos": torch.cat(video_pixels) if video_pixels else None,
-        "video_grid_thw": video_grid_thw,
-        "num_label_tokens": int((label_tensor != IGNORE).sum()),
-        "num_documents": len(docs),
-        "attention_mask": attention_mask,
-    }
+    return PackedBatch(
+        input_ids=input_ids.unsqueeze(0),
+        labels=label_tensor.unsqueeze(0),
+        mm_token_type_ids=types.unsqueeze(0),
+        position_ids=position_ids,
+        cu_seqlens=cu,
+        max_seqlen=int(max(lens)),
+        pixel_values=torch.cat(pixel_values) if pixel_values else None,
+        image_grid_thw=image_grid_thw,
+        pixel_values_videos=torch.cat(video_pixels) if video_pixels else None,
+        video_grid_thw=video_grid_thw,
+        num_label_tokens=int((label_tensor != IGNORE).sum()),
+        num_documents=len(docs),
+        attention_mask=attention_mask,
+    )
 
 
 class PackDataset(torch.utils.data.Dataset):
@@ -160,7 +154,7 @@ class PackDataset(torch.utils.data.Dataset):
         tok = enc.processor.tokenizer
         batch = build_micro_batch(docs, tok.pad_token_id, enc.image_token_id, enc.video_token_id,
                                   self.pad_to_multiple_of, enc.merge)
-        batch["documents"] = [int(i) for i in documents]  # indices into the split's records (order of the pack)
+        batch.documents = [int(i) for i in documents]  # indices into the split's records (order of the pack)
         return batch
 
 

@@ -43,16 +43,12 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .evaluation import document_answer_correct
 from .generation import GenerationOptions
+from .models.batch import PackedBatch
 from .lora import LoraConfig
 from .optim import build_adamw, warmup_cosine_scheduler
 from .router_stats import RouterStats
 
 log = logging.getLogger(__name__)
-
-# batch keys the model's forward takes; anything else in a batch (counts, indices) is bookkeeping
-MODEL_INPUTS = ("input_ids", "labels", "position_ids", "cu_seqlens", "max_seqlen", "pixel_values", "image_grid_thw",
-                "pixel_values_videos", "video_grid_thw", "mm_token_type_ids", "attention_mask")
-
 
 @dataclass
 class _StepWindow:
@@ -218,9 +214,8 @@ class QMoELightningModule(pl.LightningModule):
             return float(self.hparams.aux_loss_coef)
         return float(getattr(self.model.text_config, "router_aux_loss_coef", 0.0) or 0.0)
 
-    def forward(self, batch: dict, **kwargs):
-        inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
-        return self.model(**inputs, **kwargs)
+    def forward(self, batch: PackedBatch | dict, **kwargs):
+        return self.model(_packed(batch), **kwargs)
 
     # ------------------------------------------------------------------ training
     @property
@@ -228,7 +223,8 @@ class QMoELightningModule(pl.LightningModule):
         """Micro-batches of an optimizer step not taken yet (gradient accumulation): weights are mid-update."""
         return self._window is not None
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
+        batch = _packed(batch)
         if self._window is None:
             self._window = _StepWindow()
         win = self._window
@@ -242,7 +238,7 @@ class QMoELightningModule(pl.LightningModule):
         win.n_targets = win.n_targets + n.detach()
         win.aux_sum = win.aux_sum + out.aux_loss.detach()
         win.aux_values.append(out.aux_loss.detach())
-        win.tokens += _real_tokens(batch)
+        win.tokens += batch.real_tokens
         win.micro_batches += 1
         if self._collect_router_stats and out.router_logits is not None:
             win.router_stats.append(RouterStats.from_router_outputs(out.router_logits, out.expert_token_counts,
@@ -359,7 +355,8 @@ class QMoELightningModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_step(self, batch: dict) -> None:
+    def _eval_step(self, batch: PackedBatch) -> None:
+        batch = _packed(batch)
         out = self(batch, num_items_in_batch=1, label_logits_only=True, output_router_logits=False)
         sums = torch.zeros(6, dtype=torch.float64, device=self.device)
         sums[0] = out.ce_loss.detach().double()
@@ -470,9 +467,6 @@ def prediction_summary(rows: list[dict]) -> dict:
             "unfinished": sum(1 for r in rows if r.get("finished") is False)}
 
 
-def _real_tokens(batch: dict) -> int:
-    """Non-padding tokens of a packed row (the tail padding is the document after `num_documents`)."""
-    cu, n_docs = batch.get("cu_seqlens"), batch.get("num_documents")
-    if cu is not None and n_docs is not None and int(n_docs) < cu.numel():
-        return int(cu[int(n_docs)])
-    return int(batch["input_ids"].numel())
+def _packed(batch: PackedBatch | dict) -> PackedBatch:
+    """The DataModule's batches are PackedBatch already; a dict (tests, hand-made batches) is checked into one."""
+    return batch if isinstance(batch, PackedBatch) else PackedBatch.from_dict(batch)

@@ -12,7 +12,7 @@ from test_app_common import make_datamodule, make_trainer, small_data  # noqa: F
 
 from callbacks import HFExport
 from qmoe_lightning.hub import push_folder_to_hub
-from qmoe_lightning.lightning_module import MODEL_INPUTS, QMoELightningModule
+from qmoe_lightning.lightning_module import QMoELightningModule
 
 
 @pytest.fixture

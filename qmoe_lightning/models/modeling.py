@@ -29,6 +29,7 @@ from torch import nn
 from transformers import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig
 from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeVisionModel
 
+from .batch import PackedBatch
 from .checkpoint import HFCheckpointMixin
 from .lm_loss import linear_cross_entropy, next_token_targets
 from .moe import GroupedExperts, TopKRouter
@@ -84,6 +85,15 @@ class _Qwen3_5MoeBase(HFCheckpointMixin, nn.Module):
     """Shared forward tail: positions, decoder, LM head, losses. Subclasses provide `text_model` and `embed`."""
 
     STATE_DICT_ADAPTER = Qwen3_5MoeStateDictAdapter
+
+    def _forward_batch(self, batch: PackedBatch, arguments: dict) -> MoeOutput:
+        """forward(batch, **options): the batch's tensors as keyword arguments, the call's own options beside."""
+        inputs = set(PackedBatch.MODEL_INPUTS)
+        doubled = sorted(k for k, v in arguments.items() if k in inputs and k != "input_ids" and v is not None)
+        if doubled:
+            raise TypeError(f"{doubled} given beside a PackedBatch: put them in the batch")
+        options = {k: v for k, v in arguments.items() if k not in inputs and k not in ("self", "unused")}
+        return self.forward(**batch.model_inputs(), **options, **arguments.get("unused", {}))
 
     text_config: Qwen3_5MoeTextConfig
 
@@ -210,6 +220,8 @@ class Qwen3_5MoeForCausalLM(_Qwen3_5MoeBase):
         mm_token_type_ids: torch.Tensor | None = None,
         **unused,
     ) -> MoeOutput:
+        if isinstance(input_ids, PackedBatch):  # model(batch, num_items_in_batch=..., ...)
+            return self._forward_batch(input_ids, dict(locals()))
         # the packed batches of the DataModule carry the token types (all 0 in text-only data) and, for image rows,
         # pixels: a text-only model accepts the former and refuses anything visual instead of ignoring it
         vision = sorted(k for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
@@ -346,6 +358,8 @@ class Qwen3_5MoeForConditionalGeneration(_Qwen3_5MoeBase):
         return_logits: bool = True,
         **unused,
     ) -> MoeOutput:
+        if isinstance(input_ids, PackedBatch):  # model(batch, num_items_in_batch=..., ...)
+            return self._forward_batch(input_ids, dict(locals()))
         _reject_unknown(unused)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
