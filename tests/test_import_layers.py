@@ -30,8 +30,9 @@ def _imports(path: Path, package: str) -> set[str]:
 def _violations(layer: str) -> list[str]:
     allowed = {f"qmoe_lightning.{name}" for name in LAYERS[: LAYERS.index(layer) + 1]} | BASE
     bad = []
-    for path in sorted((ROOT / "qmoe_lightning" / layer).glob("*.py")):
-        for name in _imports(path, f"qmoe_lightning.{layer}"):
+    for path in sorted((ROOT / "qmoe_lightning" / layer).rglob("*.py")):  # family folders too
+        package = ".".join(path.relative_to(ROOT).parent.parts)
+        for name in _imports(path, package):
             ours = name.startswith(("qmoe_lightning", "callbacks", "data_modules", "cli"))
             if ours and name != "qmoe_lightning" and not any(name == a or name.startswith(a + ".") for a in allowed):
                 bad.append(f"{path.relative_to(ROOT)} imports {name}")

@@ -304,3 +304,19 @@ def test_tiny_lora_yaml_section_is_a_valid_config(base_model):
     report = apply_lora(fresh(base_model), cfg)
     assert set(report.modules) == {"routed_experts", "shared_expert", "attention", "linear_attention"}
     assert cfg.r_experts == 4 and cfg.rank == 8 and cfg.dropout > 0
+
+
+def test_default_targets_are_the_model_familys(base_model):
+    from qmoe_lightning.lora import resolve_targets
+    from qmoe_lightning.models.registry import family_of_model
+
+    model = fresh(base_model)
+    family = family_of_model(model)
+    assert LoraConfig().targets == ["default"]
+    default, _, _ = resolve_targets(model, LoraConfig())
+    explicit, _, _ = resolve_targets(model, LoraConfig(targets=list(family.lora_targets)))
+    assert default == explicit and any(n.endswith("mlp.experts") for n in default)
+    with_extra, _, _ = resolve_targets(model, LoraConfig(targets=["default", "vision"]))
+    assert set(default) < set(with_extra)
+    with pytest.raises(ValueError, match="not a registered model family; name the targets"):
+        resolve_targets(nn.Sequential(nn.Linear(4, 4)), LoraConfig())

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from qmoe_lightning.models.moe import GroupedExperts
+from qmoe_lightning.models.registry import family_of_model
 
 from .config import ALIASES, LoraConfig, spec_matches
 from .experts import LoRAGroupedExperts
@@ -121,7 +122,7 @@ def resolve_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], dict[
     modules = _candidates(model)
     names = list(modules)
     matched = {}
-    for spec in cfg.targets:
+    for spec in _expand_default(model, cfg.targets):
         hit = _match(spec, names, modules)
         if not hit:
             raise _no_match_error(spec, "target", names)
@@ -138,6 +139,21 @@ def resolve_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], dict[
         raise ValueError(f"lora: the exclusions {cfg.exclude} removed every target of {cfg.targets}")
     matched = {s: [n for n in hit if n in out] for s, hit in matched.items()}
     return selected, matched, excluded
+
+
+def _expand_default(model: nn.Module, specs: list[str]) -> list[str]:
+    """`default` -> the model family's default targets (registry), in place."""
+    if "default" not in specs:
+        return list(specs)
+    try:
+        family = family_of_model(model)
+    except TypeError:
+        raise ValueError(f"lora.targets 'default': {type(model).__name__} is not a registered model family; name the "
+                         "targets (aliases, suffixes or re: regexes)") from None
+    out = []
+    for spec in specs:
+        out += [t for t in (family.lora_targets if spec == "default" else (spec,)) if t not in out]
+    return out
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig | dict) -> LoraReport:

@@ -1,6 +1,8 @@
 """`LoraConfig`: what the YAML `lora:` section holds, and how its target strings are resolved.
 
 Target strings (in `targets` and `exclude`) take three forms:
+- `default` (the default `targets`): the model family's own default targets (`models.registry`; Qwen3.5-MoE:
+  attention, linear_attention, shared_expert, experts);
 - an alias naming a group of the model: `attention` (self_attn q/k/v/o), `linear_attention` (Gated DeltaNet
   in_proj_qkv / in_proj_z / out_proj), `shared_expert` (shared expert gate/up/down), `experts` (the routed experts,
   3-D grouped weights), `vision` (every Linear of the vision tower), `all-linear` (see below);
@@ -24,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-# the default: adapters on every part a user of a Qwen3.5-MoE usually names
-DEFAULT_TARGETS = ("attention", "linear_attention", "shared_expert", "experts")
+# the model family's defaults (`ModelFamily.lora_targets`), resolved against the model by apply_lora
+DEFAULT_TARGETS = ("default",)
 
 ALIASES: dict[str, str] = {
     # alias -> regex over native module names (full match)
@@ -50,8 +52,8 @@ class LoraConfig:
         alpha: scale numerator; the update is `alpha / r * B A` (PEFT's lora_alpha, no rsLoRA).
         dropout: dropout on the input of the LoRA branch of Linear targets (training only). Routed experts take no
             dropout: PEFT cannot express it for 3-D parameters and it would cost a second copy of the routed tokens.
-        targets: aliases, suffixes or `re:` regexes (see the module doc). Default: attention, linear attention,
-            shared expert and routed experts.
+        targets: aliases, suffixes or `re:` regexes (see the module doc). Default: the model family's defaults
+            (Qwen3.5-MoE: attention, linear attention, shared expert and routed experts).
         exclude: same syntax; removes modules matched by `targets` (e.g. `re:.*layers\\.0\\..*`).
         expert_rank: rank of the routed-expert adapters (default `rank`). Each expert gets its own A/B, so the
             expert adapter has E times the parameters of one Linear adapter; a smaller rank keeps it in check.

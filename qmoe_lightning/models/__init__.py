@@ -1,8 +1,9 @@
-"""Native Qwen3.5-MoE models (text decoder re-implemented; transformers' vision tower reused)."""
+"""Native models: one folder per family (`qwen3_5_moe/`), the parts they share beside it (MoE block, packing,
+kernels, norms, rotary, checkpoint I/O, the packed batch), and the registry that maps config.json `model_type`s to
+families (`registry.py`)."""
 
-from .modeling import MoeOutput, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
-from .state_dict_adapter import Qwen3_5MoeStateDictAdapter
-from .text_model import Qwen3_5MoeBlock, Qwen3_5MoeTextModelBackend
+from .qwen3_5_moe import (MoeOutput, Qwen3_5MoeBlock, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration,
+                          Qwen3_5MoeStateDictAdapter, Qwen3_5MoeTextModelBackend)
 
 __all__ = [
     "MoeOutput",

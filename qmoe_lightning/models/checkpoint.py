@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..export_dir import check_export_target, recover, swap_into_place, temp_dir
-from .state_dict_adapter import Skip
+from .conversion import Skip
 
 # copied from the source checkpoint so that an export is a complete, servable model directory
 COMPANION_FILES = (

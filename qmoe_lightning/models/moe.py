@@ -4,7 +4,7 @@ Native expert layout (x @ W, the layout grouped GEMMs and expert parallelism wan
 I = moe intermediate):
     experts.gate_and_up_projs  (E, H, 2I)   columns: gate | up
     experts.down_projs         (E, I, H)
-The HF checkpoint layout is the transpose of both (see state_dict_adapter.py).
+The HF checkpoint layout is the transpose of both (see the family's state_dict_adapter.py).
 
 Numerics follow transformers exactly: router matmul in the activation dtype, softmax in fp32, top-k, always
 renormalised, weights cast back to the activation dtype; the routing weight multiplies the expert output AFTER

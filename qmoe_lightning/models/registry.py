@@ -1,8 +1,10 @@
 """Model-family registry: a config.json `model_type` -> what the app needs to build, load, adapt and export a model
 of that family. Nothing outside `qmoe_lightning/models/` names a family: the app asks `family_of(model_type)`.
 
-Adding a family: its model files (native classes with `HFCheckpointMixin`, a state-dict adapter) and one
-`register(ModelFamily(...))` below.
+Adding a family: one folder under `qmoe_lightning/models/` (native classes built on the shared MoE block, packing and
+kernels, with `HFCheckpointMixin` and the class attributes it asks for: HF_ARCHITECTURE, MODEL_TYPES, TEXT_ONLY,
+STATE_DICT_ADAPTER) and one `register(ModelFamily(...))` below. The parallel plan (`parallel.parallelize_model`)
+needs no entry: it works on any model with `text_model.layers` of blocks holding `GroupedExperts`.
 
     family = family_of(config.model_type)
     model_class = family.model_class(text_only=False)      # native class
@@ -18,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from .checkpoint import read_config
-from .modeling import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
+from .qwen3_5_moe import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class ModelFamily:
     vision_language: type[nn.Module]  # native classes
     text_only: type[nn.Module]
     config_class: str  # transformers config class of `model_type` (by name: transformers imports lazily)
-    lora_targets: tuple[str, ...]  # LoRA aliases that exist in this family (lora.config.ALIASES)
+    lora_targets: tuple[str, ...]  # what LoRA's `default` target means here (aliases of lora.config.ALIASES)
     processor: str  # "qwen3_vl": transformers' Qwen3VLProcessor (image + video processors, see data_modules)
 
     @property

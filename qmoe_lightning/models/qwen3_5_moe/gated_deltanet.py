@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import causal_conv1d_silu, gated_delta_rule
-from .norms import GatedRMSNorm, KeepFp32Mixin
-from .packing import SequenceInfo
+from ..kernels import causal_conv1d_silu, gated_delta_rule
+from ..norms import GatedRMSNorm, KeepFp32Mixin
+from ..packing import SequenceInfo
 
 
 class GatedDeltaNet(KeepFp32Mixin, nn.Module):

@@ -20,30 +20,14 @@ parameter, so a checkpoint is never held twice in memory.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
+
+from ..conversion import Assignment, Skip
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 # keys that carry no learnt state (old checkpoints saved rotary buffers)
 _IGNORABLE = re.compile(r"(\.rotary_emb\.inv_freq|\.rotary_pos_emb\.inv_freq)$")
-
-
-@dataclass
-class Assignment:
-    native_key: str
-    tensor: torch.Tensor
-    expert: int | None = None  # write into [expert] of the native tensor
-    cols: slice | None = None  # and into these columns (last dim)
-
-    @property
-    def slot(self) -> str:
-        return f"{self.native_key}[{self.expert},{self.cols}]" if self.expert is not None else self.native_key
-
-
-@dataclass
-class Skip:
-    reason: str  # "mtp" (kept aside), "vision" (text-only model), "ignorable"
 
 
 class Qwen3_5MoeStateDictAdapter:

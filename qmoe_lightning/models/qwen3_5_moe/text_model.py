@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..moe import RoutingReplay, SparseMoE
+from ..norms import ZeroCenteredRMSNorm
+from ..packing import SequenceInfo
+from ..rotary import Fp32SafeTextRotaryEmbedding
 from .attention import GatedAttention
 from .gated_deltanet import GatedDeltaNet
-from .moe import RoutingReplay, SparseMoE
-from .norms import ZeroCenteredRMSNorm
-from .packing import SequenceInfo
-from .rotary import Fp32SafeTextRotaryEmbedding
 
 
 class Qwen3_5MoeBlock(nn.Module):

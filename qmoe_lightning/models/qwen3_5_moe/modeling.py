@@ -29,13 +29,13 @@ from torch import nn
 from transformers import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig
 from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeVisionModel
 
-from .batch import PackedBatch
-from .checkpoint import HFCheckpointMixin
-from .lm_loss import linear_cross_entropy, next_token_targets
-from .moe import GroupedExperts, TopKRouter
-from .mrope_positions import IMAGE, VIDEO, mrope_position_ids, mrope_position_ids_packed, split_video_grids
-from .packing import SequenceInfo, build_sequence_info
-from .rotary import Fp32SafeTextRotaryEmbedding, Fp32SafeVisionRotaryEmbedding
+from ..batch import PackedBatch
+from ..checkpoint import HFCheckpointMixin
+from ..lm_loss import linear_cross_entropy, next_token_targets
+from ..moe import GroupedExperts, TopKRouter
+from ..mrope_positions import IMAGE, VIDEO, mrope_position_ids, mrope_position_ids_packed, split_video_grids
+from ..packing import SequenceInfo, build_sequence_info
+from ..rotary import Fp32SafeTextRotaryEmbedding, Fp32SafeVisionRotaryEmbedding
 from .state_dict_adapter import Qwen3_5MoeStateDictAdapter
 from .text_model import Qwen3_5MoeTextModelBackend
 

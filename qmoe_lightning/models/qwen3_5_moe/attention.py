@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels import causal_attention
-from .norms import ZeroCenteredRMSNorm
-from .packing import SequenceInfo
-from .rotary import apply_partial_rotary
+from ..kernels import causal_attention
+from ..norms import ZeroCenteredRMSNorm
+from ..packing import SequenceInfo
+from ..rotary import apply_partial_rotary
 
 
 class GatedAttention(nn.Module):
