@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from qmoe_lightning.export_dir import prepare_target
-from qmoe_lightning.lora import has_lora, save_peft_adapter
+from qmoe_lightning.lora import LoraConfig, has_lora, save_peft_adapter
 from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
 
 
@@ -67,12 +67,13 @@ class LoraExport(pl.Callback):
     def export(self, trainer, pl_module) -> Path:
         out = self.export_dir(trainer)
         model = pl_module.model
+        config = LoraConfig.from_any(getattr(getattr(pl_module, "hparams", None), "lora", None))
         t0 = time.perf_counter()
         if is_sharded_model(model):  # all ranks gather the adapters in the same order, rank 0 writes
             save_peft_adapter(model, out, self.base_path(pl_module), fetch=full_tensor_fetcher(model),
-                              write=trainer.is_global_zero)
+                              write=trainer.is_global_zero, lora_config=config)
         elif trainer.is_global_zero:
-            save_peft_adapter(model, out, self.base_path(pl_module))
+            save_peft_adapter(model, out, self.base_path(pl_module), lora_config=config)
         if trainer.is_global_zero:
             size = sum(f.stat().st_size for f in out.iterdir())
             rank_zero_info(f"PEFT adapter written to {out} ({size / 1e6:.2f} MB) in {time.perf_counter() - t0:.1f}s")

@@ -114,7 +114,7 @@ def build_model(
         model.reset_buffers()
         report = load_hf_weights_parallel(model, checkpoint)
         if lora is not None:
-            init_lora_parallel(model, model.lora_config.init_seed)  # == apply_lora on the full model
+            init_lora_parallel(model, LoraConfig.from_any(lora).init_seed)  # == apply_lora on the full model
     directory = processor_dir if processor_dir is not None else checkpoint
     return BuiltModel(model, checkpoint, CheckpointSource(directory, report), parallelize is not None, rank_local, n_total,
                       n_train, lora_report, time.perf_counter() - t0)

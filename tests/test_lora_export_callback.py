@@ -23,17 +23,19 @@ def _trainer(root):
 def test_lora_export_writes_hf_adapter(tmp_path, capsys):
     torch.manual_seed(0)
     model = Qwen3_5MoeForConditionalGeneration.from_config(make_config("base"))
-    module = SimpleNamespace(model=model, hparams=SimpleNamespace(pretrained="org/base-model"))
+    lora = LoraConfig(rank=4, alpha=8, expert_rank=2)
+    module = SimpleNamespace(model=model, hparams=SimpleNamespace(pretrained="org/base-model", lora=lora))
     cb = LoraExport()
     with pytest.raises(RuntimeError, match="no LoRA adapters"):
         cb.on_fit_start(_trainer(tmp_path), module)
-    apply_lora(model, LoraConfig(rank=4, alpha=8, expert_rank=2))
+    apply_lora(model, lora)
     cb.on_fit_start(_trainer(tmp_path), module)
     cb.on_train_end(_trainer(tmp_path), module)
     out = tmp_path / "hf_adapter"
     assert cb.last_export == out
     assert sorted(p.name for p in out.iterdir()) == [".qmoe_export", "adapter_config.json",
                                                       "adapter_model.safetensors", "qmoe_lora.json"]
+    assert json.loads((out / "qmoe_lora.json").read_text())["expert_rank"] == 2  # the run's own LoRA settings
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "org/base-model"
     assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]

@@ -181,7 +181,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | dict) -> LoraReport:
                 new = LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, cfg.adapter_dtype_for(base.weight.dtype))
             new.train(base.training)
             setattr(parent, child, new)
-    model.lora_config = cfg  # read by the exporters (ranks, alphas)
     report = summarize(model)
     report.matched, report.excluded = matched, excluded
     return report

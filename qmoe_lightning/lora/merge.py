@@ -110,6 +110,4 @@ def merge_lora_(model: nn.Module) -> int:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
             count += 1
-    if hasattr(model, "lora_config"):
-        del model.lora_config
     return count

@@ -161,8 +161,9 @@ def _num(x: float) -> int | float:
 
 
 def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None,
-                      fetch=None, write: bool = True) -> Path | None:
+                      fetch=None, write: bool = True, lora_config=None) -> Path | None:
     """Write `hf_adapter/` (adapter_config.json + adapter_model.safetensors) atomically. Returns the directory.
+    lora_config: the run's `LoraConfig`, kept as `qmoe_lora.json` (training-time settings PEFT has no field for).
 
     Sharded models: call on every rank with `fetch=full_tensor_fetcher(model)`, `write=(rank == 0)`."""
     config, tensors = peft_adapter_state(model, fetch)
@@ -184,9 +185,8 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_n
     try:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        cfg = getattr(model, "lora_config", None)
-        if cfg is not None:  # provenance: training-time settings PEFT has no field for (its LoraConfig rejects them)
-            (tmp / "qmoe_lora.json").write_text(json.dumps(dict(vars(cfg)), indent=2))
+        if lora_config is not None:  # provenance: settings PEFT has no field for (its LoraConfig rejects them)
+            (tmp / "qmoe_lora.json").write_text(json.dumps(dict(vars(lora_config)), indent=2))
         swap_into_place(tmp, out_dir, "peft_adapter")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -32,7 +32,6 @@ class ModelFamily:
     text_only: type[nn.Module]
     config_class: str  # transformers config class of `model_type` (by name: transformers imports lazily)
     lora_targets: tuple[str, ...]  # what LoRA's `default` target means here (aliases of lora.config.ALIASES)
-    processor: str  # "qwen3_vl": transformers' Qwen3VLProcessor (image + video processors, see data_modules)
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -122,5 +121,4 @@ QWEN3_5_MOE = register(ModelFamily(
     text_only=Qwen3_5MoeForCausalLM,
     config_class="Qwen3_5MoeConfig",
     lora_targets=("attention", "linear_attention", "shared_expert", "experts"),
-    processor="qwen3_vl",
 ))
