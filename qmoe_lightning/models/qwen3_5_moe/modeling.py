@@ -138,6 +138,7 @@ class _Qwen3_5MoeBase(HFCheckpointMixin, nn.Module):
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
         info: SequenceInfo,
+        *,
         labels: torch.Tensor | None,
         output_router_logits: bool | None,
         label_logits_only: bool,
@@ -239,8 +240,9 @@ class Qwen3_5MoeForCausalLM(_Qwen3_5MoeBase):
         info = build_sequence_info(B, T, inputs_embeds.device, cu_seqlens, attention_mask, max_seqlen)
         positions = self._text_positions(position_ids, info)
         return self._decode_and_head(
-            inputs_embeds, positions, info, labels, output_router_logits, label_logits_only, logits_to_keep,
-            num_items_in_batch, return_logits,
+            inputs_embeds, positions, info, labels=labels, output_router_logits=output_router_logits,
+            label_logits_only=label_logits_only, logits_to_keep=logits_to_keep,
+            num_items_in_batch=num_items_in_batch, return_logits=return_logits,
         )
 
 
@@ -389,8 +391,9 @@ class Qwen3_5MoeForConditionalGeneration(_Qwen3_5MoeBase):
             position_ids = self._mrope_positions(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, info)
         positions = self._text_positions(position_ids, info)
         return self._decode_and_head(
-            inputs_embeds, positions, info, labels, output_router_logits, label_logits_only, logits_to_keep,
-            num_items_in_batch, return_logits,
+            inputs_embeds, positions, info, labels=labels, output_router_logits=output_router_logits,
+            label_logits_only=label_logits_only, logits_to_keep=logits_to_keep,
+            num_items_in_batch=num_items_in_batch, return_logits=return_logits,
         )
 
 
