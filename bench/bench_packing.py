@@ -78,10 +78,9 @@ def main() -> None:
         t1 = time.perf_counter()
         real = padded = docs = 0
         for batch in dm.train_dataloader():
-            cu = batch["cu_seqlens"]
-            real += int(cu[batch["num_documents"]])
-            padded += batch["input_ids"].shape[1]
-            docs += batch["num_documents"]
+            real += batch.real_tokens
+            padded += batch.input_ids.shape[1]
+            docs += batch.num_documents
         t_load = time.perf_counter() - t1
         assert docs == n, (docs, n)
         print(f"corpus: {n} samples, {real} tokens, {len(dm.train_dataset)} packs of {args.max_tokens} "

@@ -33,7 +33,7 @@ from .packing import PackDataset
 from .planning import EpochPackPlan
 from .prompts import PromptDataset
 from .sampler import PackSampler
-from .sources import encode_files, first_bad, skip_summary
+from .sources import bad_rows, encode_files, first_bad, skip_summary
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,10 @@ class MultimodalPackingDataModule(LightningDataModule):
             if spec is not None:
                 encode_files(spec, encoder, self.cache_dir, self.preprocess_num_proc)
 
-    def _load_split(self, name: str, spec, encoder: Encoder):
-        encoded, files = encode_files(spec, encoder, self.cache_dir, self.preprocess_num_proc)
+    def _encode_split(self, name: str, spec, encoder: Encoder, prompts: bool = False):
+        """-> (every encoded row, bad ones included; skip counts by reason; indices of the good rows; files).
+        Strict mode fails at the first bad row; the counts go to `self.stats[name]`."""
+        encoded, files = encode_files(spec, encoder, self.cache_dir, self.preprocess_num_proc, prompts=prompts)
         if self.strict and (bad := first_bad(encoded)) is not None:
             raise ValueError(f"strict mode: bad {name} sample at {bad}")
         counts, good, truncated = skip_summary(encoded)
@@ -170,6 +172,10 @@ class MultimodalPackingDataModule(LightningDataModule):
         if truncated:
             stats[TRUNCATED] = truncated
         self.stats[name] = stats
+        return encoded, counts, good, files
+
+    def _load_split(self, name: str, spec, encoder: Encoder):
+        encoded, counts, good, files = self._encode_split(name, spec, encoder)
         if not good:
             why = ", ".join(f"{k}={v}" for k, v in counts.items()) or "the files hold no rows"
             raise ValueError(f"the {name} dataset is empty after filtering ({len(encoded)} rows read from "
@@ -266,18 +272,12 @@ class MultimodalPackingDataModule(LightningDataModule):
                 raise ValueError("no prompts: set data.predict_path (a data file, glob, list, or 'embedded')")
             encoder = self.encoder or self._encoder(self._resolved_model())
             # every row is kept: a skipped one becomes a predictions.jsonl row with its reason, not a gap
-            encoded, _ = encode_files(spec, encoder, self.cache_dir, self.preprocess_num_proc, prompts=True)
-            if self.strict and (bad := first_bad(encoded)) is not None:
-                raise ValueError(f"strict mode: bad predict sample at {bad}")
-            counts, good, _ = skip_summary(encoded)
-            self.stats["predict"] = {**dict(sorted(counts.items())), "ok": len(good)}
+            encoded, counts, good, _ = self._encode_split("predict", spec, encoder, prompts=True)
             self.predict_dataset = PromptDataset(encoded, encoder, strict=self.strict)
             msg = f"predict data: {len(good)} prompts"
             if counts:
-                bad_rows = [f"{r['source']}:{r['line']}: {r['skip_reason']}: {r['skip_detail']}"
-                            for r in encoded.select([i for i, r in enumerate(encoded["skip_reason"]) if r][:3])]
                 msg += (f"; {sum(counts.values())} rows cannot be answered {dict(counts)} (each gets a "
-                        f"predictions.jsonl row with its error), first: " + "; ".join(bad_rows))
+                        f"predictions.jsonl row with its error), first: " + "; ".join(bad_rows(encoded, 3)))
             (rank_zero_warn if counts else rank_zero_info)(msg)
         return torch.utils.data.DataLoader(
             self.predict_dataset, batch_size=None, shuffle=False, num_workers=self.num_workers, collate_fn=_identity,

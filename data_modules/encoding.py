@@ -52,6 +52,8 @@ EMPTY_FILE = "empty_file"
 VIDEO_REASONS = (MISSING_VIDEO, CORRUPT_VIDEO, VIDEO_TOO_SHORT, VIDEO_DECODER_MISSING)
 ROLES = {"system", "user", "assistant", "tool"}  # what the Qwen chat templates render
 ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # ShareGPT's names
+# The Qwen chat templates open an assistant turn with this; its content (through `<|im_end|>`) is the target.
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
 # Not a skip: counted so truncation is never silent either.
 TRUNCATED = "truncated"
 
@@ -311,7 +313,7 @@ class Encoder:
     def _assistant_labels(expanded: str, ids: list[int], offsets) -> list[int]:
         """Labels of the tokens inside assistant turns (`<|im_start|>assistant\\n` ... `<|im_end|>` included)."""
         turns = [(m.start(1), m.end(1)) for m in re.finditer(
-            r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", expanded, flags=re.DOTALL)]
+            re.escape(ASSISTANT_HEADER) + r"(.*?<\|im_end\|>)", expanded, flags=re.DOTALL)]
         labels = [IGNORE] * len(ids)
         k = 0
         for t, (s, e) in enumerate(offsets):
@@ -372,11 +374,11 @@ class Encoder:
             if len(messages) == 1:
                 raise BadSample(BAD_SCHEMA, "the row holds only an assistant turn: there is no prompt")
             expanded, ids, offsets, _ = self._render(messages, grids, planned)
-            header = expanded.rfind("<|im_start|>assistant\n")
+            header = expanded.rfind(ASSISTANT_HEADER)
             if header < 0:
                 raise BadSample(BAD_SCHEMA, "the chat template rendered no '<|im_start|>assistant' header for the "
                                 "final assistant turn")
-            start = header + len("<|im_start|>assistant\n")
+            start = header + len(ASSISTANT_HEADER)
             cut = next((t for t, (s, _e) in enumerate(offsets) if s >= start), len(ids))
             reference_ids = [t for t in self._assistant_labels(expanded, ids, offsets)[cut:] if t != IGNORE]
             ids = ids[:cut]

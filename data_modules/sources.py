@@ -223,10 +223,19 @@ def skip_summary(encoded) -> tuple[Counter, list[int], int]:
     return counts, good, sum(1 for i in good if truncated[i])
 
 
-def first_bad(encoded) -> str | None:
-    """'file:line: reason: detail' of the first bad row in file order, or None."""
+def bad_rows(encoded, limit: int) -> list[str]:
+    """'file:line: reason: detail' of the first `limit` bad rows in file order."""
+    out = []
     for i, reason in enumerate(encoded["skip_reason"]):
         if reason:
             rec = encoded[i]
-            return f"{rec['source']}:{rec['line']}: {reason}: {rec['skip_detail']}"
-    return None
+            out.append(f"{rec['source']}:{rec['line']}: {reason}: {rec['skip_detail']}")
+            if len(out) == limit:
+                break
+    return out
+
+
+def first_bad(encoded) -> str | None:
+    """'file:line: reason: detail' of the first bad row in file order, or None."""
+    rows = bad_rows(encoded, 1)
+    return rows[0] if rows else None

@@ -65,7 +65,7 @@ def build_model(
     processor_dir: Path | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device = torch.device("cpu"),
-    lora: LoraConfig | None = None,
+    lora: LoraConfig | dict | None = None,
     freeze: Callable[[nn.Module], None] | None = None,
     parallelize: Callable[[nn.Module], nn.Module] | None = None,
     activation_checkpointing: bool = False,
@@ -77,9 +77,11 @@ def build_model(
     processor_dir: whose tokenizer / processor files exports copy (default: `checkpoint`).
     freeze: called on the model after LoRA and before parallelisation (sets requires_grad).
     parallelize: the strategy's plan (`ExpertParallelStrategy.parallelize`); None: a single-device model.
-    activation_checkpointing: recompute every decoder block in backward (without a plan; a plan applies its own).
+    activation_checkpointing: recompute every decoder block in backward, routing replayed (the blocks' own; a
+        plan can switch it on as well).
     """
     t0 = time.perf_counter()
+    lora = LoraConfig.from_any(lora)  # the YAML section may arrive as a dict
     with torch.device("meta"):
         model = model_class(config)
     if dtype is not None:
@@ -114,7 +116,7 @@ def build_model(
         model.reset_buffers()
         report = load_hf_weights_parallel(model, checkpoint)
         if lora is not None:
-            init_lora_parallel(model, LoraConfig.from_any(lora).init_seed)  # == apply_lora on the full model
+            init_lora_parallel(model, lora.init_seed)  # == apply_lora on the full model
     directory = processor_dir if processor_dir is not None else checkpoint
-    return BuiltModel(model, checkpoint, CheckpointSource(directory, report), parallelize is not None, rank_local, n_total,
-                      n_train, lora_report, time.perf_counter() - t0)
+    return BuiltModel(model, checkpoint, CheckpointSource(directory, report), parallelize is not None, rank_local,
+                      n_total, n_train, lora_report, time.perf_counter() - t0)

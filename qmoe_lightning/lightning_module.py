@@ -43,8 +43,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .evaluation import document_answer_correct
 from .generation import GenerationOptions
-from .models.batch import PackedBatch
 from .lora import LoraConfig
+from .models.batch import PackedBatch
 from .optim import build_adamw, warmup_cosine_scheduler
 from .router_stats import RouterStats
 
@@ -67,8 +67,8 @@ class _StepWindow:
 class StepSummary:
     """What the last optimizer step did: `QMoELightningModule.last_step`, read by callbacks (never written).
 
-    `index` counts the steps of this fit (1 for the first): a callback that must see each step once keeps the
-    last index it handled."""
+    `index` is the step's number (the trainer's global step after it: 1 for the first step of a run, resumes
+    continue the count): a callback that must see each step once keeps the last index it handled."""
 
     index: int
     loss: float  # token-weighted CE of the step, all ranks
@@ -290,8 +290,8 @@ class QMoELightningModule(pl.LightningModule):
             for p in group["params"]:
                 if p.grad is not None:
                     p.grad.mul_(scale)
-        self.last_step = StepSummary(self.trainer.global_step + 1, ce_global / max(n_global, 1.0), n_global, tuple(win.aux_values),
-                                     tuple(win.router_stats))
+        self.last_step = StepSummary(self.trainer.global_step + 1, ce_global / max(n_global, 1.0), n_global,
+                                     tuple(win.aux_values), tuple(win.router_stats))
         now = time.perf_counter()
         dt = now - (self._t_prev or now)
         self._t_prev = now
@@ -433,11 +433,12 @@ class QMoELightningModule(pl.LightningModule):
         path = Path(self.trainer.default_root_dir) / "predictions.jsonl"
         write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         self.predict_summary = summary = prediction_summary(rows)
-        parts = [f"predict: {len(rows)} prompts answered -> {path}"]
+        parts = [f"predict: {len(rows)} prompts -> {path}"]
         if summary["failed"]:
             parts.append(f"{summary['failed']} could not be answered (the reason is in their rows' error)")
         if summary["judged"]:
-            by_kind = ", ".join(f"{k} {v['correct']}/{v['judged']} = {v['acc']:.4f}" for k, v in summary["kinds"].items())
+            by_kind = ", ".join(f"{k} {v['correct']}/{v['judged']} = {v['acc']:.4f}"
+                                for k, v in summary["kinds"].items())
             parts.append(f"exact match {summary['correct']}/{summary['judged']} = {summary['acc']:.4f} ({by_kind})")
         if summary["unfinished"]:
             parts.append(f"{summary['unfinished']} answers hit max_new_tokens before an end token")

@@ -1,6 +1,7 @@
 """Top-level native models: `Qwen3_5MoeForConditionalGeneration` (text + image + video) and `Qwen3_5MoeForCausalLM`.
 
-Forward takes transformers' keyword arguments plus `cu_seqlens` (one packed row of documents) and returns
+Forward takes a `PackedBatch` (`model(batch, **options)`) or transformers' keyword arguments plus `cu_seqlens` (one
+packed row of documents) and returns
 `MoeOutput` with `logits`, `loss` (labels given), `aux_loss` and per-layer `expert_token_counts`.
 
 Notable choices:
