@@ -83,7 +83,7 @@ def transformers_model(model: nn.Module, fetch=None):
     view = MergedStateDict(model, fetch)
     state = {}
     for key in view:
-        for hf_key, tensor in adapter.convert_single_tensor_to_hf(key, view[key].detach(), contiguous=False):
+        for hf_key, tensor in adapter.convert_single_tensor_to_hf(key, view[key].detach(), in_memory=True):
             state[hf_key] = tensor
     cls = getattr(transformers, model.hf_architecture())
     weight = model.text_model.embed_tokens.weight

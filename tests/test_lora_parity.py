@@ -17,8 +17,7 @@ import warnings
 import peft
 import pytest
 import torch
-from test_model_parity import vision_doc
-from tiny_configs import make_config, make_hf_model
+from tiny_configs import make_config, make_hf_model, vision_doc
 
 from qmoe_lightning.lora import (LoraConfig, apply_lora, is_adapter_key, lora_modules, save_merged_pretrained,
                                  save_peft_adapter)

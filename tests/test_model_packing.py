@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model_parity import vision_doc
-from tiny_configs import make_config, make_hf_model
+from tiny_configs import make_config, make_hf_model, vision_doc
 
 from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration
 

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from tiny_configs import IDS, TEXT_VARIANTS, image_tokens, make_config, make_hf_model
+from tiny_configs import TEXT_VARIANTS, hf_grad_of, make_config, make_hf_model, vision_doc
 
 from qmoe_lightning.models import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
 
@@ -27,51 +27,6 @@ def pairs(tmp_path_factory):
         hf.save_pretrained(path)
         out[variant] = (hf, Qwen3_5MoeForConditionalGeneration.from_pretrained(path).eval(), path)
     return out
-
-
-def vision_doc(pieces: list, seed: int = 0):
-    """pieces: ints (that many random text tokens), ("image", (t,h,w)) or ("video", (t,h,w)).
-
-    Returns input_ids (1, T), mm_token_type_ids (1, T), and per modality (pixels, grids)."""
-    g = torch.Generator().manual_seed(seed)
-    ids, types = [], []
-    pix = {"image": [], "video": []}
-    grids = {"image": [], "video": []}
-    for p in pieces:
-        if isinstance(p, int):
-            ids += torch.randint(0, 400, (p,), generator=g).tolist()
-            types += [0] * p
-            continue
-        kind, grid = p
-        token = IDS["image_token_id"] if kind == "image" else IDS["video_token_id"]
-        t, h, w = grid
-        frames = [(1, h, w)] * t if kind == "video" else [grid]
-        for j, fg in enumerate(frames):
-            if kind == "video":  # Qwen3.5 separates frames with timestamp text
-                ids += [7, 8]
-                types += [0, 0]
-            ids += [IDS["vision_start_token_id"]] + [token] * image_tokens(fg) + [IDS["vision_end_token_id"]]
-            types += [0] + [1 if kind == "image" else 2] * image_tokens(fg) + [0]
-        pix[kind].append(torch.randn(t * h * w, 3 * 2 * 16 * 16, generator=g))
-        grids[kind].append(list(grid))
-    out = dict(input_ids=torch.tensor([ids]), mm_token_type_ids=torch.tensor([types]))
-    if pix["image"]:
-        out["pixel_values"] = torch.cat(pix["image"])
-        out["image_grid_thw"] = torch.tensor(grids["image"])
-    if pix["video"]:
-        out["pixel_values_videos"] = torch.cat(pix["video"])
-        out["video_grid_thw"] = torch.tensor(grids["video"])
-    return out
-
-
-def hf_grad_of(hf_model, native_name: str) -> torch.Tensor:
-    """transformers' gradient for a native parameter name, in the native layout."""
-    name = native_name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
-    if name.endswith("gate_and_up_projs"):
-        return hf_model.get_parameter(name.replace("gate_and_up_projs", "gate_up_proj")).grad.transpose(1, 2)
-    if name.endswith("down_projs"):
-        return hf_model.get_parameter(name.replace("down_projs", "down_proj")).grad.transpose(1, 2)
-    return hf_model.get_parameter(name).grad
 
 
 @pytest.mark.parametrize("variant", list(TEXT_VARIANTS))

@@ -1,11 +1,12 @@
-"""Tiny Qwen3.5-MoE configs for CPU parity tests (run in milliseconds), and helpers shared by the tests."""
+"""Tiny Qwen3.5-MoE and Qwen3-VL-MoE configs for CPU parity tests (run in milliseconds), and helpers shared by the
+tests (documents with images / videos, transformers' gradient of a native parameter)."""
 
 from __future__ import annotations
 
 import copy
 
 import torch
-from transformers import Qwen3_5MoeConfig
+from transformers import Qwen3_5MoeConfig, Qwen3VLMoeConfig
 
 VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
               temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=64)
@@ -69,3 +70,101 @@ def make_hf_model(config: Qwen3_5MoeConfig, seed: int = 0):
 def image_tokens(grid_thw, merge: int = 2) -> int:
     t, h, w = grid_thw
     return t * h * w // (merge * merge)
+
+
+def vision_doc(pieces: list, seed: int = 0):
+    """pieces: ints (that many random text tokens), ("image", (t,h,w)) or ("video", (t,h,w)).
+
+    Returns input_ids (1, T), mm_token_type_ids (1, T), and per modality (pixels, grids)."""
+    g = torch.Generator().manual_seed(seed)
+    ids, types = [], []
+    pix = {"image": [], "video": []}
+    grids = {"image": [], "video": []}
+    for p in pieces:
+        if isinstance(p, int):
+            ids += torch.randint(0, 400, (p,), generator=g).tolist()
+            types += [0] * p
+            continue
+        kind, grid = p
+        token = IDS["image_token_id"] if kind == "image" else IDS["video_token_id"]
+        t, h, w = grid
+        frames = [(1, h, w)] * t if kind == "video" else [grid]
+        for j, fg in enumerate(frames):
+            if kind == "video":  # Qwen3.5 / Qwen3-VL separate frames with timestamp text
+                ids += [7, 8]
+                types += [0, 0]
+            ids += [IDS["vision_start_token_id"]] + [token] * image_tokens(fg) + [IDS["vision_end_token_id"]]
+            types += [0] + [1 if kind == "image" else 2] * image_tokens(fg) + [0]
+        pix[kind].append(torch.randn(t * h * w, 3 * 2 * 16 * 16, generator=g))
+        grids[kind].append(list(grid))
+    out = dict(input_ids=torch.tensor([ids]), mm_token_type_ids=torch.tensor([types]))
+    if pix["image"]:
+        out["pixel_values"] = torch.cat(pix["image"])
+        out["image_grid_thw"] = torch.tensor(grids["image"])
+    if pix["video"]:
+        out["pixel_values_videos"] = torch.cat(pix["video"])
+        out["video_grid_thw"] = torch.tensor(grids["video"])
+    return out
+
+
+def hf_grad_of(hf_model, native_name: str) -> torch.Tensor:
+    """transformers' gradient for a native parameter name, in the native layout (both families hold experts as
+    (E, 2I, H) / (E, H, I) in memory)."""
+    name = native_name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
+    if name.endswith("gate_and_up_projs"):
+        return hf_model.get_parameter(name.replace("gate_and_up_projs", "gate_up_proj")).grad.transpose(1, 2)
+    if name.endswith("down_projs"):
+        return hf_model.get_parameter(name.replace("down_projs", "down_proj")).grad.transpose(1, 2)
+    return hf_model.get_parameter(name).grad
+
+
+# ---- Qwen3-VL-MoE ---------------------------------------------------------------------------------------------------
+# 2I != H and I != H everywhere: the published and transformers' expert layouts have different shapes
+VL_MOE_VISION = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
+                     temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64,
+                     deepstack_visual_indexes=[0, 2])
+VL_MOE_BASE_TEXT = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+                        num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=1, mlp_only_layers=[1],
+                        max_position_embeddings=1024, router_aux_loss_coef=0.001, rms_norm_eps=1e-6,
+                        rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[4, 2, 2],
+                                             mrope_interleaved=True))
+# deepstack indexes, sparse step / mlp_only_layers, GQA ratios, experts / top-k, mRoPE sections vary
+VL_MOE_VARIANTS = {
+    "base": ({}, {}),
+    "alt": (dict(num_hidden_layers=5, num_attention_heads=8, num_key_value_heads=1, head_dim=8, num_experts=16,
+                 num_experts_per_tok=4, moe_intermediate_size=20, decoder_sparse_step=2, mlp_only_layers=[],
+                 rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 1, 1],
+                                      mrope_interleaved=True)),
+            dict(deepstack_visual_indexes=[1])),
+    "wide": (dict(num_hidden_layers=3, hidden_size=96, intermediate_size=80, num_attention_heads=6,
+                  num_key_value_heads=3, head_dim=32, num_experts=6, num_experts_per_tok=1, moe_intermediate_size=40,
+                  mlp_only_layers=[], rope_parameters=dict(rope_type="default", rope_theta=1e4,
+                                                           mrope_section=[6, 5, 5], mrope_interleaved=True)),
+             dict(deepstack_visual_indexes=[0, 1, 2])),
+}
+
+
+def make_vl_moe_config(variant: str = "base", **overrides) -> Qwen3VLMoeConfig:
+    text_over, vision_over = VL_MOE_VARIANTS[variant]
+    text = copy.deepcopy(VL_MOE_BASE_TEXT)
+    text.update(copy.deepcopy(text_over))
+    text.update(overrides)
+    vision = dict(VL_MOE_VISION, out_hidden_size=text["hidden_size"], **vision_over)
+    return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **IDS)
+
+
+def make_hf_vl_moe_model(config: Qwen3VLMoeConfig, seed: int = 0):
+    """transformers' Qwen3VLMoeForConditionalGeneration in fp32 with the eager (per-expert loop) experts, norms
+    perturbed away from their initial 1."""
+    from transformers import Qwen3VLMoeForConditionalGeneration as HF
+
+    torch.manual_seed(seed)
+    model = HF(copy.deepcopy(config)).float().eval()
+    model.config.text_config._experts_implementation = "eager"
+    model.config._experts_implementation = "eager"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model

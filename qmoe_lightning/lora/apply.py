@@ -32,7 +32,7 @@ from .config import ALIASES, LoraConfig, spec_matches
 from .experts import LoRAGroupedExperts
 from .linear import LoRALinear
 
-GROUPS = ("routed_experts", "shared_expert", "attention", "linear_attention", "vision", "other")
+GROUPS = ("routed_experts", "shared_expert", "dense_mlp", "attention", "linear_attention", "vision", "other")
 _ADAPTER_KEY = re.compile(r"(^|\.)(\w+_)?lora_[AB]$")
 
 
@@ -48,6 +48,8 @@ def group_of(name: str) -> str:
         return "linear_attention"
     if name.startswith("model.visual.") or ".visual." in name:
         return "vision"
+    if re.search(r"\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)(\.|$)", name):
+        return "dense_mlp"
     return "other"
 
 
@@ -83,7 +85,7 @@ class LoraReport:
         """Per-group trainable table, printed at fit start."""
         lines = [f"{'LoRA group':<18}{'modules':>8}{'trainable':>14}{'base params':>15}"]
         for g in GROUPS:
-            if g == "vision" and not self.base_params.get(g):
+            if g != "routed_experts" and not self.base_params.get(g):  # a group this family does not have
                 continue
             note = ""
             if g == "routed_experts" and self.modules.get(g, 0) == 0 and self.expert_modules_in_model:
@@ -122,8 +124,10 @@ def resolve_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], dict[
     modules = _candidates(model)
     names = list(modules)
     matched = {}
-    for spec in _expand_default(model, cfg.targets):
+    for spec, required in _expand_default(model, cfg.targets):
         hit = _match(spec, names, modules)
+        if not hit and not required:
+            continue  # a family default this model lacks (Qwen3-VL-MoE's dense_mlp when every layer is sparse)
         if not hit:
             raise _no_match_error(spec, "target", names)
         matched[spec] = hit
@@ -141,10 +145,11 @@ def resolve_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[str], dict[
     return selected, matched, excluded
 
 
-def _expand_default(model: nn.Module, specs: list[str]) -> list[str]:
-    """`default` -> the model family's default targets (registry), in place."""
+def _expand_default(model: nn.Module, specs: list[str]) -> list[tuple[str, bool]]:
+    """`default` -> the model family's default targets (registry), in place. -> (target, must match): a target the
+    user named must match a module; a family default may be absent from this model (a config without dense layers)."""
     if "default" not in specs:
-        return list(specs)
+        return [(spec, True) for spec in specs]
     try:
         family = family_of_model(model)
     except TypeError:
@@ -153,7 +158,7 @@ def _expand_default(model: nn.Module, specs: list[str]) -> list[str]:
     out = []
     for spec in specs:
         out += [t for t in (family.lora_targets if spec == "default" else (spec,)) if t not in out]
-    return out
+    return [(t, t in specs) for t in out]
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig | dict) -> LoraReport:

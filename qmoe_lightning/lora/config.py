@@ -2,9 +2,10 @@
 
 Target strings (in `targets` and `exclude`) take three forms:
 - `default` (the default `targets`): the model family's own default targets (`models.registry`; Qwen3.5-MoE:
-  attention, linear_attention, shared_expert, experts);
+  attention, linear_attention, shared_expert, experts; Qwen3-VL-MoE: attention, dense_mlp, experts);
 - an alias naming a group of the model: `attention` (self_attn q/k/v/o), `linear_attention` (Gated DeltaNet
-  in_proj_qkv / in_proj_z / out_proj), `shared_expert` (shared expert gate/up/down), `experts` (the routed experts,
+  in_proj_qkv / in_proj_z / out_proj), `shared_expert` (shared expert gate/up/down), `dense_mlp` (gate/up/down of
+  the dense MLP layers, Qwen3-VL-MoE's `mlp_only_layers` / `decoder_sparse_step`), `experts` (the routed experts,
   3-D grouped weights), `vision` (every Linear of the vision tower), `all-linear` (see below);
 - `re:<regex>`: full-matched against the native module name (`model.language_model.layers.3.self_attn.q_proj`);
 - anything else: a module-name suffix at a dot boundary (`q_proj`, `mlp.shared_experts.down_proj`, `mlp.experts`).
@@ -34,6 +35,7 @@ ALIASES: dict[str, str] = {
     "attention": r".*\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
     "linear_attention": r".*\.linear_attn\.(in_proj_qkv|in_proj_z|out_proj)",
     "shared_expert": r".*\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)",
+    "dense_mlp": r".*\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)",
     "experts": r".*\.mlp\.experts",
     "vision": r"model\.visual\..*",
     # resolved specially in apply.py (Linear modules of the language model except lm_head, + routed experts)

@@ -2,7 +2,8 @@
 kernels, norms, rotary, checkpoint I/O, the packed batch), and the registry that maps config.json `model_type`s to
 families (`registry.py`)."""
 
-from .qwen3_5_moe import (MoeOutput, Qwen3_5MoeBlock, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration,
+from .causal_lm import MoeOutput
+from .qwen3_5_moe import (Qwen3_5MoeBlock, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration,
                           Qwen3_5MoeStateDictAdapter, Qwen3_5MoeTextModelBackend)
 
 __all__ = [

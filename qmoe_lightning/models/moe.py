@@ -1,4 +1,5 @@
-"""Sparse MoE block of Qwen3.5-MoE: top-k router, grouped routed experts, gated shared expert.
+"""Sparse MoE block of Qwen3.5-MoE and Qwen3-VL-MoE: top-k router, grouped routed experts, gated shared expert
+(Qwen3.5 only: a config without `shared_expert_intermediate_size` has none).
 
 Native expert layout (x @ W, the layout grouped GEMMs and expert parallelism want; E = num experts, H = hidden,
 I = moe intermediate):
@@ -192,7 +193,9 @@ def experts_loop_reference(experts: GroupedExperts, x, indices, weights) -> torc
     return out
 
 
-class SharedExpertMLP(nn.Module):
+class SwiGLUMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)): the shared expert of Qwen3.5, the dense MLP layers of Qwen3-VL-MoE."""
+
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
@@ -212,7 +215,7 @@ class SparseMoE(nn.Module):
         self.gate = TopKRouter(H, E, config.num_experts_per_tok)
         self.experts = GroupedExperts(E, H, config.moe_intermediate_size)
         shared = getattr(config, "shared_expert_intermediate_size", 0) or 0
-        self.shared_experts = SharedExpertMLP(H, shared) if shared else None
+        self.shared_experts = SwiGLUMLP(H, shared) if shared else None
         self.shared_expert_gate = nn.Linear(H, 1, bias=False) if shared else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

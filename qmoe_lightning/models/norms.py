@@ -1,8 +1,10 @@
-"""RMSNorm variants used by Qwen3.5-MoE, plus a mixin that keeps chosen tensors fp32 through dtype casts.
+"""RMSNorm variants of the Qwen3.5-MoE and Qwen3-VL-MoE decoders, plus a mixin that keeps chosen tensors fp32 through dtype casts.
 
 - `ZeroCenteredRMSNorm`: `y = x_hat * (1 + w)` with w initialised to 0 (input/post norms, final norm, q/k norms).
   The product is taken in fp32 and cast once at the end, as transformers does (`(x * w).to(dtype)`, not Llama's
   `x.to(dtype) * w`): the order changes bf16 results.
+- `RMSNorm` (Qwen3-VL-MoE): Llama's `w * x_hat.to(dtype)` with w initialised to 1: the cast comes BEFORE the
+  weight here, the opposite order of `ZeroCenteredRMSNorm`, again as transformers does for that family.
 - `GatedRMSNorm`: Gated DeltaNet output norm, NOT zero-centred: `w * x_hat` cast to the input dtype, then multiplied
   by `silu(z)` computed in fp32.
 - `KeepFp32Mixin`: `module.to(torch.bfloat16)` must not round A_log / dt_bias / rotary inv_freq. The fp32 values
@@ -64,6 +66,20 @@ class ZeroCenteredRMSNorm(nn.Module):
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):

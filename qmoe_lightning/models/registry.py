@@ -21,6 +21,7 @@ from torch import nn
 
 from .checkpoint import read_config
 from .qwen3_5_moe import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
+from .qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class ModelFamily:
     model_type: str  # config.json model_type of the vision-language checkpoints
     text_model_type: str | None  # of text-only checkpoints (their keys are the VL config's text_config)
     vision_language: type[nn.Module]  # native classes
-    text_only: type[nn.Module]
+    text_only: type[nn.Module] | None  # None: the family has no text-only model (its VL model trains on text)
     config_class: str  # transformers config class of `model_type` (by name: transformers imports lazily)
     lora_targets: tuple[str, ...]  # what LoRA's `default` target means here (aliases of lora.config.ALIASES)
 
@@ -38,6 +39,9 @@ class ModelFamily:
         return (self.model_type,) + ((self.text_model_type,) if self.text_model_type else ())
 
     def model_class(self, text_only: bool) -> type[nn.Module]:
+        if text_only and self.text_only is None:
+            raise ValueError(f"text_only: {self.name} has no text-only model (no text-only checkpoints or transformers "
+                             "class exist); train the vision-language model on text-only data instead")
         return self.text_only if text_only else self.vision_language
 
     def config_from_dict(self, spec: dict, where: str = "model_config"):
@@ -121,4 +125,14 @@ QWEN3_5_MOE = register(ModelFamily(
     text_only=Qwen3_5MoeForCausalLM,
     config_class="Qwen3_5MoeConfig",
     lora_targets=("attention", "linear_attention", "shared_expert", "experts"),
+))
+
+QWEN3_VL_MOE = register(ModelFamily(
+    name="Qwen3-VL-MoE",
+    model_type="qwen3_vl_moe",
+    text_model_type=None,
+    vision_language=Qwen3VLMoeForConditionalGeneration,
+    text_only=None,
+    config_class="Qwen3VLMoeConfig",
+    lora_targets=("attention", "dense_mlp", "experts"),
 ))

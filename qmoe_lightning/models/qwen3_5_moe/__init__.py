@@ -1,9 +1,9 @@
 """Qwen3.5-MoE (and Qwen3.6-MoE): the text decoder re-implemented (gated attention, Gated DeltaNet, the shared MoE
 block), transformers' vision tower reused, and the HF <-> native state-dict adapter. Registered in `registry.py`."""
 
-from .modeling import MoeOutput, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
+from .modeling import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
 from .state_dict_adapter import Qwen3_5MoeStateDictAdapter
 from .text_model import Qwen3_5MoeBlock, Qwen3_5MoeTextModelBackend
 
-__all__ = ["MoeOutput", "Qwen3_5MoeBlock", "Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration",
+__all__ = ["Qwen3_5MoeBlock", "Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration",
            "Qwen3_5MoeStateDictAdapter", "Qwen3_5MoeTextModelBackend"]

@@ -1,0 +1,186 @@
+"""The forward tail every native model shares (`MoeCausalLM`): a `PackedBatch` or transformers' keyword arguments
+in, positions, the decoder, the LM head and the losses out (`MoeOutput`).
+
+Notable choices:
+- Labels follow transformers (unshifted; the model shifts). In a packed row the target of the last token of a
+  document would be the first token of the next one: that target is dropped here, whatever the labels say.
+- `loss = ce + router_aux_loss_coef * aux` when `output_router_logits` is true (transformers' rule; the config's
+  `output_router_logits` is the default). `aux_loss` and `expert_token_counts` are returned either way; padding
+  (attention_mask == 0) is excluded from both. Only MoE layers route: a dense layer has no row in either.
+- `label_logits_only=True` computes the LM head only where a target exists: with a 150k-250k vocabulary the full
+  (T, V) fp32 logits dominate training memory. `logits` then has shape (num targets, V).
+- `return_logits=False` (with labels) goes further: the LM head and CE run fused in row chunks
+  (`lm_loss.linear_cross_entropy`), so no (T, V) tensor exists at all; `logits` is None. For training steps.
+- `num_items_in_batch` (transformers' name) sums the CE and divides by it, so micro-batches of a gradient
+  accumulation window and data-parallel ranks can share one token-count normaliser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batch import PackedBatch
+from .checkpoint import HFCheckpointMixin
+from .decoder import DecoderBackend, Deepstack
+from .lm_loss import linear_cross_entropy, next_token_targets
+from .moe import GroupedExperts, TopKRouter
+from .packing import SequenceInfo
+from .rotary import Fp32SafeTextRotaryEmbedding, Fp32SafeVisionRotaryEmbedding
+
+
+@dataclass
+class MoeOutput:
+    logits: torch.Tensor | None = None  # (B, T, V), or (num targets, V) with label_logits_only
+    loss: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # transformers' load-balancing loss, pooled over layers and real tokens
+    num_label_tokens: torch.Tensor | None = None  # targets that entered the CE
+    expert_token_counts: torch.Tensor | None = None  # (L, E) top-k picks per expert, real tokens only
+    router_logits: tuple[torch.Tensor, ...] | None = None  # per layer (B*T, E), with output_router_logits
+    hidden_states: torch.Tensor | None = None  # final normed hidden states (B, T, H)
+
+
+def load_balancing_loss(
+    router_logits: list[torch.Tensor], indices: list[torch.Tensor], num_experts: int, token_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' formula: aux = E * sum_e f_e * P_e over all layers and real tokens. Also (L, E) pick counts.
+
+    f_e = top-k picks of e / (L * N), P_e = mean router probability of e (softmax in fp32).
+    """
+    counts, prob_sum = [], 0.0
+    mask = None if token_mask is None else token_mask.reshape(-1).float()  # (N,)
+    for logits, idx in zip(router_logits, indices):
+        probs = torch.softmax(logits.float(), dim=-1)  # (N, E)
+        if mask is None:
+            # explicit fp32: under bf16-true Lightning makes bf16 the default dtype, which cannot count past 256
+            picks = torch.zeros(num_experts, device=logits.device, dtype=torch.float32).index_add_(
+                0, idx.reshape(-1), torch.ones(idx.numel(), device=logits.device, dtype=torch.float32)
+            )
+            prob_sum = prob_sum + probs.sum(0)
+        else:
+            picks = torch.zeros(num_experts, device=logits.device, dtype=torch.float32).index_add_(
+                0, idx.reshape(-1), mask.repeat_interleave(idx.shape[-1])
+            )
+            prob_sum = prob_sum + (probs * mask[:, None]).sum(0)
+        counts.append(picks)
+    counts = torch.stack(counts)  # (L, E)
+    rows = len(router_logits) * (router_logits[0].shape[0] if mask is None else mask.sum())
+    aux = num_experts * torch.sum((counts.sum(0) / rows) * (prob_sum / rows))
+    return aux, counts.detach().round().long()
+
+
+class MoeCausalLM(HFCheckpointMixin, nn.Module):
+    """Base of every native model: batch unpacking, init, positions, the decoder, LM head and losses.
+    Subclasses provide `text_model` (a `DecoderBackend`), `lm_head`, `text_config` and the class attributes
+    `HFCheckpointMixin` asks for."""
+
+    def _forward_batch(self, batch: PackedBatch, arguments: dict) -> MoeOutput:
+        """forward(batch, **options): the batch's tensors as keyword arguments, the call's own options beside."""
+        inputs = set(PackedBatch.MODEL_INPUTS)
+        doubled = sorted(k for k, v in arguments.items() if k in inputs and k != "input_ids" and v is not None)
+        if doubled:
+            raise TypeError(f"{doubled} given beside a PackedBatch: put them in the batch")
+        options = {k: v for k, v in arguments.items() if k not in inputs and k not in ("self", "unused")}
+        return self.forward(**batch.model_inputs(), **options, **arguments.get("unused", {}))
+
+    text_config: object
+
+    @property
+    def text_model(self) -> DecoderBackend:
+        raise NotImplementedError
+
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer in place (after meta-device construction + `to_empty`)."""
+        std = self.text_config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dim() == 2:
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+                if getattr(module, "padding_idx", None) is not None:  # as transformers: the pad row starts at 0
+                    module.weight.data[module.padding_idx].zero_()
+            elif isinstance(module, (GroupedExperts, TopKRouter)):
+                module.reset_parameters(std)
+            elif hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (rotary inv_freq), which checkpoints do not hold."""
+        for module in self.modules():
+            if isinstance(module, (Fp32SafeTextRotaryEmbedding, Fp32SafeVisionRotaryEmbedding)):
+                module.reset_parameters()
+
+    def _text_positions(self, position_ids, info: SequenceInfo) -> torch.Tensor:
+        if position_ids is None:
+            return info.pos_in_doc.unsqueeze(0).expand(3, -1, -1)
+        if position_ids.dim() == 2:  # (B, T) text positions
+            return position_ids.unsqueeze(0).expand(3, -1, -1)
+        if position_ids.dim() == 3 and position_ids.shape[0] == 4:  # transformers' [text; t; h; w]
+            return position_ids[1:]
+        if position_ids.dim() == 3 and position_ids.shape[0] == 3:
+            return position_ids
+        raise ValueError(f"position_ids must be (B, T), (3, B, T) or (4, B, T); got {tuple(position_ids.shape)}")
+
+    def _decode_and_head(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        info: SequenceInfo,
+        *,
+        labels: torch.Tensor | None,
+        output_router_logits: bool | None,
+        label_logits_only: bool,
+        logits_to_keep: int,
+        num_items_in_batch: torch.Tensor | int | None,
+        return_logits: bool = True,
+        deepstack: Deepstack | None = None,
+    ) -> MoeOutput:
+        cfg = self.text_config
+        hidden, router_logits, indices = self.text_model(inputs_embeds, position_ids, info, deepstack)
+        aux, counts = load_balancing_loss(router_logits, indices, cfg.num_experts, info.token_mask)
+        if output_router_logits is None:
+            output_router_logits = cfg.output_router_logits
+
+        ce = logits = n_targets = None
+        if labels is not None:
+            targets = next_token_targets(labels, info.cu_seqlens if info.packed else None)  # (B, T)
+            keep = targets != -100
+            n_targets = keep.sum()
+            if not return_logits:
+                ce = linear_cross_entropy(hidden[keep], self.lm_head.weight, targets[keep])
+            elif label_logits_only:
+                logits = self.lm_head(hidden[keep])  # (n, V)
+                ce = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+            else:
+                logits = self.lm_head(hidden)
+                ce = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                    reduction="sum",
+                )
+            # a micro-batch with no target (a pack of padding only) contributes 0, not 0/0
+            ce = ce / (num_items_in_batch if num_items_in_batch is not None else n_targets.clamp_min(1))
+        else:
+            h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            logits = self.lm_head(h)
+        loss = None
+        if ce is not None:
+            loss = ce + cfg.router_aux_loss_coef * aux if output_router_logits else ce
+        return MoeOutput(
+            logits=logits, loss=loss, ce_loss=ce, aux_loss=aux, num_label_tokens=n_targets,
+            expert_token_counts=counts, router_logits=tuple(router_logits) if output_router_logits else None,
+            hidden_states=hidden,
+        )
+
+
+
+def reject_unknown(kwargs: dict) -> None:
+    # transformers-style callers pass these; they carry no information for a training forward
+    ignorable = {"use_cache", "return_dict", "past_key_values", "cache_position", "output_attentions",
+                 "output_hidden_states"}
+    unknown = set(kwargs) - ignorable
+    if unknown:
+        raise TypeError(f"unexpected forward argument(s): {sorted(unknown)}")

@@ -1,0 +1,166 @@
+"""Qwen3-VL-MoE, the second family on the shared core: native == transformers' Qwen3VLMoeForConditionalGeneration
+(fp32, eager experts) on three tiny configs (deepstack indexes, sparse step / mlp_only_layers, GQA, experts / top-k,
+mRoPE sections), for text, one image, two images of different sizes, a video, and an image beside a video; aux
+loss; every parameter's gradient; packed rows of text, image and video documents; a negative control without the
+deepstack features.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_model_packing import pack
+from tiny_configs import VL_MOE_VARIANTS, hf_grad_of, make_hf_vl_moe_model, make_vl_moe_config, vision_doc
+
+from qmoe_lightning.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
+
+TOL = 1e-4
+
+CASES = {
+    "text": [37],
+    "one_image": [5, ("image", (1, 4, 6)), 9],
+    "two_images": [3, ("image", (1, 4, 4)), 4, ("image", (1, 6, 8)), 6],
+    "video": [4, ("video", (2, 4, 4)), 5],
+    "video_then_image": [2, ("video", (2, 2, 2)), 3, ("image", (1, 2, 4)), 3],
+}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """variant -> (transformers model, native model loaded from transformers' save_pretrained directory)."""
+    out = {}
+    for i, variant in enumerate(VL_MOE_VARIANTS):
+        hf = make_hf_vl_moe_model(make_vl_moe_config(variant), seed=10 + i)
+        path = tmp_path_factory.mktemp(f"vl_{variant}")
+        hf.save_pretrained(path)
+        out[variant] = (hf, Qwen3VLMoeForConditionalGeneration.from_pretrained(path).eval())
+    return out
+
+
+def test_tiny_configs_cover_dense_layers_and_deepstack(pairs):
+    kinds = {v: [layer.is_moe for layer in nat.text_model.layers] for v, (_, nat) in pairs.items()}
+    assert kinds["base"] == [True, False, True, True]  # mlp_only_layers=[1]
+    assert kinds["alt"] == [False, True, False, True, False]  # decoder_sparse_step=2
+    assert all(kinds["wide"])
+    assert pairs["alt"][1].text_model.moe_layers == [1, 3]
+    assert [len(nat.model.visual.deepstack_merger_list) for _, nat in pairs.values()] == [2, 1, 3]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("variant", list(VL_MOE_VARIANTS))
+def test_logits_loss_aux_and_positions_match(pairs, variant, case):
+    hf, nat = pairs[variant]
+    batch = vision_doc(CASES[case], seed=3)
+    labels = batch["input_ids"].clone()
+    labels[0, :3] = -100
+    with torch.no_grad():
+        ref = hf(**batch, labels=labels, output_router_logits=True)
+        out = nat(**batch, labels=labels, output_router_logits=True)
+    assert (ref.logits - out.logits).abs().max() <= TOL
+    assert torch.allclose(ref.loss, out.loss, atol=1e-5, rtol=0)
+    assert torch.allclose(ref.aux_loss, out.aux_loss, atol=1e-5, rtol=0)
+    cfg = nat.text_config
+    moe = nat.text_model.moe_layers
+    assert out.expert_token_counts.shape == (len(moe), cfg.num_experts)  # dense layers have no row
+    assert (out.expert_token_counts.sum(1) == batch["input_ids"].numel() * cfg.num_experts_per_tok).all()
+    if case != "text":
+        video = batch.get("video_grid_thw")
+        ref_pos, _ = hf.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                             batch.get("image_grid_thw"), None if video is None else video.clone())
+        with torch.no_grad():
+            assert torch.equal(nat(**batch, position_ids=ref_pos).logits, out.logits)
+
+
+def test_without_deepstack_the_logits_differ(pairs, monkeypatch):
+    """Negative control: the visual features injected after the first decoder layers are what makes the match."""
+    hf, nat = pairs["base"]
+    batch = vision_doc(CASES["two_images"], seed=3)
+    with torch.no_grad():
+        ref = hf(**batch).logits
+        real = nat._vision_embeds
+        monkeypatch.setattr(nat, "_vision_embeds", lambda p, g: (real(p, g)[0], []))
+        assert (nat(**batch).logits - ref).abs().max() > 100 * TOL
+
+
+@pytest.mark.parametrize("variant", ["base", "alt"])
+def test_every_parameter_gradient_matches(pairs, variant):
+    hf, nat = pairs[variant]
+    hf, nat = copy.deepcopy(hf).train(), copy.deepcopy(nat).train()
+    batch = vision_doc([6, ("image", (1, 4, 6)), 20, ("video", (2, 2, 4)), 11], seed=4)
+    labels = batch["input_ids"].clone()
+    labels[0, :4] = -100
+    ref = hf(**batch, labels=labels, output_router_logits=True)
+    out = nat(**batch, labels=labels, output_router_logits=True)
+    ref.loss.backward()
+    out.loss.backward()
+    checked = 0
+    for name, p in nat.named_parameters():
+        g_ref = hf_grad_of(hf, name)
+        if g_ref is None:  # deepstack mergers past the decoder's depth, or unused vision parts
+            assert p.grad is None or p.grad.abs().max() == 0, name
+            continue
+        assert p.grad is not None, f"{name}: no gradient"
+        scale = g_ref.abs().max().clamp_min(1e-6)
+        assert ((p.grad - g_ref).abs().max() / scale) <= TOL, f"{name}: gradient differs"
+        checked += 1
+    assert checked == len(list(nat.parameters()))
+    assert any("deepstack_merger_list" in n and p.grad.abs().max() > 0 for n, p in nat.named_parameters())
+
+
+# text, image and video documents in one row; lengths not multiples of 64; an image right at a boundary
+PACKED_DOCS = [
+    [5, ("image", (1, 4, 6)), 60],
+    [71],
+    [2, ("video", (2, 4, 4)), 9],
+    [("image", (1, 6, 8)), 3, ("image", (1, 2, 2)), 14],
+    [45],
+]
+
+
+@pytest.mark.parametrize("variant", ["base", "wide"])
+def test_packed_row_gives_each_document_its_alone_logits(pairs, variant):
+    hf, nat = pairs[variant]
+    docs = [vision_doc(p, seed=40 + i) for i, p in enumerate(PACKED_DOCS)]
+    row = pack(docs)
+    labels = row["input_ids"].clone()
+    with torch.no_grad():
+        packed = nat(**row, labels=labels)
+        cu = row["cu_seqlens"].tolist()
+        ce_sum, n_sum = 0.0, 0
+        for i, doc in enumerate(docs):
+            piece = packed.logits[:, cu[i]: cu[i + 1]]
+            alone = nat(**doc, labels=doc["input_ids"])
+            assert (piece - alone.logits).abs().max() <= TOL, f"document {i} differs from its solo forward"
+            assert (piece - hf(**doc).logits).abs().max() <= TOL, f"document {i} differs from transformers alone"
+            ce_sum += alone.ce_loss * alone.num_label_tokens
+            n_sum += int(alone.num_label_tokens)
+    assert int(packed.num_label_tokens) == n_sum
+    assert torch.allclose(packed.ce_loss * packed.num_label_tokens, ce_sum, rtol=1e-5)
+
+
+def test_packed_row_with_documents_reordered_still_matches(pairs):
+    """The deepstack features follow their own document when the image / video documents change places."""
+    _, nat = pairs["alt"]
+    docs = [vision_doc(p, seed=60 + i) for i, p in enumerate(PACKED_DOCS)]
+    order = [3, 2, 0, 4, 1]
+    row = pack([docs[i] for i in order])
+    with torch.no_grad():
+        packed = nat(**row).logits
+        cu = row["cu_seqlens"].tolist()
+        for j, i in enumerate(order):
+            assert (packed[:, cu[j]: cu[j + 1]] - nat(**docs[i]).logits).abs().max() <= TOL
+
+
+def test_always_run_vision_path_equals_two_calls(pairs, monkeypatch):
+    """The FSDP2 path (images and videos in one tower call, a placeholder when there are none) changes nothing."""
+    _, nat = pairs["base"]
+    for case in ("text", "video_then_image", "two_images"):
+        batch = vision_doc(CASES[case], seed=5)
+        with torch.no_grad():
+            two = nat(**batch).logits
+            monkeypatch.setattr(nat, "always_run_vision", True)
+            one = nat(**batch).logits
+            monkeypatch.setattr(nat, "always_run_vision", False)
+        assert (one - two).abs().max() <= 1e-6, case
