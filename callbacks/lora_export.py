@@ -46,9 +46,9 @@ class LoraExport(pl.Callback):
             return self.base_model_name_or_path
         hp = getattr(pl_module, "hparams", None)
         pretrained = getattr(hp, "pretrained", None) if hp is not None else None
-        if pretrained == "embedded":
-            from qmoe_lightning.embedded import resolve_path
+        from qmoe_lightning.embedded import embedded_model_name, resolve_path
 
+        if embedded_model_name(pretrained) is not None:
             return str(resolve_path(pretrained, "model", getattr(hp, "embedded_cache_dir", None)))
         return None if pretrained is None else str(pretrained)
 

@@ -106,8 +106,9 @@ class QMoELightningModule(pl.LightningModule):
     ):
         """
         Args:
-            pretrained: Hugging Face model directory or hub id ("org/name") to fine-tune, or "embedded" for the
-                bundled tiny checkpoint. None: random init from `model_config`.
+            pretrained: Hugging Face model directory or hub id ("org/name") to fine-tune (Qwen3.5-MoE or
+                Qwen3-VL-MoE), "embedded" for the bundled tiny Qwen3.5-MoE checkpoint, "embedded:qwen3_vl_moe" for
+                the bundled tiny Qwen3-VL-MoE one. None: random init from `model_config`.
             model_config: used when `pretrained` is None: config.json keys as a dict (its `model_type` picks the
                 family, default qwen3_5_moe), or a path to a config.json / a directory holding one.
             text_only: build the family's text-only model (no vision tower) instead of the vision-language one.

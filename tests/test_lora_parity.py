@@ -6,7 +6,8 @@ non-zero, dropout where configured), then compare the native LoRA logits with
 - our `from_pretrained` of the merged export, and transformers' `from_pretrained` of it.
 Cases cover: expert rank != rank (rank_pattern), an odd rank (padded grouped GEMM), all-linear + vision with an image
 input, a partial target (full module names in target_modules), an excluded experts layer (zero-filled PEFT
-tensors), one expert projection only, and dropout during training.
+tensors), one expert projection only, and dropout during training; for Qwen3-VL-MoE its default targets (attention,
+dense MLP layers, routed experts) on image + video input and all-linear with deepstack mergers in the vision group.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import warnings
 import peft
 import pytest
 import torch
-from tiny_configs import make_config, make_hf_model, vision_doc
+from tiny_configs import make_config, make_hf_model, make_hf_vl_moe_model, make_vl_moe_config, vision_doc
 
 from qmoe_lightning.lora import (LoraConfig, apply_lora, is_adapter_key, lora_modules, save_merged_pretrained,
                                  save_peft_adapter)
-from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration
+from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
 TOL = 1e-4
 
@@ -43,7 +44,23 @@ CASES = {
     # attention + down projection of the experts only, experts of layer 0 excluded, dropout while training
     "wide": (dict(rank=4, alpha=4, dropout=0.1, targets=["attention", "experts"], expert_projections=["down"],
                   exclude=[r"re:.*layers\.0\.mlp\.experts"]), [6, ("image", (1, 2, 4)), 5]),
+    # Qwen3-VL-MoE: its default targets, experts at a smaller rank, image + video
+    "vl_default": (dict(rank=4, alpha=8, expert_rank=2), [3, ("image", (1, 4, 4)), 4, ("video", (2, 2, 4)), 5]),
+    # Qwen3-VL-MoE: all-linear + vision (the deepstack mergers included), odd rank
+    "vl_all_linear": (dict(rank=3, alpha=6, targets=["all-linear", "vision"]), [4, ("image", (1, 4, 6)), 9]),
 }
+
+
+def _family(variant: str):
+    """(transformers model, native class, transformers class) of a case."""
+    import transformers
+
+    if variant.startswith("vl_"):
+        config = make_vl_moe_config("base" if variant == "vl_default" else "alt")
+        return (make_hf_vl_moe_model(config, seed=7), Qwen3VLMoeForConditionalGeneration,
+                transformers.Qwen3VLMoeForConditionalGeneration)
+    return make_hf_model(make_config(variant), seed=7), Qwen3_5MoeForConditionalGeneration, \
+        transformers.Qwen3_5MoeForConditionalGeneration
 
 
 def _train(model, doc, steps: int = 3) -> None:
@@ -69,10 +86,10 @@ def _eager(hf):
 @pytest.mark.parametrize("variant", list(CASES))
 def test_trained_lora_matches_peft_and_merged_exports(tmp_path, variant):
     lora_kwargs, doc = CASES[variant]
-    hf = make_hf_model(make_config(variant), seed=7)
+    hf, native_class, hf_class = _family(variant)
     base_dir = tmp_path / "base"
     hf.save_pretrained(base_dir)
-    nat = Qwen3_5MoeForConditionalGeneration.from_pretrained(base_dir)
+    nat = native_class.from_pretrained(base_dir)
     report = apply_lora(nat, LoraConfig(**lora_kwargs))
     assert report.total_trainable > 0
 
@@ -114,11 +131,9 @@ def test_trained_lora_matches_peft_and_merged_exports(tmp_path, variant):
     # ---- merged export: ours and transformers'
     export = save_merged_pretrained(nat, tmp_path / "hf_export")
     assert len(lora_modules(nat)) == len(mods)  # non-destructive
-    merged = Qwen3_5MoeForConditionalGeneration.from_pretrained(export).eval()
+    merged = native_class.from_pretrained(export).eval()
     assert not lora_modules(merged)
-    from transformers import Qwen3_5MoeForConditionalGeneration as HF
-
-    hf_merged = _eager(HF.from_pretrained(export, dtype=torch.float32))
+    hf_merged = _eager(hf_class.from_pretrained(export, dtype=torch.float32))
     with torch.no_grad():
         assert (merged(**batch).logits - out_mm).abs().max() <= TOL
         assert (merged(input_ids=text).logits - out_text).abs().max() <= TOL

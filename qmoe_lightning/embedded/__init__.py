@@ -2,9 +2,12 @@
 built deterministically into a cache directory on first use (no downloads). See `builder.py`.
 
 YAML configs select it with the sentinel string `embedded` (e.g. `model_path: embedded`, `train_path: embedded`,
-`val_path: embedded`); `resolve_path` maps the sentinel to the built paths.
+`val_path: embedded`), and the tiny Qwen3-VL-MoE with `embedded:qwen3_vl_moe`; `resolve_path` maps a sentinel to
+the built paths.
 """
 
-from .builder import SENTINEL, EmbeddedDefault, default_cache_dir, ensure_embedded_default, resolve_path
+from .builder import (EMBEDDED_MODELS, SENTINEL, EmbeddedDefault, default_cache_dir, embedded_model_name,
+                      ensure_embedded_default, ensure_embedded_model, resolve_path)
 
-__all__ = ["SENTINEL", "EmbeddedDefault", "default_cache_dir", "ensure_embedded_default", "resolve_path"]
+__all__ = ["EMBEDDED_MODELS", "SENTINEL", "EmbeddedDefault", "default_cache_dir", "embedded_model_name",
+           "ensure_embedded_default", "ensure_embedded_model", "resolve_path"]

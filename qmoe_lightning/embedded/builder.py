@@ -1,4 +1,5 @@
-"""Builds the embedded default (tiny Qwen3.5-MoE checkpoint + tokenizer/processor + synthetic dataset) on first use.
+"""Builds the embedded default (tiny Qwen3.5-MoE checkpoint + tokenizer/processor + synthetic dataset) on first use,
+and on request a tiny Qwen3-VL-MoE checkpoint beside it (same tokenizer, processor and data).
 
 Nothing is downloaded: the tokenizer is trained on generated text, the weights come from
 `transformers.Qwen3_5MoeForConditionalGeneration(config)` under a fixed seed, the dataset is drawn with PIL.
@@ -6,7 +7,12 @@ Nothing is downloaded: the tokenizer is trained on generated text, the weights c
 Layout of `<cache_dir>/embedded-v<VERSION>/`:
     model/   config.json, model.safetensors, tokenizer.json, tokenizer_config.json, chat_template.jinja,
              preprocessor_config.json, video_preprocessor_config.json, processor_config.json
+    model-qwen3_vl_moe/   the same files, a Qwen3-VL-MoE config and weights (built on first use of
+             `embedded:qwen3_vl_moe`, with its own BUILD_OK)
     data/    train.jsonl, val.jsonl, images/*.png
+
+Sentinels: `embedded` (the Qwen3.5-MoE model, and the data), `embedded:qwen3_vl_moe` (the Qwen3-VL-MoE model; as a
+data path it means the same data).
 
 Notable choices:
 - Atomic and idempotent: everything is written into a temporary sibling directory which is then renamed into
@@ -39,6 +45,7 @@ IMAGE_SIZE = 64
 N_TRAIN, N_VAL = 3000, 500  # ~70 held-out questions per image kind
 IMAGE_FRACTION = 0.7
 SENTINEL = "embedded"  # value of model_path / train_path / val_path that selects the embedded default
+EMBEDDED_MODELS = ("qwen3_5_moe", "qwen3_vl_moe")  # `embedded:<name>`; plain `embedded` is the first
 
 # Tiny sizes from model_reference.md (TINY_QWEN3_5_MOE); token ids are filled in from the tokenizer.
 TEXT_CONFIG = dict(
@@ -56,6 +63,17 @@ TEXT_CONFIG = dict(
 )
 VISION_CONFIG = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
                      temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=64)
+
+# Tiny Qwen3-VL-MoE: the Qwen3.5 sizes where they exist (and the same rotary, for the same reason), every layer full
+# attention, layer 1 a dense MLP (mlp_only_layers, so dense-MLP LoRA and the dense path run), deepstack from both
+# vision blocks. moe_intermediate 48: 2I != H, so the published and transformers' expert layouts differ in shape.
+VL_MOE_TEXT_CONFIG = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
+    mlp_only_layers=[1], max_position_embeddings=4096, router_aux_loss_coef=0.001,
+    rope_parameters=dict(rope_type="default", rope_theta=100.0, mrope_section=[4, 2, 2], mrope_interleaved=True),
+)
+VL_MOE_VISION_CONFIG = dict(VISION_CONFIG, deepstack_visual_indexes=[0, 1])
 
 
 @dataclass(frozen=True)
@@ -148,9 +166,71 @@ def ensure_embedded_default(cache_dir: str | os.PathLike | None = None) -> Embed
     return _paths(root)
 
 
-def resolve_path(value: str | os.PathLike | None, kind: str, cache_dir: str | os.PathLike | None = None):
-    """Map the `embedded` sentinel to a real path (kind: 'model', 'train' or 'val'); other values pass through."""
-    if value is None or str(value) != SENTINEL:
-        return value
+def embedded_model_name(value) -> str | None:
+    """`embedded` -> "qwen3_5_moe", `embedded:<name>` -> name, anything else -> None (not a sentinel)."""
+    text = str(value) if value is not None else ""
+    if text == SENTINEL:
+        return EMBEDDED_MODELS[0]
+    if not text.startswith(SENTINEL + ":"):
+        return None
+    name = text[len(SENTINEL) + 1:]
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"{text!r}: no embedded model {name!r}; expected one of "
+                         f"{[SENTINEL] + [f'{SENTINEL}:{n}' for n in EMBEDDED_MODELS[1:]]}")
+    return name
+
+
+def _build_vl_moe_model(source_dir: Path, model_dir: Path) -> None:
+    import torch
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    model_dir.mkdir()
+    for f in source_dir.iterdir():  # tokenizer, chat template, processor configs: shared with the Qwen3.5 model
+        if f.is_file() and f.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy2(f, model_dir / f.name)
+    src = json.loads((source_dir / "config.json").read_text())
+    text = src["text_config"]
+    ids = {k: src[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    config = Qwen3VLMoeConfig(
+        text_config=dict(VL_MOE_TEXT_CONFIG, vocab_size=text["vocab_size"], eos_token_id=text["eos_token_id"],
+                         pad_token_id=text["pad_token_id"], bos_token_id=None),
+        vision_config=dict(VL_MOE_VISION_CONFIG), tie_word_embeddings=False, **ids,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = Qwen3VLMoeForConditionalGeneration(config)
+    model.save_pretrained(model_dir, safe_serialization=True)
+
+
+def ensure_embedded_model(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The model directory of embedded model `name` (see EMBEDDED_MODELS), built first if needed (atomically)."""
     emb = ensure_embedded_default(cache_dir)
-    return str({"model": emb.model_dir, "train": emb.train_path, "val": emb.val_path}[kind])
+    if name == EMBEDDED_MODELS[0]:
+        return emb.model_dir
+    target = emb.root / f"model-{name}"
+    if (target / "BUILD_OK").is_file():
+        return target
+    tmp = Path(tempfile.mkdtemp(prefix=f".model-{name}-", dir=emb.root))
+    try:
+        _build_vl_moe_model(emb.model_dir, tmp / "model")
+        (tmp / "model" / "BUILD_OK").write_text(f"version {VERSION}\n")
+        follow_umask(tmp)
+        try:
+            os.rename(tmp / "model", target)  # atomic; fails if another builder finished first
+        except OSError:
+            if not (target / "BUILD_OK").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_path(value: str | os.PathLike | None, kind: str, cache_dir: str | os.PathLike | None = None):
+    """Map an `embedded` sentinel to a real path (kind: 'model', 'train' or 'val'); other values pass through."""
+    name = embedded_model_name(value)
+    if name is None:
+        return value
+    if kind == "model":
+        return str(ensure_embedded_model(name, cache_dir))
+    emb = ensure_embedded_default(cache_dir)
+    return str({"train": emb.train_path, "val": emb.val_path}[kind])
