@@ -1,7 +1,8 @@
 """Native packed forward+backward vs transformers, on CPU, in one run.
 
-Mid-size config (hidden 256, 8 layers, 64 experts top-8, vocab 32k by default) and one packed row of 2-4K tokens
-made of log-normal document lengths. Three timed variants, each in its own process (so peak memory is its own):
+Mid-size config (hidden 256, 8 layers, 64 experts top-8, vocab 32k by default) of either family (`--family`:
+Qwen3.5-MoE, 6 Gated DeltaNet + 2 gated attention layers with a shared expert; Qwen3-VL-MoE, 8 GQA attention layers)
+and one packed row of 2-4K tokens made of log-normal document lengths. Three timed variants, each in its own process (so peak memory is its own):
 
   native_packed   our model on the packed row with cu_seqlens (documents kept apart)
   hf_padded       transformers on the same documents padded into a batch: what a transformers user must do on
@@ -23,7 +24,8 @@ the ratios (a) native_packed / hf_padded and (b) native_packed / hf_packed, and 
 the packed native run vs transformers on the padded batch). transformers runs its CPU defaults (grouped_mm experts,
 SDPA, torch chunked delta rule).
 
-    python bench/bench_model.py [--tokens 3072] [--steps 3] [--vocab 32768] [--threads N]
+    python bench/bench_model.py [--family qwen3_5_moe|qwen3_vl_moe] [--tokens 3072] [--steps 3] [--vocab 32768]
+                                [--threads N]
 """
 
 from __future__ import annotations
@@ -43,7 +45,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def mid_config(vocab: int):
+def mid_config(vocab: int, family: str = "qwen3_5_moe"):
+    ids = dict(image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
+               vision_end_token_id=vocab - 1)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256,
+                  num_position_embeddings=64)
+    if family == "qwen3_vl_moe":
+        from transformers import Qwen3VLMoeConfig
+
+        text = dict(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=2, head_dim=32, num_experts=64, num_experts_per_tok=8,
+                    moe_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=8192,
+                    rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[8, 4, 4],
+                                         mrope_interleaved=True))
+        return Qwen3VLMoeConfig(text_config=text, vision_config=dict(vision, deepstack_visual_indexes=[0]),
+                                tie_word_embeddings=False, **ids)
     from transformers import Qwen3_5MoeConfig
 
     text = dict(vocab_size=vocab, hidden_size=256, num_hidden_layers=8,
@@ -55,11 +71,17 @@ def mid_config(vocab: int):
                 shared_expert_intermediate_size=128, max_position_embeddings=8192,
                 rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
                                      mrope_section=[1, 1, 2], mrope_interleaved=True))
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256,
-                  num_position_embeddings=64)
-    return Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
-                            image_token_id=vocab - 4, video_token_id=vocab - 3, vision_start_token_id=vocab - 2,
-                            vision_end_token_id=vocab - 1)
+    return Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+
+
+def model_classes(family: str):
+    """(native class, transformers class) of the family's vision-language model."""
+    import transformers
+
+    from qmoe_lightning.models.registry import family_of
+
+    native = family_of(family).vision_language
+    return native, getattr(transformers, native.HF_ARCHITECTURE)
 
 
 def document_lengths(total: int, seed: int) -> list[int]:
@@ -91,15 +113,14 @@ def sft_labels(docs: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
 
 
 def run_variant(variant: str, scenario: str, ckpt: str, lengths: list[int], vocab: int, steps: int, threads: int,
-                queue) -> None:
+                queue, family: str = "qwen3_5_moe") -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     docs = make_docs(lengths, vocab, seed=0)
     labels = docs if scenario == "all" else sft_labels(docs, seed=0)
     if variant == "native_packed":
-        from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration
-
-        model = Qwen3_5MoeForConditionalGeneration.from_pretrained(ckpt).train()
+        native, _ = model_classes(family)
+        model = native.from_pretrained(ckpt).train()
         ids = torch.cat(docs).unsqueeze(0)
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
         # the training path: LM head + CE fused over target rows only (no (T, V) logits); identical CE work
@@ -108,8 +129,7 @@ def run_variant(variant: str, scenario: str, ckpt: str, lengths: list[int], voca
     else:
         sys.modules.setdefault("fla", None)  # force transformers' torch fallbacks (no GPU kernels on CPU)
         sys.modules.setdefault("causal_conv1d", None)
-        from transformers import Qwen3_5MoeForConditionalGeneration as HF
-
+        _, HF = model_classes(family)
         model = HF.from_pretrained(ckpt, dtype=torch.float32).train()
         if variant == "hf_padded":
             longest = max(lengths)
@@ -157,27 +177,27 @@ def main() -> None:
                         help="torch threads per run (1 gives stable ratios on a shared machine)")
     parser.add_argument("--scenarios", nargs="+", default=["all", "sft"], choices=["all", "sft"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", default="qwen3_5_moe", choices=["qwen3_5_moe", "qwen3_vl_moe"])
     args = parser.parse_args()
 
     lengths = document_lengths(args.tokens, args.seed)
     useful = sum(lengths)
     print(f"documents: {len(lengths)}, useful tokens: {useful}, longest: {max(lengths)}, "
           f"padded batch: {len(lengths)} x {max(lengths)} = {len(lengths) * max(lengths)} slots, "
-          f"threads: {args.threads}", flush=True)
+          f"threads: {args.threads}, family: {args.family}", flush=True)
     ctx = mp.get_context("spawn")
     summary = {}
     with tempfile.TemporaryDirectory() as tmp:
         sys.modules.setdefault("fla", None)
-        from transformers import Qwen3_5MoeForConditionalGeneration as HF
-
+        _, HF = model_classes(args.family)
         torch.manual_seed(args.seed)
-        HF(mid_config(args.vocab)).save_pretrained(tmp)
+        HF(mid_config(args.vocab, args.family)).save_pretrained(tmp)
         for scenario in args.scenarios:
             results = {}
             for variant in ("native_packed", "hf_padded", "hf_packed"):
                 queue = ctx.Queue()
                 proc = ctx.Process(target=run_variant, args=(variant, scenario, tmp, lengths, args.vocab, args.steps,
-                                                             args.threads, queue))
+                                                             args.threads, queue, args.family))
                 proc.start()
                 results[variant] = queue.get()
                 proc.join()

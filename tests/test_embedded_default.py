@@ -102,3 +102,31 @@ def test_position_answers_are_where_the_shape_is(emb):
         assert r["meta"]["answer"] == answers[second]
         seen[kind].add(r["meta"]["answer"])
     assert all(seen[k] == set(POSITION_QUESTIONS[k][1]) for k in seen)  # both answers of each kind occur
+
+
+def test_embedded_qwen3_vl_moe_is_built_beside_it_deterministically(emb, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from qmoe_lightning.embedded import ensure_embedded_model
+
+    path = resolve_path("embedded:qwen3_vl_moe", "model", emb.root.parent)
+    assert path == str(emb.root / "model-qwen3_vl_moe")
+    assert resolve_path("embedded:qwen3_vl_moe", "train", emb.root.parent) == str(emb.train_path)  # the same data
+    assert ensure_embedded_model("qwen3_vl_moe", emb.root.parent) == emb.root / "model-qwen3_vl_moe"  # idempotent
+    config, base = AutoConfig.from_pretrained(path), AutoConfig.from_pretrained(emb.model_dir)
+    assert config.model_type == "qwen3_vl_moe"
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        assert getattr(config, key) == getattr(base, key)  # the shared tokenizer's ids
+    assert config.text_config.vocab_size == base.text_config.vocab_size
+    assert (emb.root / "model-qwen3_vl_moe" / "tokenizer.json").read_bytes() == (emb.model_dir / "tokenizer.json") \
+        .read_bytes()
+    # a second build writes the same weights
+    from qmoe_lightning.embedded.builder import _build_vl_moe_model
+
+    _build_vl_moe_model(emb.model_dir, tmp_path / "again")
+    a = load_file(emb.root / "model-qwen3_vl_moe" / "model.safetensors")
+    b = load_file(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    with pytest.raises(ValueError, match="no embedded model 'llama'"):
+        resolve_path("embedded:llama", "model", emb.root.parent)
