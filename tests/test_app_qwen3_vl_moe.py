@@ -4,8 +4,9 @@
 - `configs/tiny_qwen3_vl_moe.yaml` (shortened) trains, exports in the published layout, and transformers'
   AutoModelForImageTextToText loads the export with the trained model's logits; resume continues;
 - expert parallelism + FSDP2: ep=2 on 2 processes == 1 process accumulating the same packs (gradients and weights,
-  the criteria of test_app_expert_parallel), full fine-tuning and LoRA on its default targets (attention, the dense
-  MLP layer, routed experts) with merged and PEFT exports.
+  the criteria of test_app_expert_parallel), full fine-tuning (crashed after step 3 and resumed from its distributed
+  checkpoint on the way) and LoRA on its default targets (attention, the dense MLP layer, routed experts) with
+  merged and PEFT exports.
 """
 
 from __future__ import annotations
@@ -77,9 +78,16 @@ def _start_weights() -> dict[str, torch.Tensor]:
     return out
 
 
-def test_ep2_equals_one_process_accumulating(tmp_path):
-    proc = _fit(tmp_path / "ep", *VL)
+def test_ep2_crashed_and_resumed_equals_one_process_accumulating(tmp_path):
+    """The ep=2 run crashes after step 3 and resumes from its step-2 distributed checkpoint (expert global views,
+    optimizer state, sampler position)."""
+    ckpt = ["--trainer.enable_checkpointing", "true", "--trainer.callbacks+=callbacks.RunCheckpoint",
+            "--trainer.callbacks.every_n_train_steps", "2"]
+    proc = _fit(tmp_path / "ep", *VL, *ckpt, "--trainer.callbacks+=ep_test_callbacks.CrashAtStep",
+                "--trainer.callbacks.step", "3", check=False)
+    assert proc.returncode != 0 and "simulated crash at step 3" in proc.stderr
     assert "FSDPQwen3VLMoeForConditionalGeneration" in proc.stdout + proc.stderr  # really parallelised
+    _fit(tmp_path / "ep", *VL, *ckpt, "--ckpt_path", "last")
     _fit(tmp_path / "single", *VL, "--trainer.accumulate_grad_batches", "2", devices=1)
     single = _weights(tmp_path / "single")
     start = _start_weights()

@@ -156,3 +156,20 @@ def test_real_config_key_set_loads_strictly_on_meta(name):
 def test_text_only_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="Qwen3-VL-MoE has no text-only model"):
         family_of("qwen3_vl_moe").model_class(text_only=True)
+
+
+def test_bf16_keeps_rotary_inv_freq_fp32(hf_and_dir):
+    hf, path = hf_and_dir
+    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.text_model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.model.visual.rotary_pos_emb.inv_freq.dtype == torch.float32
+    fp32 = Qwen3VLMoeForConditionalGeneration.from_pretrained(path).eval()
+    inv = fp32.text_model.rotary_emb.inv_freq.clone()
+    fp32.to(torch.bfloat16)  # a cast of a loaded model must not round it either
+    assert torch.equal(fp32.text_model.rotary_emb.inv_freq, inv)
+    batch = vision_doc([4, ("image", (1, 4, 4)), 6], seed=2)
+    with torch.no_grad():
+        lo = model(**batch).logits.float()
+        hi = Qwen3VLMoeForConditionalGeneration.from_pretrained(path).eval()(**batch).logits
+    assert torch.isfinite(lo).all() and (lo - hi).abs().max() < 0.05 * hi.abs().max()

@@ -100,14 +100,15 @@ class TopKRouter(nn.Module):
         return logits, weights.to(logits.dtype), indices
 
 
-def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """Can `torch._grouped_mm` run the expert matmuls for activations `x` (CUDA: bf16 only)? Else the per-expert
-    loop runs."""
-    if not hasattr(torch, "_grouped_mm"):
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Can `torch._grouped_mm` run `x @ w[e]` per expert (CUDA: bf16 only; every non-unit stride of both a multiple
+    of 16 bytes, e.g. a bf16 moe_intermediate_size that is a multiple of 8)? Else the per-expert loop runs."""
+    if not hasattr(torch, "_grouped_mm") or x.shape[0] == 0:
         return False
-    if x.is_cuda:
-        return x.dtype == torch.bfloat16
-    return x.dtype in (torch.float32, torch.bfloat16)
+    if x.dtype not in ((torch.bfloat16,) if x.is_cuda else (torch.float32, torch.bfloat16)):
+        return False
+    size = x.element_size()
+    return all(st * size % 16 == 0 for t in (x, w) for st in t.stride() if st != 1)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -162,10 +163,11 @@ class GroupedExperts(nn.Module):
 
     def swiglu(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """xs (rows, H) grouped by local expert (cumulative `offs`) -> (rows, H), before the routing weight."""
-        mm = grouped_mm if grouped_mm_supported(xs) and xs.shape[0] > 0 else segment_mm
+        mm = grouped_mm if grouped_mm_supported(xs, self.gate_and_up_projs) else segment_mm
         h = self.adapt("gate_up", xs, mm(xs, self.gate_and_up_projs, offs), offs, mm)  # (rows, 2I)
         gate, up = h.chunk(2, dim=-1)
         act = F.silu(gate) * up  # (rows, I)
+        mm = grouped_mm if grouped_mm_supported(act, self.down_projs) else segment_mm
         ys = self.adapt("down", act, mm(act, self.down_projs, offs), offs, mm)  # (rows, H)
         if xs.shape[0] == 0:
             # no rows here (an expert-parallel rank that received none): keep the input and every parameter in the
