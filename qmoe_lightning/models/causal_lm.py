@@ -26,8 +26,9 @@ from torch import nn
 from .batch import PackedBatch
 from .checkpoint import HFCheckpointMixin
 from .decoder import DecoderBackend, Deepstack
-from .lm_loss import linear_cross_entropy, next_token_targets
+from .lm_loss import future_token_targets, linear_cross_entropy, next_token_targets
 from .moe import GroupedExperts, TopKRouter
+from .mtp import MtpOutput, shifted_embeddings
 from .packing import SequenceInfo
 from .rotary import Fp32SafeTextRotaryEmbedding, Fp32SafeVisionRotaryEmbedding
 
@@ -42,6 +43,7 @@ class MoeOutput:
     expert_token_counts: torch.Tensor | None = None  # (L, E) top-k picks per expert, real tokens only
     router_logits: tuple[torch.Tensor, ...] | None = None  # per layer (B*T, E), with output_router_logits
     hidden_states: torch.Tensor | None = None  # final normed hidden states (B, T, H)
+    mtp: MtpOutput | None = None  # multi-token prediction (a model with `mtp`, labels given)
 
 
 def load_balancing_loss(
@@ -138,6 +140,7 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
         num_items_in_batch: torch.Tensor | int | None,
         return_logits: bool = True,
         deepstack: Deepstack | None = None,
+        mtp_metrics: bool = False,
     ) -> MoeOutput:
         cfg = self.text_config
         hidden, router_logits, indices = self.text_model(inputs_embeds, position_ids, info, deepstack)
@@ -162,19 +165,65 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
                     reduction="sum",
                 )
             # a micro-batch with no target (a pack of padding only) contributes 0, not 0/0
-            ce = ce / (num_items_in_batch if num_items_in_batch is not None else n_targets.clamp_min(1))
+            normaliser = num_items_in_batch if num_items_in_batch is not None else n_targets.clamp_min(1)
+            ce = ce / normaliser
         else:
             h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             logits = self.lm_head(h)
+        mtp = None
+        if labels is not None and getattr(self, "mtp", None) is not None:
+            mtp = self._multi_token_prediction(inputs_embeds, hidden, position_ids, info, labels, normaliser,
+                                               fused=not return_logits, metrics=mtp_metrics)
         loss = None
         if ce is not None:
             loss = ce + cfg.router_aux_loss_coef * aux if output_router_logits else ce
+            if mtp is not None:
+                loss = loss + self.mtp_loss_scale * mtp.ce.mean()
         return MoeOutput(
             logits=logits, loss=loss, ce_loss=ce, aux_loss=aux, num_label_tokens=n_targets,
             expert_token_counts=counts, router_logits=tuple(router_logits) if output_router_logits else None,
-            hidden_states=hidden,
+            hidden_states=hidden, mtp=mtp,
         )
 
+    def _multi_token_prediction(self, inputs_embeds, hidden, position_ids, info: SequenceInfo, labels, normaliser,
+                                *, fused: bool, metrics: bool) -> MtpOutput:
+        """Every depth of `self.mtp` (see mtp.py): per-depth summed CE over the same normaliser as the main CE."""
+        rope = self.text_model.rotary_emb(inputs_embeds, position_ids)
+        cu = info.cu_seqlens if info.packed else None
+        weight = self.lm_head.weight
+        ces, counts, correct, states = [], [], [], []
+        accepted = accept_total = None
+        h = hidden
+        for d in range(self.mtp.num_depths):
+            h = self.mtp(shifted_embeddings(inputs_embeds, info, d + 1), h, rope, info, d)  # (B, T, H)
+            states.append(h)
+            targets = future_token_targets(labels, cu, d + 2)
+            keep = targets != -100
+            rows, want = h[keep], targets[keep]
+            if fused:
+                ce = linear_cross_entropy(rows, weight, want)
+            else:
+                ce = F.cross_entropy(self.lm_head(rows).float(), want, reduction="sum")
+            ces.append(ce / normaliser)
+            counts.append(keep.sum())
+            if metrics:
+                with torch.no_grad():
+                    guess = argmax_rows(rows, weight)
+                    correct.append((guess == want).sum())
+                    if d == 0:  # the main model one step later: position t + 1 (same document: t + 2 is)
+                        B, T, H = hidden.shape
+                        nxt = keep.reshape(-1).nonzero().squeeze(1) + 1
+                        accepted = (guess == argmax_rows(hidden.reshape(B * T, H)[nxt], weight)).sum()
+                        accept_total = keep.sum()
+        return MtpOutput(torch.stack(ces), torch.stack(counts), torch.stack(correct) if metrics else None,
+                         accepted, accept_total, tuple(states))
+
+
+
+def argmax_rows(h: torch.Tensor, weight: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """argmax of `h @ weight.T` row by row in chunks (no (N, V) tensor for long rows)."""
+    return torch.cat([(h[i: i + chunk] @ weight.t()).argmax(-1) for i in range(0, h.shape[0], chunk)]) \
+        if h.shape[0] else torch.zeros(0, dtype=torch.long, device=h.device)
 
 
 def reject_unknown(kwargs: dict) -> None:

@@ -49,6 +49,8 @@ class LoadReport:
     skipped: dict[str, int] = field(default_factory=dict)  # checkpoint keys knowingly not loaded, by reason
     passthrough: dict[str, Path] = field(default_factory=dict)  # HF key -> file: mtp.*, copied through on export
     rank_local: dict[str, int] | None = None  # rank-local loading: {"read_elements", "checkpoint_elements"}
+    mtp_expert_layout: str | None = None  # MTP experts as read: "per_expert" / "fused" (written back the same)
+    mtp_random_init: bool = False  # the checkpoint had no mtp.*: the model's MTP module is to be initialised
 
 
 @dataclass
@@ -167,19 +169,23 @@ class HFCheckpointMixin:
         return cls.HF_ARCHITECTURE
 
     def state_dict_adapter(self):
-        return self.STATE_DICT_ADAPTER(self.config, text_only=self.TEXT_ONLY)
+        mtp = getattr(self, "mtp", None)
+        return self.STATE_DICT_ADAPTER(self.config, text_only=self.TEXT_ONLY,
+                                       mtp_layers=mtp.num_depths if mtp is not None else 0)
 
     @classmethod
-    def from_config(cls, config, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-        """Randomly initialised model (transformers' init), built on meta and materialised on `device`."""
-        model = cls._empty(config, dtype, device)
+    def from_config(cls, config, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    **model_kwargs):
+        """Randomly initialised model (transformers' init), built on meta and materialised on `device`.
+        model_kwargs: the class's own options (e.g. `mtp_layers`)."""
+        model = cls._empty(config, dtype, device, **model_kwargs)
         model.init_weights()
         return model
 
     @classmethod
-    def _empty(cls, config, dtype, device):
+    def _empty(cls, config, dtype, device, **model_kwargs):
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, **model_kwargs)
         if dtype is not None:
             model.to(dtype)
         model.to_empty(device=device)
@@ -189,18 +195,19 @@ class HFCheckpointMixin:
     @classmethod
     def from_pretrained(
         cls, path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None = "auto",
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "cpu", **model_kwargs,
     ):
         """dtype: "auto" (default, as transformers): the dtype config.json declares (fp32 if none); None: fp32;
         or a torch dtype. device "meta": the model's structure only; the checkpoint is still checked key by key
-        and shape by shape from the file headers, but no tensor data is read."""
+        and shape by shape from the file headers, but no tensor data is read. model_kwargs: the class's own options
+        (e.g. `mtp_layers=1` loads and trains the checkpoint's `mtp.*` module)."""
         path = resolve_checkpoint_dir(path_or_hub_id)
         config = read_config(path, cls.MODEL_TYPES, cls.HF_ARCHITECTURE)
         if dtype == "auto":
             dtype = checkpoint_dtype(config)
         elif isinstance(dtype, str):
             raise ValueError(f"dtype must be 'auto', None or a torch.dtype, got {dtype!r}")
-        model = cls._empty(config, dtype, device)
+        model = cls._empty(config, dtype, device, **model_kwargs)
         model.checkpoint_source = CheckpointSource(path, load_hf_weights(model, path))
         return model
 
@@ -219,6 +226,8 @@ class CheckpointScan:
         self.skipped: Counter = Counter()
         self.passthrough: dict[str, Path] = {}
         self.unexpected: list[str] = []
+        self.mtp_expert_layout: str | None = None
+        self.mtp_random_init = False
 
     def keys(self, path: Path, adapter, targets):
         """Yield (file, open safetensors handle, key) for every checkpoint key whose native key is in `targets`;
@@ -234,10 +243,23 @@ class CheckpointScan:
                     elif native not in targets:
                         self.unexpected.append(key)
                     else:
+                        if key.startswith("mtp.") and ".mlp.experts." in key:
+                            self.mtp_expert_layout = "fused" if key.endswith("_proj") else "per_expert"
                         yield file, f, key
 
-    def check(self, path: Path, model_name: str, missing: list[str]) -> None:
-        """Raise the strict-loading error listing `missing` native tensors and the unexpected checkpoint keys."""
+    def check(self, path: Path, model_name: str, missing: list[str], mtp_missing_ok: bool = False) -> None:
+        """Raise the strict-loading error listing `missing` native tensors and the unexpected checkpoint keys.
+        mtp_missing_ok: a checkpoint with no `mtp.*` at all may leave the model's MTP module to a random init."""
+        no_mtp = bool(missing) and all(k.startswith("mtp.") for k in missing) and not any(
+            k.startswith("mtp.") for k in self.passthrough)
+        if no_mtp and not self.unexpected and self.mtp_expert_layout is None:
+            if mtp_missing_ok:
+                self.mtp_random_init = True
+                return
+            raise ValueError(
+                f"checkpoint {path} has no multi-token prediction tensors (mtp.*) but {model_name} was built with an "
+                f"MTP module ({len(missing)} tensors missing, e.g. {missing[0]}): disable MTP (model.mtp.enabled: "
+                "false) or start it from a random init (model.mtp.init: random)")
         if missing or self.unexpected:
             raise ValueError(
                 f"checkpoint {path} does not match {model_name}:\n"
@@ -247,11 +269,13 @@ class CheckpointScan:
             )
 
     def report(self, loaded: int) -> LoadReport:
-        return LoadReport(loaded, dict(self.skipped), dict(self.passthrough))
+        return LoadReport(loaded, dict(self.skipped), dict(self.passthrough),
+                          mtp_expert_layout=self.mtp_expert_layout, mtp_random_init=self.mtp_random_init)
 
 
-def load_hf_weights(model, path: Path) -> LoadReport:
-    """Stream every tensor of the checkpoint at `path` into `model` (strict). Returns a load report."""
+def load_hf_weights(model, path: Path, mtp_missing_ok: bool = False) -> LoadReport:
+    """Stream every tensor of the checkpoint at `path` into `model` (strict). Returns a load report.
+    mtp_missing_ok: a checkpoint without `mtp.*` leaves the model's MTP module as it is (`report.mtp_random_init`)."""
     adapter = model.state_dict_adapter()
     targets = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     if adapter.tied:
@@ -284,7 +308,7 @@ def load_hf_weights(model, path: Path) -> LoadReport:
                                                          else (None,))}
             if not want <= slots:
                 missing.append(f"{key} ({len(want - slots)} expert slice(s))")
-    scan.check(path, model.hf_architecture(), missing)
+    scan.check(path, model.hf_architecture(), missing, mtp_missing_ok)
     return scan.report(len(written))
 
 
@@ -313,6 +337,8 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
     checkpoint the weights came from (its companion files and passthrough tensors are written too); None: the
     weights only, with config.json."""
     adapter = model.state_dict_adapter()
+    if source is not None and source.report is not None and source.report.mtp_expert_layout:
+        adapter.mtp_expert_layout = source.report.mtp_expert_layout  # write MTP experts back as they were read
     out_dir = check_export_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     recover(out_dir)

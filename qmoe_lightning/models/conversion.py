@@ -52,8 +52,10 @@ class MoeStateDictAdapter:
 
     Also read: per-expert tensors (`...mlp.experts.{e}.{gate,up,down}_proj.weight`, what older transformers
     wrote), `lm_head.weight` or `model.lm_head.weight`, text-only prefixes (`model.`). A text-only model reading a
-    vision-language checkpoint skips (and counts) the vision tower. `mtp.*` tensors have no native module: they are
-    kept aside, counted, and copied through unchanged on export, never dropped silently.
+    vision-language checkpoint skips (and counts) the vision tower. `mtp.*` (multi-token prediction): a model with
+    an MTP module (`mtp_layers` > 0) loads them into it under the same names (experts fused natively; the checkpoint's
+    expert layout, per expert or fused, is what `mtp_expert_layout` writes back); a model without one keeps them
+    aside, counted, and copied through unchanged on export, never dropped silently.
     Native names differ from HF ones only in the experts (`gate_and_up_projs`, `down_projs`) and the shared expert
     (`shared_experts`, plural, as NeMo Automodel).
 
@@ -64,9 +66,12 @@ class MoeStateDictAdapter:
     READ_EXPERT_LAYOUTS: tuple[str, ...] = (HF,)
     WRITE_EXPERT_LAYOUT: str = HF
 
-    def __init__(self, config, text_only: bool):
-        """config: the model's config (the VL config or its text config); text_only: a text-only native model."""
+    def __init__(self, config, text_only: bool, mtp_layers: int = 0):
+        """config: the model's config (the VL config or its text config); text_only: a text-only native model;
+        mtp_layers: depths of the model's MTP module (0: `mtp.*` tensors are passed through)."""
         self.text_only = text_only
+        self.mtp_layers = mtp_layers
+        self.mtp_expert_layout = "fused"  # how `to_hf` writes MTP experts: "fused" (the family's layout), "per_expert"
         text = getattr(config, "text_config", config)
         self.num_experts = text.num_experts
         self.intermediate = text.moe_intermediate_size
@@ -83,7 +88,7 @@ class MoeStateDictAdapter:
     # ---- HF -> native -------------------------------------------------------------------------------------------
     def hf_key_to_native(self, key: str) -> str | Skip:
         """Rename only (no tensor work). Expert keys map to their fused native key."""
-        if key.startswith("mtp."):
+        if key.startswith("mtp.") and not self.mtp_layers:
             return Skip("mtp")
         if _IGNORABLE.search(key):
             return Skip("ignorable")
@@ -93,7 +98,7 @@ class MoeStateDictAdapter:
             return Skip("vision") if self.text_only else key
         if key.startswith("model.language_model."):
             key = self._decoder + key[len("model.language_model."):]
-        elif key.startswith("model."):
+        elif key.startswith("model.") and not key.startswith("mtp."):
             key = self._decoder + key[len("model."):]
         key = key.replace(".mlp.shared_expert.", ".mlp.shared_experts.")
         m = _PER_EXPERT.match(key)
@@ -156,6 +161,9 @@ class MoeStateDictAdapter:
         if fqn == "lm_head.weight" and self.tied:
             return []  # tied to the embedding, which is saved under its own name
         key = fqn.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
+        if key.startswith("mtp.") and self.mtp_expert_layout == "per_expert" and not in_memory and \
+                key.endswith((".mlp.experts.gate_and_up_projs", ".mlp.experts.down_projs")):
+            return self._per_expert(fqn, key, tensor)
         for native, hf, proj in ((".mlp.experts.gate_and_up_projs", "gate_up_proj", "gate_up"),
                                  (".mlp.experts.down_projs", "down_proj", "down")):
             if not key.endswith(native):
@@ -169,6 +177,20 @@ class MoeStateDictAdapter:
             out = tensor.transpose(1, 2) if layout == HF else tensor
             return [(key[: -len(native)] + ".mlp.experts." + hf, out if in_memory else out.contiguous())]
         return [(key, tensor)]
+
+    def _per_expert(self, fqn: str, key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Fused native experts -> `...experts.{e}.{gate,up,down}_proj.weight` (as Qwen3.5-35B-A3B stores MTP)."""
+        if tensor.shape[0] != self.num_experts:
+            raise ValueError(f"{fqn} holds {tensor.shape[0]} of {self.num_experts} experts: gather them first")
+        prefix, I = key.rsplit(".", 1)[0], self.intermediate
+        out = []
+        for e in range(self.num_experts):
+            if key.endswith("gate_and_up_projs"):
+                out += [(f"{prefix}.{e}.gate_proj.weight", tensor[e, :, :I].t().contiguous()),
+                        (f"{prefix}.{e}.up_proj.weight", tensor[e, :, I:].t().contiguous())]
+            else:
+                out.append((f"{prefix}.{e}.down_proj.weight", tensor[e].t().contiguous()))
+        return out
 
     def to_hf(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}

@@ -73,11 +73,28 @@ def linear_cross_entropy(
 def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) unshifted labels (HF convention) -> (B, T) next-token targets: position t predicts labels[t + 1], the
     last position nothing, and with `cu_seqlens` (a packed row, B = 1) no target crosses a document boundary (the
-    last token of every document predicts nothing). The one label shift of the project: the model's loss and the
-    answer accuracy both use it."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    last token of every document predicts nothing). The one label shift of the project: the model's loss, the
+    answer accuracy and (with `future_token_targets`) multi-token prediction use it."""
+    return future_token_targets(labels, cu_seqlens, 1)
+
+
+def future_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None, offset: int) -> torch.Tensor:
+    """(B, T) unshifted labels -> (B, T): position t predicts labels[t + offset] when that position exists and, in a
+    packed row, lies in the same document as t; else -100. offset 1: next-token targets; offset d + 2: the targets of
+    multi-token prediction depth d."""
+    T = labels.shape[1]
+    targets = F.pad(labels[:, offset:], (0, min(offset, T)), value=-100)[:, :T]
     if cu_seqlens is not None:
-        ends = cu_seqlens[1:].long().to(labels.device) - 1
-        targets = targets.clone()
-        targets[0, ends[ends >= 0]] = -100
+        doc = document_ids(cu_seqlens, T, labels.device)  # (T,)
+        same = torch.zeros(T, dtype=torch.bool, device=labels.device)
+        same[: max(T - offset, 0)] = doc[offset:] == doc[: T - offset] if T > offset else same[:0]
+        targets = targets.masked_fill(~same.unsqueeze(0), -100)
     return targets
+
+
+def document_ids(cu_seqlens: torch.Tensor, T: int, device) -> torch.Tensor:
+    """(T,) index of the document each position of a packed row belongs to (positions past the last end: -1)."""
+    bounds = cu_seqlens.long().to(device)
+    pos = torch.arange(T, device=device)
+    doc = torch.searchsorted(bounds[1:], pos, right=True)  # (T,)
+    return torch.where(pos < bounds[-1], doc, torch.full_like(doc, -1))

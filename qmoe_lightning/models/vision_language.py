@@ -141,6 +141,7 @@ class VisionLanguageMoe(MoeCausalLM):
         logits_to_keep: int = 0,
         num_items_in_batch: torch.Tensor | int | None = None,
         return_logits: bool = True,
+        mtp_metrics: bool = False,
         **unused,
     ) -> MoeOutput:
         if isinstance(input_ids, PackedBatch):  # model(batch, num_items_in_batch=..., ...)
@@ -170,4 +171,5 @@ class VisionLanguageMoe(MoeCausalLM):
             inputs_embeds, positions, info, labels=labels, output_router_logits=output_router_logits,
             label_logits_only=label_logits_only, logits_to_keep=logits_to_keep,
             num_items_in_batch=num_items_in_batch, return_logits=return_logits, deepstack=deepstack,
+            mtp_metrics=mtp_metrics,
         )

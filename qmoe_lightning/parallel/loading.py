@@ -118,7 +118,7 @@ def _source_dims(view: torch.Tensor, probe: torch.Tensor, where: str) -> list[in
 
 # ---------------------------------------------------------------------------------------------- loading
 @torch.no_grad()
-def _load_local(model: nn.Module, path: Path, stats: dict) -> LoadReport:
+def _load_local(model: nn.Module, path: Path, stats: dict, mtp_missing_ok: bool = False) -> LoadReport:
     adapter = model.state_dict_adapter()
     targets = {k: _target(k, v) for k, v in global_state_dict(model).items() if not is_adapter_key(k)}
     if adapter.tied:
@@ -133,7 +133,8 @@ def _load_local(model: nn.Module, path: Path, stats: dict) -> LoadReport:
             missing.append(key)
         elif done < t.local_numel:
             missing.append(f"{key} ({_describe_gap(t)})")
-    scan.check(path, model.hf_architecture(), missing)  # the model's own class name, also under FSDP2's subclass
+    # the model's own class name, also under FSDP2's subclass
+    scan.check(path, model.hf_architecture(), missing, mtp_missing_ok)
     return scan.report(len(targets))
 
 
@@ -198,7 +199,7 @@ def _describe_gap(t: _Target) -> str:
 
 
 def load_hf_weights_parallel(model: nn.Module, path: str | Path,
-                             group: dist.ProcessGroup | None = None) -> LoadReport:
+                             group: dist.ProcessGroup | None = None, mtp_missing_ok: bool = False) -> LoadReport:
     """Fill a parallelised, materialised model from the HF checkpoint directory `path`, each rank reading only its
     own slices (see module doc). Strict; raises the same error on every rank of `group` (default: world) if any
     rank's part does not match. Returns `load_hf_weights`' report with `rank_local` = {"read_elements",
@@ -207,7 +208,7 @@ def load_hf_weights_parallel(model: nn.Module, path: str | Path,
     stats = Counter(read_elements=0, checkpoint_elements=0)
     report, error, exc = None, None, None
     try:
-        report = _load_local(model, path, stats)
+        report = _load_local(model, path, stats, mtp_missing_ok)
     except Exception as err:  # anything: peers must learn about it instead of waiting in a collective
         error, exc = f"{type(err).__name__}: {err}", err
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:

@@ -18,11 +18,13 @@ from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeVisio
 
 from ..batch import PackedBatch
 from ..causal_lm import MoeCausalLM, MoeOutput, reject_unknown
+from ..mtp import MultiTokenPredictor
+from ..norms import ZeroCenteredRMSNorm
 from ..packing import build_sequence_info
 from ..rotary import Fp32SafeVisionRotaryEmbedding
 from ..vision_language import VisionLanguageMoe
 from .state_dict_adapter import Qwen3_5MoeStateDictAdapter
-from .text_model import Qwen3_5MoeTextModelBackend
+from .text_model import Qwen3_5MoeTextModelBackend, mtp_block
 
 
 class Qwen3_5MoeForCausalLM(MoeCausalLM):
@@ -33,7 +35,9 @@ class Qwen3_5MoeForCausalLM(MoeCausalLM):
     TEXT_ONLY = True
     STATE_DICT_ADAPTER = Qwen3_5MoeStateDictAdapter
 
-    def __init__(self, config: Qwen3_5MoeTextConfig | Qwen3_5MoeConfig):
+    def __init__(self, config: Qwen3_5MoeTextConfig | Qwen3_5MoeConfig, mtp_layers: int = 0,
+                 mtp_loss_scale: float = 0.1):
+        """mtp_layers: build the multi-token prediction module (`mtp.*`) with this many depths (0: none)."""
         super().__init__()
         if isinstance(config, Qwen3_5MoeConfig):
             config = config.text_config
@@ -42,6 +46,7 @@ class Qwen3_5MoeForCausalLM(MoeCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        _add_mtp(self, config, mtp_layers, mtp_loss_scale)
 
     @property
     def text_model(self) -> Qwen3_5MoeTextModelBackend:
@@ -62,6 +67,7 @@ class Qwen3_5MoeForCausalLM(MoeCausalLM):
         num_items_in_batch: torch.Tensor | int | None = None,
         return_logits: bool = True,
         mm_token_type_ids: torch.Tensor | None = None,
+        mtp_metrics: bool = False,
         **unused,
     ) -> MoeOutput:
         if isinstance(input_ids, PackedBatch):  # model(batch, num_items_in_batch=..., ...)
@@ -85,7 +91,7 @@ class Qwen3_5MoeForCausalLM(MoeCausalLM):
         return self._decode_and_head(
             inputs_embeds, positions, info, labels=labels, output_router_logits=output_router_logits,
             label_logits_only=label_logits_only, logits_to_keep=logits_to_keep,
-            num_items_in_batch=num_items_in_batch, return_logits=return_logits,
+            num_items_in_batch=num_items_in_batch, return_logits=return_logits, mtp_metrics=mtp_metrics,
         )
 
 
@@ -104,7 +110,8 @@ class Qwen3_5MoeForConditionalGeneration(VisionLanguageMoe):
     MODEL_TYPES = ("qwen3_5_moe",)  # a text-only checkpoint has no vision tower: Qwen3_5MoeForCausalLM loads it
     STATE_DICT_ADAPTER = Qwen3_5MoeStateDictAdapter
 
-    def __init__(self, config: Qwen3_5MoeConfig):
+    def __init__(self, config: Qwen3_5MoeConfig, mtp_layers: int = 0, mtp_loss_scale: float = 0.1):
+        """mtp_layers: build the multi-token prediction module (`mtp.*`) with this many depths (0: none)."""
         super().__init__()
         self.config = config
         self.text_config = config.text_config
@@ -112,3 +119,9 @@ class Qwen3_5MoeForConditionalGeneration(VisionLanguageMoe):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
+        _add_mtp(self, config.text_config, mtp_layers, mtp_loss_scale)
+
+
+def _add_mtp(model: nn.Module, text_config, layers: int, loss_scale: float) -> None:
+    model.mtp = MultiTokenPredictor(text_config, layers, mtp_block, ZeroCenteredRMSNorm) if layers else None
+    model.mtp_loss_scale = loss_scale

@@ -16,10 +16,11 @@ from .gated_deltanet import GatedDeltaNet
 
 
 class Qwen3_5MoeBlock(DecoderBlock):
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config, layer_idx: int, layer_type: str | None = None):
+        """layer_type: override `config.layer_types[layer_idx]` (the MTP layer is always full attention)."""
         super().__init__()
         self.layer_idx = layer_idx
-        self.layer_type = config.layer_types[layer_idx]
+        self.layer_type = layer_type or config.layer_types[layer_idx]
         if self.layer_type == "linear_attention":
             self.linear_attn = GatedDeltaNet(config)
         elif self.layer_type == "full_attention":
@@ -39,6 +40,11 @@ class Qwen3_5MoeBlock(DecoderBlock):
             h = h + self.self_attn(x, rope, info)
         out, router_logits, indices = self.mlp(self.post_attention_layernorm(h))
         return h + out, router_logits, indices
+
+
+def mtp_block(config, depth: int) -> Qwen3_5MoeBlock:
+    """The decoder block of MTP depth `depth` (`mtp.layers.{depth}`): a full-attention MoE block."""
+    return Qwen3_5MoeBlock(config, depth, "full_attention")
 
 
 class Qwen3_5MoeTextModelBackend(DecoderBackend):
