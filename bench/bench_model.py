@@ -9,6 +9,7 @@ and one packed row of 2-4K tokens made of log-normal document lengths. Three tim
                   CPU to keep documents apart (its torch Gated DeltaNet cannot take cu_seqlens)
   hf_packed       transformers on the same packed row as one sequence: the same work with wrong numerics
                   (documents leak into each other); isolates implementation speed
+  native_mtp      (with --mtp, Qwen3.5-MoE) native_packed plus one multi-token prediction depth: the cost of MTP
 
 Two label scenarios:
   all        every token is a target (language-model pre-training style); the LM head is the same work for both
@@ -118,9 +119,16 @@ def run_variant(variant: str, scenario: str, ckpt: str, lengths: list[int], voca
     torch.set_num_threads(threads)
     docs = make_docs(lengths, vocab, seed=0)
     labels = docs if scenario == "all" else sft_labels(docs, seed=0)
-    if variant == "native_packed":
+    if variant.startswith("native"):
         native, _ = model_classes(family)
-        model = native.from_pretrained(ckpt).train()
+        if variant == "native_mtp":  # the mid-size checkpoint has no mtp.*: a seeded random MTP layer
+            from qmoe_lightning.build import build_model
+            from qmoe_lightning.models.registry import load_config
+
+            model = build_model(native, load_config(Path(ckpt)), checkpoint=Path(ckpt), model_kwargs={"mtp_layers": 1},
+                                mtp_random_init=True).model.train()
+        else:
+            model = native.from_pretrained(ckpt).train()
         ids = torch.cat(docs).unsqueeze(0)
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
         # the training path: LM head + CE fused over target rows only (no (T, V) logits); identical CE work
@@ -158,7 +166,7 @@ def run_variant(variant: str, scenario: str, ckpt: str, lengths: list[int], voca
         if variant == "hf_padded":
             logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
             ce = [torch.nn.functional.cross_entropy(logits[i, : len(d) - 1], d[1:]).item() for i, d in enumerate(docs)]
-        elif variant == "native_packed":
+        elif variant.startswith("native"):
             logits = model(input_ids=inputs["input_ids"], cu_seqlens=inputs["cu_seqlens"]).logits[0]
             b = inputs["cu_seqlens"].tolist()
             ce = [torch.nn.functional.cross_entropy(logits[s : e - 1], docs[i][1:]).item()
@@ -178,6 +186,7 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=["all", "sft"], choices=["all", "sft"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", default="qwen3_5_moe", choices=["qwen3_5_moe", "qwen3_vl_moe"])
+    parser.add_argument("--mtp", action="store_true", help="also time the native model with one MTP depth")
     args = parser.parse_args()
 
     lengths = document_lengths(args.tokens, args.seed)
@@ -194,7 +203,8 @@ def main() -> None:
         HF(mid_config(args.vocab, args.family)).save_pretrained(tmp)
         for scenario in args.scenarios:
             results = {}
-            for variant in ("native_packed", "hf_padded", "hf_packed"):
+            variants = ("native_packed", "hf_padded", "hf_packed") + (("native_mtp",) if args.mtp else ())
+            for variant in variants:
                 queue = ctx.Queue()
                 proc = ctx.Process(target=run_variant, args=(variant, scenario, tmp, lengths, args.vocab, args.steps,
                                                              args.threads, queue, args.family))
@@ -210,6 +220,8 @@ def main() -> None:
             print(f"[{scenario}] (b) native packed vs transformers on the same packed row: {packed / nat:.2f}x")
             print(f"[{scenario}] numerics: max per-document CE diff native packed vs transformers padded = "
                   f"{ce_diff:.2e}", flush=True)
+            if "native_mtp" in results:
+                print(f"[{scenario}] cost of one MTP depth: step time x{results['native_mtp']['step_s'] / nat:.2f}")
             summary[scenario] = {
                 "ratio_a_vs_hf_padded": round(pad / nat, 2), "ratio_b_vs_hf_packed": round(packed / nat, 2),
                 "useful_tok_s": {k: round(useful / v["step_s"]) for k, v in results.items()},

@@ -29,7 +29,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from qmoe_lightning.router_stats import RouterStats
+from qmoe_lightning.router_stats import RouterStats, moe_layer_indices
 
 from .heatmap import load_heatmap_figure, save_figure
 
@@ -101,9 +101,9 @@ class ExpertLoadStats(pl.Callback):
             "experts/window_tokens": float(stats.tokens),
         }
         if self.per_layer:
-            for layer in range(stats.num_layers):
-                summary[f"experts/layer_{layer}/max_mean_ratio"] = float(load["max_mean_ratio"][layer])
-                summary[f"experts/layer_{layer}/router_entropy"] = float(entropy[layer])
+            for row, layer in enumerate(moe_layer_indices(pl_module, stats.num_layers)):
+                summary[f"experts/layer_{layer}/max_mean_ratio"] = float(load["max_mean_ratio"][row])
+                summary[f"experts/layer_{layer}/router_entropy"] = float(entropy[row])
         self.last_summary = summary
         if not at_end:
             pl_module.log_dict(summary)
@@ -117,10 +117,11 @@ class ExpertLoadStats(pl.Callback):
                 while self._next_heatmap is not None and self._next_heatmap <= step:
                     self._next_heatmap += self.heatmap_every_n_steps
             if trainer.is_global_zero:
-                self._write_heatmap(trainer, self.last_counts.numpy(), step)
+                self._write_heatmap(trainer, self.last_counts.numpy(), step,
+                                    moe_layer_indices(pl_module, self.last_counts.shape[0]))
 
-    def _write_heatmap(self, trainer, counts, step: int) -> None:
-        fig, title = load_heatmap_figure(counts, step)
+    def _write_heatmap(self, trainer, counts, step: int, layers: list[int] | None = None) -> None:
+        fig, title = load_heatmap_figure(counts, step, layers=layers)
         path, image = save_figure(fig, title, self._dir(trainer) / f"expert_load_step{step:07d}.png")
         self.heatmaps.append(path)
         for logger in trainer.loggers:

@@ -52,8 +52,10 @@ def _figure_to_rgb(fig) -> np.ndarray:
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-def load_heatmap_figure(counts: np.ndarray, step: int | None = None, vmax: float = 3.0):
-    """(figure, title) of the (L, E) heatmap; the caller saves or renders it."""
+def load_heatmap_figure(counts: np.ndarray, step: int | None = None, vmax: float = 3.0,
+                        layers: list[int] | None = None):
+    """(figure, title) of the (L, E) heatmap; the caller saves or renders it. layers: the decoder-layer index of each
+    row (a model with dense layers routes in fewer layers than it has; default 0..L-1)."""
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
@@ -73,6 +75,9 @@ def load_heatmap_figure(counts: np.ndarray, step: int | None = None, vmax: float
     ax.set_ylabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(nbins=min(E, 32), integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(nbins=min(L, 20), integer=True))
+    if layers is not None and list(layers) != list(range(L)):
+        ax.yaxis.set_major_formatter(lambda y, _: str(layers[int(y)]) if 0 <= int(y) < len(layers) else "")
+        ax.set_ylabel("layer (MoE layers only)")
     bar = fig.colorbar(im, ax=ax, extend="max")
     bar.set_label("x uniform share (1 = balanced)")
     title = heatmap_title(counts, step)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
+from qmoe_lightning.router_stats import moe_layer_indices
+
 
 class MoEAuxLossLogger(pl.Callback):
     def __init__(self, per_layer: bool = True, log_every_n_steps: int = 1):
@@ -51,7 +53,7 @@ class MoEAuxLossLogger(pl.Callback):
         metrics["moe/aux_loss"] = sums[0] / n
         if len(values) > 2:
             layers = sums[2:] / n
-            for i, v in enumerate(layers.tolist()):
-                metrics[f"moe/aux_loss_layer_{i}"] = v
+            for layer, v in zip(moe_layer_indices(pl_module, len(layers)), layers.tolist()):
+                metrics[f"moe/aux_loss_layer_{layer}"] = v
             metrics["moe/aux_loss_layer_max"] = float(layers.max())
         pl_module.log_dict({k: float(v) for k, v in metrics.items()})

@@ -39,13 +39,15 @@ class StepProgressBar(_BASE):
 
 def parameter_groups(model) -> tuple[Counter, Counter]:
     """(total, trainable) parameter counts by group, from parameter names (native model): the LoRA report's groups
-    (`lora.apply.group_of`) plus adapters, embeddings / LM head and routers on lines of their own."""
+    (`lora.apply.group_of`) plus adapters, embeddings / LM head, the MTP module and routers on lines of their own."""
     total, trainable = Counter(), Counter()
     for name, p in model.named_parameters():
         if "lora_" in name:
             group = "LoRA adapters"
         elif "embed_tokens" in name or name.startswith("lm_head"):
             group = "embeddings / LM head"
+        elif name.startswith("mtp."):
+            group = "multi-token prediction"
         elif name.endswith("mlp.gate.weight"):
             group = "router"
         else:

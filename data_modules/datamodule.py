@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from qmoe_lightning.embedded import SENTINEL, resolve_path
+from qmoe_lightning.embedded import SENTINEL, embedded_model_name, resolve_path
 
 from .encoding import TRUNCATED, Encoder
 from .packing import PackDataset
@@ -133,7 +133,7 @@ class MultimodalPackingDataModule(LightningDataModule):
         model = self._resolved_model()
         train = resolve_path(self.train_path, "train", emb)
         val = resolve_path(self.val_path, "val", emb)
-        if val is None and self.val_fraction == 0 and self.train_path == SENTINEL:
+        if val is None and self.val_fraction == 0 and embedded_model_name(self.train_path) is not None:
             val = resolve_path(SENTINEL, "val", emb)
         return str(model), train, val
 

@@ -70,6 +70,8 @@ def build_model(
     parallelize: Callable[[nn.Module], nn.Module] | None = None,
     activation_checkpointing: bool = False,
     init_seed: int = 0,
+    model_kwargs: dict | None = None,
+    mtp_random_init: bool = False,
 ) -> BuiltModel:
     """Build `model_class(config)` on `device` in `dtype` (None: fp32; A_log / dt_bias / inv_freq stay fp32).
 
@@ -79,26 +81,38 @@ def build_model(
     parallelize: the strategy's plan (`ExpertParallelStrategy.parallelize`); None: a single-device model.
     activation_checkpointing: recompute every decoder block in backward, routing replayed (the blocks' own; a
         plan can switch it on as well).
+    model_kwargs: the model class's own options (`mtp_layers`, `mtp_loss_scale`).
+    mtp_random_init: a checkpoint without `mtp.*` leaves the MTP module to a random init (seeded by `init_seed`;
+        under a rank-local load each rank draws its own shards, so it is not the single-process init).
     """
     t0 = time.perf_counter()
     lora = LoraConfig.from_any(lora)  # the YAML section may arrive as a dict
     with torch.device("meta"):
-        model = model_class(config)
+        model = model_class(config, **(model_kwargs or {}))
     if dtype is not None:
         model.to(dtype)
     rank_local = parallelize is not None and checkpoint is not None
     cuda = [device] if device.type == "cuda" else []
     report = None
+    if parallelize is not None and getattr(model.config, "tie_word_embeddings", False):
+        raise NotImplementedError("tie_word_embeddings under a parallel plan (FSDP2 / expert parallelism) is not "
+                                  "supported: the tie would not survive sharding; no published Qwen3.5-MoE / "
+                                  "Qwen3-VL-MoE checkpoint ties them")
     if not rank_local:
         model.to_empty(device=device)
+        model.tie_weights()
         model.reset_buffers()
         if checkpoint is not None:
-            report = load_hf_weights(model, checkpoint)
+            report = load_hf_weights(model, checkpoint, mtp_missing_ok=mtp_random_init)
+            _init_mtp_if_missing(model, report, cuda, init_seed)
         else:
             with torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(init_seed)
                 model.init_weights()
     model.text_model.gradient_checkpointing = bool(activation_checkpointing)
+    if getattr(model, "mtp", None) is not None:
+        for block in model.mtp.layers:
+            block.checkpointing = bool(activation_checkpointing)
     lora_report = None
     if lora is not None:
         # on meta (rank-local), the adapters get their values from init_lora_parallel after loading: the seeding
@@ -114,9 +128,19 @@ def build_model(
     if rank_local:
         model.to_empty(device=device)
         model.reset_buffers()
-        report = load_hf_weights_parallel(model, checkpoint)
+        report = load_hf_weights_parallel(model, checkpoint, mtp_missing_ok=mtp_random_init)
+        _init_mtp_if_missing(model, report, cuda, init_seed)
         if lora is not None:
             init_lora_parallel(model, lora.init_seed)  # == apply_lora on the full model
     directory = processor_dir if processor_dir is not None else checkpoint
     return BuiltModel(model, checkpoint, CheckpointSource(directory, report), parallelize is not None, rank_local,
                       n_total, n_train, lora_report, time.perf_counter() - t0)
+
+
+def _init_mtp_if_missing(model: nn.Module, report, cuda: list, seed: int) -> None:
+    """The checkpoint had no `mtp.*` and a random init was asked for: initialise the MTP module alone."""
+    if report is None or not report.mtp_random_init:
+        return
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        model.init_weights(model.mtp)

@@ -19,9 +19,17 @@ optimizer. (The aux term is weighted by each micro-batch's target tokens so the 
 too.) Callbacks' `on_before_optimizer_step` run BEFORE this rescale (Lightning calls callbacks first); read
 gradients in `configure_gradient_clipping` or later.
 
+Multi-token prediction (`mtp: {enabled: true}`, Qwen3.5-MoE): the checkpoint's `mtp.*` module trains beside the
+model and each micro-batch adds `mtp.loss_scale * mean over depths of its MTP CE sum`, normalised by the same
+global target count N_global as the main CE (as NeMo Automodel; depth d has a few targets fewer per document).
+
 Logged: train/loss (token-weighted CE of the step), train/aux_loss (mean of the model's aux over micro-batches),
 train/lr, train/grad_norm (before clipping), train/tokens_per_s (all ranks, wall time between optimizer steps);
-val/loss, val/image_acc, val/text_acc (exact-match greedy answers, see `evaluation.py`).
+val/loss, val/image_acc, val/text_acc (exact-match greedy answers, see `evaluation.py`). With MTP: train/mtp_loss
+(per-token MTP CE, mean over depths) and train/mtp_loss_depth{d} (d = 1..D), val/mtp_loss, val/mtp_acc_depth{d}
+(top-1 accuracy of depth d's prediction of the token d + 1 ahead of the next one) and val/mtp_acceptance (how
+often depth 1's argmax equals the main model's argmax one step later: the speculative-decoding acceptance rate of
+a one-token draft).
 
 Predict (`cli.py predict`): the model is handed to transformers' `generate` in memory (`generation.py`: tensors
 shared, LoRA merged) and every prompt of `data.predict_path` is answered; `<default_root_dir>/predictions.jsonl`
@@ -31,6 +39,7 @@ val/text_acc). One process only: a model sharded over several processes is expor
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -45,6 +54,7 @@ from .evaluation import document_answer_correct
 from .generation import GenerationOptions
 from .lora import LoraConfig
 from .models.batch import PackedBatch
+from .models.mtp import MtpConfig
 from .optim import build_adamw, warmup_cosine_scheduler
 from .router_stats import RouterStats
 
@@ -61,6 +71,8 @@ class _StepWindow:
     micro_batches: int = 0
     aux_values: list[torch.Tensor] = field(default_factory=list)  # model aux loss of each micro-batch
     router_stats: list[RouterStats] = field(default_factory=list)  # per micro-batch, when collected
+    mtp_ce: torch.Tensor | float = 0.0  # (D,) MTP CE sums per depth
+    mtp_n: torch.Tensor | float = 0.0  # (D,) MTP targets per depth
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,7 @@ class QMoELightningModule(pl.LightningModule):
         embedded_cache_dir: str | None = None,
         lora: LoraConfig | None = None,
         generation: GenerationOptions | None = None,
+        mtp: MtpConfig | None = None,
     ):
         """
         Args:
@@ -138,6 +151,9 @@ class QMoELightningModule(pl.LightningModule):
             generation: decoding options of `cli.py predict` (`qmoe_lightning.generation.GenerationOptions`:
                 max_new_tokens, temperature, top_p, seed); None: greedy, 64 new tokens. Not a training setting:
                 a resume ignores it.
+            mtp: multi-token prediction (`qmoe_lightning.models.mtp.MtpConfig`: enabled, num_layers, loss_scale,
+                init). Enabled, the checkpoint's `mtp.*` module trains beside the model (Qwen3.5-MoE) and exports
+                write it back; None / disabled: `mtp.*` tensors are copied through unchanged.
         """
         super().__init__()
         if pretrained is None and model_config is None:
@@ -175,8 +191,18 @@ class QMoELightningModule(pl.LightningModule):
             config = load_config(checkpoint)
         else:
             config = config_from(hp.model_config)
+        model_class = family_of(config.model_type).model_class(text_only=hp.text_only)
+        mtp = MtpConfig.from_any(hp.mtp)
+        model_kwargs = {}
+        if mtp is not None and mtp.enabled:
+            if "mtp_layers" not in inspect.signature(model_class.__init__).parameters:
+                raise ValueError(f"mtp.enabled: {model_class.__name__} has no multi-token prediction module (its "
+                                 "checkpoints carry none); disable model.mtp")
+            model_kwargs = dict(mtp_layers=mtp.depths(getattr(config, "text_config", config)),
+                                mtp_loss_scale=mtp.loss_scale)
         built = build_model(
-            family_of(config.model_type).model_class(text_only=hp.text_only), config,
+            model_class, config, model_kwargs=model_kwargs,
+            mtp_random_init=mtp is not None and mtp.enabled and mtp.init == "random",
             checkpoint=checkpoint,
             processor_dir=Path(self._resolve_embedded(hp.processor_source)) if hp.processor_source else None,
             dtype={"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision),
@@ -235,6 +261,10 @@ class QMoELightningModule(pl.LightningModule):
         n = out.num_label_tokens.to(out.ce_loss.dtype)
         coef = self.aux_loss_coef
         loss = out.ce_loss + coef * n * out.aux_loss if coef else out.ce_loss
+        if out.mtp is not None:  # CE sums (num_items_in_batch=1): rescaled by N_global with the rest
+            loss = loss + self.model.mtp_loss_scale * out.mtp.ce.mean()
+            win.mtp_ce = win.mtp_ce + out.mtp.ce.detach().double()
+            win.mtp_n = win.mtp_n + out.mtp.num_targets.double()
         win.ce_sum = win.ce_sum + out.ce_loss.detach()
         win.n_targets = win.n_targets + n.detach()
         win.aux_sum = win.aux_sum + out.aux_loss.detach()
@@ -302,6 +332,13 @@ class QMoELightningModule(pl.LightningModule):
         self.log("train/target_tokens", n_global)
         if dt > 0:
             self.log("train/tokens_per_s", tokens_global / dt, prog_bar=True)
+        if getattr(self.model, "mtp", None) is not None and torch.is_tensor(win.mtp_ce):
+            mtp = self.trainer.strategy.reduce(torch.stack([win.mtp_ce, win.mtp_n]).to(dev), reduce_op="sum")
+            per_depth = (mtp[0] / mtp[1].clamp_min(1.0)).tolist()
+            self.log("train/mtp_loss", sum(per_depth) / len(per_depth), prog_bar=True)
+            if len(per_depth) > 1:
+                for d, value in enumerate(per_depth, 1):
+                    self.log(f"train/mtp_loss_depth{d}", value)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -358,8 +395,11 @@ class QMoELightningModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: PackedBatch) -> None:
         batch = _packed(batch)
-        out = self(batch, num_items_in_batch=1, label_logits_only=True, output_router_logits=False)
-        sums = torch.zeros(6, dtype=torch.float64, device=self.device)
+        mtp = getattr(self.model, "mtp", None)
+        out = self(batch, num_items_in_batch=1, label_logits_only=True, output_router_logits=False,
+                   mtp_metrics=mtp is not None)
+        depths = mtp.num_depths if mtp is not None else 0
+        sums = torch.zeros(6 + 3 * depths + 2, dtype=torch.float64, device=self.device)
         sums[0] = out.ce_loss.detach().double()
         sums[1] = out.num_label_tokens.double()
         if out.logits is not None and out.logits.shape[0] > 0 and batch.get("cu_seqlens") is not None:
@@ -369,6 +409,10 @@ class QMoELightningModule(pl.LightningModule):
             sums[3] = visual.sum()
             sums[4] = (correct & ~visual).sum()
             sums[5] = (~visual).sum()
+        if out.mtp is not None:  # per depth: CE sum, targets, top-1 hits; then depth-1 acceptance hits / positions
+            sums[6:6 + 3 * depths] = torch.stack([out.mtp.ce, out.mtp.num_targets, out.mtp.correct], 1) \
+                .reshape(-1).double()
+            sums[-2:] = torch.stack([out.mtp.accepted, out.mtp.accept_total]).double()
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
 
     def _eval_epoch_end(self, prefix: str) -> None:
@@ -382,6 +426,12 @@ class QMoELightningModule(pl.LightningModule):
         if sums[5] > 0:
             metrics[f"{prefix}/text_acc"] = sums[4] / sums[5]
         metrics[f"{prefix}/answer_acc"] = (sums[2] + sums[4]) / max(sums[3] + sums[5], 1.0)
+        if len(sums) > 6:
+            per_depth = [sums[6 + 3 * d: 9 + 3 * d] for d in range((len(sums) - 8) // 3)]
+            metrics[f"{prefix}/mtp_loss"] = sum(ce / max(n, 1.0) for ce, n, _ in per_depth) / len(per_depth)
+            for d, (_, n, hits) in enumerate(per_depth, 1):
+                metrics[f"{prefix}/mtp_acc_depth{d}"] = hits / max(n, 1.0)
+            metrics[f"{prefix}/mtp_acceptance"] = sums[-2] / max(sums[-1], 1.0)
         # values are already global: no further sync
         self.log_dict(metrics, prog_bar=True)
 

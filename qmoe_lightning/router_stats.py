@@ -83,3 +83,11 @@ class RouterStats:
             "cv": self.counts.std(-1, unbiased=False) / safe,  # (L,)
             "dead": (self.counts == 0).sum(-1),  # (L,) experts with no token
         }
+
+
+def moe_layer_indices(pl_module, rows: int) -> list[int]:
+    """The decoder-layer index of each of `rows` router-statistics rows: only MoE layers route (a Qwen3-VL-MoE with
+    dense layers has fewer rows than layers), so row i is layer `text_model.moe_layers[i]`."""
+    text_model = getattr(getattr(pl_module, "model", None), "text_model", None)
+    layers = list(getattr(text_model, "moe_layers", None) or [])
+    return layers if len(layers) == rows else list(range(rows))

@@ -320,3 +320,13 @@ def test_default_targets_are_the_model_familys(base_model):
     assert set(default) < set(with_extra)
     with pytest.raises(ValueError, match="not a registered model family; name the targets"):
         resolve_targets(nn.Sequential(nn.Linear(4, 4)), LoraConfig())
+
+
+def test_every_family_default_target_is_a_known_alias():
+    """Family defaults that a model lacks are skipped silently (`_expand_default`): a misspelt registry entry would
+    never adapt anything, so each must be an alias."""
+    from qmoe_lightning.lora.config import ALIASES
+    from qmoe_lightning.models.registry import FAMILIES
+
+    for family in FAMILIES.values():
+        assert set(family.lora_targets) <= set(ALIASES), family.name

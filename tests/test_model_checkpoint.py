@@ -395,3 +395,28 @@ def test_model_config_of_another_model_type_is_named(tmp_path):
     with torch.device("meta"):
         model = wrapped(text)
     assert family_of_model(model).name == "Qwen3.5-MoE" and model.state_dict_adapter().text_only
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "qwen3_vl_moe"])
+def test_tied_embeddings_survive_meta_construction_and_loading(family, tmp_path):
+    """`to_empty` unties what __init__ tied: the model must re-tie, or lm_head stays uninitialised memory that the
+    loader (which skips lm_head for a tied config) never fills."""
+    from tiny_configs import make_hf_vl_moe_model, make_vl_moe_config
+
+    if family == "qwen3_5_moe":
+        config, make, native_class = make_config("base"), make_hf_model, Qwen3_5MoeForConditionalGeneration
+    else:
+        from qmoe_lightning.models import Qwen3VLMoeForConditionalGeneration as native_class
+
+        config, make = make_vl_moe_config("base"), make_hf_vl_moe_model
+    config.tie_word_embeddings = True
+    hf = make(config, seed=3)
+    assert hf.lm_head.weight is hf.get_input_embeddings().weight
+    hf.save_pretrained(tmp_path)
+    model = native_class.from_pretrained(tmp_path).eval()
+    assert model.lm_head.weight is model.text_model.embed_tokens.weight
+    ids = torch.randint(0, 400, (1, 17))
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - hf(input_ids=ids).logits).abs().max() <= 1e-4
+    fresh = native_class.from_config(hf.config)
+    assert fresh.lm_head.weight is fresh.text_model.embed_tokens.weight

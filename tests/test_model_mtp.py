@@ -209,3 +209,48 @@ def test_checkpoint_without_mtp_is_refused_or_random_init_on_request(tmp_path):
     model = Native._empty(hf.config, None, "cpu", mtp_layers=1)
     report = load_hf_weights(model, tmp_path, mtp_missing_ok=True)
     assert report.mtp_random_init
+
+
+def test_random_init_on_request_keeps_the_checkpoint_and_fills_the_mtp_module(tmp_path):
+    from qmoe_lightning.build import build_model
+
+    hf = make_hf_model(make_config("base"), seed=2)
+    hf.save_pretrained(tmp_path)
+    built = build_model(Native, hf.config, checkpoint=tmp_path, model_kwargs={"mtp_layers": 1},
+                        mtp_random_init=True, init_seed=5)
+    model = built.model
+    assert built.source.report.mtp_random_init
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight)  # the checkpoint is loaded as it is
+    fc = model.mtp.fc.weight
+    assert torch.isfinite(fc).all() and 0.01 < fc.std() < 0.03  # the model's init (std 0.02), not garbage
+    again = build_model(Native, hf.config, checkpoint=tmp_path, model_kwargs={"mtp_layers": 1},
+                        mtp_random_init=True, init_seed=5).model
+    assert torch.equal(again.mtp.fc.weight, fc)  # seeded
+
+
+def test_activation_checkpointing_and_bf16_with_mtp(checkpoints):
+    _, path = checkpoints["fused"]
+    batch = vision_doc([4, ("image", (1, 4, 4)), 23], seed=8)
+    grads = []
+    for checkpointing in (False, True):
+        model = Native.from_pretrained(path, mtp_layers=1).train()
+        for block in list(model.text_model.layers) + list(model.mtp.layers):
+            block.checkpointing = checkpointing
+        out = model(**batch, labels=batch["input_ids"])
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("mtp.")})
+    assert grads[0].keys() == grads[1].keys() and any(g.abs().max() > 0 for g in grads[0].values())
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5), n
+    low = Native.from_pretrained(path, mtp_layers=1, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        out = low(**batch, labels=batch["input_ids"])
+    assert out.mtp.hidden_states[0].dtype == torch.bfloat16 and torch.isfinite(out.mtp.ce).all()
+
+
+def test_qwen3_vl_moe_refuses_mtp_with_a_reason():
+    from qmoe_lightning.lightning_module import QMoELightningModule
+
+    module = QMoELightningModule(pretrained="embedded:qwen3_vl_moe", mtp={"enabled": True})
+    with pytest.raises(ValueError, match="Qwen3VLMoeForConditionalGeneration has no multi-token prediction module"):
+        module.configure_model()

@@ -167,3 +167,23 @@ def test_always_run_vision_changes_nothing():
     out_b.loss.backward()
     grads = [p.grad for p in both.model.visual.parameters()]
     assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_restarting_position_ids_without_cu_seqlens_pack_like_transformers(models):
+    """transformers' convention: text positions that restart mark packed documents (its attention gets a block-diagonal
+    mask; its torch Gated DeltaNet would still carry state across them, so the reference is each document alone)."""
+    hf, nat = models
+    torch.manual_seed(3)
+    lengths = [13, 30, 7]
+    ids = torch.randint(0, 400, (1, sum(lengths)))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, 13, 43, 50], dtype=torch.int32)
+    with torch.no_grad():
+        by_positions = nat(input_ids=ids, position_ids=pos).logits
+        by_cu = nat(input_ids=ids, cu_seqlens=cu).logits
+        bounds = cu.tolist()
+        for a, b in zip(bounds, bounds[1:]):
+            assert (by_positions[:, a:b] - hf(input_ids=ids[:, a:b]).logits).abs().max() <= TOL
+    assert (by_positions - by_cu).abs().max() == 0
+    with pytest.raises(ValueError, match="position_ids restart inside rows of a batch of several rows"):
+        nat(input_ids=ids.expand(2, -1), position_ids=pos.expand(2, -1))

@@ -38,7 +38,7 @@ from ..export_dir import follow_umask
 from .synthetic import tokenizer_corpus, write_split
 from .tokenizer import save_tokenizer, train_tokenizer
 
-VERSION = 2  # 2: position questions; rotary that can tell image columns apart
+VERSION = 3  # 2: position questions; rotary that can tell image columns apart; 3: an MTP layer (mtp.*)
 SEED = 1234
 VOCAB_SIZE = 512
 IMAGE_SIZE = 64
@@ -118,7 +118,8 @@ def _build_model(model_dir: Path, special_ids: dict[str, int], vocab_size: int) 
     from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
 
     text = dict(TEXT_CONFIG, vocab_size=vocab_size, eos_token_id=special_ids["<|im_end|>"],
-                pad_token_id=special_ids["<|endoftext|>"], bos_token_id=None)
+                pad_token_id=special_ids["<|endoftext|>"], bos_token_id=None, mtp_num_hidden_layers=1,
+                mtp_use_dedicated_embeddings=False)
     config = Qwen3_5MoeConfig(
         text_config=text, vision_config=dict(VISION_CONFIG),
         image_token_id=special_ids["<|image_pad|>"], video_token_id=special_ids["<|video_pad|>"],
@@ -130,6 +131,28 @@ def _build_model(model_dir: Path, special_ids: dict[str, int], vocab_size: int) 
         torch.manual_seed(SEED)
         model = Qwen3_5MoeForConditionalGeneration(config)
     model.save_pretrained(model_dir, safe_serialization=True)
+    _add_mtp_tensors(model_dir, config)
+
+
+def _add_mtp_tensors(model_dir: Path, config) -> None:
+    """The published checkpoints carry an MTP layer (`mtp.*`) that transformers ignores: the tiny one gets one too,
+    randomly initialised like the rest, its experts per expert as Qwen3.5-35B-A3B stores them."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ..models.qwen3_5_moe import Qwen3_5MoeForConditionalGeneration as Native
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED + 1)
+        donor = Native.from_config(config, mtp_layers=1)
+    adapter = donor.state_dict_adapter()
+    adapter.mtp_expert_layout = "per_expert"
+    mtp = {}
+    for key, tensor in donor.state_dict().items():
+        if key.startswith("mtp."):
+            mtp.update((k, t.contiguous()) for k, t in adapter.convert_single_tensor_to_hf(key, tensor))
+    weights = model_dir / "model.safetensors"
+    save_file({**load_file(weights), **mtp}, str(weights), metadata={"format": "pt"})
 
 
 def _build(root_tmp: Path, with_model: bool = True) -> None:

@@ -6,7 +6,9 @@ Target strings (in `targets` and `exclude`) take three forms:
 - an alias naming a group of the model: `attention` (self_attn q/k/v/o), `linear_attention` (Gated DeltaNet
   in_proj_qkv / in_proj_z / out_proj), `shared_expert` (shared expert gate/up/down), `dense_mlp` (gate/up/down of
   the dense MLP layers, Qwen3-VL-MoE's `mlp_only_layers` / `decoder_sparse_step`), `experts` (the routed experts,
-  3-D grouped weights), `vision` (every Linear of the vision tower), `all-linear` (see below);
+  3-D grouped weights), `vision` (every Linear of the vision tower), `mtp` (every Linear and expert block of the
+  multi-token prediction module; the attention / experts aliases match its modules too, so `exclude: [mtp]` keeps
+  it adapter-free), `all-linear` (see below);
 - `re:<regex>`: full-matched against the native module name (`model.language_model.layers.3.self_attn.q_proj`);
 - anything else: a module-name suffix at a dot boundary (`q_proj`, `mlp.shared_experts.down_proj`, `mlp.experts`).
 
@@ -38,6 +40,7 @@ ALIASES: dict[str, str] = {
     "dense_mlp": r".*\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)",
     "experts": r".*\.mlp\.experts",
     "vision": r"model\.visual\..*",
+    "mtp": r"mtp\..*",
     # resolved specially in apply.py (Linear modules of the language model except lm_head, + routed experts)
     "all-linear": r"(?!model\.visual\.)(?!lm_head$).*",
 }
@@ -55,7 +58,8 @@ class LoraConfig:
         dropout: dropout on the input of the LoRA branch of Linear targets (training only). Routed experts take no
             dropout: PEFT cannot express it for 3-D parameters and it would cost a second copy of the routed tokens.
         targets: aliases, suffixes or `re:` regexes (see the module doc). Default: the model family's defaults
-            (Qwen3.5-MoE: attention, linear attention, shared expert and routed experts).
+            (Qwen3.5-MoE: attention, linear attention, shared expert and routed experts; Qwen3-VL-MoE: attention,
+            dense MLP layers, routed experts).
         exclude: same syntax; removes modules matched by `targets` (e.g. `re:.*layers\\.0\\..*`).
         expert_rank: rank of the routed-expert adapters (default `rank`). Each expert gets its own A/B, so the
             expert adapter has E times the parameters of one Linear adapter; a smaller rank keeps it in check.

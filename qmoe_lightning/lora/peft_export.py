@@ -17,6 +17,9 @@ PEFT wraps the two parameters of one experts module in nested `ParamWrapper`s, i
 targeted (gate_up_proj) is innermost, so with both targeted gate_up's keys are `experts.base_layer.lora_A.weight`
 and down's are `experts.lora_A.weight`.
 
+Multi-token prediction: transformers has no MTP module, so adapters on `mtp.*` (which the default targets include
+when MTP trains) are not part of the PEFT adapter; they are merged into the `mtp.*` tensors of the merged export.
+
 Config choices:
 - `target_modules` is the list of leaf names (`q_proj`) when every Linear with that leaf name is adapted, and of
   full module names otherwise (exclusions, partial targets): PEFT matches list entries as dot-boundary suffixes, so
@@ -75,7 +78,7 @@ def experts_from_peft(lora_A: torch.Tensor, lora_B: torch.Tensor, num_experts: i
 def _target_modules(model: nn.Module, adapted: list[str]) -> list[str]:
     # every module with that leaf name, whatever its type: PEFT would also try to wrap e.g. the vision tower's
     # `patch_embed.proj` (a Conv3d) for a leaf `proj` meant for `attn.proj`
-    all_names = [n for n, _ in model.named_modules()]
+    all_names = [n for n, _ in model.named_modules() if not _is_mtp(n)]
     adapted_set = set(adapted)
     out = []
     for leaf in sorted({n.rpartition(".")[2] for n in adapted}):
@@ -95,9 +98,9 @@ def peft_adapter_state(model: nn.Module, fetch=None) -> tuple[dict, dict[str, to
     if fetch is None:
         state = model.state_dict()
         fetch = state.__getitem__
-    mods = lora_modules(model)
+    mods = {n: m for n, m in lora_modules(model).items() if not _is_mtp(n)}
     if not mods:
-        raise ValueError("the model has no LoRA adapters to export")
+        raise ValueError("the model has no LoRA adapters to export (outside the MTP module)")
     linear = {n: m for n, m in mods.items() if isinstance(m, LoRALinear)}
     experts = {n: m for n, m in mods.items() if isinstance(m, LoRAGroupedExperts)}
     ranks = {m.rank for m in linear.values()}
@@ -119,7 +122,7 @@ def peft_adapter_state(model: nn.Module, fetch=None) -> tuple[dict, dict[str, to
         r_e, alpha_e, projs = e_ranks.pop(), e_alphas.pop(), e_projs.pop()
         target_parameters = [f"mlp.experts.{HF_EXPERT_PARAMS[p]}" for p in HF_EXPERT_PARAMS if p in projs]
         for name, m in model.named_modules():
-            if not isinstance(m, GroupedExperts):
+            if not isinstance(m, GroupedExperts) or _is_mtp(name):
                 continue
             ordered = [p for p in HF_EXPERT_PARAMS if p in projs]  # innermost wrapper first
             pairs = m.adapter_pairs() if isinstance(m, LoRAGroupedExperts) else {}
@@ -154,6 +157,10 @@ def peft_adapter_state(model: nn.Module, fetch=None) -> tuple[dict, dict[str, to
         exclude_modules=None, revision=None, lora_bias=False,
     )
     return config, tensors
+
+
+def _is_mtp(name: str) -> bool:
+    return name == "mtp" or name.startswith("mtp.")
 
 
 def _num(x: float) -> int | float:

@@ -53,6 +53,9 @@ def load_balancing_loss(
 
     f_e = top-k picks of e / (L * N), P_e = mean router probability of e (softmax in fp32).
     """
+    if not router_logits:  # a config without any MoE layer (every layer dense)
+        device = token_mask.device if token_mask is not None else None
+        return torch.zeros((), device=device), torch.zeros(0, num_experts, dtype=torch.long, device=device)
     counts, prob_sum = [], 0.0
     mask = None if token_mask is None else token_mask.reshape(-1).float()  # (N,)
     for logits, idx in zip(router_logits, indices):
@@ -95,10 +98,11 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
     def text_model(self) -> DecoderBackend:
         raise NotImplementedError
 
-    def init_weights(self) -> None:
-        """Initialise every parameter and buffer in place (after meta-device construction + `to_empty`)."""
+    def init_weights(self, root: nn.Module | None = None) -> None:
+        """Initialise every parameter and buffer of `root` (default the whole model) in place (after meta-device
+        construction + `to_empty`)."""
         std = self.text_config.initializer_range
-        for module in self.modules():
+        for module in (root if root is not None else self).modules():
             if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dim() == 2:
                 nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:
@@ -109,6 +113,12 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
                 module.reset_parameters(std)
             elif hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """lm_head shares the input embedding when the config says so. `to_empty` (meta -> device) gives every module
+        a parameter of its own, so the tie made in `__init__` has to be made again afterwards."""
+        if getattr(self.config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.text_model.embed_tokens.weight
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (rotary inv_freq), which checkpoints do not hold."""

@@ -189,6 +189,7 @@ class HFCheckpointMixin:
         if dtype is not None:
             model.to(dtype)
         model.to_empty(device=device)
+        model.tie_weights()
         model.reset_buffers()
         return model
 

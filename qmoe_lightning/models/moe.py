@@ -22,7 +22,7 @@ indices, kept beside it for tests only.
 Routing replay (activation checkpointing): a recompute must route tokens exactly as the forward did (bf16 GEMMs
 can tie differently, and under expert parallelism the all-to-all split sizes of the recompute must match the other
 ranks'). A router given a `RoutingReplay` records its top-k indices in the checkpointed forward and reuses them in
-the recompute; the decoder block owns the object and drives its phases (`text_model.Qwen3_5MoeBlock`).
+the recompute; the decoder block owns the object and drives its phases (`decoder.DecoderBlock`).
 """
 
 from __future__ import annotations

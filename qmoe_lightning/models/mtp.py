@@ -71,6 +71,47 @@ def shifted_embeddings(embeds: torch.Tensor, info: SequenceInfo, offset: int) ->
 
 
 @dataclass
+class MtpConfig:
+    """The YAML `model.mtp` section.
+
+    Args:
+        enabled: train the checkpoint's MTP module beside the main model (Qwen3.5-MoE; the export writes it back).
+        num_layers: MTP depths (one decoder block each); default the config's `mtp_num_hidden_layers` (1 in the
+            published checkpoints).
+        loss_scale: loss = main + loss_scale * mean over depths of the MTP cross-entropy (0.1 as Megatron / NeMo).
+        init: "checkpoint" (the `mtp.*` tensors must be there) or "random" (a checkpoint without them starts the
+            module from the model's random init; with them, they are loaded).
+    """
+
+    enabled: bool = False
+    num_layers: int | None = None
+    loss_scale: float = 0.1
+    init: str = "checkpoint"
+
+    def __post_init__(self) -> None:
+        if self.init not in ("checkpoint", "random"):
+            raise ValueError(f"mtp.init must be 'checkpoint' or 'random', got {self.init!r}")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ValueError(f"mtp.num_layers must be >= 1, got {self.num_layers}")
+        if self.loss_scale < 0:
+            raise ValueError(f"mtp.loss_scale must be >= 0, got {self.loss_scale}")
+
+    @classmethod
+    def from_any(cls, value) -> MtpConfig | None:
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"unknown mtp setting(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+            return cls(**value)
+        raise TypeError(f"mtp must be a mapping or MtpConfig, got {type(value).__name__}")
+
+    def depths(self, text_config) -> int:
+        return int(self.num_layers or getattr(text_config, "mtp_num_hidden_layers", None) or 1)
+
+
+@dataclass
 class MtpOutput:
     ce: torch.Tensor  # (D,) summed CE per depth, divided by the main loss's normaliser
     num_targets: torch.Tensor  # (D,) targets per depth

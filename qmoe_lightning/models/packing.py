@@ -114,6 +114,32 @@ def build_sequence_info(
     return SequenceInfo(1, seq_len, cu, longest, pos, token_mask)
 
 
+def cu_seqlens_from_positions(position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                              attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """transformers' packed-by-positions convention: with no `cu_seqlens` and no attention mask, text positions
+    (B, T) -- or the text row of (4, B, T) -- that do not step by one start a new document (transformers then builds
+    a block-diagonal mask; `find_packed_sequence_indices`). Returns the `cu_seqlens` of such a row (B = 1), else the
+    given `cu_seqlens`. Without this, restarting positions would only move the rotary while attention still crossed
+    documents. (3, B, T) mRoPE positions carry no text row: as transformers, no detection there.)"""
+    if cu_seqlens is not None or attention_mask is not None or position_ids is None:
+        return cu_seqlens
+    if position_ids.dim() == 2:
+        text = position_ids
+    elif position_ids.dim() == 3 and position_ids.shape[0] == 4:
+        text = position_ids[0]
+    else:
+        return None
+    restarts = torch.diff(text, dim=-1) != 1  # (B, T-1)
+    if not bool(restarts.any()):
+        return None
+    if text.shape[0] != 1:
+        raise ValueError("position_ids restart inside rows of a batch of several rows (packed documents): pack one "
+                         "row per batch and pass cu_seqlens, or pad the documents with an attention_mask")
+    starts = restarts[0].nonzero().squeeze(1) + 1
+    T = text.shape[1]
+    return torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), T)]).to(torch.int32)
+
+
 def _build_chunk_layout(info: SequenceInfo, chunk_size: int) -> ChunkLayout:
     device = info.pos_in_doc.device
     lengths = [e - s for s, e in info.all_bounds] if info.packed else [info.seq_len] * info.batch_size

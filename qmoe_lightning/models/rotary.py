@@ -34,6 +34,10 @@ def text_rope_inv_freq(config) -> tuple[torch.Tensor, float]:
     return inv_freq.float(), float(scaling)
 
 
+# transformers' fallback when a config's rope_parameters carry no mrope_section (its text rotary classes)
+DEFAULT_MROPE_SECTION = {"qwen3_vl_moe_text": [24, 20, 20], "qwen3_5_moe_text": [11, 11, 10]}
+
+
 def interleaved_mrope_index(num_freqs: int, mrope_section: list[int]) -> torch.Tensor:
     """(rd/2,) long: which position axis (0=T, 1=H, 2=W) drives each frequency."""
     axis = torch.zeros(num_freqs, dtype=torch.long)
@@ -56,7 +60,7 @@ class Fp32SafeTextRotaryEmbedding(KeepFp32Mixin, nn.Module):
     def _rope_buffers(config) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(inv_freq (rd/2,) fp32, axis of each frequency (rd/2,) long, attention scaling)."""
         inv_freq, scaling = text_rope_inv_freq(config)
-        section = config.rope_parameters.get("mrope_section")
+        section = config.rope_parameters.get("mrope_section") or DEFAULT_MROPE_SECTION.get(config.model_type)
         axis = interleaved_mrope_index(inv_freq.numel(), section) if section else torch.zeros(inv_freq.numel())
         return inv_freq, axis.long(), scaling
 

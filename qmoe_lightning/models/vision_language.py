@@ -20,7 +20,7 @@ from .batch import PackedBatch
 from .causal_lm import MoeCausalLM, MoeOutput, reject_unknown
 from .decoder import Deepstack
 from .mrope_positions import IMAGE, VIDEO, mrope_position_ids, mrope_position_ids_packed, split_video_grids
-from .packing import SequenceInfo, build_sequence_info
+from .packing import SequenceInfo, build_sequence_info, cu_seqlens_from_positions
 
 
 class VisionLanguageMoe(MoeCausalLM):
@@ -163,6 +163,7 @@ class VisionLanguageMoe(MoeCausalLM):
                                           pixel_values_videos, video_grid_thw)
 
         B, T = inputs_embeds.shape[:2]
+        cu_seqlens = cu_seqlens_from_positions(position_ids, cu_seqlens, attention_mask)
         info = build_sequence_info(B, T, inputs_embeds.device, cu_seqlens, attention_mask, max_seqlen)
         if position_ids is None and (has_vision or image_grid_thw is not None or video_grid_thw is not None):
             position_ids = self._mrope_positions(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, info)

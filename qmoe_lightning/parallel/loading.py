@@ -10,7 +10,7 @@ from the safetensors files ONLY the part of each tensor it owns, straight into i
   coordinates. Dense FSDP parameters: Shard(0) on dp_shard = a block of rows. Experts: ep slice of dim 0, then
   efsdp chunk of that slice. Replicate dims read the same box on every replica; plain (unsharded) tensors are read
   whole. Writes go into `dtensor.to_local()` in place (shares storage with the parameter).
-- the HF key -> native key / expert / columns / layout rules stay in `Qwen3_5MoeStateDictAdapter` (not repeated
+- the HF key -> native key / expert / columns / layout rules stay in the family's adapter (`MoeStateDictAdapter`; not repeated
   here). The adapter works on tensors, so it is given a META "probe" of the checkpoint tensor's full shape (from the
   safetensors header: no data read): it validates the HF shape (clear error naming the key) and returns its
   `Assignment`s. Its conversions are views (fused experts: transpose(1, 2) of (E, 2I, H) -> (E, H, 2I);

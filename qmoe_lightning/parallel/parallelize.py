@@ -82,10 +82,13 @@ def expert_mesh(mesh: DeviceMesh) -> DeviceMesh:
 
 
 # ---------------------------------------------------------------------------------------------------------- AC
-def apply_activation_checkpointing(text_model: nn.Module) -> int:
-    """Per-block AC with routing replay (the blocks' own, `text_model.Qwen3_5MoeBlock`); returns the block count."""
-    text_model.gradient_checkpointing = True
-    return len(text_model.layers)
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Per-block AC with routing replay (the blocks' own, `decoder.DecoderBlock`), MTP blocks included; returns the
+    block count."""
+    blocks = decoder_blocks(model)
+    for block in blocks:
+        block.checkpointing = True
+    return len(blocks)
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -94,6 +97,13 @@ def _text_model(model: nn.Module) -> nn.Module:
     if tm is None or not hasattr(tm, "layers"):
         raise TypeError(f"{type(model).__name__}: expected a native Qwen3.5-MoE model with `.text_model.layers`")
     return tm
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks of the main model, then those of its multi-token prediction module (if any): each is
+    parallelised the same way (its experts sharded, itself one FSDP2 unit, checkpointed)."""
+    mtp = getattr(model, "mtp", None)
+    return list(_text_model(model).layers) + (list(mtp.layers) if mtp is not None else [])
 
 
 def _is_gloo(mesh: DeviceMesh) -> bool:
@@ -124,11 +134,11 @@ def parallelize_model(
         ep_size = mesh["ep"].size()
     if ep_size != mesh["ep"].size():
         raise ValueError(f"ep_size={ep_size} but the mesh's ep dimension has size {mesh['ep'].size()}")
-    text_model = _text_model(model)
     dp_world = mesh["data_parallel"].size()
 
     # 1. expert parallelism
-    experts_modules = [m for block in text_model.layers for m in block.modules() if isinstance(m, GroupedExperts)]
+    blocks = decoder_blocks(model)
+    experts_modules = [m for block in blocks for m in block.modules() if isinstance(m, GroupedExperts)]
     if ep_size > 1:
         group = mesh["ep"].get_group()
         for m in experts_modules:
@@ -138,7 +148,7 @@ def parallelize_model(
 
     # 2. activation checkpointing with routing replay (also what a model that asked for its own gets)
     if activation_checkpointing:
-        apply_activation_checkpointing(text_model)
+        apply_activation_checkpointing(model)
 
     # the expert tensors' place in the global (E, ...) tensors, for checkpoints / export / loading (state.py)
     if ep_size > 1:
@@ -157,7 +167,7 @@ def parallelize_model(
     mp_policy = mp_policy or MixedPrecisionPolicy()
     dmesh, emesh = dense_mesh(mesh), expert_mesh(mesh)
     kw = dict(mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
-    for block in text_model.layers:
+    for block in blocks:
         for m in block.modules():
             if isinstance(m, GroupedExperts):
                 fully_shard(m, mesh=emesh, **kw)

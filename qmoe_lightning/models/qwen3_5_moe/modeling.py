@@ -20,7 +20,7 @@ from ..batch import PackedBatch
 from ..causal_lm import MoeCausalLM, MoeOutput, reject_unknown
 from ..mtp import MultiTokenPredictor
 from ..norms import ZeroCenteredRMSNorm
-from ..packing import build_sequence_info
+from ..packing import build_sequence_info, cu_seqlens_from_positions
 from ..rotary import Fp32SafeVisionRotaryEmbedding
 from ..vision_language import VisionLanguageMoe
 from .state_dict_adapter import Qwen3_5MoeStateDictAdapter
@@ -86,6 +86,7 @@ class Qwen3_5MoeForCausalLM(MoeCausalLM):
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         B, T = inputs_embeds.shape[:2]
+        cu_seqlens = cu_seqlens_from_positions(position_ids, cu_seqlens, attention_mask)
         info = build_sequence_info(B, T, inputs_embeds.device, cu_seqlens, attention_mask, max_seqlen)
         positions = self._text_positions(position_ids, info)
         return self._decode_and_head(
