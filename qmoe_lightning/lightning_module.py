@@ -399,7 +399,7 @@ class QMoELightningModule(pl.LightningModule):
         out = self(batch, num_items_in_batch=1, label_logits_only=True, output_router_logits=False,
                    mtp_metrics=mtp is not None)
         depths = mtp.num_depths if mtp is not None else 0
-        sums = torch.zeros(6 + 3 * depths + 2, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(6 + (3 * depths + 2 if depths else 0), dtype=torch.float64, device=self.device)
         sums[0] = out.ce_loss.detach().double()
         sums[1] = out.num_label_tokens.double()
         if out.logits is not None and out.logits.shape[0] > 0 and batch.get("cu_seqlens") is not None:
