@@ -44,7 +44,9 @@ from qmoe_lightning.lightning_module import QMoELightningModule
 # module arguments a checkpoint may differ in: they do not shape the training state (decoding options of predict)
 NOT_TRAINING_SETTINGS = {"generation"}
 # what makes a checkpoint's tensors fit the model (the only settings validate / test / predict compare)
-MODEL_SHAPE_SETTINGS = {"pretrained", "model_config", "text_only", "lora", "processor_source", "mtp"}
+# (router_balancing: a bias / both checkpoint holds the routers' balancing bias, which also changes the routing)
+MODEL_SHAPE_SETTINGS = {"pretrained", "model_config", "text_only", "lora", "processor_source", "mtp",
+                        "router_balancing"}
 
 
 class SaveConfigBesideCheckpoints(SaveConfigCallback):

@@ -23,13 +23,24 @@ Multi-token prediction (`mtp: {enabled: true}`, Qwen3.5-MoE): the checkpoint's `
 model and each micro-batch adds `mtp.loss_scale * mean over depths of its MTP CE sum`, normalised by the same
 global target count N_global as the main CE (as NeMo Automodel; depth d has a few targets fewer per document).
 
+Expert load balancing (`router_balancing`): `aux_loss` (default) adds the aux term above; `bias` is DeepSeek-V3's
+aux-loss-free balancing instead: every router gets a per-expert bias (a fp32 buffer, `models/moe.py`) that only
+shifts which experts are SELECTED, never the gate weights, and the aux term is left out of the loss (still computed
+and logged); `both` does both. After each optimizer step, the expert pick counts of the whole accumulation window
+on all data-parallel ranks ((L, E), summed in the same all-reduce as the token count, so exact integers and the same
+on every rank) move each layer's bias by `balancing_bias_rate * sign(mean load - load)`: every rank applies the
+identical update to its (replicated, never sharded) copy. The bias is in Lightning and distributed checkpoints
+(adapter-only LoRA checkpoints included) but not in HF exports: the Hugging Face router has none, so an exported
+model (and `cli.py predict`, which generates with transformers) routes by the probabilities alone.
+
 Logged: train/loss (token-weighted CE of the step), train/aux_loss (mean of the model's aux over micro-batches),
 train/lr, train/grad_norm (before clipping), train/tokens_per_s (all ranks, wall time between optimizer steps);
-val/loss, val/image_acc, val/text_acc (exact-match greedy answers, see `evaluation.py`). With MTP: train/mtp_loss
-(per-token MTP CE, mean over depths) and train/mtp_loss_depth{d} (d = 1..D), val/mtp_loss, val/mtp_acc_depth{d}
-(top-1 accuracy of depth d's prediction of the token d + 1 ahead of the next one) and val/mtp_acceptance (how
-often depth 1's argmax equals the main model's argmax one step later: the speculative-decoding acceptance rate of
-a one-token draft).
+with balancing by bias experts/bias_abs_max and experts/bias_abs_mean (after the step's update, over layers and
+experts); val/loss, val/image_acc, val/text_acc (exact-match greedy answers, see `evaluation.py`). With MTP:
+train/mtp_loss (per-token MTP CE, mean over depths) and train/mtp_loss_depth{d} (d = 1..D), val/mtp_loss,
+val/mtp_acc_depth{d} (top-1 accuracy of depth d's prediction of the token d + 1 ahead of the next one) and
+val/mtp_acceptance (how often depth 1's argmax equals the main model's argmax one step later: the
+speculative-decoding acceptance rate of a one-token draft).
 
 Predict (`cli.py predict`): the model is handed to transformers' `generate` in memory (`generation.py`: tensors
 shared, LoRA merged) and every prompt of `data.predict_path` is answered; `<default_root_dir>/predictions.jsonl`
@@ -45,6 +56,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -70,6 +82,7 @@ class _StepWindow:
     tokens: int = 0
     micro_batches: int = 0
     aux_values: list[torch.Tensor] = field(default_factory=list)  # model aux loss of each micro-batch
+    expert_counts: torch.Tensor | float = 0.0  # (L, E) top-k picks of real tokens, when balancing by bias
     router_stats: list[RouterStats] = field(default_factory=list)  # per micro-batch, when collected
     mtp_ce: torch.Tensor | float = 0.0  # (D,) MTP CE sums per depth
     mtp_n: torch.Tensor | float = 0.0  # (D,) MTP targets per depth
@@ -106,6 +119,8 @@ class QMoELightningModule(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         total_steps: int | None = None,
         aux_loss_coef: float | None = None,
+        router_balancing: Literal["aux_loss", "bias", "both"] = "aux_loss",
+        balancing_bias_rate: float = 1e-3,
         freeze_vision_tower: bool = False,
         freeze_router: bool = False,
         freeze_embeddings: bool = False,
@@ -136,7 +151,13 @@ class QMoELightningModule(pl.LightningModule):
             total_steps: optimizer steps of the schedule; default the trainer's estimated stepping batches
                 (max_steps, or epochs x batches / accumulation).
             aux_loss_coef: coefficient of the router load-balancing loss; default the config's
-                router_aux_loss_coef (0.001 for Qwen3.5-MoE). 0 disables it.
+                router_aux_loss_coef (0.001 for Qwen3.5-MoE). 0 disables it. Ignored (the aux loss is only logged)
+                when `router_balancing` is "bias".
+            router_balancing: how expert loads are balanced: "aux_loss" (the load-balancing loss, as transformers),
+                "bias" (DeepSeek-V3's aux-loss-free balancing: a per-expert routing bias for the top-k selection,
+                moved after every step towards equal loads; no aux term in the loss) or "both". See the module doc.
+            balancing_bias_rate: the bias step per optimizer step (DeepSeek-V3: 1e-3), in units of router
+                probability: an expert above its layer's mean load loses this much, one below gains it.
             freeze_vision_tower: do not train `model.visual.*`.
             freeze_router: do not train the routers (`*.mlp.gate.weight`).
             freeze_embeddings: do not train the input embeddings (and the LM head if tied).
@@ -162,6 +183,10 @@ class QMoELightningModule(pl.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if router_balancing not in ("aux_loss", "bias", "both"):
+            raise ValueError(f"router_balancing must be 'aux_loss', 'bias' or 'both', got {router_balancing!r}")
+        if not balancing_bias_rate >= 0.0:
+            raise ValueError(f"balancing_bias_rate must be >= 0, got {balancing_bias_rate}")
         self.save_hyperparameters()
         self.model = None
         self.checkpoint_source = None  # where the weights came from (companion files, mtp.* passthrough): exports
@@ -212,6 +237,11 @@ class QMoELightningModule(pl.LightningModule):
             parallelize=getattr(trainer.strategy, "parallelize", None) if trainer is not None else None,
             activation_checkpointing=hp.activation_checkpointing, init_seed=hp.init_seed)
         self.model, self.checkpoint_source, self._parallelized = built.model, built.source, built.parallelized
+        if self.balances_by_bias:
+            # after loading: an HF checkpoint has no bias (it starts at 0); a Lightning / distributed checkpoint
+            # restores it later like any buffer. Not sharded by FSDP2 (a buffer): a plain replica on every rank
+            for router in self._routers():
+                router.enable_balancing_bias()
         if built.lora_report is not None:
             rank_zero_info("LoRA adapters:\n" + built.lora_report.table())
             self.strict_loading = False  # checkpoints hold the adapters only
@@ -236,7 +266,19 @@ class QMoELightningModule(pl.LightningModule):
             rank_zero_info(f"frozen: {frozen / 1e6:.2f}M parameters")
 
     @property
+    def balances_by_bias(self) -> bool:
+        return self.hparams.get("router_balancing", "aux_loss") in ("bias", "both")
+
+    def _routers(self) -> list:
+        """The routers in the order of the model's expert counts' rows (its MoE layers)."""
+        text = self.model.text_model
+        return [text.layers[i].mlp.gate for i in text.moe_layers]
+
+    @property
     def aux_loss_coef(self) -> float:
+        """The aux term's weight in the training loss: 0 when balancing by bias alone."""
+        if self.hparams.get("router_balancing", "aux_loss") == "bias":
+            return 0.0
         if self.hparams.aux_loss_coef is not None:
             return float(self.hparams.aux_loss_coef)
         return float(getattr(self.model.text_config, "router_aux_loss_coef", 0.0) or 0.0)
@@ -271,6 +313,8 @@ class QMoELightningModule(pl.LightningModule):
         win.aux_values.append(out.aux_loss.detach())
         win.tokens += batch.real_tokens
         win.micro_batches += 1
+        if self.balances_by_bias:
+            win.expert_counts = win.expert_counts + out.expert_token_counts.detach()
         if self._collect_router_stats and out.router_logits is not None:
             win.router_stats.append(RouterStats.from_router_outputs(out.router_logits, out.expert_token_counts,
                                                                     batch.get("attention_mask")))
@@ -314,8 +358,19 @@ class QMoELightningModule(pl.LightningModule):
         dev = self.device
         sums = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(())
                             for v in (win.n_targets, win.ce_sum, win.aux_sum, win.tokens, win.micro_batches)])
+        routers = self._routers() if self.balances_by_bias else []
+        if routers:  # the window's pick counts ride along in the same all-reduce (integers: exact in float64)
+            counts = torch.as_tensor(win.expert_counts, dtype=torch.float64, device=dev)
+            if counts.dim() and counts.shape != (len(routers), routers[0].expert_bias.numel()):
+                raise RuntimeError(f"expert counts of shape {tuple(counts.shape)} for {len(routers)} routers of "
+                                   f"{routers[0].expert_bias.numel()} experts: the model's count rows must be its "
+                                   "MoE decoder layers, in order")
+            counts = counts.expand(len(routers), routers[0].expert_bias.numel())  # a window without micro-batch: 0
+            sums = torch.cat([sums, counts.reshape(-1)])
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        n_global, ce_global, aux_global, tokens_global, micro_global = sums.tolist()
+        if routers:
+            self._update_balancing_bias(routers, sums[5:].reshape(len(routers), -1))
+        n_global, ce_global, aux_global, tokens_global, micro_global = sums[:5].tolist()
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(n_global, 1.0)
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -339,6 +394,20 @@ class QMoELightningModule(pl.LightningModule):
             if len(per_depth) > 1:
                 for d, value in enumerate(per_depth, 1):
                     self.log(f"train/mtp_loss_depth{d}", value)
+
+    @torch.no_grad()
+    def _update_balancing_bias(self, routers: list, counts: torch.Tensor) -> None:
+        """bias += rate * sign(mean load - load) per layer, from the step's global (L, E) counts. Every rank holds
+        the same counts and the same bias, so every rank computes the same fp32 result: the replicas never drift.
+        Applied before the optimizer step, which does not read the bias: the next forward is the first to see it."""
+        from .models.moe import balancing_bias_delta
+
+        delta = balancing_bias_delta(counts, float(self.hparams.balancing_bias_rate))
+        for router, d in zip(routers, delta):
+            router.expert_bias.add_(d.to(router.expert_bias))
+        bias = torch.stack([r.expert_bias for r in routers]).abs()
+        self.log("experts/bias_abs_max", bias.max())
+        self.log("experts/bias_abs_mean", bias.mean())
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]

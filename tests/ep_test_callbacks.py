@@ -69,3 +69,20 @@ class ScaleExpertGradients(pl.Callback):
         for name, p in pl_module.model.named_parameters():
             if ".experts." in name and p.grad is not None:
                 p.grad.mul_(self.factor)
+
+
+class DumpBalancingBias(pl.Callback):
+    """At the end of fit, every rank saves its routers' balancing biases ((L, E), the module's router order) to
+    `<default_root_dir>/bias_rank{r}.pt`. Checks on the way that the bias is a plain fp32 tensor, not a DTensor:
+    FSDP2 does not shard buffers, so each rank holds a whole replica (which the test compares across ranks)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import os
+
+        import torch
+        from torch.distributed.tensor import DTensor
+
+        biases = [r.expert_bias for r in pl_module._routers()]
+        assert all(not isinstance(b, DTensor) and b.dtype == torch.float32 for b in biases), biases
+        torch.save(torch.stack([b.detach().cpu() for b in biases]),
+                   os.path.join(trainer.default_root_dir, f"bias_rank{trainer.global_rank}.pt"))

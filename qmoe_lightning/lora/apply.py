@@ -13,7 +13,9 @@ What it does, in order:
    routed experts always have their own line ("NOT adapted" when no expert adapter exists): the silent-miss guard.
 
 Lightning-checkpoint helpers live here too: adapter-only state dicts (`lora_*` keys) and a check that a checkpoint
-holds every adapter the model has.
+holds every adapter the model has. The routers' balancing bias (`model.router_balancing: bias`, moe.py) travels
+with the adapters: LoRA freezes the router weights, but the bias is not trained by gradients, it keeps balancing
+the frozen router, and `pretrained` cannot give it back on resume.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qmoe_lightning.models.moe import GroupedExperts
+from qmoe_lightning.models.moe import GroupedExperts, is_balancing_bias_key
 from qmoe_lightning.models.registry import family_of_model
 
 from .config import ALIASES, LoraConfig, spec_matches
@@ -225,22 +227,28 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items() if is_adapter_key(k)}
 
 
+def kept_with_adapters(key: str) -> bool:
+    """What an adapter-only checkpoint holds: the adapters and the routers' balancing bias (module doc)."""
+    return is_adapter_key(key) or is_balancing_bias_key(key)
+
+
 def keep_adapters_only(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Filter a (Lightning) state dict to its adapter keys, in place; returns it. Raises if none is left."""
-    drop = [k for k in state_dict if not is_adapter_key(k)]
-    if len(drop) == len(state_dict):
+    """Filter a (Lightning) state dict to its adapter keys (and balancing biases), in place; returns it. Raises if
+    no adapter is left."""
+    if not any(is_adapter_key(k) for k in state_dict):
         raise ValueError("keep_adapters_only: the state dict holds no LoRA adapter (apply_lora not run?)")
-    for k in drop:
+    for k in [k for k in state_dict if not kept_with_adapters(k)]:
         del state_dict[k]
     return state_dict
 
 
 def check_adapter_state_dict(state_dict: dict[str, torch.Tensor], module: nn.Module) -> None:
-    """Raise unless `state_dict` holds every adapter tensor of `module` (same names) and nothing but adapters."""
-    want = {k for k in module.state_dict() if is_adapter_key(k)}
+    """Raise unless `state_dict` holds every adapter tensor (and balancing bias) of `module` (same names) and
+    nothing else."""
+    want = {k for k in module.state_dict() if kept_with_adapters(k)}
     have = set(state_dict)
     missing, unexpected = sorted(want - have), sorted(k for k in have - want)
     if missing or unexpected:
         raise ValueError(f"LoRA checkpoint does not match the model's adapters: missing {missing[:10]} "
                          f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)}); was it written with "
-                         "the same lora config?")
+                         "the same lora config (and model.router_balancing)?")

@@ -4,7 +4,7 @@ Loading builds the model on the meta device, casts it (A_log / dt_bias / inv_fre
 empty on the target device and then streams the safetensors files tensor by tensor through the state-dict adapter
 into the parameters: the checkpoint is never held in memory next to the model. Loading is strict: every native
 parameter must be written completely (each expert slice counted) and every checkpoint tensor must land somewhere;
-the error lists what is missing / unexpected. Tensors that are knowingly not loaded (mtp.*, the vision tower for a
+the error lists what is missing / unexpected (native-only state, the routers' balancing bias, is neither). Tensors that are knowingly not loaded (mtp.*, the vision tower for a
 text-only model) are counted in the `LoadReport`; mtp.* tensors are recorded there and copied through on save.
 
 Where a model's weights came from (`CheckpointSource`: the directory whose tokenizer / processor / generation files
@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..export_dir import check_export_target, recover, swap_into_place, temp_dir
-from .conversion import Skip
+from .conversion import Skip, is_native_only_key
 
 # copied from the source checkpoint so that an export is a complete, servable model directory
 COMPANION_FILES = (
@@ -278,7 +278,8 @@ def load_hf_weights(model, path: Path, mtp_missing_ok: bool = False) -> LoadRepo
     """Stream every tensor of the checkpoint at `path` into `model` (strict). Returns a load report.
     mtp_missing_ok: a checkpoint without `mtp.*` leaves the model's MTP module as it is (`report.mtp_random_init`)."""
     adapter = model.state_dict_adapter()
-    targets = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    # native-only state (the routers' balancing bias) is not in an HF checkpoint: strict about everything else
+    targets = {k: v for k, v in model.state_dict(keep_vars=True).items() if not is_native_only_key(k)}
     if adapter.tied:
         targets.pop("lm_head.weight", None)
     written: dict[str, set] = {}

@@ -4,6 +4,8 @@ A conversion from HF is a list of `Assignment`s (a native key, optionally an exp
 tensor to copy there), or a `Skip` saying why a checkpoint key is knowingly not loaded. Loaders (`checkpoint.py`,
 `parallel/loading.py`) only speak this vocabulary; the family's adapter knows the names and layouts.
 `MoeStateDictAdapter` is the adapter of transformers-named MoE families; a family subclass sets its expert layouts.
+Native-only state (`is_native_only_key`: the routers' balancing bias, see moe.py) has no HF tensor: the adapter
+exports nothing for it and loaders neither require it from an HF checkpoint nor accept it in one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import re
 from dataclasses import dataclass
 
 import torch
+
+from .moe import is_balancing_bias_key
 
 
 @dataclass
@@ -38,6 +42,12 @@ HF, NATIVE = "hf", "native"
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 # keys that carry no learnt state (old checkpoints saved rotary buffers)
 _IGNORABLE = re.compile(r"(\.rotary_emb\.inv_freq|\.rotary_pos_emb\.inv_freq)$")
+
+
+def is_native_only_key(fqn: str) -> bool:
+    """A native state-dict key with no Hugging Face tensor (training state of this implementation: the routers'
+    balancing bias). Exports skip it; HF loaders leave it as it is (an HF checkpoint cannot hold it)."""
+    return is_balancing_bias_key(fqn)
 
 
 class MoeStateDictAdapter:
@@ -160,6 +170,8 @@ class MoeStateDictAdapter:
         transformers model for generation)."""
         if fqn == "lm_head.weight" and self.tied:
             return []  # tied to the embedding, which is saved under its own name
+        if is_native_only_key(fqn):
+            return []  # the HF router has no bias: the export routes by the probabilities alone
         key = fqn.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
         if key.startswith("mtp.") and self.mtp_expert_layout == "per_expert" and not in_memory and \
                 key.endswith((".mlp.experts.gate_and_up_projs", ".mlp.experts.down_projs")):

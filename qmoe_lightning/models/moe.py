@@ -23,6 +23,17 @@ Routing replay (activation checkpointing): a recompute must route tokens exactly
 can tie differently, and under expert parallelism the all-to-all split sizes of the recompute must match the other
 ranks'). A router given a `RoutingReplay` records its top-k indices in the checkpointed forward and reuses them in
 the recompute; the decoder block owns the object and drives its phases (`decoder.DecoderBlock`).
+
+Aux-loss-free load balancing (DeepSeek-V3, `model.router_balancing: bias | both`): a router may carry a per-expert
+bias (`TopKRouter.expert_bias`, fp32, a persistent BUFFER: it is never trained by a gradient and never rounded to
+bf16). It is added to the fp32 softmax probabilities for the top-k SELECTION only; the gate weights stay the
+unbiased probabilities of the selected experts, renormalised as without it. The bias is moved after each optimizer
+step by `balancing_bias_delta` (bias += rate * sign(mean load - load), from the global pick counts of the step):
+overloaded experts become less likely to be picked, underloaded ones more. Without the bias (`None`, the default)
+the router is the code path it always was; an all-zero bias selects bitwise the same experts with the same weights.
+Routing replay records the BIASED selection. The bias is training state of this implementation only: the Hugging
+Face router has no such tensor, so the state-dict adapters never export it and HF loaders never ask for it
+(`is_balancing_bias_key`); Lightning / distributed checkpoints keep it like any buffer.
 """
 
 from __future__ import annotations
@@ -30,6 +41,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .norms import KeepFp32Mixin
+
+BALANCING_BIAS = "expert_bias"  # TopKRouter's buffer name (state-dict key suffix ".mlp.gate.expert_bias")
+
+
+def is_balancing_bias_key(key: str) -> bool:
+    """A state-dict key of a router's balancing bias (native training state with no Hugging Face tensor)."""
+    return key == BALANCING_BIAS or key.endswith("." + BALANCING_BIAS)
+
+
+def balancing_bias_delta(counts: torch.Tensor, rate: float) -> torch.Tensor:
+    """DeepSeek-V3's bias update from expert loads: counts (..., E) top-k picks per expert (a layer per row) ->
+    rate * sign(mean load - load) (same shape, float64): an expert above its layer's mean load goes down by `rate`,
+    one below goes up, one exactly at the mean (or a layer that routed nothing) stays. Pure function of the counts:
+    ranks that hold the same (all-reduced) counts compute the same update."""
+    counts = counts.to(torch.float64)
+    return rate * torch.sign(counts.mean(-1, keepdim=True) - counts)
 
 
 class RoutingReplay:
@@ -74,27 +103,47 @@ class _ReplayPhase:
         return False
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(KeepFp32Mixin, nn.Module):
+    """softmax(x W^T) in fp32 -> top-k experts and their renormalised probabilities. With `expert_bias` (see the
+    module doc; `enable_balancing_bias`) the top-k is taken over probabilities + bias, the weights are not."""
+
+    _fp32_names = (BALANCING_BIAS,)  # Lightning's bf16-true `.to(bf16)` would round a 1e-3 step away
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int):
         super().__init__()
         self.top_k = top_k
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
         self.replay: RoutingReplay | None = None  # set by the block that checkpoints itself
+        # registered as None: not in the state dict (nor in HF checkpoints) until balancing by bias enables it
+        self.register_buffer(BALANCING_BIAS, None)
+
+    def enable_balancing_bias(self) -> None:
+        """Give the router its (zero) balancing bias, fp32 on the router's device; no-op when it has one."""
+        if self.expert_bias is None:
+            w = self.weight.to_local() if hasattr(self.weight, "to_local") else self.weight  # FSDP2: the shard's
+            self.expert_bias = torch.zeros(self.weight.shape[0], dtype=torch.float32, device=w.device)
 
     def reset_parameters(self, std: float = 0.02) -> None:
         nn.init.normal_(self.weight, std=std)
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, H) -> logits (N, E), weights (N, k) in x.dtype, indices (N, k)."""
         logits = F.linear(x, self.weight)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        if self.replay is None or self.replay.mode is None:
+        bias = self.expert_bias
+        if (self.replay is None or self.replay.mode is None) and bias is None:
             weights, indices = torch.topk(probs, self.top_k, dim=-1)
         else:
             # record and replay run the SAME differentiable ops (the checkpoint checks saved tensors position by
             # position): the indices come from a detached topk or the record, the weights from a gather of the
-            # probabilities, which equals topk's values bitwise
-            indices = self.replay.indices(probs, self.top_k)
+            # probabilities, which equals topk's values bitwise. The bias only ranks (detached, no gradient path)
+            scores = probs if bias is None else probs.detach() + bias
+            if self.replay is None or self.replay.mode is None:
+                indices = torch.topk(scores.detach(), self.top_k, dim=-1).indices
+            else:
+                indices = self.replay.indices(scores, self.top_k)
             weights = probs.gather(-1, indices)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights.to(logits.dtype), indices

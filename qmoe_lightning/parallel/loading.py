@@ -26,7 +26,8 @@ from the safetensors files ONLY the part of each tensor it owns, straight into i
 Strictness is that of `load_hf_weights`: unexpected checkpoint keys, native tensors no key maps to, local boxes not
 completely written (e.g. a missing expert), and shape disagreements are errors naming file and key; mtp / vision /
 ignorable keys are skipped and counted, mtp keys recorded in `passthrough` for re-export. LoRA adapters (`lora_*`)
-are not part of a base checkpoint and are left to `init_lora_parallel`. The checks are local (every rank sees the
+are not part of a base checkpoint and are left to `init_lora_parallel`; native-only state (the routers'
+balancing bias) is not part of an HF checkpoint and is left as it is. The checks are local (every rank sees the
 same key names, but only its own slices), so the outcome is agreed with ONE `all_gather_object` at the end: if any
 rank failed, every rank raises the same error (a rank that passed never goes on into a collective that its peers
 left: no hang). Not done: overlapping reads with compute, or reading a tensor once per node and scattering it
@@ -53,6 +54,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from qmoe_lightning.lora.apply import is_adapter_key, lora_modules
 from qmoe_lightning.models.checkpoint import CheckpointScan, LoadReport
+from qmoe_lightning.models.conversion import is_native_only_key
 
 from .state import global_state_dict
 
@@ -120,7 +122,8 @@ def _source_dims(view: torch.Tensor, probe: torch.Tensor, where: str) -> list[in
 @torch.no_grad()
 def _load_local(model: nn.Module, path: Path, stats: dict, mtp_missing_ok: bool = False) -> LoadReport:
     adapter = model.state_dict_adapter()
-    targets = {k: _target(k, v) for k, v in global_state_dict(model).items() if not is_adapter_key(k)}
+    targets = {k: _target(k, v) for k, v in global_state_dict(model).items()
+               if not is_adapter_key(k) and not is_native_only_key(k)}
     if adapter.tied:
         targets.pop("lm_head.weight", None)
     scan = CheckpointScan()

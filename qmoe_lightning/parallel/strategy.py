@@ -33,6 +33,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
+from qmoe_lightning.models.conversion import is_native_only_key
+
 from .parallelize import ParallelDims, build_mesh, parallelize_model
 from .state import global_optimizer_state, global_state_dict, is_expert_parallel_model
 
@@ -133,9 +135,10 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         have = {k for k in views if f"state_dict.{k}" in saved}
         missing = sorted(set(views) - have)
         # strict_loading=False (LoRA: checkpoints hold the adapters only) excuses FROZEN tensors only: they come from
-        # `pretrained`; a trainable one missing, or a tensor the model does not have, means another model / config
+        # `pretrained`; a trainable one missing, or a tensor the model does not have, means another model / config.
+        # The routers' balancing bias is no parameter but is not in `pretrained` either: always required
         trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
-        bad = missing if strict else [k for k in missing if k in trainable]
+        bad = missing if strict else [k for k in missing if k in trainable or is_native_only_key(k)]
         unexpected = sorted(k[len("state_dict."):] for k in saved
                             if k.startswith("state_dict.") and k[len("state_dict."):] not in views)
         if bad or unexpected or not have:
