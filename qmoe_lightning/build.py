@@ -28,7 +28,7 @@ from torch import nn
 
 from .lora import LoraConfig, LoraReport, apply_lora
 from .models.checkpoint import CheckpointSource, load_hf_weights
-from .parallel.loading import init_lora_parallel, load_hf_weights_parallel
+from .parallel.loading import init_lora_parallel, init_mtp_parallel, load_hf_weights_parallel
 
 
 @dataclass
@@ -82,8 +82,9 @@ def build_model(
     activation_checkpointing: recompute every decoder block in backward, routing replayed (the blocks' own; a
         plan can switch it on as well).
     model_kwargs: the model class's own options (`mtp_layers`, `mtp_loss_scale`).
-    mtp_random_init: a checkpoint without `mtp.*` leaves the MTP module to a random init (seeded by `init_seed`;
-        under a rank-local load each rank draws its own shards, so it is not the single-process init).
+    mtp_random_init: a checkpoint without `mtp.*` leaves the MTP module to a random init, seeded by `init_seed`
+        (rank-local: each rank keeps its slice of the same full init). Not with LoRA: the random MTP base would stay
+        frozen, and adapter-only checkpoints would not hold it.
     """
     t0 = time.perf_counter()
     lora = LoraConfig.from_any(lora)  # the YAML section may arrive as a dict
@@ -129,9 +130,14 @@ def build_model(
         model.to_empty(device=device)
         model.reset_buffers()
         report = load_hf_weights_parallel(model, checkpoint, mtp_missing_ok=mtp_random_init)
-        _init_mtp_if_missing(model, report, cuda, init_seed)
+        if report.mtp_random_init:
+            init_mtp_parallel(model, init_seed)  # == the single-process init of the same seed
         if lora is not None:
             init_lora_parallel(model, lora.init_seed)  # == apply_lora on the full model
+    if lora is not None and report is not None and report.mtp_random_init:
+        raise ValueError(f"mtp.init: random with LoRA: {checkpoint} has no mtp.* tensors, and a randomly initialised MTP "
+                         "module would stay frozen under LoRA (and adapter-only checkpoints would not hold it). Train "
+                         "the MTP module in a full fine-tuning run first, or disable model.mtp")
     directory = processor_dir if processor_dir is not None else checkpoint
     return BuiltModel(model, checkpoint, CheckpointSource(directory, report), parallelize is not None, rank_local,
                       n_total, n_train, lora_report, time.perf_counter() - t0)

@@ -38,7 +38,7 @@ train/lr, train/grad_norm (before clipping), train/tokens_per_s (all ranks, wall
 with balancing by bias experts/bias_abs_max and experts/bias_abs_mean (after the step's update, over layers and
 experts); val/loss, val/image_acc, val/text_acc (exact-match greedy answers, see `evaluation.py`). With MTP:
 train/mtp_loss (per-token MTP CE, mean over depths) and train/mtp_loss_depth{d} (d = 1..D), val/mtp_loss,
-val/mtp_acc_depth{d} (top-1 accuracy of depth d's prediction of the token d + 1 ahead of the next one) and
+val/mtp_acc_depth{d} (top-1 accuracy of depth d, counted from 1, whose target is d tokens after the next one) and
 val/mtp_acceptance (how often depth 1's argmax equals the main model's argmax one step later: the
 speculative-decoding acceptance rate of a one-token draft).
 

@@ -90,3 +90,28 @@ def test_ep2_with_mtp_equals_one_process_accumulating(tmp_path):
     g0 = torch.load(tmp_path / "single" / "grads_step0.pt")
     assert max(v.abs().max().item() for k, v in g0.items() if k.startswith("mtp.layers.0.mlp.experts")) > 1e-7
     print(f"MTP ep=2 vs 1 process x accumulate 2: gradients {grads:.2e}, weights {worst:.2e}")
+
+
+def test_random_mtp_init_under_expert_parallelism_equals_the_single_process_init(tmp_path):
+    """A checkpoint without mtp.* and `mtp.init: random`: every rank keeps its slice of ONE seeded full init (not
+    the same draw in every shard: experts e and e + E/2 would start identical), equal to one process's init."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from qmoe_lightning.embedded import ensure_embedded_default
+
+    src, plain = ensure_embedded_default().model_dir, tmp_path / "no_mtp"
+    shutil.copytree(src, plain)
+    weights = plain / "model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("mtp.")}, str(weights))
+    args = ["--model.pretrained", str(plain), "--model.mtp", json.dumps({"enabled": True, "init": "random"}),
+            "--model.lr", "0.0"]
+    _fit(tmp_path / "ep", *args)
+    _fit(tmp_path / "single", *args, devices=1)
+    ep, single = _weights(tmp_path / "ep"), _weights(tmp_path / "single")
+    mtp_keys = [k for k in single if k.startswith("mtp.")]
+    assert mtp_keys and all(torch.equal(ep[k], single[k]) for k in mtp_keys)
+    experts = single["mtp.layers.0.mlp.experts.gate_up_proj"]
+    half = experts.shape[0] // 2
+    assert not torch.equal(experts[:half], experts[half:])

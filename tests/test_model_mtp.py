@@ -254,3 +254,40 @@ def test_qwen3_vl_moe_refuses_mtp_with_a_reason():
     module = QMoELightningModule(pretrained="embedded:qwen3_vl_moe", mtp={"enabled": True})
     with pytest.raises(ValueError, match="Qwen3VLMoeForConditionalGeneration has no multi-token prediction module"):
         module.configure_model()
+
+
+def test_padded_rows_left_or_right_give_each_row_its_alone_mtp_loss(checkpoints):
+    _, path = checkpoints["fused"]
+    model = Native.from_pretrained(path, mtp_layers=1).eval()
+    g = torch.Generator().manual_seed(9)
+    rows = [torch.randint(0, 400, (1, n), generator=g) for n in (17, 12)]
+    with torch.no_grad():
+        alone = [model(input_ids=r, labels=r, num_items_in_batch=1).mtp for r in rows]
+        for left in (False, True):
+            ids = torch.zeros(2, 17, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            labels = torch.full_like(ids, -100)
+            for i, r in enumerate(rows):
+                span = slice(17 - r.shape[1], 17) if left else slice(0, r.shape[1])
+                ids[i, span], mask[i, span], labels[i, span] = r[0], 1, r[0]
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=1).mtp
+            assert int(out.num_targets) == sum(int(a.num_targets) for a in alone), left
+            assert torch.allclose(out.ce, sum(a.ce for a in alone), rtol=1e-5), left
+
+
+def test_more_mtp_layers_than_the_checkpoint_has_is_named_and_export_states_the_depth(checkpoints, tmp_path):
+    _, path = checkpoints["fused"]
+    with pytest.raises(ValueError, match="fewer multi-token prediction layers.*mtp.num_layers"):
+        Native.from_pretrained(path, mtp_layers=2)
+    out = Native.from_pretrained(path, mtp_layers=1).save_pretrained(tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["text_config"]["mtp_num_hidden_layers"] == 1
+
+
+def test_lora_with_a_random_mtp_module_is_refused(tmp_path):
+    from qmoe_lightning.build import build_model
+
+    hf = make_hf_model(make_config("base"), seed=2)
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="mtp.init: random with LoRA"):
+        build_model(Native, hf.config, checkpoint=tmp_path, model_kwargs={"mtp_layers": 1}, mtp_random_init=True,
+                    lora={"rank": 2, "alpha": 4})

@@ -208,6 +208,8 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
             h = self.mtp(shifted_embeddings(inputs_embeds, info, d + 1), h, rope, info, d)  # (B, T, H)
             states.append(h)
             targets = future_token_targets(labels, cu, d + 2)
+            if info.token_mask is not None:  # a padding position predicts nothing (left padding)
+                targets = targets.masked_fill(~info.token_mask, -100)
             keep = targets != -100
             rows, want = h[keep], targets[keep]
             if fused:

@@ -261,6 +261,11 @@ class CheckpointScan:
                 f"checkpoint {path} has no multi-token prediction tensors (mtp.*) but {model_name} was built with an "
                 f"MTP module ({len(missing)} tensors missing, e.g. {missing[0]}): disable MTP (model.mtp.enabled: "
                 "false) or start it from a random init (model.mtp.init: random)")
+        if no_mtp and not self.unexpected:  # some MTP layers there, not all the model was built with
+            raise ValueError(
+                f"checkpoint {path} has fewer multi-token prediction layers than {model_name} was built with "
+                f"(missing {missing[:3]}{' ...' if len(missing) > 3 else ''}): set model.mtp.num_layers to the "
+                "checkpoint's mtp_num_hidden_layers")
         if missing or self.unexpected:
             raise ValueError(
                 f"checkpoint {path} does not match {model_name}:\n"
@@ -390,6 +395,9 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
 
         config = model.config
         config.architectures = [model.hf_architecture()]
+        mtp = getattr(model, "mtp", None)
+        if mtp is not None:  # what vLLM / SGLang read to build the draft module
+            getattr(config, "text_config", config).mtp_num_hidden_layers = mtp.num_depths
         written_dtype = dtype_numel.most_common(1)[0][0]  # the dtype most of the written weights have
         for c in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
             if c is not None:  # sub-configs loaded from a bf16 checkpoint would otherwise still say bf16

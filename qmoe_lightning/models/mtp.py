@@ -37,6 +37,7 @@ class MultiTokenPredictor(nn.Module):
 
     def __init__(self, config, num_layers: int, block_factory, norm_class: type[nn.Module]):
         super().__init__()
+        self._recipe = (config, num_layers, block_factory, norm_class)  # `unparallelised_copy`
         H = config.hidden_size
         self.num_depths = num_layers
         self.pre_fc_norm_embedding = norm_class(H, eps=config.rms_norm_eps)
@@ -44,6 +45,11 @@ class MultiTokenPredictor(nn.Module):
         self.fc = nn.Linear(2 * H, H, bias=False)
         self.layers = nn.ModuleList(block_factory(config, d) for d in range(num_layers))
         self.norm = norm_class(H, eps=config.rms_norm_eps)
+
+    def unparallelised_copy(self) -> MultiTokenPredictor:
+        """A new module of the same structure on the meta device (full tensors: for a seeded init of a sharded one)."""
+        with torch.device("meta"):
+            return MultiTokenPredictor(*self._recipe)
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, rope, info: SequenceInfo, depth: int):
         """embeds (B, T, H) of tok[t + d + 1], hidden (B, T, H) -> h_{d+1} (B, T, H) (normed)."""

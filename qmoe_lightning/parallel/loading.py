@@ -230,6 +230,31 @@ def load_hf_weights_parallel(model: nn.Module, path: str | Path,
     return report
 
 
+# ---------------------------------------------------------------------------------------------- MTP init
+@torch.no_grad()
+def init_mtp_parallel(model: nn.Module, seed: int) -> int:
+    """Random-initialise the MTP module of a parallelised, materialised model (its checkpoint had no `mtp.*`) so that
+    each rank's local part equals its slice of `model.init_weights(model.mtp)` on the full model under `seed`: the
+    module's init runs on an unparallelised copy with full tensors, each rank keeps its box. (Seeding every rank and
+    initialising the shards in place would give every shard the same values: duplicated experts.)"""
+    views = global_state_dict(model)
+    local_any = next(iter(views.values()))
+    device = local_any.to_local().device if isinstance(local_any, DTensor) else local_any.device
+    full = model.mtp.unparallelised_copy()
+    dtype = next(p.dtype for p in model.mtp.parameters())
+    full.to(dtype).to_empty(device=device)
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        model.init_weights(full)
+    n = 0
+    for name, tensor in full.state_dict().items():
+        t = _target(f"mtp.{name}", views[f"mtp.{name}"])
+        t.local.copy_(tensor[tuple(slice(a, b) for a, b in t.box)])
+        n += 1
+    return n
+
+
 # ---------------------------------------------------------------------------------------------- LoRA init
 @torch.no_grad()
 def init_lora_parallel(model: nn.Module, seed: int | None) -> int:
