@@ -187,5 +187,25 @@ def main(args=None, run: bool = True) -> QMoECLI:
     )
 
 
+def exit_after_distributed_run() -> None:
+    """End a finished multi-process run without the interpreter's teardown. After a successful run (checkpoints and
+    exports written, loggers finalised by Lightning), the C++ objects of torch.distributed (gloo threads, stores) are
+    sometimes destroyed in an order that ends the process in std::terminate ("terminate called without an active
+    exception", exit code -6), even with the process group destroyed first: seen on gloo in CI, in this app and in a
+    test script. Nothing is left to do at that point, so the process leaves with os._exit(0) after flushing its
+    output. Single-process runs end normally."""
+    import torch.distributed as dist
+
+    from qmoe_lightning.parallel.strategy import was_distributed
+
+    if was_distributed() or (dist.is_available() and dist.is_initialized()):
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    exit_after_distributed_run()

@@ -39,6 +39,13 @@ from .parallelize import ParallelDims, build_mesh, parallelize_model
 from .state import global_optimizer_state, global_state_dict, is_expert_parallel_model
 
 
+_DISTRIBUTED = False  # this process ran a multi-process ExpertParallelStrategy (cli.exit_after_distributed_run)
+
+
+def was_distributed() -> bool:
+    return _DISTRIBUTED
+
+
 def _destroy_process_group_at_exit() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -73,6 +80,8 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         # a process group still alive when the interpreter tears down its C++ objects can end a successful run in
         # std::terminate ("terminate called without an active exception", exit code -6: seen once on gloo in CI)
         atexit.register(_destroy_process_group_at_exit)
+        global _DISTRIBUTED
+        _DISTRIBUTED = self.world_size > 1
         self._device_mesh = self.build_device_mesh(self.world_size, self.root_device)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
