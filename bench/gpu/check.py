@@ -1,0 +1,1156 @@
+"""One-call GPU check: parity, a short app fit and the 35B-A3B-shaped benchmark, every figure into one JSON.
+
+A task is lent a GPU rarely and briefly (one H200, 15 minutes of device time all tries together), so everything
+that needs one runs in ONE device call of <= 8 minutes (`bench/gpu/run.sh`), and `--dry-run` runs the same code on
+CPU with tiny shapes in CI (tests/test_gpu_check.py) so that the script never rots.
+
+Steps (each timed, each with its own time budget inside an overall one; a failing or timed-out step is recorded and
+the next one still runs; the JSON is rewritten after every step, so a killed run still leaves what it measured):
+
+  facts    machine and versions (torch, CUDA, GPU, transformers, fla, triton, ...), varlen_attn's signature, a bf16
+           matmul ceiling measured on the spot
+  parity   native vs transformers (the reference a user gets there: fla when installed) on tests/tiny_configs.py's
+           tiny configs, both families, fp32 (tight) and bf16 (reported): text, image and video documents, max |logit
+           diff|, loss and aux diffs; a packed row vs each document alone (native) and vs transformers alone; which
+           kernel paths the native model took (see KernelSpy)
+  fit      `cli.py fit --config configs/tiny.yaml` on the device (GPU: bf16-true, 30 steps; dry run: CPU, 2 steps) as a
+           subprocess: return code, tokens/s and losses from a CSV logger
+  bench    a Qwen3.5-35B-A3B-shaped slice (hidden 2048, 16 q / 2 kv heads of 256, Gated DeltaNet 16 k / 32 v heads
+           of 128, 256 experts top-8 of 512, shared expert 512, 3 linear : 1 full layers, vocab 248320; 8 layers by
+           default), bf16, forward+backward on packed rows of 4K and 16K tokens of log-normal documents
+           (bench/bench_model.py's document_lengths, the last one cut so a row is exactly that long): tokens/s, MFU on
+           active parameters, peak memory; transformers on the same documents padded into a batch and on the same
+           packed row taken as one sequence (its numerics leak across documents: a speed reference only); a
+           profile of one native step (top kernels)
+  kernels  each kernel path alone at the benchmark's shapes: the path the model takes vs the torch reference (max
+           diff, forward+backward time), fla's Triton causal conv with cu_seqlens included when fla is there
+
+MFU = 6 x active parameters x tokens / step time / peak, active parameters = every parameter except the token
+embedding and the vision tower, routed experts counted top_k / num_experts; peak = 989e12 FLOP/s (H100/H200 SXM
+dense bf16, datasheet); the JSON also gives it against the matmul rate measured in `facts`. Attention's quadratic
+FLOPs are left out of that formula and given beside it (`mfu_with_attention`).
+
+    python bench/gpu/check.py --out DIR            # on a CUDA machine (bench/gpu/run.sh is the device call)
+    python bench/gpu/check.py --dry-run --out DIR  # CPU, tiny shapes, < 1 minute on 2 cores
+Options: --budget S (overall, default 420), --step-budget STEP=S, --only facts,parity,... , --layers N,
+--rows 4096,16384, --threads N (dry run only, default 1), --fail-step parity,kernels:hang (or env QMOE_GPU_CHECK_FAIL:
+that step raises / hangs at its start; the negative controls of tests/test_gpu_check.py).
+Exit status 0 when no step recorded a failure, 1 otherwise, 2 without CUDA and without --dry-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import importlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+for _p in (ROOT / "bench", ROOT / "tests", ROOT):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16, datasheet
+STEPS = ("facts", "parity", "fit", "bench", "kernels")
+BUDGETS = {"facts": 30, "parity": 90, "fit": 100, "bench": 170, "kernels": 40}  # seconds, capped by the overall one
+VERSIONS = ("torch", "triton", "transformers", "flash-linear-attention", "fla-core", "causal-conv1d", "lightning",
+            "pytorch-lightning", "datasets", "jsonargparse", "peft", "huggingface-hub", "tokenizers", "safetensors",
+            "accelerate", "pyarrow", "fsspec", "regex", "torchvision", "numpy", "einops")
+
+# parity documents: tests/test_model_packing.py's packed row (lengths not multiples of 64, one over three chunks)
+CASES = {"text": [37], "image": [5, ("image", (1, 4, 6)), 9], "video": [4, ("video", (2, 4, 4)), 5]}
+PACKED_DOCS = [[5, ("image", (1, 4, 6)), 60], [131], [3, ("image", (1, 4, 4)), 11, ("image", (1, 6, 8)), 14], [45],
+               [2, ("video", (2, 4, 4)), 9]]
+
+
+class StepTimeout(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------------------ logging
+class Log:
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a", buffering=1) if path else None
+
+    def __call__(self, *parts) -> None:
+        line = " ".join(str(p) for p in parts)
+        print(line, flush=True)
+        if self.file:
+            self.file.write(line + "\n")
+
+
+LOG = Log(None)
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def rnd(x, digits: int = 6):
+    return float(f"{x:.{digits}g}") if finite(x) else x
+
+
+# ------------------------------------------------------------------------------------------------- kernel-path spy
+class KernelSpy:
+    """Counts which kernel paths the native model calls, by wrapping the functions `qmoe_lightning.models.kernels`
+    and `moe` pick between (looked up by name at call time there, so wrapping the module attribute is enough):
+    every `_*_fn` factory of kernels.py (fla's chunk, causal-conv1d, any added later) counts the calls of what it
+    returns; the torch references, `varlen_attn`, SDPA, `grouped_mm` and the per-expert `segment_mm` loop count their
+    calls. Counting happens only inside `with spy.watch():` (the native model's calls, not transformers'). A name
+    that is no longer there is listed under `not_found` (a rename, not a failure)."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.not_found: list[str] = []
+        self.active = False
+        self.installed = False
+
+    def _counting(self, label, fn):
+        spy = self
+
+        def wrapped(*a, **k):
+            if spy.active:
+                spy.counts[label] += 1
+            return fn(*a, **k)
+
+        wrapped.__wrapped__ = fn
+        return wrapped
+
+    def _factory(self, label, factory):
+        spy = self
+
+        def wrapped(*a, **k):
+            fn = factory(*a, **k)
+            return None if fn is None else spy._counting(label, fn)
+
+        return wrapped
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        import torch.nn.functional as F
+
+        from qmoe_lightning.models import kernels, moe
+
+        for name in sorted(vars(kernels)):
+            obj = getattr(kernels, name)
+            if name.startswith("_") and name.endswith("_fn") and callable(obj):
+                setattr(kernels, name, self._factory(name.strip("_")[:-3], obj))
+        for mod, attr, label in ((kernels, "chunk_gated_delta_rule_packed", "torch_delta_rule"),
+                                 (kernels, "causal_depthwise_conv_packed", "torch_causal_conv"),
+                                 (moe, "grouped_mm", "grouped_mm"), (moe, "segment_mm", "segment_mm_loop"),
+                                 (F, "scaled_dot_product_attention", "sdpa")):
+            if callable(getattr(mod, attr, None)):
+                setattr(mod, attr, self._counting(label, getattr(mod, attr)))
+            else:
+                self.not_found.append(f"{mod.__name__}.{attr}")
+        try:
+            varlen = importlib.import_module("torch.nn.attention.varlen")
+            varlen.varlen_attn = self._counting("varlen_attn", varlen.varlen_attn)
+        except ImportError:
+            self.not_found.append("torch.nn.attention.varlen.varlen_attn")
+        self.installed = True
+
+    @contextlib.contextmanager
+    def watch(self):
+        self.counts.clear()
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def snapshot(self) -> dict:
+        return dict(sorted(self.counts.items()))
+
+
+SPY = KernelSpy()
+
+
+def paths_taken(counts: dict) -> dict:
+    """Which implementation of each op ran, from the spy's counts."""
+    conv = [k for k in counts if "conv" in k and k != "torch_causal_conv"]
+    return {
+        "delta_rule": "fla" if counts.get("fla_chunk") else ("torch" if counts.get("torch_delta_rule") else "none"),
+        "causal_conv": (conv[0] if conv else ("torch" if counts.get("torch_causal_conv") else "none")),
+        "attention": "varlen_attn" if counts.get("varlen_attn") else ("sdpa" if counts.get("sdpa") else "none"),
+        "experts": "grouped_mm" if counts.get("grouped_mm") else (
+            "segment_mm_loop" if counts.get("segment_mm_loop") else "none"),
+    }
+
+
+DISABLED: list[str] = []  # fast paths that raised on this machine and were taken out for the rest of the run
+
+
+def disable(kind: str) -> None:
+    """Take one fast path out of the native model's choices for the rest of the run ("varlen" or "fla"), so the
+    remaining figures still come (from the fallback, labelled; the error that caused it stays recorded)."""
+    from qmoe_lightning.models import kernels
+
+    if kind in DISABLED:
+        return
+    DISABLED.append(kind)
+    if kind == "varlen":
+        has = kernels._has
+        kernels._has = lambda module: False if module == "torch.nn.attention.varlen" else has(module)
+    else:
+        kernels._fla_chunk_fn = lambda: None
+
+
+def with_fallbacks(fn, errors: list, where: str):
+    """fn(); if it raised inside varlen_attn or fla, record the error, disable that path for good and rerun.
+    Returns (result, paths disabled by this call)."""
+    try:
+        return fn(), []
+    except StepTimeout:
+        raise
+    except Exception as e:  # noqa: BLE001
+        tb = traceback.format_exc()
+        kinds = [k for k, marks in (("varlen", ("varlen",)), ("fla", ("/fla/", "fla."))) if any(m in tb for m in marks)
+                 and k not in DISABLED]
+        errors.append({"where": where, "error": f"{type(e).__name__}: {e}"[:2000], "traceback": tb[-4000:],
+                       "disabled_after": kinds})
+        LOG(f"  ! {where}: {type(e).__name__}: {str(e)[:300]}" + (f" -> {kinds} disabled, rerun" if kinds else ""))
+        if not kinds:
+            raise
+        for k in kinds:
+            disable(k)
+        return with_fallbacks(fn, errors, where)[0], kinds
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def time_steps(step, device, warmup: int, steps: int, deadline: float | None = None) -> dict:
+    """step() `warmup` times, then `steps` times; CUDA-synchronised wall time. min is the figure (robust to noise);
+    the first call (compilation, autotuning) is given apart. Stops timing early past `deadline` (>= 1 timed step)."""
+    times = []
+    first = None
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        dt = time.perf_counter() - t0
+        if i == 0:
+            first = dt
+        if i >= warmup:
+            times.append(dt)
+            if deadline is not None and time.monotonic() > deadline:
+                break
+    return {"min_s": rnd(min(times)), "median_s": rnd(sorted(times)[len(times) // 2]), "steps_s": [rnd(t) for t in times],
+            "first_call_s": rnd(first), "warmup": warmup}
+
+
+def memory_gib(device) -> float:
+    """Allocated now: CUDA memory, or on CPU the process's resident set."""
+    import torch
+
+    if device.type == "cuda":
+        return rnd(torch.cuda.memory_allocated() / 2**30, 4)
+    with open("/proc/self/statm") as f:
+        return rnd(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30, 4)
+
+
+def peak_memory_gib(device) -> float:
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return rnd(torch.cuda.max_memory_allocated() / 2**30, 4)
+    return rnd(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 4)
+
+
+def to_device(batch: dict, device) -> dict:
+    import torch
+
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def pack(docs: list[dict]) -> dict:
+    """tests/test_model_packing.py's pack(): documents -> one row with cu_seqlens (pixels concatenated in order)."""
+    import torch
+
+    row = {"input_ids": torch.cat([d["input_ids"] for d in docs], 1),
+           "mm_token_type_ids": torch.cat([d["mm_token_type_ids"] for d in docs], 1)}
+    for pix, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        with_it = [d for d in docs if pix in d]
+        if with_it:
+            row[pix] = torch.cat([d[pix] for d in with_it])
+            row[grid] = torch.cat([d[grid] for d in with_it])
+    lengths = torch.tensor([d["input_ids"].shape[1] for d in docs])
+    row["cu_seqlens"] = torch.cat([torch.zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    return row
+
+
+def text_labels(batch: dict):
+    labels = batch["input_ids"].clone()
+    labels[batch["mm_token_type_ids"] != 0] = -100
+    return labels
+
+
+def version(dist: str):
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------------------ steps
+def step_facts(res: dict, ctx: dict) -> None:
+    import torch
+
+    device = ctx["device"]
+    res["mode"] = ctx["mode"]
+    res["python"] = platform.python_version()
+    res["platform"] = platform.platform()
+    res["cpu_count"] = os.cpu_count()
+    res["versions"] = {d: version(d) for d in VERSIONS}
+    import transformers
+
+    res["transformers_imported"] = {"version": transformers.__version__, "file": transformers.__file__}
+    res["torch_cuda"] = torch.version.cuda
+    res["cuda_available"] = torch.cuda.is_available()
+    res["device"] = str(device)
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        res["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "multiprocessors": p.multi_processor_count,
+                      "memory_gib": rnd(p.total_memory / 2**30, 4)}
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=15)
+            res["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+        except (OSError, subprocess.TimeoutExpired) as e:
+            res["nvidia_smi"] = f"unavailable: {e}"
+    res["fla_visible"] = ctx["fla_visible"]
+    if ctx["fla_visible"]:
+        t0 = time.perf_counter()
+        try:
+            import fla  # noqa: F401
+
+            res["fla_import"] = {"ok": True, "seconds": rnd(time.perf_counter() - t0, 3)}
+        except Exception as e:  # noqa: BLE001
+            res["fla_import"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
+    res["has_grouped_mm"] = hasattr(torch, "_grouped_mm")
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        res["varlen_attn_signature"] = str(inspect.signature(varlen_attn))
+    except ImportError as e:
+        res["varlen_attn_signature"] = f"missing: {e}"
+    # a bf16 matmul ceiling, measured here (KINDS.md saw ~790 TFLOP/s on an H200 at 8192^3)
+    n = 8192 if device.type == "cuda" else 256
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    t = time_steps(lambda: a @ b, device, warmup=2, steps=5)
+    res["matmul_bf16"] = {"n": n, "tflops": rnd(2 * n**3 / t["min_s"] / 1e12, 4)}
+    ctx["matmul_flops"] = 2 * n**3 / t["min_s"]
+    a = b = None
+    LOG(f"  {res.get('gpu', {}).get('name', 'cpu')}: torch {torch.__version__} cuda {torch.version.cuda}, transformers "
+        f"{transformers.__version__}, fla {res['versions']['flash-linear-attention']}, triton {res['versions']['triton']}"
+        f", causal-conv1d {res['versions']['causal-conv1d']}; bf16 matmul {res['matmul_bf16']['tflops']} TFLOP/s")
+
+
+def _family(name: str):
+    from tiny_configs import make_config, make_hf_model, make_hf_vl_moe_model, make_vl_moe_config
+
+    from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+
+    if name == "qwen3_5_moe":
+        return make_config("base"), make_hf_model, Qwen3_5MoeForConditionalGeneration
+    return make_vl_moe_config("base"), make_hf_vl_moe_model, Qwen3VLMoeForConditionalGeneration
+
+
+def _parity_one(family: str, dtype_name: str, device, tmp: Path, errors: list) -> dict:
+    import torch
+    import transformers
+    from tiny_configs import vision_doc
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    cfg, make_hf, native_cls = _family(family)
+    path = tmp / f"{family}"
+    hf_cls = getattr(transformers, native_cls.HF_ARCHITECTURE)
+    if dtype_name == "fp32" or not (path / "config.json").exists():
+        hf = make_hf(cfg, seed=11)  # the tests' reference: fp32, eager experts (grouped_mm rejects CUDA fp32)
+        hf.save_pretrained(path)
+        hf = hf.to(device).eval()
+    if dtype_name == "bf16":  # what a user gets in bf16: transformers' default experts implementation, the same weights
+        hf = hf_cls.from_pretrained(path, dtype=dtype).to(device).eval()
+    native = native_cls.from_pretrained(path, dtype=dtype, device=device).eval()
+    out = {"hf_experts_implementation": str(getattr(hf.config, "_experts_implementation", None)),
+           "hf_attn_implementation": str(getattr(hf.config, "_attn_implementation", None)), "cases": {}}
+    counts: Counter = Counter()
+
+    def native_call(**kw):
+        with SPY.watch():
+            o = native(**kw)
+        counts.update(SPY.counts)
+        return o
+
+    with torch.no_grad():
+        for case, pieces in CASES.items():
+            batch = to_device(vision_doc(pieces, seed=3), device)
+            labels = text_labels(batch)
+            ref = hf(**batch, labels=labels, output_router_logits=True)
+            got, retried = with_fallbacks(lambda: native_call(**batch, labels=labels, output_router_logits=True),
+                                          errors, f"parity {family} {dtype_name} {case}")
+            out["cases"][case] = {
+                "tokens": batch["input_ids"].shape[1],
+                "max_abs_logit_diff": rnd((ref.logits.float() - got.logits.float()).abs().max().item()),
+                "max_abs_logit": rnd(ref.logits.float().abs().max().item()),
+                "loss_diff": rnd(abs(ref.loss.item() - got.loss.item())),
+                "aux_loss_diff": rnd(abs(ref.aux_loss.item() - got.aux_loss.item())),
+                **({"disabled_after_error": retried} if retried else {}),
+            }
+        docs = [to_device(vision_doc(p, seed=20 + i), device) for i, p in enumerate(PACKED_DOCS)]
+        row = pack(docs)
+        labels = text_labels(row)
+        packed, retried = with_fallbacks(lambda: native_call(**row, labels=labels, output_router_logits=True),
+                                         errors, f"parity {family} {dtype_name} packed")
+        cu = row["cu_seqlens"].tolist()
+        vs_alone, vs_hf, ce_sum, n_sum = 0.0, 0.0, 0.0, 0
+        for i, doc in enumerate(docs):
+            lab = labels[:, cu[i]:cu[i + 1]]
+            alone = native_call(**doc, labels=lab)
+            ref = hf(**doc)
+            piece = packed.logits[:, cu[i]:cu[i + 1]].float()
+            vs_alone = max(vs_alone, (piece - alone.logits.float()).abs().max().item())
+            vs_hf = max(vs_hf, (piece - ref.logits.float()).abs().max().item())
+            ce_sum += alone.ce_loss.item() * int(alone.num_label_tokens)
+            n_sum += int(alone.num_label_tokens)
+        out["packed"] = {"documents": len(docs), "tokens": cu[-1],
+                         "max_abs_logit_diff_vs_native_alone": rnd(vs_alone),
+                         "max_abs_logit_diff_vs_transformers_alone": rnd(vs_hf),
+                         "ce_diff_vs_sum_of_documents": rnd(abs(packed.ce_loss.item() - ce_sum / n_sum)),
+                         **({"disabled_after_error": retried} if retried else {})}
+    out["kernel_calls"] = dict(sorted(counts.items()))
+    out["paths"] = paths_taken(out["kernel_calls"])
+    out["max_abs_logit_diff"] = rnd(max([c["max_abs_logit_diff"] for c in out["cases"].values()]
+                                        + [out["packed"]["max_abs_logit_diff_vs_transformers_alone"]]))
+    out["max_loss_diff"] = rnd(max(c["loss_diff"] for c in out["cases"].values()))
+    hf = native = None
+    return out
+
+
+def step_parity(res: dict, ctx: dict) -> None:
+    import torch
+
+    device = ctx["device"]
+    tol = {"fp32": 1e-4 if device.type == "cpu" else 2e-3, "bf16": 0.25}  # bf16: a flag, not a bound
+    res["tolerance_max_abs_logit_diff"] = tol
+    res["note"] = ("fp32 with TF32 off (matmul and cuDNN); bf16 is reported, its tolerance is only a flag. "
+                   "transformers runs fla when installed (conftest-style hiding only on CPU).")
+    errors = res.setdefault("errors", [])
+    with tempfile.TemporaryDirectory(prefix="gpu_check_parity_") as tmp:
+        for family in ("qwen3_5_moe", "qwen3_vl_moe"):
+            for dtype_name in ("fp32", "bf16"):
+                key = f"{family}/{dtype_name}"
+                t0 = time.perf_counter()
+                tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+                try:
+                    r = _parity_one(family, dtype_name, device, Path(tmp), errors)
+                    r["within_tolerance"] = bool(r["max_abs_logit_diff"] <= tol[dtype_name])
+                    r["seconds"] = rnd(time.perf_counter() - t0, 3)
+                    res[key] = r
+                    LOG(f"  {key}: max |logit diff| {r['max_abs_logit_diff']:.3g} (tol {tol[dtype_name]}), loss diff "
+                        f"{r['max_loss_diff']:.3g}, packed vs alone {r['packed']['max_abs_logit_diff_vs_native_alone']:.3g}"
+                        f"; paths {r['paths']} ({r['seconds']} s)")
+                except StepTimeout:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    errors.append({"where": key, "error": f"{type(e).__name__}: {e}"[:2000],
+                                   "traceback": traceback.format_exc()[-4000:]})
+                    LOG(f"  ! {key}: {type(e).__name__}: {str(e)[:300]}")
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+                    free_memory()
+
+
+def step_fit(res: dict, ctx: dict) -> None:
+    import csv
+
+    gpu = ctx["device"].type == "cuda"
+    steps = 30 if gpu else 2
+    root = Path(tempfile.mkdtemp(prefix="gpu_check_fit_", dir="/tmp"))
+    override = root / "logger.yaml"
+    override.write_text("trainer:\n  log_every_n_steps: 1\n  logger:\n"
+                        "    - class_path: lightning.pytorch.loggers.CSVLogger\n"
+                        f"      init_args:\n        save_dir: {root}\n        name: csv\n")
+    cmd = [sys.executable, str(ROOT / "cli.py"), "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+           "--config", str(override), "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps)]
+    cmd += (["--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.precision", "bf16-true"] if gpu
+            else ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true"])
+    res["command"] = " ".join(cmd)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    timeout = max(10.0, ctx["step_deadline"] - time.monotonic() - 5)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, stdout, stderr = "timeout", (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), \
+            (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+    res["seconds"] = rnd(time.perf_counter() - t0, 4)
+    res["returncode"] = rc
+    if ctx["out"]:
+        (ctx["out"] / "fit.log").write_text(f"$ {res['command']}\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n")
+    tail = (stdout + "\n" + stderr).strip().splitlines()[-25:]
+    LOG("  fit output (tail):\n    " + "\n    ".join(tail))
+    losses, tok_s = [], []
+    for f in sorted(root.glob("csv/version_*/metrics.csv")):
+        with open(f) as fh:
+            for row in csv.DictReader(fh):
+                if row.get("train/loss"):
+                    losses.append((int(row["step"]), float(row["train/loss"])))
+                if row.get("train/tokens_per_s"):
+                    tok_s.append(float(row["train/tokens_per_s"]))
+    res["steps_logged"] = len(losses)
+    res["first_loss"] = rnd(losses[0][1]) if losses else None
+    res["last_losses"] = [rnd(v) for _, v in losses[-5:]]
+    res["tokens_per_s_median_last10"] = rnd(sorted(tok_s[-10:])[len(tok_s[-10:]) // 2]) if tok_s else None
+    res["tokens_per_s_max"] = rnd(max(tok_s)) if tok_s else None
+    res["root_dir"] = str(root)
+    if rc != 0:
+        raise RuntimeError(f"cli.py fit exited with {rc}: " + " | ".join(tail[-5:]))
+    if not losses or not tok_s:
+        raise RuntimeError(f"cli.py fit logged no losses / tokens per second under {root}/csv")
+
+
+def bench_config(dry: bool, layers: int):
+    from transformers import Qwen3_5MoeConfig
+
+    if dry:  # the same code on CPU: tiny shapes, the same 3 linear : 1 full pattern
+        text = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                    linear_value_head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                    shared_expert_intermediate_size=32,
+                    rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
+                                         mrope_section=[1, 1, 0], mrope_interleaved=True))
+        layers = 4
+    else:  # Qwen3.5-35B-A3B's text config (transformers' defaults are those) on fewer layers
+        text = dict(vocab_size=248320, hidden_size=2048, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+                    linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+                    linear_value_head_dim=128, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+                    shared_expert_intermediate_size=512,
+                    rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
+                                         mrope_section=[11, 11, 10], mrope_interleaved=True))
+    text.update(num_hidden_layers=layers, linear_conv_kernel_dim=4, max_position_embeddings=32768,
+                router_aux_loss_coef=0.001,
+                layer_types=[("full_attention" if (i + 1) % 4 == 0 else "linear_attention") for i in range(layers)])
+    v = text["vocab_size"]
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
+                  num_position_embeddings=64)  # text rows only: the tower is never run, keep it small
+    return Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, image_token_id=v - 4,
+                            video_token_id=v - 3, vision_start_token_id=v - 2, vision_end_token_id=v - 1)
+
+
+def row_lengths(total: int, seed: int = 0) -> list[int]:
+    """bench_model's log-normal document lengths, the last document cut so the row holds exactly `total` tokens."""
+    from bench_model import document_lengths
+
+    out = []
+    for n in document_lengths(total, seed):
+        n = min(n, total - sum(out))
+        if n > 0:
+            out.append(n)
+    return out
+
+
+def active_parameters(model) -> dict:
+    text = model.text_config
+    total = active = embed = vision = routed = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        total += n
+        if "embed_tokens" in name:
+            embed += n
+        elif ".visual." in name or name.startswith("visual."):
+            vision += n
+        elif ".experts." in name and (name.endswith("gate_and_up_projs") or name.endswith("down_projs")):
+            routed += n
+            active += n * text.num_experts_per_tok / text.num_experts
+        else:
+            active += n
+    return {"total": total, "active_non_embedding": int(active), "embedding": embed, "vision": vision,
+            "routed_experts": routed}
+
+
+def attention_flops(lengths: list[int], cfg) -> float:
+    """Training FLOPs of the full-attention layers' QK^T and PV (causal: half of n^2), forward + backward (x3)."""
+    text = cfg.text_config
+    full = sum(t == "full_attention" for t in text.layer_types)
+    return 3 * full * 2 * 2 * text.num_attention_heads * text.head_dim * sum(n * n / 2 for n in lengths)
+
+
+def step_bench(res: dict, ctx: dict) -> None:
+    import torch
+    import transformers
+
+    device, dry = ctx["device"], ctx["mode"] == "dry_run"
+    errors = res.setdefault("errors", [])
+    cfg = bench_config(dry, ctx["layers"])
+    rows = ctx["rows"]
+    warm, timed = (1, 2) if dry else (2, 3)
+    res["config"] = {k: getattr(cfg.text_config, k) for k in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+        "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+        "vocab_size", "layer_types")}
+    res["dtype"] = "bf16"
+    res["labels"] = "every token a target; native: training path (fused LM head + CE, return_logits=False)"
+    res["timing"] = f"CUDA-synchronised wall time, {warm} warm-up + {timed} timed forward+backward steps, min"
+    res["mfu_formula"] = ("6 * active_non_embedding_params * tokens / step_s / peak; peak = 989e12 (H100/H200 SXM "
+                          "dense bf16 datasheet); mfu_vs_measured_matmul uses facts' bf16 matmul rate instead; "
+                          "mfu_with_attention adds the full-attention layers' causal QK^T+PV FLOPs (x3)")
+    res["peak_flops"] = PEAK_BF16_FLOPS
+    res["memory"] = ("peak_memory_gib: torch.cuda.max_memory_allocated over the timed steps, static_memory_gib: "
+                     "allocated before them (weights)" if device.type == "cuda" else
+                     "CPU: peak_memory_gib is the process's max RSS so far, static_memory_gib its RSS before the steps")
+    lengths = {n: row_lengths(n) for n in rows}
+    res["rows"] = {str(n): {"documents": len(ls), "longest": max(ls), "padded_slots": len(ls) * max(ls)}
+                   for n, ls in lengths.items()}
+    g = torch.Generator().manual_seed(1)
+    ids = {n: torch.randint(0, cfg.text_config.vocab_size - 8, (n,), generator=g) for n in rows}
+    from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration as native_cls
+
+    transformers_cls = getattr(transformers, native_cls.HF_ARCHITECTURE)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    native = native_cls.from_config(cfg, dtype=torch.bfloat16, device=device).train()
+    res["build_native_s"] = rnd(time.perf_counter() - t0, 3)
+    params = active_parameters(native)
+    res["parameters"] = params
+    n_active = params["active_non_embedding"]
+    measured = ctx.get("matmul_flops")
+    variants = res.setdefault("variants", {})
+
+    def figures(name, n, t, lengths_, useful, extra=None):
+        flops = 6 * n_active * useful
+        f = {"tokens": useful, **t, "tokens_per_s": rnd(useful / t["min_s"]),
+             "mfu": rnd(flops / t["min_s"] / PEAK_BF16_FLOPS, 4),
+             "mfu_with_attention": rnd((flops + attention_flops(lengths_, cfg)) / t["min_s"] / PEAK_BF16_FLOPS, 4),
+             "mfu_vs_measured_matmul": rnd(flops / t["min_s"] / measured, 4) if measured else None}
+        f["peak_memory_gib"] = peak_memory_gib(device)
+        f.update(extra or {})
+        variants[f"{name}/{n}"] = f
+        LOG(f"  {name:22s} {n:6d} tokens: {f['tokens_per_s']:10.0f} tok/s  step {t['min_s']:.4f} s (first "
+            f"{t['first_call_s']:.2f} s)  MFU {f['mfu']:.3f}  peak {f.get('peak_memory_gib', '-')} GiB")
+        return f
+
+    def reset_peak():
+        free_memory()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return memory_gib(device)
+
+    def left() -> float:
+        return ctx["step_deadline"] - time.monotonic()
+
+    # --- native: the packed row with cu_seqlens (documents kept apart)
+    native_ce = {}
+    for n in rows:
+        if left() < (5 if dry else 25):
+            errors.append({"where": f"native/{n}", "error": "skipped: step budget spent"})
+            continue
+        ls = lengths[n]
+        cu = torch.tensor([0, *torch.tensor(ls).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        inp = dict(input_ids=ids[n][None].to(device), labels=ids[n][None].to(device), cu_seqlens=cu,
+                   output_router_logits=True, return_logits=False)
+        static = reset_peak()
+        counts: Counter = Counter()
+
+        def step():
+            native.zero_grad(set_to_none=True)
+            with SPY.watch():
+                out = native(**inp)
+                out.loss.backward()
+            counts.update(SPY.counts)
+            native_ce[n] = out.ce_loss.item()
+
+        try:
+            t, retried = with_fallbacks(lambda: time_steps(step, device, warm, timed, ctx["step_deadline"]), errors,
+                                        f"native/{n}")
+            figures("native_packed", n, t, ls, n, {"static_memory_gib": static, "ce": rnd(native_ce[n]),
+                                                    "kernel_calls": dict(sorted(counts.items())),
+                                                    "paths": paths_taken(counts),
+                                                    **({"disabled_after_error": retried} if retried else {})})
+        except StepTimeout:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if not any(x["where"] == f"native/{n}" for x in errors):
+                errors.append({"where": f"native/{n}", "error": f"{type(e).__name__}: {e}"[:2000],
+                               "traceback": traceback.format_exc()[-4000:]})
+            LOG(f"  ! native/{n}: {type(e).__name__}: {str(e)[:300]}")
+    res["paths"] = next((v["paths"] for k, v in variants.items() if k.startswith("native_packed")), None)
+
+    # --- one profiled native step on the first row: where the time goes
+    if left() > (5 if dry else 20):
+        try:
+            n = rows[0]
+            ls = lengths[n]
+            cu = torch.tensor([0, *torch.tensor(ls).cumsum(0).tolist()], dtype=torch.int32, device=device)
+            inp = dict(input_ids=ids[n][None].to(device), labels=ids[n][None].to(device), cu_seqlens=cu,
+                       output_router_logits=True, return_logits=False)
+            res["profile"] = profile_step(native, inp, device)
+        except StepTimeout:
+            raise
+        except Exception as e:  # noqa: BLE001
+            errors.append({"where": "profile", "error": f"{type(e).__name__}: {e}"[:2000],
+                           "traceback": traceback.format_exc()[-4000:]})
+
+    # --- transformers with the same weights (bf16; fla when installed), the native model freed first
+    native.zero_grad(set_to_none=True)
+    adapter = native.state_dict_adapter()
+    hf_state = {}
+    for k, v in native.state_dict().items():
+        for hk, hv in adapter.convert_single_tensor_to_hf(k, v, in_memory=True):
+            hf_state[hk] = hv
+    t0 = time.perf_counter()
+    with torch.device(device):
+        hf = transformers_cls._from_config(copy.deepcopy(cfg), dtype=torch.bfloat16)
+    missing, unexpected = hf.load_state_dict(hf_state, strict=False)
+    res["build_transformers_s"] = rnd(time.perf_counter() - t0, 3)
+    res["transformers_load"] = {"missing": list(missing)[:20], "unexpected": list(unexpected)[:20]}
+    res["transformers_experts_implementation"] = str(getattr(hf.config, "_experts_implementation", None))
+    res["transformers_attn_implementation"] = str(getattr(hf.config, "_attn_implementation", None))
+    hf_state = native = adapter = None  # the closures above hold no other reference
+    free_memory()
+    hf.train()
+    coef = cfg.text_config.router_aux_loss_coef
+    hf_ce = {}
+
+    def hf_variant(kind: str, n: int):
+        ls = lengths[n]
+        docs = list(torch.split(ids[n], ls))
+        if kind == "packed_leaky":  # one sequence: the same work, documents leak into each other (speed only)
+            batches = [dict(input_ids=ids[n][None], labels=ids[n][None])]
+        else:  # padded: every document its own row; micro-batches of <= n padded slots when one batch would not fit
+            vocab = cfg.text_config.vocab_size
+            slots = len(ls) * max(ls)
+            need = slots * vocab * 12  # bf16 logits + fp32 copy in the loss + their gradients, roughly
+            free = torch.cuda.mem_get_info()[0] if device.type == "cuda" else float("inf")
+            groups = [list(range(len(ls)))] if need < 0.6 * free else _slot_groups(ls, n)
+            batches = []
+            for grp in groups:
+                longest = max(ls[i] for i in grp)
+                x = torch.zeros(len(grp), longest, dtype=torch.long)
+                lab = torch.full_like(x, -100)
+                mask = torch.zeros_like(x)
+                for r, i in enumerate(grp):
+                    x[r, :ls[i]] = docs[i]
+                    lab[r, :ls[i]] = docs[i]
+                    mask[r, :ls[i]] = 1
+                batches.append(dict(input_ids=x, labels=lab, attention_mask=mask))
+        batches = [to_device(b, device) for b in batches]
+        static = reset_peak()
+
+        def step():
+            hf.zero_grad(set_to_none=True)
+            ce_num = tok = 0.0
+            for b in batches:
+                out = hf(**b, output_router_logits=True, use_cache=False)
+                out.loss.backward()
+                k = int((b["labels"][:, 1:] != -100).sum())
+                ce_num += (out.loss.item() - coef * out.aux_loss.item()) * k
+                tok += k
+            hf_ce[(kind, n)] = ce_num / tok
+
+        t = time_steps(step, device, 1, 1 if dry else 2, ctx["step_deadline"])
+        figures(f"transformers_{kind}", n, t, ls, n, {"static_memory_gib": static, "micro_batches": len(batches),
+                                                      "slots": sum(b["input_ids"].numel() for b in batches),
+                                                      "ce": rnd(hf_ce[(kind, n)])})
+
+    order = [("padded", rows[0]), ("packed_leaky", rows[0])] + [(k, n) for n in rows[1:]
+                                                                   for k in ("packed_leaky", "padded")]
+    for kind, n in order:
+        if left() < (5 if dry else 30):
+            errors.append({"where": f"transformers_{kind}/{n}", "error": "skipped: step budget spent"})
+            LOG(f"  ! transformers_{kind}/{n}: skipped, step budget spent")
+            continue
+        try:
+            hf_variant(kind, n)
+        except StepTimeout:
+            raise
+        except Exception as e:  # noqa: BLE001
+            errors.append({"where": f"transformers_{kind}/{n}", "error": f"{type(e).__name__}: {e}"[:2000],
+                           "traceback": traceback.format_exc()[-4000:]})
+            LOG(f"  ! transformers_{kind}/{n}: {type(e).__name__}: {str(e)[:300]}")
+        free_memory()
+    hf = None
+    free_memory()
+    summary = {}
+    for n in rows:
+        nat = variants.get(f"native_packed/{n}")
+        if not nat:
+            continue
+        s = {"native_tokens_per_s": nat["tokens_per_s"], "native_mfu": nat["mfu"],
+             "native_peak_memory_gib": nat.get("peak_memory_gib")}
+        for kind in ("padded", "packed_leaky"):
+            other = variants.get(f"transformers_{kind}/{n}")
+            if other:
+                s[f"speedup_vs_transformers_{kind}"] = rnd(nat["tokens_per_s"] / other["tokens_per_s"], 4)
+                if kind == "padded":
+                    s["ce_diff_native_packed_vs_transformers_padded"] = rnd(abs(nat["ce"] - other["ce"]))
+        summary[str(n)] = s
+    res["summary"] = summary
+
+
+def _slot_groups(lengths: list[int], cap: int) -> list[list[int]]:
+    """Consecutive documents into micro-batches whose padded size (rows x longest) stays <= cap."""
+    groups, cur, longest = [], [], 0
+    for i, n in enumerate(lengths):
+        if cur and (len(cur) + 1) * max(longest, n) > cap:
+            groups.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    return groups + ([cur] if cur else [])
+
+
+def profile_step(model, inp: dict, device) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    model.zero_grad(set_to_none=True)
+    with profile(activities=acts) as prof:
+        out = model(**inp)
+        out.loss.backward()
+        sync(device)
+    model.zero_grad(set_to_none=True)
+    rows = []
+    for e in prof.key_averages():
+        dev_t = getattr(e, "self_device_time_total", None)
+        if dev_t is None:
+            dev_t = getattr(e, "self_cuda_time_total", 0)
+        rows.append((dev_t if device.type == "cuda" else e.self_cpu_time_total, e.key, e.count))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows) or 1
+    # each name to the first category whose marks it contains (kernel names on CUDA, aten ops on CPU)
+    marks = {"fla_delta_rule": ("chunk_gated", "chunk_fwd", "chunk_bwd", "chunk_scaled_dot", "chunk_local_cumsum",
+                                "gated_delta", "recompute_w_u", "solve_tril", "prepare_wy", "l2norm", "fla"),
+             "causal_conv": ("causal_conv", "conv1d", "convolution", "conv_depthwise"),
+             "attention": ("flash", "fmha", "attention", "sdpa", "varlen"),
+             "grouped_gemm": ("grouped", "cutlass"), "other_gemm": ("gemm", "mm", "matmul", "sm90_xmma"),
+             "cross_entropy": ("cross_entropy", "log_softmax", "nll_loss")}
+    share = Counter()
+    for t, name, _ in rows:
+        low = name.lower()
+        share[next((k for k, ms in marks.items() if any(m in low for m in ms)), "other")] += t
+    return {"clock": "self CUDA time" if device.type == "cuda" else "self CPU time",
+            "total_ms": rnd(total / 1e3, 5), "share_by_name": {k: rnd(v / total, 3) for k, v in share.most_common()},
+            "top": [{"name": k[:160], "ms": rnd(t / 1e3, 4), "calls": c} for t, k, c in rows[:25]]}
+
+
+def step_kernels(res: dict, ctx: dict) -> None:
+    """Each kernel path alone at the benchmark's per-layer shapes (bf16): what the model picks vs the torch reference."""
+    import torch
+    import torch.nn.functional as F
+
+    from qmoe_lightning.models import kernels, moe
+    from qmoe_lightning.models.packing import build_sequence_info
+
+    device, dry = ctx["device"], ctx["mode"] == "dry_run"
+    cfg = bench_config(dry, ctx["layers"]).text_config
+    n = ctx["rows"][-1]
+    ls = row_lengths(n)
+    cu = torch.tensor([0, *torch.tensor(ls).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    info = build_sequence_info(1, n, device, cu)
+    errors = res.setdefault("errors", [])
+    res["tokens"], res["documents"] = n, len(ls)
+    g = torch.Generator(device=device).manual_seed(0)
+    bf = torch.bfloat16
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(bf).requires_grad_()
+
+    def measure(name, fns: dict, make_inputs):
+        """fns: label -> f(*inputs) -> tensor; each timed forward+backward; max diff of each vs the first."""
+        out = {}
+        ref = None
+        inputs = make_inputs()
+        for label, fn in fns.items():
+            try:
+                def fb():
+                    for x in inputs:
+                        x.grad = None
+                    y = fn(*inputs)
+                    y.float().square().mean().backward()
+                    return y
+
+                with SPY.watch():
+                    y = fn(*inputs).detach().float()
+                    calls = SPY.snapshot()
+                t = time_steps(fb, device, 1, 2 if dry else 5)
+                out[label] = {"fwd_bwd_ms": rnd(t["min_s"] * 1e3, 4), "first_call_s": t["first_call_s"],
+                              "calls": calls}
+                if ref is None:
+                    ref = y
+                else:
+                    out[label]["max_abs_diff_vs_" + next(iter(fns))] = rnd((y - ref).abs().max().item())
+            except StepTimeout:
+                raise
+            except Exception as e:  # noqa: BLE001
+                errors.append({"where": f"{name}/{label}", "error": f"{type(e).__name__}: {e}"[:2000],
+                               "traceback": traceback.format_exc()[-4000:]})
+                LOG(f"  ! kernels {name}/{label}: {type(e).__name__}: {str(e)[:300]}")
+        res[name] = out
+        LOG(f"  {name}: " + ", ".join(f"{k} {v['fwd_bwd_ms']} ms" for k, v in out.items()))
+
+    Hk, Hv, dk, dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, \
+        cfg.linear_value_head_dim
+    conv_dim = 2 * Hk * dk + Hv * dv
+
+    def delta_inputs():
+        q, k = rand(1, n, Hk, dk), rand(1, n, Hk, dk)
+        v = rand(1, n, Hv, dv)
+        g_ = (-torch.rand(1, n, Hv, generator=g, device=device) * 0.5).requires_grad_()
+        beta = torch.rand(1, n, Hv, generator=g, device=device).to(bf).requires_grad_()
+        return [q, k, v, g_, beta]
+
+    measure("delta_rule", {
+        "torch_reference": lambda q, k, v, g_, b: kernels.chunk_gated_delta_rule_packed(q, k, v, g_, b,
+                                                                                       info.chunk_layout(64)),
+        "model_path": lambda q, k, v, g_, b: kernels.gated_delta_rule(q, k, v, g_, b, info),
+    }, delta_inputs)
+
+    conv = {"torch_reference": lambda x, w: kernels.causal_depthwise_conv_packed(x, w, cu),
+            "model_path": lambda x, w: kernels.causal_conv1d_silu(x, w, info)}
+    if ctx["fla_visible"] and device.type == "cuda":
+        def fla_conv(x, w):
+            from fla.modules.causal_conv1d import causal_conv1d
+
+            return causal_conv1d(x, w, activation="silu", cu_seqlens=cu.long())[0]
+
+        conv["fla_triton_cu_seqlens"] = fla_conv
+    measure("causal_conv", conv, lambda: [rand(1, n, conv_dim), rand(conv_dim, cfg.linear_conv_kernel_dim, scale=0.3)])
+
+    Hq, Hkv, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def sdpa_per_doc(q, k, v):
+        outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
+                                               enable_gqa=Hq != Hkv) for s, e in info.doc_bounds]
+        return torch.cat(outs, dim=2).transpose(1, 2)
+
+    measure("attention", {"sdpa_per_document": sdpa_per_doc,
+                          "model_path": lambda q, k, v: kernels.causal_attention(q, k, v, info, D ** -0.5)},
+            lambda: [rand(1, Hq, n, D), rand(1, Hkv, n, D), rand(1, Hkv, n, D)])
+
+    E, k_top, H, I = cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
+    rows_ = n * k_top
+    counts = torch.bincount(torch.randint(0, E, (rows_,), generator=g, device=device), minlength=E)
+    offs = counts.cumsum(0).to(torch.int32)
+    fns = {"segment_mm_loop": lambda x, w: moe.segment_mm(x, w, offs)}
+    x0, w0 = rand(rows_, H), rand(E, H, 2 * I, scale=0.02)
+    if moe.grouped_mm_supported(x0, w0):
+        fns["grouped_mm"] = lambda x, w: moe.grouped_mm(x, w, offs)
+    measure("experts_gate_up", fns, lambda: [x0, w0])
+
+
+# ------------------------------------------------------------------------------------------------------------- main
+class Check:
+    def __init__(self, args, out: Path | None, device, mode: str, fla_visible: bool):
+        self.args, self.out = args, out
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + args.budget
+        self.ctx = {"device": device, "mode": mode, "fla_visible": fla_visible, "out": out, "layers": args.layers,
+                    "rows": args.rows}
+        self.report = {"schema": 1, "mode": mode, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "argv": sys.argv[1:], "budget_s": args.budget, "step_budgets_s": dict(BUDGETS),
+                       "steps": {}, "failures": [], "warnings": []}
+        self.budgets = {**BUDGETS, **args.step_budget}
+        self.report["step_budgets_s"] = dict(self.budgets)
+        spec = args.fail_step or os.environ.get("QMOE_GPU_CHECK_FAIL") or ""
+        self.fail = dict((part.split(":") + ["raise"])[:2] for part in spec.split(",") if part)
+
+    def write(self) -> None:
+        self.report["total_seconds"] = rnd(time.monotonic() - self.t0, 4)
+        if self.out is None:
+            return
+        tmp = self.out / ".gpu_check.json.tmp"
+        tmp.write_text(json.dumps(self.report, indent=1, default=str))
+        tmp.replace(self.out / "gpu_check.json")
+
+    def run(self, name: str, fn) -> None:
+        res: dict = {}
+        entry = {"status": "running", "result": res}
+        self.report["steps"][name] = entry
+        remaining = self.deadline - time.monotonic()
+        if remaining < 3:
+            entry.update(status="skipped", error="overall budget spent", seconds=0.0)
+            self.report["failures"].append({"step": name, "error": "skipped: overall budget spent"})
+            LOG(f"== {name}: skipped (overall budget spent)")
+            self.write()
+            return
+        limit = min(self.budgets[name], remaining)
+        self.ctx["step_deadline"] = time.monotonic() + limit
+        LOG(f"== {name} (budget {limit:.0f} s)")
+        t0 = time.perf_counter()
+
+        def on_alarm(signum, frame):
+            raise StepTimeout(f"step {name} ran past its budget of {limit:.0f} s")
+
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, limit + 2)  # +2: the step's own deadline checks come first
+        try:
+            if self.fail.get(name) == "hang":  # negative control of the time budget: the alarm must end it
+                time.sleep(10**6)
+            if self.fail.get(name) == "raise":
+                raise RuntimeError(f"injected failure (--fail-step {name})")
+            fn(res, self.ctx)
+            entry["status"] = "ok"
+        except BaseException as e:  # noqa: BLE001 - a failing step must not lose the others' figures
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            entry.update(status="timeout" if isinstance(e, StepTimeout) else "error",
+                         error=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc()[-6000:])
+            self.report["failures"].append({"step": name, "error": entry["error"]})
+            LOG(f"  ! {name} {entry['status']}: {entry['error'][:500]}")
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+            entry["seconds"] = rnd(time.perf_counter() - t0, 4)
+            for err in res.get("errors", []):
+                self.report["failures"].append({"step": name, "where": err.get("where"), "error": err["error"]})
+            if res.get("errors") and entry["status"] == "ok":
+                entry["status"] = "partial"
+            free_memory()
+            self.write()
+            LOG(f"   {name}: {entry['status']} in {entry['seconds']:.1f} s")
+
+
+def summarise(report: dict) -> dict:
+    steps = report["steps"]
+    out = {}
+    par = steps.get("parity", {}).get("result", {})
+    out["parity"] = {k: {"max_abs_logit_diff": v.get("max_abs_logit_diff"), "within_tolerance": v.get("within_tolerance"),
+                         "paths": v.get("paths")} for k, v in par.items() if isinstance(v, dict) and "cases" in v}
+    fit = steps.get("fit", {}).get("result", {})
+    out["fit"] = {k: fit.get(k) for k in ("returncode", "tokens_per_s_median_last10", "first_loss", "last_losses")}
+    bench = steps.get("bench", {}).get("result", {})
+    out["bench"] = bench.get("summary")
+    out["bench_paths"] = bench.get("paths")
+    out["disabled_paths"] = list(report.get("disabled_paths", []))
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: every code path, for CI")
+    p.add_argument("--budget", type=float, default=420.0, help="overall seconds (steps have their own caps)")
+    p.add_argument("--only", default=",".join(STEPS), help=f"comma-separated steps among {','.join(STEPS)}")
+    p.add_argument("--fail-step", default=None,
+                   help="negative controls: 'parity' raises at the start of that step, 'kernels:hang' hangs there "
+                        "(the step's time budget must end it); comma-separated")
+    p.add_argument("--step-budget", action="append", default=[], metavar="STEP=SECONDS",
+                   help="override one step's time budget (repeatable)")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers of the 35B-A3B-shaped slice")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of a dry run (CPU)")
+    p.add_argument("--rows", default=None, help="packed row lengths (default 4096,16384; dry run 1024,2048)")
+    args = p.parse_args(argv)
+    args.rows = [int(x) for x in (args.rows or ("1024,2048" if args.dry_run else "4096,16384")).split(",")]
+    args.only = [s for s in args.only.split(",") if s]
+    try:
+        args.step_budget = {k: float(v) for k, v in (item.split("=", 1) for item in args.step_budget)}
+    except ValueError:
+        p.error("--step-budget takes STEP=SECONDS")
+    unknown = set(args.step_budget) - set(STEPS)
+    if unknown:
+        p.error(f"--step-budget: unknown steps {sorted(unknown)}")
+    unknown = set(args.only) - set(STEPS)
+    if unknown:
+        p.error(f"unknown steps {sorted(unknown)}; choose among {STEPS}")
+    return args
+
+
+def main(argv=None) -> int:
+    global LOG
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_check.log").unlink(missing_ok=True)
+    LOG = Log(args.out / "gpu_check.log")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        LOG("no CUDA device: run with --dry-run on CPU")
+        return 2
+    device = torch.device("cuda" if not args.dry_run else "cpu")
+    if args.dry_run:  # one thread: a shared 2-core CI machine oversubscribed by OpenMP runs 10-100x slower
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the fit subprocess too
+    fla_visible = device.type == "cuda"
+    if not fla_visible:
+        # as tests/conftest.py: with fla + triton installed, transformers binds fla when its Qwen3.5 module is imported
+        # and every CPU forward crashes; hide them before that import (the native model never imports them on CPU)
+        for name in ("fla", "causal_conv1d"):
+            sys.modules.setdefault(name, None)
+    check = Check(args, args.out, device, "dry_run" if args.dry_run else "gpu", fla_visible)
+    seen = set()
+
+    def record_warning(message, category, filename, lineno, file=None, line=None):
+        text = f"{category.__name__}: {message}"
+        if text not in seen:
+            seen.add(text)
+            check.report["warnings"].append({"warning": text[:1000], "where": f"{filename}:{lineno}"})
+            LOG(f"  warning: {text[:300]}")
+
+    warnings.showwarning = record_warning
+    warnings.simplefilter("default")
+    LOG(f"gpu check: mode {check.report['mode']}, device {device}, out {args.out}, budget {args.budget:.0f} s, steps "
+        f"{args.only}")
+    try:
+        SPY.install()
+    except Exception as e:  # noqa: BLE001
+        check.report["failures"].append({"step": "spy", "error": f"{type(e).__name__}: {e}"})
+    check.report["spy_not_found"] = SPY.not_found
+    steps = {"facts": step_facts, "parity": step_parity, "fit": step_fit, "bench": step_bench, "kernels": step_kernels}
+    for name in STEPS:
+        if name in args.only:
+            check.run(name, steps[name])
+    check.report["disabled_paths"] = DISABLED
+    check.report["summary"] = summarise(check.report)
+    check.write()
+    LOG(f"summary: {json.dumps(check.report['summary'], default=str)}")
+    LOG(f"failures: {len(check.report['failures'])}; total {check.report['total_seconds']:.1f} s; "
+        f"JSON: {args.out / 'gpu_check.json'}")
+    LOG.file.close()
+    return 1 if check.report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
