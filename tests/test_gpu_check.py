@@ -1,0 +1,117 @@
+"""The one-call GPU check (bench/gpu/check.py) in its CPU --dry-run mode: every step and every code path that does not
+need CUDA runs here, so the script a GPU session runs in its single device call cannot rot unnoticed. Plus the
+negative controls: a step that raises and a step that hangs past its budget are recorded, and the steps after them
+still report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu" / "check.py"
+STEPS = {"facts", "parity", "fit", "bench", "kernels"}
+
+
+def run_check(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    path = out / "gpu_check.json"
+    assert path.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(path.read_text())
+
+
+def numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+def test_dry_run_reports_every_section_with_finite_figures(tmp_path):
+    proc, report = run_check(tmp_path / "out")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert report["mode"] == "dry_run"
+    assert report["failures"] == [], report["failures"]
+    assert report["spy_not_found"] == []  # every function the kernel-path spy wraps still exists
+    assert set(report["steps"]) == STEPS
+    for name, step in report["steps"].items():
+        assert step["status"] == "ok", (name, step.get("error"), step["result"].get("errors"))
+        values = list(numbers(step["result"]))
+        assert values and all(math.isfinite(v) for v in values), name
+
+    parity = report["steps"]["parity"]["result"]
+    for family in ("qwen3_5_moe", "qwen3_vl_moe"):
+        for dtype in ("fp32", "bf16"):
+            entry = parity[f"{family}/{dtype}"]
+            assert set(entry["cases"]) == {"text", "image", "video"}
+            assert entry["within_tolerance"], (family, dtype, entry["max_abs_logit_diff"])
+            packed = entry["packed"]
+            assert packed["documents"] == 5 and packed["tokens"] > 0
+            if dtype == "fp32":  # CPU fp32 is the tests' tight parity
+                assert entry["max_abs_logit_diff"] <= 1e-4 and packed["max_abs_logit_diff_vs_native_alone"] <= 1e-4
+        assert parity[f"{family}/fp32"]["paths"]["attention"] != "none"
+    assert parity["qwen3_5_moe/fp32"]["paths"]["delta_rule"] == "torch"  # no fla on CPU
+
+    fit = report["steps"]["fit"]["result"]
+    assert fit["returncode"] == 0 and fit["steps_logged"] == 2
+    assert fit["tokens_per_s_median_last10"] > 0 and len(fit["last_losses"]) == 2
+
+    bench = report["steps"]["bench"]["result"]
+    assert set(bench["summary"]) == {"1024", "2048"}
+    for row, s in bench["summary"].items():
+        assert s["native_tokens_per_s"] > 0 and s["native_mfu"] > 0 and s["native_peak_memory_gib"] > 0
+        assert s["speedup_vs_transformers_padded"] > 0 and s["speedup_vs_transformers_packed_leaky"] > 0
+        assert s["ce_diff_native_packed_vs_transformers_padded"] < 1e-2  # bf16, same weights, same documents
+        assert bench["variants"][f"native_packed/{row}"]["tokens"] == int(row)
+    assert all(v != "none" for v in bench["paths"].values()), bench["paths"]  # the spy saw every op
+    assert bench["transformers_load"] == {"missing": [], "unexpected": []}
+    assert bench["profile"]["top"] and bench["profile"]["total_ms"] > 0
+
+    kernels = report["steps"]["kernels"]["result"]
+    for op in ("delta_rule", "causal_conv", "attention", "experts_gate_up"):
+        assert len(kernels[op]) >= 2 and all(v["fwd_bwd_ms"] > 0 for v in kernels[op].values()), op
+    assert kernels["delta_rule"]["model_path"]["max_abs_diff_vs_torch_reference"] == 0  # same path on CPU
+
+    assert set(report["summary"]) == {"parity", "fit", "bench", "bench_paths", "disabled_paths"}
+    assert report["disabled_paths"] == []
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert all(f"== {name}" in log for name in STEPS)
+    assert (tmp_path / "out" / "fit.log").exists()
+
+
+def test_a_failing_and_a_hanging_step_are_recorded_and_later_steps_still_report(tmp_path):
+    """Negative controls: parity raises at its start, fit hangs past a 2 s budget (the alarm must end it: on the device
+    a hang would otherwise eat the whole call); facts before them and kernels after them still give figures."""
+    proc, report = run_check(tmp_path / "out", "--only", "facts,parity,fit,kernels", "--fail-step", "parity,fit:hang",
+                             "--step-budget", "fit=2")
+    assert proc.returncode == 1
+    steps = report["steps"]
+    assert steps["parity"]["status"] == "error" and "injected failure" in steps["parity"]["error"]
+    assert steps["fit"]["status"] == "timeout" and steps["fit"]["seconds"] < 30
+    assert [f["step"] for f in report["failures"]] == ["parity", "fit"]
+    assert "bench" not in steps
+    for name in ("facts", "kernels"):
+        assert steps[name]["status"] == "ok", steps[name].get("error")
+        assert all(math.isfinite(v) for v in numbers(steps[name]["result"]))
+    assert steps["kernels"]["result"]["attention"]["model_path"]["fwd_bwd_ms"] > 0
+
+
+def test_rows_are_exact_and_padded_micro_batches_respect_their_cap():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    for total in (1024, 4096, 16384):
+        lengths = check.row_lengths(total)
+        assert sum(lengths) == total and len(lengths) > 1 and min(lengths) > 0
+        groups = check._slot_groups(lengths, total)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        assert all(len(g) * max(lengths[i] for i in g) <= total for g in groups)
