@@ -20,35 +20,6 @@ import torch.nn.functional as F
 from .packing import ChunkLayout
 
 
-def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
-    """(..., C, C) -> (I + L)^-1 with L the strictly lower part of `a` (the diagonal is taken as 1, as
-    `solve_triangular(unitriangular=True)`); C a power of two.
-
-    Recursive block inversion: the inverse of [[A, 0], [X, D]] is [[A^-1, 0], [-D^-1 X A^-1, D^-1]], applied to
-    blocks of 1, 2, 4, ... C rows, each level one batched matmul over all blocks of all chunks and heads. On CPU this
-    replaces two batched LAPACK triangular solves per layer (and two more in backward), which ran one tiny trsm per
-    (chunk, head) and took a quarter of a training step; the result is what forward substitution gives up to
-    rounding (tests: fp64 recurrence, transformers)."""
-    C = a.shape[-1]
-    if C & (C - 1):
-        raise ValueError(f"unit_lower_inverse: size {C} is not a power of two")
-    lead = a.shape[:-2]
-    blocks = torch.ones(*lead, C, 1, 1, dtype=a.dtype, device=a.device)  # (..., m, s, s): inverses of the diagonal
-    s = 1
-    while s < C:
-        m = C // s
-        grid = a.reshape(*lead, m, s, m, s)
-        # the sub-diagonal block of every pair (2p+1, 2p) of s-blocks: (..., m/2, s, s)
-        x = torch.diagonal(grid[..., 1::2, :, 0::2, :], dim1=-4, dim2=-2).movedim(-1, -3)
-        first, second = blocks[..., 0::2, :, :], blocks[..., 1::2, :, :]
-        off = -(second @ x @ first)  # (..., m/2, s, s)
-        top = torch.cat([first, torch.zeros_like(first)], dim=-1)  # (..., m/2, s, 2s)
-        bottom = torch.cat([off, second], dim=-1)
-        blocks = torch.cat([top, bottom], dim=-2)  # (..., m/2, 2s, 2s)
-        s *= 2
-    return blocks.squeeze(-3)
-
-
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
@@ -94,9 +65,8 @@ def chunk_gated_delta_rule_packed(
 
     ut = (k_beta @ k.transpose(-1, -2)) * pairwise
     intra = (q @ k.transpose(-1, -2)) * pairwise
-    inv = unit_lower_inverse(ut)  # (N, H, C, C)
-    new_values = inv @ v_beta
-    k_cumdecay = inv @ (k_beta * cum.exp().unsqueeze(-1))
+    new_values = torch.linalg.solve_triangular(ut, v_beta, upper=False, unitriangular=True)
+    k_cumdecay = torch.linalg.solve_triangular(ut, k_beta * cum.exp().unsqueeze(-1), upper=False, unitriangular=True)
 
     q = q * cum.exp().unsqueeze(-1)
     k = k * (cum[..., -1:] - cum).exp().unsqueeze(-1)
