@@ -184,6 +184,37 @@ class LocalDispatcher:
         return ys
 
 
+class _SortedRows(torch.autograd.Function):
+    """x (N, H) -> x[order // k] (N*k, H), the rows of the expert-sorted pairs. Backward gathers the pair gradients
+    back into pair order and sums each token's k slots: no scatter-add with repeated indices (what indexing's
+    backward does: a serial accumulate on CPU, a fifth of the MoE block's time on the mid-size bench config)."""
+
+    @staticmethod
+    def forward(ctx, x, order, unsort, k: int):
+        ctx.save_for_backward(unsort)
+        ctx.k = k
+        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (unsort,) = ctx.saved_tensors
+        return grad.index_select(0, unsort).view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+
+
+class _Permutation(torch.autograd.Function):
+    """t[perm] for a permutation `perm` (inverse `inverse`): backward is the inverse gather, not a scatter-add."""
+
+    @staticmethod
+    def forward(ctx, t, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return t.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -201,14 +232,17 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, H), indices/weights (N, k) (global expert ids) -> (N, H)."""
-        flat = indices.reshape(-1)  # (N*k,)
+        N, k = indices.shape
+        flat = indices.reshape(-1)  # (N*k,) pair p = token p // k, slot p % k
         order = flat.argsort(stable=True)  # pairs grouped by expert, token order within an expert
-        token_of = order // indices.shape[1]  # (N*k,)
+        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts = torch.bincount(flat, minlength=self.num_experts)  # (E,)
-        local, offs, context = self.dispatcher.dispatch(x[token_of], counts)
+        xs = _SortedRows.apply(x, order, unsort, k)  # (N*k, H): row j is token order[j] // k
+        local, offs, context = self.dispatcher.dispatch(xs, counts)
         ys = self.dispatcher.combine(self.swiglu(local, offs), context)  # (N*k, H)
         ys = ys * weights.reshape(-1)[order].unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+        # back to pair order (a permutation: gathers both ways), then each token's k slots summed
+        return _Permutation.apply(ys.to(x.dtype), unsort, order).view(N, k, -1).sum(1)
 
     def swiglu(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """xs (rows, H) grouped by local expert (cumulative `offs`) -> (rows, H), before the routing weight."""
