@@ -115,8 +115,8 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
                 module.reset_parameters()
 
     def tie_weights(self) -> None:
-        """lm_head shares the input embedding when the config says so. `to_empty` (meta -> device) gives every module
-        a parameter of its own, so the tie made in `__init__` has to be made again afterwards."""
+        """lm_head shares the input embedding when the config says so. Called by `__init__`, and again after
+        `to_empty` (meta -> device), which gives every module a parameter of its own."""
         if getattr(self.config, "tie_word_embeddings", False):
             self.lm_head.weight = self.text_model.embed_tokens.weight
 

@@ -85,7 +85,11 @@ def build_sequence_info(
     cu_seqlens: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> SequenceInfo:
+    """position_ids: with no `cu_seqlens` and no mask, text positions that restart mark packed documents
+    (`cu_seqlens_from_positions`, transformers' convention)."""
+    cu_seqlens = cu_seqlens_from_positions(position_ids, cu_seqlens, attention_mask)
     token_mask = None
     if attention_mask is not None:
         if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch_size, seq_len):

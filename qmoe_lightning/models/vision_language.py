@@ -2,9 +2,9 @@
 family), the splice of its embeddings at the image / video placeholder tokens, 3-D mRoPE positions (per document
 in a packed row), deepstack features where the tower has them (Qwen3-VL), then `MoeCausalLM`'s tail.
 
-A family subclass builds `self.model` holding `visual` (transformers' vision model, its rotary swapped for
-`Fp32SafeVisionRotaryEmbedding`) and `language_model` (a `DecoderBackend`) under transformers' names, plus
-`lm_head`, `config`, `text_config`.
+A family subclass builds `self.model` (`VisionLanguageBackbone`: `visual`, transformers' vision model with its rotary
+swapped for `Fp32SafeVisionRotaryEmbedding`, and `language_model`, a `DecoderBackend`, under transformers' names),
+plus `lm_head`, `config`, `text_config`.
 
 Deepstack: the tower also returns, per deepstack layer j, one feature per merged visual token. They are added to
 the decoder's hidden states after layer j at the visual positions (`decoder.Deepstack`). Images and videos are
@@ -15,12 +15,24 @@ and videos in the text: that is what transformers' joint image|video mask does.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .batch import PackedBatch
 from .causal_lm import MoeCausalLM, MoeOutput, reject_unknown
 from .decoder import Deepstack
 from .mrope_positions import IMAGE, VIDEO, mrope_position_ids, mrope_position_ids_packed, split_video_grids
-from .packing import SequenceInfo, build_sequence_info, cu_seqlens_from_positions
+from .packing import SequenceInfo, build_sequence_info
+from .rotary import Fp32SafeVisionRotaryEmbedding
+
+
+class VisionLanguageBackbone(nn.Module):
+    """The vision tower and the text decoder under transformers' names (`visual`, `language_model`)."""
+
+    def __init__(self, config, vision_class: type[nn.Module], text_backend_class: type[nn.Module]):
+        super().__init__()
+        self.visual = vision_class._from_config(config.vision_config)
+        self.visual.rotary_pos_emb = Fp32SafeVisionRotaryEmbedding(config.vision_config)
+        self.language_model = text_backend_class(config.text_config)
 
 
 class VisionLanguageMoe(MoeCausalLM):
@@ -163,8 +175,7 @@ class VisionLanguageMoe(MoeCausalLM):
                                           pixel_values_videos, video_grid_thw)
 
         B, T = inputs_embeds.shape[:2]
-        cu_seqlens = cu_seqlens_from_positions(position_ids, cu_seqlens, attention_mask)
-        info = build_sequence_info(B, T, inputs_embeds.device, cu_seqlens, attention_mask, max_seqlen)
+        info = build_sequence_info(B, T, inputs_embeds.device, cu_seqlens, attention_mask, max_seqlen, position_ids)
         if position_ids is None and (has_vision or image_grid_thw is not None or video_grid_thw is not None):
             position_ids = self._mrope_positions(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, info)
         positions = self._text_positions(position_ids, info)

@@ -20,9 +20,8 @@ from ..batch import PackedBatch
 from ..causal_lm import MoeCausalLM, MoeOutput, reject_unknown
 from ..mtp import MultiTokenPredictor
 from ..norms import ZeroCenteredRMSNorm
-from ..packing import build_sequence_info, cu_seqlens_from_positions
-from ..rotary import Fp32SafeVisionRotaryEmbedding
-from ..vision_language import VisionLanguageMoe
+from ..packing import build_sequence_info
+from ..vision_language import VisionLanguageBackbone, VisionLanguageMoe
 from .state_dict_adapter import Qwen3_5MoeStateDictAdapter
 from .text_model import Qwen3_5MoeTextModelBackend, mtp_block
 
@@ -44,8 +43,7 @@ class Qwen3_5MoeForCausalLM(MoeCausalLM):
         self.config = self.text_config = config
         self.model = Qwen3_5MoeTextModelBackend(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         _add_mtp(self, config, mtp_layers, mtp_loss_scale)
 
     @property
@@ -86,24 +84,13 @@ class Qwen3_5MoeForCausalLM(MoeCausalLM):
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         B, T = inputs_embeds.shape[:2]
-        cu_seqlens = cu_seqlens_from_positions(position_ids, cu_seqlens, attention_mask)
-        info = build_sequence_info(B, T, inputs_embeds.device, cu_seqlens, attention_mask, max_seqlen)
+        info = build_sequence_info(B, T, inputs_embeds.device, cu_seqlens, attention_mask, max_seqlen, position_ids)
         positions = self._text_positions(position_ids, info)
         return self._decode_and_head(
             inputs_embeds, positions, info, labels=labels, output_router_logits=output_router_logits,
             label_logits_only=label_logits_only, logits_to_keep=logits_to_keep,
             num_items_in_batch=num_items_in_batch, return_logits=return_logits, mtp_metrics=mtp_metrics,
         )
-
-
-class Qwen3_5MoeModel(nn.Module):
-    """Holds the vision tower and the text decoder under transformers' names (`visual`, `language_model`)."""
-
-    def __init__(self, config: Qwen3_5MoeConfig):
-        super().__init__()
-        self.visual = Qwen3_5MoeVisionModel._from_config(config.vision_config)
-        self.visual.rotary_pos_emb = Fp32SafeVisionRotaryEmbedding(config.vision_config)
-        self.language_model = Qwen3_5MoeTextModelBackend(config.text_config)
 
 
 class Qwen3_5MoeForConditionalGeneration(VisionLanguageMoe):
@@ -116,10 +103,9 @@ class Qwen3_5MoeForConditionalGeneration(VisionLanguageMoe):
         super().__init__()
         self.config = config
         self.text_config = config.text_config
-        self.model = Qwen3_5MoeModel(config)
+        self.model = VisionLanguageBackbone(config, Qwen3_5MoeVisionModel, Qwen3_5MoeTextModelBackend)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+        self.tie_weights()
         _add_mtp(self, config.text_config, mtp_layers, mtp_loss_scale)
 
 

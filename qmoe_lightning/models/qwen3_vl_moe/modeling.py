@@ -15,20 +15,9 @@ from torch import nn
 from transformers import Qwen3VLMoeConfig
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
 
-from ..rotary import Fp32SafeVisionRotaryEmbedding
-from ..vision_language import VisionLanguageMoe
+from ..vision_language import VisionLanguageBackbone, VisionLanguageMoe
 from .state_dict_adapter import Qwen3VLMoeStateDictAdapter
 from .text_model import Qwen3VLMoeTextModelBackend
-
-
-class Qwen3VLMoeModel(nn.Module):
-    """Holds the vision tower and the text decoder under transformers' names (`visual`, `language_model`)."""
-
-    def __init__(self, config: Qwen3VLMoeConfig):
-        super().__init__()
-        self.visual = Qwen3VLMoeVisionModel._from_config(config.vision_config)
-        self.visual.rotary_pos_emb = Fp32SafeVisionRotaryEmbedding(config.vision_config)
-        self.language_model = Qwen3VLMoeTextModelBackend(config.text_config)
 
 
 class Qwen3VLMoeForConditionalGeneration(VisionLanguageMoe):
@@ -40,7 +29,6 @@ class Qwen3VLMoeForConditionalGeneration(VisionLanguageMoe):
         super().__init__()
         self.config = config
         self.text_config = config.text_config
-        self.model = Qwen3VLMoeModel(config)
+        self.model = VisionLanguageBackbone(config, Qwen3VLMoeVisionModel, Qwen3VLMoeTextModelBackend)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+        self.tie_weights()
