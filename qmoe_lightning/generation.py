@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .models.settings import section_from
+
 _THINK = re.compile(r"^(\s*<think>)?.*?</think>", flags=re.DOTALL)  # a thinking template may open it in the prompt
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # the chat turn's end and the document end
 
@@ -51,17 +53,7 @@ class GenerationOptions:
     @classmethod
     def from_any(cls, value) -> GenerationOptions:
         """None -> the defaults; a dict (YAML, checkpoint hyperparameters) -> GenerationOptions; one as is."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            unknown = set(value) - set(cls.__dataclass_fields__)
-            if unknown:
-                raise ValueError(f"unknown generation option(s) {sorted(unknown)}; known: "
-                                 f"{sorted(cls.__dataclass_fields__)}")
-            return cls(**value)
-        raise TypeError(f"generation must be a mapping or GenerationOptions, got {type(value).__name__}")
+        return cls() if value is None else section_from(cls, value, "generation")
 
 
 def normalise_answer(text: str) -> str:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qmoe_lightning.models.settings import section_from
+
 # the model family's defaults (`ModelFamily.lora_targets`), resolved against the model by apply_lora
 DEFAULT_TARGETS = ("default",)
 
@@ -139,14 +141,7 @@ class LoraConfig:
         """None / False -> None (no LoRA); a dict (YAML) -> LoraConfig; a LoraConfig as is."""
         if value is None or value is False:
             return None
-        if isinstance(value, LoraConfig):
-            return value
-        if isinstance(value, dict):
-            unknown = set(value) - set(cls.__dataclass_fields__)
-            if unknown:
-                raise ValueError(f"unknown lora option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-            return cls(**value)
-        raise TypeError(f"lora must be a mapping or LoraConfig, got {type(value).__name__}")
+        return section_from(cls, value, "lora")
 
 
 def spec_matches(spec: str, name: str) -> bool:

@@ -30,6 +30,7 @@ from torch import nn
 
 from .lm_loss import document_ids
 from .packing import SequenceInfo
+from .settings import section_from
 
 
 class MultiTokenPredictor(nn.Module):
@@ -104,14 +105,7 @@ class MtpConfig:
 
     @classmethod
     def from_any(cls, value) -> MtpConfig | None:
-        if value is None or isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            unknown = set(value) - set(cls.__dataclass_fields__)
-            if unknown:
-                raise ValueError(f"unknown mtp setting(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-            return cls(**value)
-        raise TypeError(f"mtp must be a mapping or MtpConfig, got {type(value).__name__}")
+        return None if value is None else section_from(cls, value, "mtp")
 
     def depths(self, text_config) -> int:
         return int(self.num_layers or getattr(text_config, "mtp_num_hidden_layers", None) or 1)
