@@ -21,8 +21,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_model_packing import pack
-from tiny_configs import make_config, make_hf_model, vision_doc
+from tiny_configs import make_config, make_hf_model, pack, vision_doc
 
 from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration as Native
 from qmoe_lightning.models import lm_loss

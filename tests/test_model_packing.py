@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_configs import make_config, make_hf_model, vision_doc
+from tiny_configs import make_config, make_hf_model, pack, vision_doc
 
 from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration
 
@@ -18,19 +18,6 @@ DOCS = [
     [45],
     [2, ("video", (2, 4, 4)), 9],
 ]
-
-
-def pack(docs: list[dict]) -> dict:
-    row = {"input_ids": torch.cat([d["input_ids"] for d in docs], 1),
-           "mm_token_type_ids": torch.cat([d["mm_token_type_ids"] for d in docs], 1)}
-    for pix, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
-        with_it = [d for d in docs if pix in d]
-        if with_it:
-            row[pix] = torch.cat([d[pix] for d in with_it])
-            row[grid] = torch.cat([d[grid] for d in with_it])
-    lengths = torch.tensor([d["input_ids"].shape[1] for d in docs])
-    row["cu_seqlens"] = torch.cat([torch.zeros(1), lengths.cumsum(0)]).to(torch.int32)
-    return row
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from tiny_configs import TEXT_VARIANTS, hf_grad_of, make_config, make_hf_model, vision_doc
+from tiny_configs import TEXT_VARIANTS, assert_gradients_match, make_config, make_hf_model, vision_doc
 
 from qmoe_lightning.models import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
 
@@ -103,21 +103,7 @@ def test_every_parameter_gradient_matches(pairs, variant):
     out = nat(**batch, labels=labels, output_router_logits=True)
     ref.loss.backward()
     out.loss.backward()
-    checked = 0
-    largest = max(g.abs().max() for g in (hf_grad_of(hf, n) for n, _ in nat.named_parameters()) if g is not None)
-    for name, p in nat.named_parameters():
-        g_ref = hf_grad_of(hf, name)
-        if g_ref is None:
-            assert p.grad is None or p.grad.abs().max() == 0, name
-            continue
-        assert p.grad is not None, f"{name}: no gradient"
-        # a tensor's scale: its largest |g|, floored at 1e-3 of the largest gradient of the model (A_log / dt_bias
-        # gradients nearly cancel to ~1e-6, where only fp32 rounding noise of ~1e-10 is left; a scaling bug on them
-        # would still move them by their own size, >> TOL of the floor)
-        scale = torch.maximum(g_ref.abs().max(), 1e-3 * largest)
-        assert ((p.grad - g_ref).abs().max() / scale) <= TOL, f"{name}: gradient differs"
-        checked += 1
-    assert checked == len(list(nat.parameters()))
+    assert assert_gradients_match(hf, nat, TOL) == len(list(nat.parameters()))
 
 
 def test_causal_lm_matches_vl_text_path_and_loads_vl_checkpoint(pairs):

@@ -54,12 +54,16 @@ def make_hf_model(config: Qwen3_5MoeConfig, seed: int = 0):
     """transformers' model in fp32 with its torch fallbacks and the eager (per-expert loop) experts."""
     from transformers import Qwen3_5MoeForConditionalGeneration as HF
 
+    return _reference_model(HF, config, seed)
+
+
+def _reference_model(hf_class, config, seed: int):
+    """`hf_class(config)` in fp32, eager (per-expert loop) experts, every norm weight moved off its initial value
+    (0 for zero-centred norms, 1 for plain ones) so that the norms are tested, not skipped."""
     torch.manual_seed(seed)
-    config = copy.deepcopy(config)
-    model = HF(config).float().eval()
+    model = hf_class(copy.deepcopy(config)).float().eval()
     model.config.text_config._experts_implementation = "eager"
     model.config._experts_implementation = "eager"
-    # make norms / gates non-trivial: transformers initialises zero-centred norm weights at 0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
@@ -159,12 +163,40 @@ def make_hf_vl_moe_model(config: Qwen3VLMoeConfig, seed: int = 0):
     perturbed away from their initial 1."""
     from transformers import Qwen3VLMoeForConditionalGeneration as HF
 
-    torch.manual_seed(seed)
-    model = HF(copy.deepcopy(config)).float().eval()
-    model.config.text_config._experts_implementation = "eager"
-    model.config._experts_implementation = "eager"
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return _reference_model(HF, config, seed)
+
+
+def pack(docs: list[dict]) -> dict:
+    """Documents (`vision_doc` outputs) -> one packed row with cu_seqlens, pixels and grids concatenated in order."""
+    row = {"input_ids": torch.cat([d["input_ids"] for d in docs], 1),
+           "mm_token_type_ids": torch.cat([d["mm_token_type_ids"] for d in docs], 1)}
+    for pix, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        with_it = [d for d in docs if pix in d]
+        if with_it:
+            row[pix] = torch.cat([d[pix] for d in with_it])
+            row[grid] = torch.cat([d[grid] for d in with_it])
+    lengths = torch.tensor([d["input_ids"].shape[1] for d in docs])
+    row["cu_seqlens"] = torch.cat([torch.zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    return row
+
+
+def assert_gradients_match(hf_model, native, tol: float) -> int:
+    """Every native parameter's gradient equals transformers' (after both backwards); returns how many were compared.
+
+    A tensor's scale is its largest |g|, floored at 1e-3 of the largest gradient of the model: A_log / dt_bias
+    gradients nearly cancel to ~1e-6, where only fp32 rounding noise of ~1e-10 is left; a scaling bug on them would
+    still move them by their own size, far above `tol` of the floor. A parameter transformers gives no gradient
+    (e.g. a deepstack merger past the decoder's depth) must get none (or zeros) here."""
+    refs = {name: hf_grad_of(hf_model, name) for name, _ in native.named_parameters()}
+    largest = max(g.abs().max() for g in refs.values() if g is not None)
+    checked = 0
+    for name, p in native.named_parameters():
+        g_ref = refs[name]
+        if g_ref is None:
+            assert p.grad is None or p.grad.abs().max() == 0, name
+            continue
+        assert p.grad is not None, f"{name}: no gradient"
+        scale = torch.maximum(g_ref.abs().max(), 1e-3 * largest)
+        assert ((p.grad - g_ref).abs().max() / scale) <= tol, f"{name}: gradient differs"
+        checked += 1
+    return checked

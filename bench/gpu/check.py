@@ -296,22 +296,6 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def pack(docs: list[dict]) -> dict:
-    """tests/test_model_packing.py's pack(): documents -> one row with cu_seqlens (pixels concatenated in order)."""
-    import torch
-
-    row = {"input_ids": torch.cat([d["input_ids"] for d in docs], 1),
-           "mm_token_type_ids": torch.cat([d["mm_token_type_ids"] for d in docs], 1)}
-    for pix, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
-        with_it = [d for d in docs if pix in d]
-        if with_it:
-            row[pix] = torch.cat([d[pix] for d in with_it])
-            row[grid] = torch.cat([d[grid] for d in with_it])
-    lengths = torch.tensor([d["input_ids"].shape[1] for d in docs])
-    row["cu_seqlens"] = torch.cat([torch.zeros(1), lengths.cumsum(0)]).to(torch.int32)
-    return row
-
-
 def text_labels(batch: dict):
     labels = batch["input_ids"].clone()
     labels[batch["mm_token_type_ids"] != 0] = -100
@@ -395,7 +379,7 @@ def _family(name: str):
 def _parity_one(family: str, dtype_name: str, device, tmp: Path, errors: list) -> dict:
     import torch
     import transformers
-    from tiny_configs import vision_doc
+    from tiny_configs import pack, vision_doc
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     cfg, make_hf, native_cls = _family(family)
