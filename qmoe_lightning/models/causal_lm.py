@@ -153,7 +153,8 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
         mtp_metrics: bool = False,
     ) -> MoeOutput:
         cfg = self.text_config
-        hidden, router_logits, indices = self.text_model(inputs_embeds, position_ids, info, deepstack)
+        rope = self.text_model.rotary_emb(inputs_embeds, position_ids)  # the decoder's and the MTP block's
+        hidden, router_logits, indices = self.text_model(inputs_embeds, rope, info, deepstack)
         aux, counts = load_balancing_loss(router_logits, indices, cfg.num_experts, info.token_mask)
         if output_router_logits is None:
             output_router_logits = cfg.output_router_logits
@@ -182,7 +183,7 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
             logits = self.lm_head(h)
         mtp = None
         if labels is not None and getattr(self, "mtp", None) is not None:
-            mtp = self._multi_token_prediction(inputs_embeds, hidden, position_ids, info, labels, normaliser,
+            mtp = self._multi_token_prediction(inputs_embeds, hidden, rope, info, labels, normaliser,
                                                fused=not return_logits, metrics=mtp_metrics)
         loss = None
         if ce is not None:
@@ -195,10 +196,10 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
             hidden_states=hidden, mtp=mtp,
         )
 
-    def _multi_token_prediction(self, inputs_embeds, hidden, position_ids, info: SequenceInfo, labels, normaliser,
+    def _multi_token_prediction(self, inputs_embeds, hidden, rope, info: SequenceInfo, labels, normaliser,
                                 *, fused: bool, metrics: bool) -> MtpOutput:
-        """Every depth of `self.mtp` (see mtp.py): per-depth summed CE over the same normaliser as the main CE."""
-        rope = self.text_model.rotary_emb(inputs_embeds, position_ids)
+        """Every depth of `self.mtp` (see mtp.py): per-depth summed CE over the same normaliser as the main CE; the
+        MTP block attends at the main model's positions (`rope` is the decoder's)."""
         cu = info.cu_seqlens if info.packed else None
         weight = self.lm_head.weight
         ces, counts, correct, states = [], [], [], []

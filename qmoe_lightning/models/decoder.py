@@ -95,12 +95,11 @@ class DecoderBackend(nn.Module):
         return self.embed_tokens
 
     def forward(
-        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, info: SequenceInfo,
+        self, inputs_embeds: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], info: SequenceInfo,
         deepstack: Deepstack | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """inputs_embeds (B, T, H), position_ids (3, B, T) -> hidden (B, T, H), router logits and top-k indices of
-        the MoE layers."""
-        rope = self.rotary_emb(inputs_embeds, position_ids)
+        """inputs_embeds (B, T, H), rope = `self.rotary_emb(inputs_embeds, position_ids (3, B, T))` (the caller's:
+        the MTP block reuses it) -> hidden (B, T, H), router logits and top-k indices of the MoE layers."""
         h = inputs_embeds
         all_logits, all_indices = [], []
         for j, layer in enumerate(self.layers):
