@@ -296,6 +296,17 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def record_error(errors: list, where: str, e: BaseException, *, once: bool = False, log: bool = True,
+                 prefix: str = "") -> None:
+    """Append a failure (called inside its `except`: the traceback is the current one) and log it; `once`: not if
+    `where` already failed."""
+    if not (once and any(x["where"] == where for x in errors)):
+        errors.append({"where": where, "error": f"{type(e).__name__}: {e}"[:2000],
+                       "traceback": traceback.format_exc()[-4000:]})
+    if log:
+        LOG(f"  ! {prefix}{where}: {type(e).__name__}: {str(e)[:300]}")
+
+
 def text_labels(batch: dict):
     labels = batch["input_ids"].clone()
     labels[batch["mm_token_type_ids"] != 0] = -100
@@ -474,9 +485,7 @@ def step_parity(res: dict, ctx: dict) -> None:
                 except StepTimeout:
                     raise
                 except Exception as e:  # noqa: BLE001
-                    errors.append({"where": key, "error": f"{type(e).__name__}: {e}"[:2000],
-                                   "traceback": traceback.format_exc()[-4000:]})
-                    LOG(f"  ! {key}: {type(e).__name__}: {str(e)[:300]}")
+                    record_error(errors, key, e)
                 finally:
                     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
                     free_memory()
@@ -694,10 +703,7 @@ def step_bench(res: dict, ctx: dict) -> None:
         except StepTimeout:
             raise
         except Exception as e:  # noqa: BLE001
-            if not any(x["where"] == f"native/{n}" for x in errors):
-                errors.append({"where": f"native/{n}", "error": f"{type(e).__name__}: {e}"[:2000],
-                               "traceback": traceback.format_exc()[-4000:]})
-            LOG(f"  ! native/{n}: {type(e).__name__}: {str(e)[:300]}")
+            record_error(errors, f"native/{n}", e, once=True)
     res["paths"] = next((v["paths"] for k, v in variants.items() if k.startswith("native_packed")), None)
 
     # --- one profiled native step on the first row: where the time goes
@@ -712,8 +718,7 @@ def step_bench(res: dict, ctx: dict) -> None:
         except StepTimeout:
             raise
         except Exception as e:  # noqa: BLE001
-            errors.append({"where": "profile", "error": f"{type(e).__name__}: {e}"[:2000],
-                           "traceback": traceback.format_exc()[-4000:]})
+            record_error(errors, "profile", e, log=False)
 
     # --- transformers with the same weights (bf16; fla when installed), the native model freed first
     native.zero_grad(set_to_none=True)
@@ -789,9 +794,7 @@ def step_bench(res: dict, ctx: dict) -> None:
         except StepTimeout:
             raise
         except Exception as e:  # noqa: BLE001
-            errors.append({"where": f"transformers_{kind}/{n}", "error": f"{type(e).__name__}: {e}"[:2000],
-                           "traceback": traceback.format_exc()[-4000:]})
-            LOG(f"  ! transformers_{kind}/{n}: {type(e).__name__}: {str(e)[:300]}")
+            record_error(errors, f"transformers_{kind}/{n}", e)
         free_memory()
     hf = None
     free_memory()
@@ -907,9 +910,7 @@ def step_kernels(res: dict, ctx: dict) -> None:
             except StepTimeout:
                 raise
             except Exception as e:  # noqa: BLE001
-                errors.append({"where": f"{name}/{label}", "error": f"{type(e).__name__}: {e}"[:2000],
-                               "traceback": traceback.format_exc()[-4000:]})
-                LOG(f"  ! kernels {name}/{label}: {type(e).__name__}: {str(e)[:300]}")
+                record_error(errors, f"{name}/{label}", e, prefix="kernels ")
         res[name] = out
         LOG(f"  {name}: " + ", ".join(f"{k} {v['fwd_bwd_ms']} ms" for k, v in out.items()))
 
