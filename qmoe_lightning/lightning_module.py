@@ -358,6 +358,11 @@ class QMoELightningModule(pl.LightningModule):
         dev = self.device
         sums = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(())
                             for v in (win.n_targets, win.ce_sum, win.aux_sum, win.tokens, win.micro_batches)])
+        mtp = getattr(self.model, "mtp", None)
+        depths = mtp.num_depths if mtp is not None else 0
+        if depths:  # per-depth MTP CE sums and targets ride along in the same all-reduce
+            sums = torch.cat([sums] + [torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(-1).expand(depths)
+                                       for v in (win.mtp_ce, win.mtp_n)])
         routers = self._routers() if self.balances_by_bias else []
         if routers:  # the window's pick counts ride along in the same all-reduce (integers: exact in float64)
             counts = torch.as_tensor(win.expert_counts, dtype=torch.float64, device=dev)
@@ -369,7 +374,7 @@ class QMoELightningModule(pl.LightningModule):
             sums = torch.cat([sums, counts.reshape(-1)])
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         if routers:
-            self._update_balancing_bias(routers, sums[5:].reshape(len(routers), -1))
+            self._update_balancing_bias(routers, sums[5 + 2 * depths:].reshape(len(routers), -1))
         n_global, ce_global, aux_global, tokens_global, micro_global = sums[:5].tolist()
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(n_global, 1.0)
         for group in optimizer.param_groups:
@@ -387,9 +392,9 @@ class QMoELightningModule(pl.LightningModule):
         self.log("train/target_tokens", n_global)
         if dt > 0:
             self.log("train/tokens_per_s", tokens_global / dt, prog_bar=True)
-        if getattr(self.model, "mtp", None) is not None and torch.is_tensor(win.mtp_ce):
-            mtp = self.trainer.strategy.reduce(torch.stack([win.mtp_ce, win.mtp_n]).to(dev), reduce_op="sum")
-            per_depth = (mtp[0] / mtp[1].clamp_min(1.0)).tolist()
+        if depths:
+            mtp_ce, mtp_n = sums[5:5 + depths], sums[5 + depths:5 + 2 * depths]
+            per_depth = (mtp_ce / mtp_n.clamp_min(1.0)).tolist()
             self.log("train/mtp_loss", sum(per_depth) / len(per_depth), prog_bar=True)
             if len(per_depth) > 1:
                 for d, value in enumerate(per_depth, 1):
