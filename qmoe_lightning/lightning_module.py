@@ -302,7 +302,9 @@ class QMoELightningModule(pl.LightningModule):
                     output_router_logits=self._collect_router_stats)
         n = out.num_label_tokens.to(out.ce_loss.dtype)
         coef = self.aux_loss_coef
-        loss = out.ce_loss + coef * n * out.aux_loss if coef else out.ce_loss
+        # the aux term weighs the whole row's targets (under context parallelism the aux's gradient is this rank's
+        # share of the row's aux, and its weight the row's count on every rank)
+        loss = out.ce_loss + coef * out.row_label_tokens.to(n.dtype) * out.aux_loss if coef else out.ce_loss
         if out.mtp is not None:  # CE sums (num_items_in_batch=1): rescaled by N_global with the rest
             loss = loss + self.model.mtp_loss_scale * out.mtp.ce.mean()
             win.mtp_ce = win.mtp_ce + out.mtp.ce.detach().double()
@@ -311,14 +313,20 @@ class QMoELightningModule(pl.LightningModule):
         win.n_targets = win.n_targets + n.detach()
         win.aux_sum = win.aux_sum + out.aux_loss.detach()
         win.aux_values.append(out.aux_loss.detach())
-        win.tokens += batch.real_tokens
+        win.tokens += batch.real_tokens / self.context_parallel_size  # the cp ranks of a row count it once
         win.micro_batches += 1
         if self.balances_by_bias:
             win.expert_counts = win.expert_counts + out.expert_token_counts.detach()
         if self._collect_router_stats and out.router_logits is not None:
             win.router_stats.append(RouterStats.from_router_outputs(out.router_logits, out.expert_token_counts,
-                                                                    batch.get("attention_mask")))
+                                                                    out.token_mask))
         return loss
+
+    @property
+    def context_parallel_size(self) -> int:
+        """Ranks sharing each packed row (the strategy's cp_size; 1 without context parallelism)."""
+        cp = getattr(self.model, "context_parallel", None)
+        return cp.size if cp is not None else 1
 
     def on_train_start(self) -> None:
         self._t_prev = time.perf_counter()
@@ -476,8 +484,15 @@ class QMoELightningModule(pl.LightningModule):
         sums = torch.zeros(6 + (3 * depths + 2 if depths else 0), dtype=torch.float64, device=self.device)
         sums[0] = out.ce_loss.detach().double()
         sums[1] = out.num_label_tokens.double()
-        if out.logits is not None and out.logits.shape[0] > 0 and batch.get("cu_seqlens") is not None:
-            correct, visual = document_answer_correct(out.logits.argmax(-1), batch["labels"], batch["cu_seqlens"],
+        cp = getattr(self.model, "context_parallel", None)
+        guesses = out.logits.argmax(-1) if out.logits is not None else None
+        if cp is not None and cp.size > 1 and guesses is not None:
+            # every rank holds the greedy answers of its slice's targets; in rank order they are the row's, which
+            # one rank of the group counts
+            guesses = cp.gather_rows(guesses)
+            guesses = guesses if cp.rank == 0 else guesses[:0]
+        if guesses is not None and guesses.shape[0] > 0 and batch.get("cu_seqlens") is not None:
+            correct, visual = document_answer_correct(guesses, batch["labels"], batch["cu_seqlens"],
                                                       batch.get("mm_token_type_ids"))
             sums[2] = (correct & visual).sum()
             sums[3] = visual.sum()

@@ -151,7 +151,7 @@ class KernelSpy:
             obj = getattr(kernels, name)
             if name.startswith("_") and name.endswith("_fn") and callable(obj):
                 setattr(kernels, name, self._factory(name.strip("_")[:-3], obj))
-        for mod, attr, label in ((kernels, "chunk_gated_delta_rule_packed", "torch_delta_rule"),
+        for mod, attr, label in ((kernels, "chunk_gated_delta_rule_with_state", "torch_delta_rule"),
                                  (kernels, "causal_depthwise_conv_packed", "torch_causal_conv"),
                                  (moe, "grouped_mm", "grouped_mm"), (moe, "segment_mm", "segment_mm_loop"),
                                  (F, "scaled_dot_product_attention", "sdpa")):
@@ -926,8 +926,8 @@ def step_kernels(res: dict, ctx: dict) -> None:
         return [q, k, v, g_, beta]
 
     measure("delta_rule", {
-        "torch_reference": lambda q, k, v, g_, b: kernels.chunk_gated_delta_rule_packed(q, k, v, g_, b,
-                                                                                       info.chunk_layout(64)),
+        "torch_reference": lambda q, k, v, g_, b: kernels.chunk_gated_delta_rule_with_state(
+            q, k, v, g_, b, info.chunk_layout(64))[0],
         "model_path": lambda q, k, v, g_, b: kernels.gated_delta_rule(q, k, v, g_, b, info),
     }, delta_inputs)
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from .batch import PackedBatch
 from .checkpoint import HFCheckpointMixin
+from .context_parallel import split_row
 from .decoder import DecoderBackend, Deepstack
 from .lm_loss import future_token_targets, linear_cross_entropy, next_token_targets
 from .moe import GroupedExperts, TopKRouter
@@ -40,6 +41,10 @@ class MoeOutput:
     ce_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # transformers' load-balancing loss, pooled over layers and real tokens
     num_label_tokens: torch.Tensor | None = None  # targets that entered the CE
+    # targets of the whole row: num_label_tokens, except for a row split over context-parallel ranks (whose
+    # num_label_tokens, logits, hidden states and router outputs are this rank's slice's)
+    row_label_tokens: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None  # (B, T) real tokens of the positions the outputs cover (None: all)
     expert_token_counts: torch.Tensor | None = None  # (L, E) top-k picks per expert, real tokens only
     router_logits: tuple[torch.Tensor, ...] | None = None  # per layer (B*T, E), with output_router_logits
     hidden_states: torch.Tensor | None = None  # final normed hidden states (B, T, H)
@@ -47,11 +52,16 @@ class MoeOutput:
 
 
 def load_balancing_loss(
-    router_logits: list[torch.Tensor], indices: list[torch.Tensor], num_experts: int, token_mask: torch.Tensor | None
+    router_logits: list[torch.Tensor], indices: list[torch.Tensor], num_experts: int, token_mask: torch.Tensor | None,
+    comm=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' formula: aux = E * sum_e f_e * P_e over all layers and real tokens. Also (L, E) pick counts.
 
     f_e = top-k picks of e / (L * N), P_e = mean router probability of e (softmax in fp32).
+    comm (context parallelism, the row split over ranks): f, P and N are the whole row's. aux is linear in the
+    probability sums once f is fixed (f has no gradient), so rank r's share E * sum_e f_e * P_e^(r) sums to aux over
+    the ranks: the value returned is the row's aux on every rank, its gradient this rank's share only (summed over
+    the ranks by the gradient reduction, as every other per-token term). The counts stay this rank's.
     """
     if not router_logits:  # a config without any MoE layer (every layer dense)
         device = token_mask.device if token_mask is not None else None
@@ -74,7 +84,14 @@ def load_balancing_loss(
         counts.append(picks)
     counts = torch.stack(counts)  # (L, E)
     rows = len(router_logits) * (router_logits[0].shape[0] if mask is None else mask.sum())
-    aux = num_experts * torch.sum((counts.sum(0) / rows) * (prob_sum / rows))
+    if comm is None:
+        aux = num_experts * torch.sum((counts.sum(0) / rows) * (prob_sum / rows))
+        return aux, counts.detach().round().long()
+    totals = comm.all_reduce_sum(torch.cat([counts.sum(0), torch.as_tensor(rows, dtype=counts.dtype,
+                                                                             device=counts.device).reshape(1)]))
+    row_counts, row_rows = totals[:-1], totals[-1]
+    share = num_experts * torch.sum((row_counts / row_rows) * (prob_sum / row_rows))
+    aux = share + (comm.all_reduce_sum(share) - share).detach()
     return aux, counts.detach().round().long()
 
 
@@ -153,15 +170,26 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
         mtp_metrics: bool = False,
     ) -> MoeOutput:
         cfg = self.text_config
+        targets = None if labels is None else next_token_targets(labels, info.cu_seqlens if info.packed else None)
+        row_targets = None if targets is None else (targets != -100).sum()
+        whole = (inputs_embeds, info)  # the row before a context-parallel split (multi-token prediction reads it)
+        cp = self._context_parallel_group()
+        if cp is not None:  # this rank keeps its slice of the row from here on (context_parallel.py)
+            info = split_row(cp, info, min_slice=max(getattr(cfg, "linear_conv_kernel_dim", 2) - 1, 1))
+            inputs_embeds, position_ids = info.cp.take(inputs_embeds, 1), info.cp.take(position_ids, 2)
+            targets = info.cp.take(targets, 1, fill=-100)
+            if deepstack is not None:
+                mine = (deepstack.positions >= info.cp.start) & (deepstack.positions < info.cp.end)
+                deepstack = Deepstack(deepstack.positions[mine] - info.cp.start, [e[mine] for e in deepstack.embeds])
         rope = self.text_model.rotary_emb(inputs_embeds, position_ids)  # the decoder's and the MTP block's
         hidden, router_logits, indices = self.text_model(inputs_embeds, rope, info, deepstack)
-        aux, counts = load_balancing_loss(router_logits, indices, cfg.num_experts, info.token_mask)
+        aux, counts = load_balancing_loss(router_logits, indices, cfg.num_experts, info.token_mask,
+                                          comm=info.cp.comm if info.cp is not None else None)
         if output_router_logits is None:
             output_router_logits = cfg.output_router_logits
 
         ce = logits = n_targets = None
         if labels is not None:
-            targets = next_token_targets(labels, info.cu_seqlens if info.packed else None)  # (B, T)
             keep = targets != -100
             n_targets = keep.sum()
             if not return_logits:
@@ -176,14 +204,14 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
                     reduction="sum",
                 )
             # a micro-batch with no target (a pack of padding only) contributes 0, not 0/0
-            normaliser = num_items_in_batch if num_items_in_batch is not None else n_targets.clamp_min(1)
+            normaliser = num_items_in_batch if num_items_in_batch is not None else row_targets.clamp_min(1)
             ce = ce / normaliser
         else:
             h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             logits = self.lm_head(h)
         mtp = None
         if labels is not None and getattr(self, "mtp", None) is not None:
-            mtp = self._multi_token_prediction(inputs_embeds, hidden, rope, info, labels, normaliser,
+            mtp = self._multi_token_prediction(whole, hidden, rope, info, labels, normaliser,
                                                fused=not return_logits, metrics=mtp_metrics)
         loss = None
         if ce is not None:
@@ -192,23 +220,34 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
                 loss = loss + self.mtp_loss_scale * mtp.ce.mean()
         return MoeOutput(
             logits=logits, loss=loss, ce_loss=ce, aux_loss=aux, num_label_tokens=n_targets,
+            row_label_tokens=row_targets, token_mask=info.token_mask,
             expert_token_counts=counts, router_logits=tuple(router_logits) if output_router_logits else None,
             hidden_states=hidden, mtp=mtp,
         )
 
-    def _multi_token_prediction(self, inputs_embeds, hidden, rope, info: SequenceInfo, labels, normaliser,
+    def _context_parallel_group(self):
+        """The context-parallel group set by `parallel.parallelize_model` (None: the row stays on this rank)."""
+        cp = getattr(self, "context_parallel", None)
+        return cp if cp is not None and cp.size > 1 else None
+
+    def _multi_token_prediction(self, whole, hidden, rope, info: SequenceInfo, labels, normaliser,
                                 *, fused: bool, metrics: bool) -> MtpOutput:
         """Every depth of `self.mtp` (see mtp.py): per-depth summed CE over the same normaliser as the main CE; the
-        MTP block attends at the main model's positions (`rope` is the decoder's)."""
-        cu = info.cu_seqlens if info.packed else None
+        MTP block attends at the main model's positions (`rope` is the decoder's). `whole` = (inputs_embeds, info)
+        of the whole row: the shifted embeddings and the targets cross a context-parallel slice's end."""
+        row_embeds, row_info = whole
+        cu = row_info.cu_seqlens if row_info.packed else None
+        cs = info.cp
+        local = cs.take if cs is not None else (lambda x, dim, fill=0: x)
         weight = self.lm_head.weight
         ces, counts, correct, states = [], [], [], []
         accepted = accept_total = None
         h = hidden
         for d in range(self.mtp.num_depths):
-            h = self.mtp(shifted_embeddings(inputs_embeds, info, d + 1), h, rope, info, d)  # (B, T, H)
+            embeds = local(shifted_embeddings(row_embeds, row_info, d + 1), 1)
+            h = self.mtp(embeds, h, rope, info, d)  # (B, T, H)
             states.append(h)
-            targets = future_token_targets(labels, cu, d + 2)
+            targets = local(future_token_targets(labels, cu, d + 2), 1, -100)
             if info.token_mask is not None:  # a padding position predicts nothing (left padding)
                 targets = targets.masked_fill(~info.token_mask, -100)
             keep = targets != -100
@@ -225,12 +264,16 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
                     correct.append((guess == want).sum())
                     if d == 0:  # the main model one step later: position t + 1 (same document: t + 2 is)
                         B, T, H = hidden.shape
+                        after = hidden.new_zeros(1, H)  # the row after the last: the next rank's first, if any
+                        if cs is not None:
+                            firsts = cs.comm.all_gather(hidden[0, :1].detach(), 0)  # (cp, H)
+                            after = firsts[cs.rank + 1: cs.rank + 2] if cs.rank + 1 < cs.size else after
+                        rows_after = torch.cat([hidden.detach().reshape(B * T, H), after])
                         nxt = keep.reshape(-1).nonzero().squeeze(1) + 1
-                        accepted = (guess == argmax_rows(hidden.reshape(B * T, H)[nxt], weight)).sum()
+                        accepted = (guess == argmax_rows(rows_after[nxt], weight)).sum()
                         accept_total = keep.sum()
         return MtpOutput(torch.stack(ces), torch.stack(counts), torch.stack(correct) if metrics else None,
                          accepted, accept_total, tuple(states))
-
 
 
 def argmax_rows(h: torch.Tensor, weight: torch.Tensor, chunk: int = 1024) -> torch.Tensor:

@@ -45,6 +45,15 @@ def chunk_gated_delta_rule_packed(
     layout: ChunkLayout,
 ) -> torch.Tensor:
     """-> (B, T, Hv, dv) in q's dtype."""
+    return chunk_gated_delta_rule_with_state(q, k, v, g, beta, layout)[0]
+
+
+def chunk_gated_delta_rule_with_state(q, k, v, g, beta, layout: ChunkLayout, initial_state: torch.Tensor | None = None,
+                                      output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`chunk_gated_delta_rule_packed` from a given state: initial_state (N, Hv, dk, dv) per document of the layout
+    (None: zeros) -> (out, final states (N, Hv, dk, dv) in fp32, or None). fla's `initial_state` /
+    `output_final_state` semantics; context parallelism carries a document's state from one rank's slice to the
+    next with it."""
     out_dtype = q.dtype
     B, T = q.shape[:2]
     q, k, v, g, beta = _prepare(q, k, v, g, beta)
@@ -72,38 +81,70 @@ def chunk_gated_delta_rule_packed(
     k = k * (cum[..., -1:] - cum).exp().unsqueeze(-1)
     chunk_decay = cum[..., -1].exp()[..., None, None]  # (N, H, 1, 1)
 
-    outs = []
-    state = q.new_zeros(layout.wave_sizes[0] if layout.wave_sizes else 0, H, dk, dv)
+    outs, finished = [], []  # finished: final states in slot-rank order (documents drop out longest last)
+    running = layout.wave_sizes[0] if layout.wave_sizes else 0
+    if initial_state is None:
+        state = q.new_zeros(running, H, dk, dv)
+    else:
+        order = torch.tensor(layout.doc_order[:running], dtype=torch.long, device=q.device)
+        state = initial_state.to(q.dtype).index_select(0, order)
     start = 0
     for n in layout.wave_sizes:  # documents still running are the prefix 0..n-1; finished ones are dropped
         s = slice(start, start + n)
+        if output_final_state and n < state.shape[0]:
+            finished.append(state[n:])
         state = state[:n]
         v_new = new_values[s] - k_cumdecay[s] @ state
         outs.append(q[s] @ state + intra[s] @ v_new)
         state = state * chunk_decay[s] + k[s].transpose(-1, -2) @ v_new
         start += n
+    final = None
+    if output_final_state:
+        finished.append(state)
+        final = _final_states_in_document_order(finished[::-1], layout, initial_state, (H, dk, dv), q)
     if not outs:
-        return v.new_zeros(B, T, H, dv).to(out_dtype)
+        return v.new_zeros(B, T, H, dv).to(out_dtype), final
     out = torch.cat(outs).transpose(1, 2).reshape(N * C, H, dv)  # slot order
-    return out[layout.token_slot].view(B, T, H, dv).to(out_dtype)
+    return out[layout.token_slot].view(B, T, H, dv).to(out_dtype), final
 
 
-def recurrent_gated_delta_rule_reference(q, k, v, g, beta, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """Token-by-token loop with a state reset at every document start. Slow; tests only."""
+def _final_states_in_document_order(finished: list[torch.Tensor], layout: ChunkLayout, initial_state, shape, ref):
+    """finished: the states of the documents as they dropped out, last wave first (= slot-rank order: the longest
+    documents rank first) -> (N, H, dk, dv) by document; a document without a chunk (empty) keeps its initial
+    state."""
+    ranked = torch.cat(finished) if finished else ref.new_zeros(0, *shape)
+    docs = len(layout.doc_order)
+    rest = docs - ranked.shape[0]  # empty documents rank last
+    if rest:
+        empty = torch.tensor(layout.doc_order[ranked.shape[0]:], dtype=torch.long, device=ref.device)
+        tail = initial_state.to(ref.dtype).index_select(0, empty) if initial_state is not None \
+            else ref.new_zeros(rest, *shape)
+        ranked = torch.cat([ranked, tail])
+    where = torch.empty(docs, dtype=torch.long, device=ref.device)
+    where[torch.tensor(layout.doc_order, dtype=torch.long, device=ref.device)] = torch.arange(docs, device=ref.device)
+    return ranked.index_select(0, where)
+
+
+def recurrent_gated_delta_rule_reference(q, k, v, g, beta, cu_seqlens: torch.Tensor | None = None,
+                                         initial_state: torch.Tensor | None = None, finals: list | None = None):
+    """Token-by-token loop with a state reset at every document start (to `initial_state[d]` (N, H, dk, dv) when
+    given; `finals` collects each document's last state). Slow; tests only."""
     out_dtype = q.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta)
     B, T, H, dv = v.shape
     bounds = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
     out = torch.zeros_like(v)
     for b in range(B):
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            state = v.new_zeros(H, k.shape[-1], dv)
+        for d, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+            state = v.new_zeros(H, k.shape[-1], dv) if initial_state is None else initial_state[d].to(v.dtype)
             for t in range(s, e):
                 state = state * g[b, t].exp()[:, None, None]
                 kv = (state * k[b, t].unsqueeze(-1)).sum(-2)
                 delta = (v[b, t] - kv) * beta[b, t].unsqueeze(-1)
                 state = state + k[b, t].unsqueeze(-1) * delta.unsqueeze(-2)
                 out[b, t] = (state * q[b, t].unsqueeze(-1)).sum(-2)
+            if finals is not None:
+                finals.append(state)
     return out.to(out_dtype)
 
 

@@ -2,10 +2,13 @@
 
 | op                 | CUDA (fast)                                              | otherwise (exact torch reference)          |
 |--------------------|----------------------------------------------------------|--------------------------------------------|
-| gated delta rule   | fla `chunk_gated_delta_rule(cu_seqlens=...)`             | `delta_rule.chunk_gated_delta_rule_packed` |
+| gated delta rule   | fla `chunk_gated_delta_rule(cu_seqlens=...)`             | `delta_rule.chunk_gated_delta_rule_*`      |
 | causal conv1d      | `causal_conv1d_fn(seq_idx=...)`                          | `delta_rule.causal_depthwise_conv_packed`  |
 | packed attention   | `torch.nn.attention.varlen.varlen_attn` (bf16/fp16)      | SDPA per document                          |
 | grouped experts    | `torch._grouped_mm` (both)                               | `torch._grouped_mm` on CPU                 |
+
+A row split over context-parallel ranks (`info.cp`) runs the same kernels on its slice, with what crosses the slice
+boundary exchanged around them (`context_parallel.py`: gathered keys / values, the conv halo, the carried state).
 
 Footguns handled here:
 - fla + triton installed on a CPU machine make transformers pick fla at import and crash every CPU forward. Here
@@ -23,7 +26,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .delta_rule import causal_depthwise_conv_packed, chunk_gated_delta_rule_packed
+from . import context_parallel
+from .delta_rule import causal_depthwise_conv_packed, chunk_gated_delta_rule_with_state
 from .packing import SequenceInfo
 
 _warned: set[str] = set()
@@ -61,25 +65,41 @@ def _causal_conv1d_fn():
 
 def gated_delta_rule(q, k, v, g, beta, info: SequenceInfo, chunk_size: int = 64) -> torch.Tensor:
     """q, k (B, T, Hk, dk); v (B, T, Hv, dv); g, beta (B, T, Hv) -> (B, T, Hv, dv). Documents never mix."""
+    run = functools.partial(_delta_rule_with_state, chunk_size=chunk_size)
+    if info.cp is not None:  # a slice of a row split over ranks: the state crosses the slice boundary
+        return context_parallel.delta_rule_with_carry(q, k, v, g, beta, info, run)
+    return run(q, k, v, g, beta, info, None, False)[0]
+
+
+def _delta_rule_with_state(q, k, v, g, beta, info: SequenceInfo, initial_state, output_final_state, chunk_size=64):
+    """-> (out, final states or None); initial_state (N documents, Hv, dk, dv) or None (zeros)."""
     if q.is_cuda:
         fla = _fla_chunk_fn()
         if fla is not None:
-            out, _ = fla(
-                q, k, v, g=g, beta=beta, scale=q.shape[-1] ** -0.5, initial_state=None, output_final_state=False,
-                use_qk_l2norm_in_kernel=True, cu_seqlens=info.cu_seqlens.long() if info.packed else None,
+            out, final = fla(
+                q, k, v, g=g, beta=beta, scale=q.shape[-1] ** -0.5, initial_state=initial_state,
+                output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
+                cu_seqlens=info.cu_seqlens.long() if info.packed else None,
             )
-            return out
+            return out, final
         _warn_once(
             "fla",
             "qmoe_lightning: flash-linear-attention is not installed; Gated DeltaNet runs the exact torch chunked "
             "delta rule on GPU, which is about 2x slower end to end. Install the GPU extra: "
             "pip install 'qmoe_lightning[gpu]'.",
         )
-    return chunk_gated_delta_rule_packed(q, k, v, g, beta, info.chunk_layout(chunk_size))
+    return chunk_gated_delta_rule_with_state(q, k, v, g, beta, info.chunk_layout(chunk_size), initial_state,
+                                             output_final_state)
 
 
 def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, info: SequenceInfo) -> torch.Tensor:
     """x (B, T, D), weight (D, K) -> silu(causal depthwise conv) (B, T, D), taps reset at document starts."""
+    if info.cp is not None:  # a slice of a row split over ranks: the taps reach into the previous rank's slice
+        return context_parallel.conv_with_halo(x, weight, info, _causal_conv1d_silu)
+    return _causal_conv1d_silu(x, weight, info)
+
+
+def _causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, info: SequenceInfo) -> torch.Tensor:
     if x.is_cuda:
         conv = _causal_conv1d_fn()
         if conv is not None:
@@ -91,6 +111,8 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, info: SequenceInfo
 
 def causal_attention(q, k, v, info: SequenceInfo, scale: float) -> torch.Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, T, Hq, D). Causal, per document, GQA."""
+    if info.cp is not None:  # a slice of a row split over ranks: keys and values of the whole document
+        return context_parallel.attention(q, k, v, info, scale)
     B, Hq, T, D = q.shape
     gqa = Hq != k.shape[1]
     if info.packed:

@@ -34,6 +34,7 @@ class ChunkLayout:
     num_chunks: int  # total chunks over all documents
     token_slot: torch.Tensor  # (B*T,) long: flat index into (num_chunks * chunk_size) for every token
     wave_sizes: list[int]  # documents active in each wave, non-increasing
+    doc_order: list[int]  # documents by slot rank (longest first): the state rows of wave 0 are doc_order[:n0]
 
 
 @dataclass
@@ -45,6 +46,10 @@ class SequenceInfo:
     pos_in_doc: torch.Tensor  # (B, T) long
     token_mask: torch.Tensor | None  # (B, T) bool: real tokens (None: all real)
     _chunk_layouts: dict[int, ChunkLayout] = field(default_factory=dict)
+    # context parallelism: this rank's slice of a row split over ranks (`context_parallel.ContextSlice`); the other
+    # fields then describe the local slice (its document segments), and the layers that look across the slice
+    # boundary (attention, the Gated DeltaNet conv and state) exchange what they need through it
+    cp: object | None = None
 
     @property
     def packed(self) -> bool:
@@ -167,4 +172,4 @@ def _build_chunk_layout(info: SequenceInfo, chunk_size: int) -> ChunkLayout:
     offsets = torch.tensor(wave_offsets or [0], device=device, dtype=torch.long)
     ranks = torch.tensor(rank or [0], device=device, dtype=torch.long)
     token_slot = (offsets[wave] + ranks[doc_of_token]) * chunk_size + p % chunk_size
-    return ChunkLayout(chunk_size, sum(chunks_per_doc), token_slot, wave_sizes)
+    return ChunkLayout(chunk_size, sum(chunks_per_doc), token_slot, wave_sizes, order)

@@ -124,12 +124,18 @@ def parallelize_model(
     activation_checkpointing: bool = False,
     mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool = True,
+    context_parallel=None,
 ) -> nn.Module:
     """Apply EP -> activation checkpointing -> FSDP2 in place (see module doc); returns `model`.
 
     `mesh` comes from `build_mesh` (or has its dims: "ep", "efsdp", "replicate", flattened "dp_shard",
     "data_parallel"). `ep_size` defaults to the mesh's ep size and must match it. LoRA must be applied BEFORE
-    (its per-expert adapters are sharded with the experts)."""
+    (its per-expert adapters are sharded with the experts). `context_parallel` (a `ContextParallelGroup`, the ranks
+    sharing each row) is handed to the model, which then splits every row over it."""
+    if context_parallel is not None and context_parallel.size > 1:
+        if not hasattr(model, "_context_parallel_group"):
+            raise TypeError(f"{type(model).__name__} has no context-parallel path")
+        model.context_parallel = context_parallel
     if ep_size is None:
         ep_size = mesh["ep"].size()
     if ep_size != mesh["ep"].size():

@@ -12,7 +12,12 @@ YAML:
     trainer:
       strategy:
         class_path: qmoe_lightning.parallel.strategy.ExpertParallelStrategy
-        init_args: {ep_size: 2, replicate: 1, activation_checkpointing: false, mixed_precision: false}
+        init_args: {ep_size: 2, replicate: 1, cp_size: 1, activation_checkpointing: false, mixed_precision: false}
+
+Context parallelism (`cp_size`): the cp ranks of a group are consecutive in the efsdp dimension (rank =
+((replicate * F + f) * cp + c) * ep + e), so parameters shard exactly as without it (efsdp = world / (ep x
+replicate) counts them) and gradients are averaged over every rank as before; only the sampler
+(`distributed_sampler_kwargs`: world / cp replicas) and the model's `context_parallel` group see cp.
 
 `configure_model` must call `self.trainer.strategy.parallelize(self.model)` after LoRA is applied: either on a
 meta-device model, then `to_empty` and `parallel.loading.load_hf_weights_parallel` (what QMoELightningModule does
@@ -35,6 +40,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from qmoe_lightning.models.conversion import is_native_only_key
 
+from .context_parallel import data_parallel_coordinates, new_context_parallel_group
 from .parallelize import ParallelDims, build_mesh, parallelize_model
 from .state import global_optimizer_state, global_state_dict, is_expert_parallel_model
 
@@ -53,11 +59,15 @@ def _destroy_process_group_at_exit() -> None:
 
 class ExpertParallelStrategy(ModelParallelStrategy):
     def __init__(self, ep_size: int = 1, replicate: int = 1, activation_checkpointing: bool = False,
-                 mixed_precision: bool = False, fsdp: bool = True, **kwargs):
+                 mixed_precision: bool = False, fsdp: bool = True, cp_size: int = 1, **kwargs):
         """
         Args:
             ep_size: expert-parallel group size (experts per rank = num_experts / ep_size). The expert-FSDP size is
                 world / (ep_size * replicate).
+            cp_size: context-parallel group size: this many ranks share every packed row, each keeping one
+                contiguous slice of its tokens (`models/context_parallel.py`). The data-parallel world (what the
+                sampler splits the packs over) is world / cp_size; parameters are sharded over every rank as
+                before (the cp ranks are part of the efsdp dimension). 1: off.
             replicate: HSDP replication degree (dense and expert shards are replicated over this many groups,
                 typically one per node); 1 = plain FSDP.
             activation_checkpointing: per-block activation checkpointing with routing replay.
@@ -67,12 +77,25 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             **kwargs: ModelParallelStrategy's (save_distributed_checkpoint, process_group_backend, timeout).
         """
         super().__init__(**kwargs)
-        self.ep_size, self.replicate = int(ep_size), int(replicate)
+        self.ep_size, self.replicate, self.cp_size = int(ep_size), int(replicate), int(cp_size)
+        if self.cp_size < 1:
+            raise ValueError(f"cp_size must be >= 1, got {cp_size}")
+        self._context_parallel = None
         self.activation_checkpointing, self.mixed_precision, self.fsdp = activation_checkpointing, mixed_precision, fsdp
 
     def build_device_mesh(self, world_size: int, device: torch.device) -> DeviceMesh:
         ParallelDims(world_size, self.ep_size, self.replicate)  # validates divisibility with a clear message
+        if world_size % (self.cp_size * self.ep_size * self.replicate):
+            raise ValueError(f"world size {world_size} is not divisible by cp_size {self.cp_size} x ep_size "
+                             f"{self.ep_size} x replicate {self.replicate}")
         return build_mesh(device.type, world_size, self.ep_size, self.replicate)
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict:
+        """The data-parallel coordinates: the cp ranks of one group get the same packs (they split each row)."""
+        world = self.world_size // self.cp_size
+        return {"num_replicas": world,
+                "rank": data_parallel_coordinates(self.global_rank, self.cp_size, self.ep_size)}
 
     def setup_environment(self) -> None:
         ParallelStrategy.setup_environment(self)  # skip ModelParallelStrategy's (dp, tp) mesh
@@ -83,6 +106,8 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         global _DISTRIBUTED
         _DISTRIBUTED = self.world_size > 1
         self._device_mesh = self.build_device_mesh(self.world_size, self.root_device)
+        if self.cp_size > 1:
+            self._context_parallel = new_context_parallel_group(self.cp_size, self.ep_size)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
 
@@ -168,4 +193,5 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.mixed_precision \
             else None
         return parallelize_model(model, self.device_mesh, self.ep_size, fsdp=self.fsdp,
-                                 activation_checkpointing=self.activation_checkpointing, mp_policy=mp)
+                                 activation_checkpointing=self.activation_checkpointing, mp_policy=mp,
+                                 context_parallel=self._context_parallel)

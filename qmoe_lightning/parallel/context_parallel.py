@@ -1,0 +1,108 @@
+"""Context parallelism: the collectives a context-parallel (cp) group needs, handed to the model as one object.
+
+The model files never touch `torch.distributed`: `parallelize_model(..., context_parallel=group)` sets
+`model.context_parallel` to a `ContextParallelGroup`, and the model's context-parallel path
+(`models/context_parallel.py`: split of the row, attention over gathered keys, the Gated DeltaNet halo and state
+scan) calls only the methods below. Every method is a collective: every rank of the group calls it, in the same
+order, with tensors of the same shape (the row is padded so that every rank holds the same number of tokens).
+
+Autograd: `all_gather` is differentiable. Its backward SUMS the gradient every rank computed for the gathered
+tensor and hands each rank the part of its own input (an all-reduce then a slice: gloo has no reduce-scatter; NCCL
+uses reduce-scatter). That is what makes a split row exact: rank r's keys, values, halo rows and state transition
+receive the gradient of every later rank that read them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, group, size: int, rank: int) -> torch.Tensor:
+        ctx.dim, ctx.group, ctx.size, ctx.rank = dim, group, size, rank
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        size, rank, dim, group = ctx.size, ctx.rank, ctx.dim, ctx.group
+        grad = grad.contiguous()
+        if dist.get_backend(group) == "nccl":
+            pieces = [p.contiguous() for p in grad.chunk(size, dim=dim)]
+            out = torch.empty_like(pieces[rank])
+            dist.reduce_scatter(out, pieces, group=group)
+            return out, None, None, None, None
+        dist.all_reduce(grad, group=group)
+        return grad.chunk(size, dim=dim)[rank].contiguous(), None, None, None, None
+
+
+class ContextParallelGroup:
+    """The ranks that share one packed row (`size`), this rank's place in it (`rank`), and their collectives."""
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def __repr__(self) -> str:
+        return f"ContextParallelGroup(size={self.size}, rank={self.rank})"
+
+    def all_gather(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Every rank's `x` (same shape on all) concatenated along `dim` in rank order; differentiable."""
+        return _AllGather.apply(x, dim, self.group, self.size, self.rank)
+
+    @torch.no_grad()
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the group (a new tensor; no gradient)."""
+        out = x.detach().clone()
+        dist.all_reduce(out, group=self.group)
+        return out
+
+    @torch.no_grad()
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows (dim 0) of every rank, concatenated in rank order; row counts may differ (no gradient)."""
+        n = torch.tensor([x.shape[0]], device=x.device)
+        counts = [torch.empty_like(n) for _ in range(self.size)]
+        dist.all_gather(counts, n, group=self.group)
+        counts = [int(c) for c in counts]
+        most = max(counts)
+        padded = x.new_zeros(most, *x.shape[1:])
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded.contiguous(), group=self.group)
+        return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+def context_parallel_groups(world_size: int, cp_size: int, inner: int) -> list[list[int]]:
+    """Rank lists of the cp groups. The training mesh's efsdp dimension is (data, cp) with cp inner, and `inner` =
+    the ep ranks after it: rank = ((r * F + f) * cp + c) * ep + e, so a cp group is every c for one (r, f, e)."""
+    if world_size % (cp_size * inner):
+        raise ValueError(f"world size {world_size} is not divisible by cp_size {cp_size} x ep_size {inner}")
+    groups = []
+    for outer in range(world_size // (cp_size * inner)):
+        for e in range(inner):
+            groups.append([(outer * cp_size + c) * inner + e for c in range(cp_size)])
+    return groups
+
+
+def new_context_parallel_group(cp_size: int, ep_size: int) -> ContextParallelGroup:
+    """Create every cp group (a collective: all ranks call it) and return this rank's."""
+    world, me = dist.get_world_size(), dist.get_rank()
+    groups = context_parallel_groups(world, cp_size, ep_size)
+    mine = None
+    for ranks in groups:
+        g = dist.new_group(ranks)
+        if me in ranks:
+            mine = g
+    return ContextParallelGroup(mine)
+
+
+def data_parallel_coordinates(rank: int, cp_size: int, ep_size: int) -> int:
+    """The data-parallel rank of global `rank`: the cp ranks of one group share it (they hold the same row)."""
+    ep = rank % ep_size
+    outer = rank // (cp_size * ep_size)
+    return outer * ep_size + ep
