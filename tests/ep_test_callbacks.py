@@ -86,3 +86,28 @@ class DumpBalancingBias(pl.Callback):
         assert all(not isinstance(b, DTensor) and b.dtype == torch.float32 for b in biases), biases
         torch.save(torch.stack([b.detach().cpu() for b in biases]),
                    os.path.join(trainer.default_root_dir, f"bias_rank{trainer.global_rank}.pt"))
+
+
+class RecordStepLosses(pl.Callback):
+    """Rank 0 writes every optimizer step's train loss (`last_step.loss`: the token-weighted CE of the step over all
+    ranks) and the last validation's metrics to `<default_root_dir>/step_losses.json` at the end of fit:
+    {"steps": {step: loss}, "val": {name: value}}."""
+
+    def __init__(self):
+        self.losses, self.val = {}, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = pl_module.last_step
+        if step is not None:
+            self.losses[step.index] = step.loss
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 0:
+            import json
+            import os
+
+            with open(os.path.join(trainer.default_root_dir, "step_losses.json"), "w") as f:
+                json.dump({"steps": self.losses, "val": self.val}, f)

@@ -53,10 +53,11 @@ LORA = json.dumps(dict(rank=4, alpha=8, dropout=0.0, targets=["attention", "line
                                                                "experts"], expert_rank=2, expert_alpha=4))
 
 
-def _fit(out: Path, *extra: str, devices: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+def _fit(out: Path, *extra: str, devices: int = 2, check: bool = True,
+         config: str = "configs/tiny_ep.yaml") -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    args = [sys.executable, "cli.py", "fit", "--config", "configs/tiny_ep.yaml",
+    args = [sys.executable, "cli.py", "fit", "--config", config,
             "--trainer.max_steps", str(STEPS), "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
             "false", "--trainer.default_root_dir", str(out),
             "--trainer.devices", str(devices), "--data.max_tokens", "512", "--data.num_workers", "0",

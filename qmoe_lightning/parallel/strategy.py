@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -108,6 +109,8 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         self._device_mesh = self.build_device_mesh(self.world_size, self.root_device)
         if self.cp_size > 1:
             self._context_parallel = new_context_parallel_group(self.cp_size, self.ep_size)
+            rank_zero_info(f"context parallelism: each packed row split over cp_size={self.cp_size} ranks "
+                           f"(contiguous slices); {self.world_size // self.cp_size} data-parallel rank(s)")
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
 
