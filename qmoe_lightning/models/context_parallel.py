@@ -10,8 +10,9 @@ never imports torch.distributed):
 - attention: every local query attends to the keys and values of its own document on all ranks. K and V of the
   slices are all-gathered (one collective per attention layer, 2 x T x Hkv x D values received; its backward sums the
   key / value gradients back to their ranks) and each local document segment runs causal attention against the keys
-  from its document's start, aligned lower-right (the queries are the LAST rows of that key range): an explicit
-  mask on CPU, `causal_lower_right` (flash / efficient kernels) on CUDA.
+  from its document's start, aligned lower-right (the queries are the LAST rows of that key range): one
+  `varlen_attn` call over all local segments on CUDA in bf16 / fp16 (flash-attention aligns causal masks
+  lower-right), SDPA with an explicit mask otherwise.
 - the Gated DeltaNet conv: a token needs the K-1 inputs before it in its document. Each rank's last K-1 conv inputs
   are all-gathered (tiny) and rank r prepends rank r-1's; the conv then runs on the window with the document
   boundaries of the window, so a document that starts inside the halo is still masked exactly.
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .packing import SequenceInfo, build_sequence_info
 
@@ -143,11 +145,32 @@ def split_row(comm, info: SequenceInfo, min_slice: int = 1) -> SequenceInfo:
 
 
 # ---------------------------------------------------------------------------------------------------- attention
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: SequenceInfo, scale: float) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: SequenceInfo, scale: float,
+              varlen=None) -> torch.Tensor:
     """q (1, Hq, Tl, D), k / v (1, Hkv, Tl, D) of this rank's slice -> (1, Tl, Hq, D): causal attention of every
-    local query over its document's keys on all ranks."""
+    local query over its document's keys on all ranks. varlen: torch's `varlen_attn` when the caller may use it
+    (CUDA, bf16 / fp16), else None."""
+    kv = info.cp.comm.all_gather(torch.stack([k, v]), dim=3)  # (2, 1, Hkv, T, D): one collective for both
+    return attend_gathered(q, kv, info, scale, varlen)
+
+
+def attend_gathered(q: torch.Tensor, kv: torch.Tensor, info: SequenceInfo, scale: float, varlen=None) -> torch.Tensor:
+    """The local part of `attention`, given the gathered kv (2, 1, Hkv, T, D) of the whole (padded) row.
+
+    The local segments' key ranges are consecutive: the first segment's from its document's start (possibly on an
+    earlier rank), every other one's its own tokens. So the keys are one contiguous range and varlen takes every
+    segment in one call, with key offsets shifted by what the first document has before this slice; its causal
+    mask is aligned lower-right when a segment has more keys than queries (flash-attention's rule)."""
     cs = info.cp
-    kv = cs.comm.all_gather(torch.stack([k, v]), dim=3)  # (2, 1, Hkv, T, D): one collective for both
+    gqa = q.shape[1] != kv.shape[2]
+    if varlen is not None:
+        first = cs.segment_doc_start[0]
+        keys = kv[:, 0, :, first:cs.end].transpose(1, 2)  # (2, Lk, Hkv, D)
+        cu_q = info.cu_seqlens.to(torch.int32)
+        cu_k = torch.cat([cu_q[:1], cu_q[1:] + (cs.start - first)])
+        out = varlen(q[0].transpose(0, 1), keys[0], keys[1], cu_q, cu_k, info.max_seqlen,
+                     int((cu_k[1:] - cu_k[:-1]).max()), scale=scale, window_size=(-1, 0), enable_gqa=gqa)
+        return out.unsqueeze(0)  # (1, Tl, Hq, D)
     outs = []
     for (s, e), doc_start in zip(info.doc_bounds, cs.segment_doc_start):
         key_end = cs.start + e  # keys up to this segment's last query (global)
@@ -157,18 +180,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: SequenceI
 
 
 def lower_right_causal_attention(q, k, v, scale: float) -> torch.Tensor:
-    """q (B, Hq, Lq, D) are the last Lq positions of the Lk keys (Lq <= Lk): query i sees keys 0 .. Lk - Lq + i."""
+    """q (B, Hq, Lq, D) are the last Lq positions of the Lk keys (Lq <= Lk): query i sees keys 0 .. Lk - Lq + i.
+    SDPA with an explicit mask (the exact reference; fp32 on GPU as well)."""
     Lq, Lk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if Lq == Lk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    if q.is_cuda:
-        from torch.nn.attention.bias import causal_lower_right
-
-        if gqa:  # the lower-right flash / efficient paths take equal head counts
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Lq, Lk), scale=scale)
     mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
@@ -203,8 +220,14 @@ def delta_rule_with_carry(q, k, v, g, beta, info: SequenceInfo, run) -> torch.Te
         eye = torch.eye(dk, dtype=acc, device=v.device).expand(Hv, dk, dk)
         start = torch.cat([torch.zeros(Hv, dk, dv, dtype=acc, device=v.device), eye], dim=-1).unsqueeze(0)
         seg = build_sequence_info(1, e - s, q.device)
-        _, final = run(q[:, s:], k[:, s:], v_aug, g[:, s:], beta[:, s:], seg, start, True)
-        carry = final[0].to(acc)  # (Hv, dk, dv + dk)
+
+        def transition(q_, k_, v_, g_, b_):
+            return run(q_, k_, v_, g_, b_, seg, start, True)[1][0].to(acc)  # (Hv, dk, dv + dk)
+
+        # recomputed in backward rather than stored: only the final state is used, and keeping the pass's
+        # intermediates would cost as much activation memory again as the segment's main pass
+        carry = torch.utils.checkpoint.checkpoint(transition, q[:, s:], k[:, s:], v_aug, g[:, s:], beta[:, s:],
+                                                  use_reentrant=False)
     else:  # zeros, tied to the graph like a computed carry: see the footgun below
         carry = torch.zeros(Hv, dk, dv + dk, dtype=acc, device=v.device) + v.sum().to(acc) * 0
     # Footgun: the gather's backward is a collective, and autograd runs it only on ranks where the gathered tensor

@@ -5,6 +5,7 @@
 | gated delta rule   | fla `chunk_gated_delta_rule(cu_seqlens=...)`             | `delta_rule.chunk_gated_delta_rule_*`      |
 | causal conv1d      | `causal_conv1d_fn(seq_idx=...)`                          | `delta_rule.causal_depthwise_conv_packed`  |
 | packed attention   | `torch.nn.attention.varlen.varlen_attn` (bf16/fp16)      | SDPA per document                          |
+| (context parallel) | the same, queries of the slice vs gathered keys          | SDPA per segment, lower-right causal mask  |
 | grouped experts    | `torch._grouped_mm` (both)                               | `torch._grouped_mm` on CPU                 |
 
 A row split over context-parallel ranks (`info.cp`) runs the same kernels on its slice, with what crosses the slice
@@ -109,16 +110,24 @@ def _causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, info: SequenceInf
     return causal_depthwise_conv_packed(x, weight, info.cu_seqlens)
 
 
+def _varlen_fn(q: torch.Tensor):
+    """torch's varlen (flash) attention for a CUDA bf16 / fp16 query, else None."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _has("torch.nn.attention.varlen"):
+        from torch.nn.attention.varlen import varlen_attn
+
+        return varlen_attn
+    return None
+
+
 def causal_attention(q, k, v, info: SequenceInfo, scale: float) -> torch.Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, T, Hq, D). Causal, per document, GQA."""
     if info.cp is not None:  # a slice of a row split over ranks: keys and values of the whole document
-        return context_parallel.attention(q, k, v, info, scale)
+        return context_parallel.attention(q, k, v, info, scale, varlen=_varlen_fn(q))
     B, Hq, T, D = q.shape
     gqa = Hq != k.shape[1]
     if info.packed:
-        if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _has("torch.nn.attention.varlen"):
-            from torch.nn.attention.varlen import varlen_attn
-
+        varlen_attn = _varlen_fn(q)
+        if varlen_attn is not None:
             cu = info.cu_seqlens.to(torch.int32)
             out = varlen_attn(
                 q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, info.max_seqlen,
