@@ -90,16 +90,18 @@ class DumpBalancingBias(pl.Callback):
 
 class RecordStepLosses(pl.Callback):
     """Rank 0 writes every optimizer step's train loss (`last_step.loss`: the token-weighted CE of the step over all
-    ranks) and the last validation's metrics to `<default_root_dir>/step_losses.json` at the end of fit:
-    {"steps": {step: loss}, "val": {name: value}}."""
+    ranks), the last validation's metrics and the last logged expert-load statistics (`experts/*`, from
+    callbacks.ExpertLoadStats when the run has it) to `<default_root_dir>/step_losses.json` at the end of fit:
+    {"steps": {step: loss}, "val": {name: value}, "experts": {name: value}}."""
 
     def __init__(self):
-        self.losses, self.val = {}, {}
+        self.losses, self.val, self.experts = {}, {}, {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = pl_module.last_step
         if step is not None:
             self.losses[step.index] = step.loss
+        self.experts.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("experts/")})
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self.val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -110,4 +112,4 @@ class RecordStepLosses(pl.Callback):
             import os
 
             with open(os.path.join(trainer.default_root_dir, "step_losses.json"), "w") as f:
-                json.dump({"steps": self.losses, "val": self.val}, f)
+                json.dump({"steps": self.losses, "val": self.val, "experts": self.experts}, f)

@@ -4,8 +4,9 @@ first steps tightly, then the loss of every step and the exported weights; see t
 
 - cp=2 (2 processes) and cp=4 (4 processes) vs 1 process: every rank of the cp group gets the same pack, so the
   data-parallel world is 1 and the single process takes the same pack each step;
-- cp=2 x ep=2 on 4 processes vs 1 process accumulating 2 packs per step; that run crashes after step 3 and resumes
-  from its distributed checkpoint, and its gathered HF export is what is compared.
+- cp=2 x ep=2 on 4 processes, with activation checkpointing, vs 1 process accumulating 2 packs per step; that run
+  crashes after step 3 and resumes from its distributed checkpoint, and its gathered HF export is what is compared.
+Every run trains the MTP module too, validates at its last step and logs the expert-load statistics: all compared.
 Rows are packed without rounding (pad_to_multiple_of 1): their lengths are neither multiples of 64 nor of cp, and
 documents (text and image questions) cross the slice boundaries.
 """
@@ -19,8 +20,11 @@ import pytest
 from test_app_expert_parallel import LR, _compare, _compare_gradients, _fit, _weights, weight_bound
 
 # multi-token prediction on (its attention and shifted embeddings cross the slices too); validation at the last step
+# and the expert-load statistics (router outputs of the slices, summed over the ranks) over windows of 2 steps
 CP = ["--data.pad_to_multiple_of", "1", "--trainer.callbacks+=ep_test_callbacks.RecordStepLosses",
-      "--model.mtp", "{enabled: true}", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "3"]
+      "--model.mtp", "{enabled: true}", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "3",
+      "--trainer.callbacks+=callbacks.ExpertLoadStats", "--trainer.callbacks.window_steps", "2",
+      "--trainer.callbacks.heatmap_every_n_steps", "null"]
 LOSS_TOL = 1e-5
 
 
@@ -57,16 +61,20 @@ def test_cp_equals_one_process(single, tmp_path, cp):
     losses = _compare_losses(run, single)
     val = _compare_losses(run, single, "val")
     assert {"val/mtp_loss", "val/mtp_acceptance", "val/image_acc"} <= set(_losses(run, "val"))
+    experts = _compare_losses(run, single, "experts")
+    assert {"experts/cv", "experts/router_entropy", "experts/window_tokens"} <= set(_losses(run, "experts"))
     worst = _compare(_weights(run), _weights(single), weight_bound(LR))
     print(f"cp={cp} vs 1 process: gradients {grads:.2e}, step losses {losses:.2e}, validation metrics {val:.2e}, "
-          f"weights {worst:.2e}")
+          f"expert statistics {experts:.2e}, weights {worst:.2e}")
 
 
 def test_cp2_x_ep2_resumed_equals_one_process_accumulating(tmp_path):
     ref = tmp_path / "single2"
     _cp_fit(ref, "--trainer.accumulate_grad_batches", "2", devices=1)
     run = tmp_path / "cp2ep2"
+    # with per-block activation checkpointing: the recompute repeats the slices' exchanges in backward
     parallel = ["--trainer.strategy.cp_size", "2", "--trainer.strategy.ep_size", "2",
+                "--trainer.strategy.activation_checkpointing", "true",
                 "--trainer.enable_checkpointing", "true", "--trainer.callbacks+=callbacks.RunCheckpoint",
                 "--trainer.callbacks.every_n_train_steps", "2"]
     proc = _cp_fit(run, *parallel, "--trainer.callbacks+=ep_test_callbacks.CrashAtStep", "--trainer.callbacks.step",
@@ -83,5 +91,5 @@ def test_cp2_x_ep2_resumed_equals_one_process_accumulating(tmp_path):
     worst = _compare(_weights(run), _weights(ref), weight_bound(LR))
     config = json.loads((run / "hf_export" / "config.json").read_text())
     assert config["architectures"] == ["Qwen3_5MoeForConditionalGeneration"]
-    print(f"cp=2 x ep=2 (crashed at 3, resumed) vs 1 process x accumulate 2: gradients {grads:.2e}, step losses "
+    print(f"cp=2 x ep=2 + activation checkpointing (crashed at 3, resumed) vs 1 process x accumulate 2: gradients {grads:.2e}, step losses "
           f"{worst_loss:.2e}, weights {worst:.2e}")
