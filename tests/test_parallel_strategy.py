@@ -17,6 +17,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+import torch
+
 SCRIPT = textwrap.dedent('''
     import json, os, sys
     sys.modules.setdefault("fla", None); sys.modules.setdefault("causal_conv1d", None)
@@ -118,3 +121,32 @@ def test_tiny_ep_recipe_trains_through_the_project_module(tmp_path):
     assert "`Trainer.fit` stopped: `max_steps=3` reached" in proc.stdout + proc.stderr
     assert (tmp_path / "checkpoints" / "last.ckpt" / "meta.pt").is_file()  # a DCP directory
     assert (tmp_path / "hf_export" / "config.json").is_file()
+
+
+def test_strategy_refuses_layouts_it_cannot_run():
+    from qmoe_lightning.parallel.strategy import ExpertParallelStrategy
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="not divisible by cp_size 4 x ep_size 2"):
+        ExpertParallelStrategy(ep_size=2, cp_size=4).build_device_mesh(4, cpu)
+    with pytest.raises(ValueError, match="fsdp=False is for single-process runs"):
+        ExpertParallelStrategy(ep_size=2, fsdp=False).build_device_mesh(2, cpu)
+    with pytest.raises(ValueError, match="cp_size must be >= 1"):
+        ExpertParallelStrategy(cp_size=0)
+
+
+def test_context_parallel_groups_and_data_coordinates():
+    """rank = ((outer * cp) + c) * ep + e: a cp group shares (outer, e), and so does its data-parallel rank."""
+    from qmoe_lightning.parallel.context_parallel import context_parallel_groups, data_parallel_coordinates
+
+    assert context_parallel_groups(4, 2, 2) == [[0, 2], [1, 3]]
+    assert context_parallel_groups(8, 2, 1) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert context_parallel_groups(8, 4, 2) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    for world, cp, ep in ((4, 2, 2), (8, 2, 1), (8, 4, 2), (16, 2, 4)):
+        groups = context_parallel_groups(world, cp, ep)
+        assert sorted(r for g in groups for r in g) == list(range(world))
+        coords = [data_parallel_coordinates(r, cp, ep) for r in range(world)]
+        assert sorted(set(coords)) == list(range(world // cp))  # world / cp data-parallel ranks
+        for g in groups:
+            assert len({coords[r] for r in g}) == 1  # one row per cp group
+            assert len({r % ep for r in g}) == 1  # a cp group never spans ep ranks: each keeps its experts' slice

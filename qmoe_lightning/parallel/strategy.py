@@ -86,6 +86,11 @@ class ExpertParallelStrategy(ModelParallelStrategy):
 
     def build_device_mesh(self, world_size: int, device: torch.device) -> DeviceMesh:
         ParallelDims(world_size, self.ep_size, self.replicate)  # validates divisibility with a clear message
+        if not self.fsdp and world_size > 1:
+            # nothing in this strategy would reduce the dense gradients (FSDP2 does): every rank would silently
+            # train its own replica
+            raise ValueError("fsdp=False is for single-process runs: with several processes the dense parameters' "
+                             "gradients must be reduced across ranks, which FSDP2 does (keep fsdp: true)")
         if world_size % (self.cp_size * self.ep_size * self.replicate):
             raise ValueError(f"world size {world_size} is not divisible by cp_size {self.cp_size} x ep_size "
                              f"{self.ep_size} x replicate {self.replicate}")
