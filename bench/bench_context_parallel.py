@@ -12,7 +12,7 @@ training forward (fused LM head + CE) and backward of the same row, and reports:
              contiguous split)
 
 Printed: per cp, the largest per-rank `saved` and its ratio to cp = 1 against the ideal 1 / cp, and each rank's
-figures. What is not split: the whole-row embeddings / targets every rank builds before the split, and the
+figures; each rank's share of the row's causal attention work (query-key pairs) under the contiguous split. What is not split: the whole-row embeddings / targets every rank builds before the split, and the
 gathered keys and values of the attention layers (2 x T x Hkv x D per attention layer), which the attention
 backward keeps.
 
@@ -101,6 +101,32 @@ def _worker(rank: int, world: int, port: int, tokens: int, vocab: int, threads: 
         dist.destroy_process_group()
 
 
+class _Place:
+    """What `split_row` reads of a cp group (its size and this rank's place), to lay out a split without processes."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = rank, size
+
+
+def attention_shares(row: dict, cp: int) -> list[float]:
+    """Each rank's share of the row's causal attention work (query-key pairs of its local queries)."""
+    from qmoe_lightning.models.context_parallel import split_row
+    from qmoe_lightning.models.packing import build_sequence_info
+
+    T = row["input_ids"].shape[1]
+    whole = build_sequence_info(1, T, torch.device("cpu"), row["cu_seqlens"])
+    pairs = []
+    for r in range(cp):
+        local = split_row(_Place(r, cp), whole, min_slice=3)
+        a = local.cp.start
+        n = 0
+        for (s, e), doc_start in zip(local.doc_bounds, local.cp.segment_doc_start):
+            first, last = a + s - doc_start + 1, a + e - doc_start  # keys seen by the segment's first / last query
+            n += (first + last) * (e - s) // 2
+        pairs.append(n)
+    return [p / sum(pairs) for p in pairs]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -140,6 +166,13 @@ def main() -> None:
         per = " ".join(f"{r['saved'] / 2**20:.0f}/{r['fwd_bwd']:.1f}" for r in ranks)
         print(f"{cp:>3} {top / 2**20:>14.0f} {top / base:>8.3f} {1 / cp:>6.3f}   {per}")
         summary[cp] = dict(max_saved_mib=top / 2**20, ratio=top / base, ranks=ranks)
+    row = make_row(args.tokens, args.vocab)
+    lengths = (row["cu_seqlens"][1:] - row["cu_seqlens"][:-1]).tolist()
+    print(f"documents {lengths}; causal attention work per rank of the contiguous split (share of the row's):")
+    for cp in args.cp:
+        shares = attention_shares(row, cp)
+        summary.setdefault(cp, {})["attention_shares"] = shares
+        print(f"  cp={cp}: " + " ".join(f"{x:.3f}" for x in shares) + f"  (balanced: {1 / cp:.3f} each)")
     ces = {cp: round(sum(r["ce"] for r in ranks), 6) for cp, ranks in rows.items()}
     print(f"the row's CE (sum of the ranks' shares), per cp: {ces}")
     print(json.dumps(summary))
