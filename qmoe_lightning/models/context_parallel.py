@@ -228,8 +228,9 @@ def delta_rule_with_carry(q, k, v, g, beta, info: SequenceInfo, run) -> torch.Te
         # intermediates would cost as much activation memory again as the segment's main pass
         carry = torch.utils.checkpoint.checkpoint(transition, q[:, s:], k[:, s:], v_aug, g[:, s:], beta[:, s:],
                                                   use_reentrant=False)
-    else:  # zeros, tied to the graph like a computed carry: see the footgun below
-        carry = torch.zeros(Hv, dk, dv + dk, dtype=acc, device=v.device) + v.sum().to(acc) * 0
+    else:  # zeros, tied to the same inputs as a computed carry (so it needs a gradient exactly when one would)
+        tie = sum(t.sum().to(acc) for t in (q, k, v, g, beta)) * 0
+        carry = torch.zeros(Hv, dk, dv + dk, dtype=acc, device=v.device) + tie
     # Footgun: the gather's backward is a collective, and autograd runs it only on ranks where the gathered tensor
     # requires grad and reaches the loss. Every rank therefore gathers a carry in the graph and uses the result (a
     # rank that starts a document uses it times 0), or the ranks' backward all-reduces pair up wrongly (a hang).
