@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu" / "check.py"
-STEPS = {"facts", "parity", "fit", "bench", "kernels"}
+STEPS = {"facts", "parity", "cp_kernels", "fit", "bench", "kernels"}
 
 
 def run_check(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -61,6 +61,34 @@ def test_dry_run_reports_every_section_with_finite_figures(tmp_path):
         assert parity[f"{family}/fp32"]["paths"]["attention"] != "none"
     assert parity["qwen3_5_moe/fp32"]["paths"]["delta_rule"] == "torch"  # no fla on CPU
 
+    cpk = report["steps"]["cp_kernels"]["result"]  # context parallelism's kernel calls vs fp64, fp32 on CPU
+    assert cpk["dtype"] == "fp32" and cpk["errors"] == []
+    assert cpk["within_tolerance"] and cpk["out_of_tolerance"] == [], cpk["out_of_tolerance"]
+    assert cpk["paths"] == {"attention": ["sdpa"], "delta_rule": ["torch"]} and cpk["paths_as_expected"]
+    attention = cpk["attention"]["D16"]
+    assert attention["whole_row"]["rel_err"] <= 1e-5
+    for cp in (2, 4):
+        entry = attention[f"cp{cp}/model_path"]
+        assert entry["path"] == "sdpa" and len(entry["per_rank"]) == cp, entry
+        assert entry["within_tolerance"] and entry["rel_err"] <= 1e-5 and entry["max_abs_err"] <= 1e-5
+        assert entry["max_abs_diff_vs_whole_row_same_dtype"] <= 1e-5
+    assert max(r["segments"] for r in attention["cp4/model_path"]["per_rank"]) > 1  # segments cut at slice edges
+    assert attention["negative_control_upper_left_rel_err"] > 0.1  # the comparison sees a causal misalignment
+    delta = cpk["delta_rule"]
+    for case in ("packed_with_state", "wide_values", "transition"):
+        assert delta[case]["path"] == "torch"
+        for part in ("out", "final_state", "final_state_B", "final_state_M"):
+            if part in delta[case] and "within_tolerance" in delta[case][part]:
+                assert delta[case][part]["within_tolerance"] and delta[case][part]["rel_err"] <= 1e-4, (case, part)
+    assert delta["packed_with_state"]["documents"] == 5 and delta["wide_values"]["value_width"] == 2 * delta["dv"]
+    assert "out" not in delta["transition"] and delta["transition"]["documents"] == 1
+    assert delta["affine_carry"]["rel_err"] <= 1e-4 and delta["affine_carry"]["m_s0_share"] > 1e-2
+    assert min(delta["packed_with_state"]["initial_state_effect"].values()) > 0.1  # the state is seen
+    for case in ("packed_with_state", "transition"):
+        grads = delta["gradients"][case]
+        assert grads["within_tolerance"] and grads["rel_err"] <= 1e-4, grads
+    assert "initial_state" in delta["gradients"]["packed_with_state"]
+
     fit = report["steps"]["fit"]["result"]
     assert fit["returncode"] == 0 and fit["steps_logged"] == 2
     assert fit["tokens_per_s_median_last10"] > 0 and len(fit["last_losses"]) == 2
@@ -81,7 +109,8 @@ def test_dry_run_reports_every_section_with_finite_figures(tmp_path):
         assert len(kernels[op]) >= 2 and all(v["fwd_bwd_ms"] > 0 for v in kernels[op].values()), op
     assert kernels["delta_rule"]["model_path"]["max_abs_diff_vs_torch_reference"] == 0  # same path on CPU
 
-    assert set(report["summary"]) == {"parity", "fit", "bench", "bench_paths", "disabled_paths"}
+    assert set(report["summary"]) == {"parity", "cp_kernels", "fit", "bench", "bench_paths", "disabled_paths"}
+    assert report["summary"]["cp_kernels"]["within_tolerance"] is True
     assert report["disabled_paths"] == []
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert all(f"== {name}" in log for name in STEPS)
@@ -115,3 +144,51 @@ def test_rows_are_exact_and_padded_micro_batches_respect_their_cap():
         groups = check._slot_groups(lengths, total)
         assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
         assert all(len(g) * max(lengths[i] for i in g) <= total for g in groups)
+
+
+def test_cp_kernels_flags_a_causal_misalignment_and_an_ignored_initial_state(monkeypatch):
+    """Negative control of the cp_kernels step, in process on CPU: upper-left causal masks for the segments whose keys
+    start on an earlier rank, and a delta rule that drops its initial state, must both come out of tolerance."""
+    import time
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    ctx = {"device": torch.device("cpu"), "mode": "dry_run", "fla_visible": False,
+           "step_deadline": time.monotonic() + 60}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as check.py's dry run: tiny ops, OpenMP on a shared 2-core machine is 10x slower
+    try:
+        _cp_kernels_negative_control(check, ctx, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cp_kernels_negative_control(check, ctx, monkeypatch):
+    import torch.nn.functional as F
+
+    from qmoe_lightning.models import context_parallel, kernels
+
+    res: dict = {}
+    check.step_cp_kernels(res, ctx)  # unpatched: within tolerance
+    assert res["within_tolerance"] and res["errors"] == [], res["errors"]
+
+    def upper_left(q, k, v, scale):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+    stateless = kernels.chunk_gated_delta_rule_with_state
+    monkeypatch.setattr(context_parallel, "lower_right_causal_attention", upper_left)
+    monkeypatch.setattr(kernels, "chunk_gated_delta_rule_with_state",
+                        lambda q, k, v, g, beta, layout, initial_state=None, output_final_state=False:
+                        stateless(q, k, v, g, beta, layout, None, output_final_state))
+    res = {}
+    check.step_cp_kernels(res, ctx)
+    assert not res["within_tolerance"]
+    bad = set(res["out_of_tolerance"])
+    assert {"attention/D16/cp2/model_path", "attention/D16/cp4/model_path"} <= bad, bad
+    assert {"delta_rule/packed_with_state/out", "delta_rule/packed_with_state/final_state",
+            "delta_rule/wide_values/final_state", "delta_rule/transition/final_state_M",
+            "delta_rule/affine_carry", "delta_rule/gradients/packed_with_state"} <= bad, bad
+    assert res["attention"]["D16"]["whole_row"]["rel_err"] <= 1e-5  # the whole row does not cross slices

@@ -13,6 +13,11 @@ the next one still runs; the JSON is rewritten after every step, so a killed run
            tiny configs, both families, fp32 (tight) and bf16 (reported): text, image and video documents, max |logit
            diff|, loss and aux diffs; a packed row vs each document alone (native) and vs transformers alone; which
            kernel paths the native model took (see KernelSpy)
+  cp_kernels  context parallelism's kernel calls on one rank's view (a stand-in comm, one process), vs an fp64
+           reference on the device: the queries of every rank (cp 2, 4) against the gathered padded keys (one
+           varlen_attn call with cu_seq_q != cu_seq_k on CUDA bf16, its lower-right causal alignment; the SDPA
+           fallback too), and the delta rule (fla on CUDA) from given per-document states with the final states
+           out, values widened to dv + dk, the carry pass ([v | 0] from [0 | I]) and M S0 + B, with gradients
   fit      `cli.py fit --config configs/tiny.yaml` on the device (GPU: bf16-true, 30 steps; dry run: CPU, 2 steps) as a
            subprocess: return code, tokens/s and losses from a CSV logger
   bench    a Qwen3.5-35B-A3B-shaped slice (hidden 2048, 16 q / 2 kv heads of 256, Gated DeltaNet 16 k / 32 v heads
@@ -66,8 +71,9 @@ for _p in (ROOT / "bench", ROOT / "tests", ROOT):
         sys.path.insert(0, str(_p))
 
 PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16, datasheet
-STEPS = ("facts", "parity", "fit", "bench", "kernels")
-BUDGETS = {"facts": 30, "parity": 90, "fit": 100, "bench": 170, "kernels": 40}  # seconds, capped by the overall one
+STEPS = ("facts", "parity", "cp_kernels", "fit", "bench", "kernels")
+# seconds, capped by the overall one
+BUDGETS = {"facts": 30, "parity": 90, "cp_kernels": 60, "fit": 100, "bench": 170, "kernels": 40}
 VERSIONS = ("torch", "triton", "transformers", "flash-linear-attention", "fla-core", "causal-conv1d", "lightning",
             "pytorch-lightning", "datasets", "jsonargparse", "peft", "huggingface-hub", "tokenizers", "safetensors",
             "accelerate", "pyarrow", "fsspec", "regex", "torchvision", "numpy", "einops")
@@ -489,6 +495,314 @@ def step_parity(res: dict, ctx: dict) -> None:
                 finally:
                     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
                     free_memory()
+
+
+CP_DOCS = [150, 37, 300, 90, 1]  # cp_kernels' packed row: lengths not multiples of 64, one of a single token
+CP_TOL = {"attention": {"fp32": 1e-5, "bf16": 2e-2}, "delta_rule": {"fp32": 1e-4, "bf16": 2e-2},
+          "delta_rule_grad": {"fp32": 1e-4, "bf16": 5e-2}}  # max |err| / max |reference|
+
+
+def _rel_err(got, ref) -> dict:
+    """max |got - ref| and that over max |ref| (both in fp64)."""
+    err = (got.double() - ref.double()).abs().max().item()
+    scale = ref.double().abs().max().item()
+    return {"max_abs_err": rnd(err), "max_abs_ref": rnd(scale), "rel_err": rnd(err / scale if scale else err)}
+
+
+def step_cp_kernels(res: dict, ctx: dict) -> None:
+    """Context parallelism's kernel calls, single process (a rank's view built with a stand-in comm), against an fp64
+    reference on the same device from the same (bf16 on CUDA, fp32 in the dry run) inputs:
+    (a) `context_parallel.attend_gathered`: every rank's queries vs the gathered (padded) keys of the whole row, at
+        cp 2 and 4: on CUDA bf16 one `varlen_attn` call with cu_seq_q != cu_seq_k (flash-attention's lower-right
+        causal alignment), also the SDPA fallback (explicit lower-right masks);
+    (b) `kernels._delta_rule_with_state` (fla on CUDA) from a random per-document initial state with the final states
+        out (cu_seqlens packed), the same with values widened to dv + dk, the exact transition call of
+        `context_parallel.delta_rule_with_carry` (one unpacked segment, values [v | 0] from [0 | I]) and the affine
+        composition M S0 + B it feeds, then gradients of all of these (time permitting)."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    from qmoe_lightning.models import context_parallel, kernels
+    from qmoe_lightning.models.delta_rule import recurrent_gated_delta_rule_reference
+    from qmoe_lightning.models.packing import build_sequence_info
+
+    device, dry = ctx["device"], ctx["mode"] == "dry_run"
+    dt = torch.float32 if dry else torch.bfloat16
+    dname = "fp32" if dry else "bf16"
+    errors = res.setdefault("errors", [])
+    tol = {k: v[dname] for k, v in CP_TOL.items()}
+    T, N = sum(CP_DOCS), len(CP_DOCS)
+    cu = torch.tensor([0, *torch.tensor(CP_DOCS).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    whole = build_sequence_info(1, T, device, cu)
+    g = torch.Generator(device=device).manual_seed(0)
+    res.update(dtype=dname, documents=CP_DOCS, tokens=T, tolerance_rel_err=tol,
+               reference="fp64 on the same device from the same inputs: attention = SDPA per document (math), delta "
+                         "rule = delta_rule.recurrent_gated_delta_rule_reference (token loop); rel_err = max |err| / "
+                         "max |reference|; TF32 off",
+               expected_paths={"attention": "varlen_attn" if device.type == "cuda" else "sdpa",
+                               "delta_rule": "fla" if device.type == "cuda" and ctx["fla_visible"] else "torch"})
+    flags: dict[str, bool] = {}
+    seen: dict[str, set] = {"attention": set(), "delta_rule": set()}
+
+    def randn(*shape, scale=1.0, dtype=dt):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    def judge(key: str, r: dict, kind: str) -> dict:
+        r["within_tolerance"] = bool(r["rel_err"] <= tol[kind])
+        flags[key] = r["within_tolerance"]
+        return r
+
+    def left() -> float:
+        return ctx["step_deadline"] - time.monotonic()
+
+    def rank_view(cp: int, r: int, q, k, v):
+        """Rank r of cp: its SequenceInfo (split_row reads only the comm's rank and size), its queries, the gathered
+        keys / values of the padded row (2, 1, Hkv, T_padded, D), as `context_parallel.attention` has them."""
+        local = context_parallel.split_row(types.SimpleNamespace(rank=r, size=cp), whole, min_slice=3)
+        pad = local.cp.padded_len - T
+        kv = torch.stack([torch.cat([x, x.new_zeros(*x.shape[:2], pad, x.shape[3])], dim=2) for x in (k, v)])
+        return local, local.cp.take(q, 2), kv
+
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        # ---------------------------------------------------------------- (a) attention over the gathered keys
+        Hq, Hkv = (4, 2) if dry else (8, 2)
+        att = res["attention"] = {}
+        for D in ((16,) if dry else (128, 256)):
+            key = f"D{D}"
+            try:
+                out_d = att[key] = {"heads": [Hq, Hkv]}
+                # the attention layer's layouts: q, k head-major (rotary's cat), v a token-major view
+                q, k, v = randn(1, Hq, T, D), randn(1, Hkv, T, D), randn(1, T, Hkv, D).transpose(1, 2)
+                scale = D ** -0.5
+                with torch.no_grad():
+                    ref = kernels.causal_attention(q.double(), k.double(), v.double(), whole, scale)
+                    with SPY.watch():
+                        same = kernels.causal_attention(q, k, v, whole, scale)
+                        calls = SPY.snapshot()
+                out_d["whole_row"] = {"path": paths_taken(calls)["attention"], **_rel_err(same, ref)}
+                variants = {"model_path": True} | ({"sdpa_fallback": False} if device.type == "cuda" else {})
+                for cp in (2, 4):
+                    for label, use_varlen in variants.items():
+                        where = f"attention/{key}/cp{cp}/{label}"
+                        try:
+                            calls, ranks, worst, vs_whole = Counter(), [], None, 0.0
+                            for r in range(cp):
+                                local, q_local, kv = rank_view(cp, r, q, k, v)
+                                cs = local.cp
+                                fn = kernels._varlen_fn(q_local) if use_varlen else None
+                                with torch.no_grad(), SPY.watch():
+                                    out = context_parallel.attend_gathered(q_local, kv, local, scale, varlen=fn)
+                                    calls.update(SPY.counts)
+                                if tuple(out.shape) != (1, cs.end - cs.start, Hq, D):
+                                    raise RuntimeError(f"rank {r}: output shape {tuple(out.shape)}, expected "
+                                                       f"{(1, cs.end - cs.start, Hq, D)}")
+                                stop = min(cs.end, T)  # rows past the row's end are padding queries
+                                e = _rel_err(out[:, :stop - cs.start], ref[:, cs.start:stop])
+                                e["segments"] = len(local.doc_bounds)
+                                ranks.append(e)
+                                vs_whole = max(vs_whole, (out[:, :stop - cs.start].double()
+                                                          - same[:, cs.start:stop].double()).abs().max().item())
+                                if worst is None or e["max_abs_err"] > worst["max_abs_err"]:
+                                    worst = dict(e, rank=r)
+                            calls = dict(sorted(calls.items()))
+                            out_d[f"cp{cp}/{label}"] = judge(where, {
+                                "path": paths_taken(calls)["attention"], "calls": calls,
+                                "max_abs_err": worst["max_abs_err"], "rel_err": rnd(max(x["rel_err"] for x in ranks)),
+                                "worst_rank": worst["rank"], "per_rank": ranks,
+                                "max_abs_diff_vs_whole_row_same_dtype": rnd(vs_whole)}, "attention")
+                            if label == "model_path":
+                                seen["attention"].add(out_d[f"cp{cp}/{label}"]["path"])
+                        except StepTimeout:
+                            raise
+                        except Exception as e:  # noqa: BLE001
+                            record_error(errors, where, e, prefix="cp_kernels ")
+                # negative control: upper-left causal masks (queries of a segment taken as the FIRST rows of its
+                # keys, what an alignment mix-up would compute), fp64, must be far off
+                bad = 0.0
+                for r in range(4):
+                    local, q_local, kv = rank_view(4, r, q.double(), k.double(), v.double())
+                    cs = local.cp
+                    for (a, b), doc_start in zip(local.doc_bounds, cs.segment_doc_start):
+                        stop = min(cs.start + b, T)
+                        if stop <= cs.start + a or doc_start == cs.start + a:  # padding, or no keys before it
+                            continue
+                        o = F.scaled_dot_product_attention(q_local[:, :, a:b], kv[0, :, :, doc_start:cs.start + b],
+                                                           kv[1, :, :, doc_start:cs.start + b], is_causal=True,
+                                                           scale=scale, enable_gqa=True).transpose(1, 2)
+                        bad = max(bad, _rel_err(o[:, :stop - cs.start - a], ref[:, cs.start + a:stop])["rel_err"])
+                out_d["negative_control_upper_left_rel_err"] = rnd(bad)
+                whole_row = out_d["whole_row"]
+                LOG(f"  attention {key}: whole row ({whole_row['path']}) rel {whole_row['rel_err']:.3g}; "
+                    + ", ".join(f"{k_} ({v_['path']}) rel {v_['rel_err']:.3g}" for k_, v_ in out_d.items()
+                                if k_.startswith("cp")) + f" (tol {tol['attention']}); upper-left masks (negative "
+                    f"control) rel {bad:.3g}")
+            except StepTimeout:
+                raise
+            except Exception as e:  # noqa: BLE001
+                record_error(errors, f"attention/{key}", e, prefix="cp_kernels ")
+
+        # ---------------------------------------------------------------- (b) the delta rule from a given state
+        Hk, Hv, dk, dv = (2, 4, 32, 32) if dry else (2, 4, 128, 128)
+        dr = res["delta_rule"] = {"heads": [Hk, Hv], "dk": dk, "dv": dv}
+        q, k = randn(1, T, Hk, dk), randn(1, T, Hk, dk)
+        v = randn(1, T, Hv, dv)
+        # fp32 log decay as the model's; mild decay and beta so that a state 300 tokens back still counts (the
+        # transition's M, the initial states): a check that cannot see them checks nothing
+        g_ = -torch.rand(1, T, Hv, generator=g, device=device) * 0.005
+        beta = (torch.rand(1, T, Hv, generator=g, device=device) * 0.5).to(dt)
+        init = randn(N, Hv, dk, dv, dtype=torch.float32)
+        v_wide = torch.cat([v, v.new_zeros(1, T, Hv, dk)], dim=-1)
+        eye = torch.eye(dk, device=device).expand(Hv, dk, dk)
+        init_wide = torch.cat([init, randn(N, Hv, dk, dk, dtype=torch.float32)], dim=-1)
+        init_wide[0] = torch.cat([torch.zeros(Hv, dk, dv, device=device), eye], dim=-1)  # doc 0 from [0 | I]
+        s, e_ = next((a, b) for a, b in whole.doc_bounds if b - a == max(CP_DOCS))  # the transition's segment
+        seg = build_sequence_info(1, e_ - s, device)  # unpacked, as delta_rule_with_carry builds it
+        start = torch.cat([torch.zeros(Hv, dk, dv, device=device), eye], dim=-1).unsqueeze(0)
+
+        def reference(q_, k_, v_, g__, b_, cu_, init_):
+            finals: list = []
+            out = recurrent_gated_delta_rule_reference(*(x.double() for x in (q_, k_, v_, g__, b_)), cu_seqlens=cu_,
+                                                       initial_state=None if init_ is None else init_.double(),
+                                                       finals=finals)
+            return out, torch.stack(finals)
+
+        def device_path(label, *args):
+            with SPY.watch():
+                out, final = kernels._delta_rule_with_state(*args)
+                calls = SPY.snapshot()
+            path = paths_taken(calls)["delta_rule"]
+            seen["delta_rule"].add(path)
+            return out, final, {"path": path, "calls": calls}
+
+        cases = {  # label -> (inputs, info, cu for the reference, initial state)
+            "packed_with_state": ((q, k, v, g_, beta), whole, cu, init),
+            "wide_values": ((q, k, v_wide, g_, beta), whole, cu, init_wide),
+            "transition": ((q[:, s:e_], k[:, s:e_], v_wide[:, s:e_], g_[:, s:e_], beta[:, s:e_]), seg, None, start),
+        }
+        carry = None
+        for label, (xs, info, cu_, init_) in cases.items():
+            where = f"delta_rule/{label}"
+            try:
+                with torch.no_grad():
+                    out, final, meta = device_path(label, *xs, info, init_, True)
+                    ref_out, ref_final = reference(*xs, cu_, init_)
+                r = {**meta, "value_width": xs[2].shape[-1], "documents": ref_final.shape[0]}
+                if label != "transition":  # the transition's output is never used, only its final state
+                    r["out"] = judge(where + "/out", _rel_err(out, ref_out), "delta_rule")
+                if label == "transition":  # [B | M], each against its own scale (M may be much smaller than B)
+                    r["final_state"] = _rel_err(final, ref_final)
+                    for part, cols in (("B", slice(None, dv)), ("M", slice(dv, None))):
+                        r[f"final_state_{part}"] = judge(f"{where}/final_state_{part}",
+                                                         _rel_err(final[..., cols], ref_final[..., cols]), "delta_rule")
+                else:
+                    r["final_state"] = judge(where + "/final_state", _rel_err(final, ref_final), "delta_rule")
+                if label == "packed_with_state":
+                    with torch.no_grad():  # the reference chunked path in fp32 (CUDA's fallback), and a sensitivity
+                        t_out, t_final = kernels.chunk_gated_delta_rule_with_state(
+                            *(x.float() for x in xs), whole.chunk_layout(64), init_, True)
+                        z_out, z_final = reference(*xs, cu_, None)
+                    r["torch_chunk_fp32"] = {"out": _rel_err(t_out, ref_out),
+                                             "final_state": _rel_err(t_final, ref_final)}
+                    # negative control: what the initial state changes (the check must see far more than its tol)
+                    r["initial_state_effect"] = {"out": _rel_err(z_out, ref_out)["rel_err"],
+                                                 "final_state": _rel_err(z_final, ref_final)["rel_err"]}
+                if label == "transition":
+                    carry = final[0].double()  # [B | M], (Hv, dk, dv + dk)
+                dr[label] = r
+                LOG(f"  delta_rule {label} ({meta['path']}, values {r['value_width']}): "
+                    + ", ".join(f"{k_} rel {r[k_]['rel_err']:.3g}" for k_ in ("out", "final_state", "final_state_B",
+                                                                           "final_state_M") if k_ in r)
+                    + f" (tol {tol['delta_rule']})")
+            except StepTimeout:
+                raise
+            except Exception as e:  # noqa: BLE001
+                record_error(errors, where, e, prefix="cp_kernels ")
+        if carry is not None:  # what the rank after does with the carry: S = M S0 + B == the segment run from S0
+            where = "delta_rule/affine_carry"
+            try:
+                s0 = init[CP_DOCS.index(e_ - s)].double()
+                xs = (q[:, s:e_], k[:, s:e_], v[:, s:e_], g_[:, s:e_], beta[:, s:e_])
+                _, direct = reference(*xs, None, s0.unsqueeze(0))
+                composed = carry[..., dv:] @ s0 + carry[..., :dv]
+                dr["affine_carry"] = judge(where, _rel_err(composed, direct[0]), "delta_rule")
+                # sensitivity: the share of the incoming state in the result (a wrong or missing M shows this much)
+                dr["affine_carry"]["m_s0_share"] = rnd((carry[..., dv:] @ s0).abs().max().item()
+                                                       / direct.abs().max().item())
+                LOG(f"  delta_rule affine carry M S0 + B vs the segment from S0: rel "
+                    f"{dr['affine_carry']['rel_err']:.3g} (max |M S0| / max |S|: "
+                    f"{dr['affine_carry']['m_s0_share']:.3g})")
+            except StepTimeout:
+                raise
+            except Exception as e:  # noqa: BLE001
+                record_error(errors, where, e, prefix="cp_kernels ")
+
+        # ------------------------------------------- gradients (CP's backward: d final state in, d initial state out)
+        grads = dr["gradients"] = {}
+        for label in ("packed_with_state", "transition"):
+            where = f"delta_rule/gradients/{label}"
+            if left() < (2 if dry else 25):
+                grads[label] = {"skipped": "step budget spent"}
+                LOG(f"  delta_rule gradients {label}: skipped, {left():.0f} s left")
+                continue
+            try:
+                if label == "packed_with_state":
+                    leaves = [x.detach().clone() for x in (q, k, v, g_, beta, init)]
+                else:
+                    leaves = [x[:, s:e_].detach().clone() for x in (q, k, v, g_, beta)]
+                ref_leaves = [x.double() for x in leaves]
+                w_out = randn(1, T, Hv, dv, dtype=torch.float64)
+                w_fin = None
+
+                def loss_of(xs, double: bool):
+                    nonlocal w_fin
+                    if label == "packed_with_state":
+                        q_, k_, v_, gg, b_, h0 = xs
+                        if double:
+                            out, fin = reference(q_, k_, v_, gg, b_, cu, h0)
+                        else:
+                            out, fin, _ = device_path(label, q_, k_, v_, gg, b_, whole, h0, True)
+                        if w_fin is None:
+                            w_fin = randn(*fin.shape, dtype=torch.float64)
+                        return (out.double() * w_out).sum() + (fin.double() * w_fin).sum()
+                    q_, k_, v_, gg, b_ = xs
+                    vw = torch.cat([v_, v_.new_zeros(*v_.shape[:-1], dk)], dim=-1)
+                    if double:
+                        _, fin = reference(q_, k_, vw, gg, b_, None, start)
+                    else:
+                        fin = device_path(label, q_, k_, vw, gg, b_, seg, start, True)[1]
+                    if w_fin is None:
+                        w_fin = randn(*fin.shape, dtype=torch.float64)
+                    return (fin.double() * w_fin).sum()
+
+                for x in leaves + ref_leaves:
+                    x.requires_grad_()
+                loss_of(ref_leaves, True).backward()
+                loss_of(leaves, False).backward()
+                names = ["q", "k", "v", "g", "beta", "initial_state"][:len(leaves)]
+                if label == "transition":  # only the final state is used: q gets no gradient (fla may give zeros)
+                    names, leaves, ref_leaves = names[1:], leaves[1:], ref_leaves[1:]
+                r = {n: _rel_err(a.grad if a.grad is not None else torch.zeros_like(a), b.grad)  # None: no gradient
+                     for n, a, b in zip(names, leaves, ref_leaves)}
+                r["rel_err"] = rnd(max(x["rel_err"] for x in r.values()))
+                grads[label] = judge(where, r, "delta_rule_grad")
+                LOG(f"  delta_rule gradients {label}: " + ", ".join(f"d{n} rel {r[n]['rel_err']:.3g}" for n in names)
+                    + f" (tol {tol['delta_rule_grad']})")
+            except StepTimeout:
+                raise
+            except Exception as e:  # noqa: BLE001
+                record_error(errors, where, e, prefix="cp_kernels ")
+    finally:  # also after a timeout: what was checked so far
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        res["paths"] = {k_: sorted(v_) for k_, v_ in seen.items()}
+        res["paths_as_expected"] = all(v_ == {res["expected_paths"][k_]} for k_, v_ in seen.items())
+        res["within_tolerance"] = bool(flags) and all(flags.values())
+        res["out_of_tolerance"] = sorted(k_ for k_, ok in flags.items() if not ok)
+        LOG(f"  paths {res['paths']} (expected {res['expected_paths']}); within tolerance: {res['within_tolerance']}"
+            + (f"; out of tolerance: {res['out_of_tolerance']}" if res["out_of_tolerance"] else ""))
 
 
 def step_fit(res: dict, ctx: dict) -> None:
@@ -1043,6 +1357,8 @@ def summarise(report: dict) -> dict:
     out["parity"] = {k: {"max_abs_logit_diff": v.get("max_abs_logit_diff"), "within_tolerance": v.get("within_tolerance"),
                          "paths": v.get("paths")} for k, v in par.items() if isinstance(v, dict) and "cases" in v}
     fit = steps.get("fit", {}).get("result", {})
+    cpk = steps.get("cp_kernels", {}).get("result", {})
+    out["cp_kernels"] = {k: cpk.get(k) for k in ("within_tolerance", "out_of_tolerance", "paths", "paths_as_expected")}
     out["fit"] = {k: fit.get(k) for k in ("returncode", "tokens_per_s_median_last10", "first_loss", "last_losses")}
     bench = steps.get("bench", {}).get("result", {})
     out["bench"] = bench.get("summary")
@@ -1123,7 +1439,8 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001
         check.report["failures"].append({"step": "spy", "error": f"{type(e).__name__}: {e}"})
     check.report["spy_not_found"] = SPY.not_found
-    steps = {"facts": step_facts, "parity": step_parity, "fit": step_fit, "bench": step_bench, "kernels": step_kernels}
+    steps = {"facts": step_facts, "parity": step_parity, "cp_kernels": step_cp_kernels, "fit": step_fit,
+             "bench": step_bench, "kernels": step_kernels}
     for name in STEPS:
         if name in args.only:
             check.run(name, steps[name])
