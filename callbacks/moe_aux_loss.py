@@ -47,7 +47,15 @@ class MoEAuxLossLogger(pl.Callback):
         values = [torch.stack(win.aux_values).double().sum().reshape(1),
                   torch.tensor([float(len(win.aux_values))], dtype=torch.float64, device=dev)]
         if self.per_layer and win.router_stats:
-            values.append(torch.stack([s.per_layer_aux_loss() for s in win.router_stats]).sum(0).to(dev))
+            stats = win.router_stats
+            cp = getattr(pl_module.model, "context_parallel", None)
+            if cp is not None and cp.size > 1:
+                # each rank holds its slice's statistics; a layer's aux is a product of the row's sums, so the row's
+                # are summed first (every rank of the group then holds the row's value, counted once per rank like
+                # the aux values above)
+                flat = cp.all_reduce_sum(torch.stack([s.flat() for s in stats]))
+                stats = [s.unflat(f) for s, f in zip(stats, flat)]
+            values.append(torch.stack([s.per_layer_aux_loss() for s in stats]).sum(0).to(dev))
         sums = trainer.strategy.reduce(torch.cat([v.to(dev) for v in values]), reduce_op="sum")
         n = sums[1].clamp_min(1)
         metrics["moe/aux_loss"] = sums[0] / n

@@ -90,8 +90,8 @@ class DumpBalancingBias(pl.Callback):
 
 class RecordStepLosses(pl.Callback):
     """Rank 0 writes every optimizer step's train loss (`last_step.loss`: the token-weighted CE of the step over all
-    ranks), the last validation's metrics and the last logged expert-load statistics (`experts/*`, from
-    callbacks.ExpertLoadStats when the run has it) to `<default_root_dir>/step_losses.json` at the end of fit:
+    ranks), the last validation's metrics and the last logged expert-load statistics (`experts/*` from
+    callbacks.ExpertLoadStats, `moe/*` from callbacks.MoEAuxLossLogger, when the run has them) to `<default_root_dir>/step_losses.json` at the end of fit:
     {"steps": {step: loss}, "val": {name: value}, "experts": {name: value}}."""
 
     def __init__(self):
@@ -101,7 +101,8 @@ class RecordStepLosses(pl.Callback):
         step = pl_module.last_step
         if step is not None:
             self.losses[step.index] = step.loss
-        self.experts.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("experts/")})
+        self.experts.update({k: float(v) for k, v in trainer.callback_metrics.items()
+                             if k.startswith(("experts/", "moe/"))})
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self.val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

@@ -20,7 +20,8 @@ import pytest
 from test_app_expert_parallel import LR, _compare, _compare_gradients, _fit, _weights, weight_bound
 
 # multi-token prediction on (its attention and shifted embeddings cross the slices too); validation at the last step
-# and the expert-load statistics (router outputs of the slices, summed over the ranks) over windows of 2 steps
+# and the expert-load statistics (router outputs of the slices, summed over the ranks) over windows of 2 steps; the
+# per-layer aux losses of MoEAuxLossLogger (in tiny_cp.yaml) are compared with them
 CP = ["--data.pad_to_multiple_of", "1", "--trainer.callbacks+=ep_test_callbacks.RecordStepLosses",
       "--model.mtp", "{enabled: true}", "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "3",
       "--trainer.callbacks+=callbacks.ExpertLoadStats", "--trainer.callbacks.window_steps", "2",
@@ -62,7 +63,8 @@ def test_cp_equals_one_process(single, tmp_path, cp):
     val = _compare_losses(run, single, "val")
     assert {"val/mtp_loss", "val/mtp_acceptance", "val/image_acc"} <= set(_losses(run, "val"))
     experts = _compare_losses(run, single, "experts")
-    assert {"experts/cv", "experts/router_entropy", "experts/window_tokens"} <= set(_losses(run, "experts"))
+    assert {"experts/cv", "experts/router_entropy", "experts/window_tokens", "moe/aux_loss",
+            "moe/aux_loss_layer_0"} <= set(_losses(run, "experts"))
     worst = _compare(_weights(run), _weights(single), weight_bound(LR))
     print(f"cp={cp} vs 1 process: gradients {grads:.2e}, step losses {losses:.2e}, validation metrics {val:.2e}, "
           f"expert statistics {experts:.2e}, weights {worst:.2e}")

@@ -180,3 +180,42 @@ def test_split_row_with_frozen_inputs_of_the_first_layer(tmp_path):
     # the embeddings' gradient (the largest) is gone, so the scale floor drops 10x: the decay parameters' nearly
     # cancelling gradients (~5e-5, fp32 noise ~1.5e-8 absolute) reach 3e-4 of their scale; a bug is O(1)
     assert _grad_error(r0["grads"], r0["whole"]["grads"]) <= 1e-3
+
+
+def test_zero_tie_is_zero_whatever_its_inputs():
+    """The tie that keeps every rank in the gathers' backward: exactly 0 even for inf / NaN inputs (an fp16 sum of a
+    long slice overflows: `x.sum() * 0` was NaN), a gradient exactly when an input needs one, zero gradients."""
+    from qmoe_lightning.models.context_parallel import zero_tie
+
+    x = torch.tensor([float("inf"), 1.0, float("nan")], requires_grad=True)
+    y = torch.randn(2, 3, dtype=torch.float16)
+    tie = zero_tie(x, y)
+    assert tie.item() == 0.0 and tie.requires_grad and tie.dtype == torch.float32
+    (tie * 3).backward()
+    assert torch.equal(x.grad, torch.zeros(3))
+    assert not zero_tie(y).requires_grad
+
+
+def _mismatch_worker(rank, world, kind):
+    from qmoe_lightning.parallel.context_parallel import ContextParallelGroup
+
+    model = _model("qwen3_5_moe")
+    model.context_parallel = ContextParallelGroup(None)
+    row = _row(0, None if rank == 0 else [1, 0, 2, 3, 4, 5, 6])  # rank 1: the same documents in another order
+    if kind == "left_padding":
+        row = _row(0, None)
+        del row["cu_seqlens"]
+        row["attention_mask"] = torch.ones_like(row["input_ids"])
+        row["attention_mask"][:, :3] = 0
+    try:
+        model(**row)
+    except (RuntimeError, ValueError) as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("kind", ["different_rows", "left_padding"])
+def test_split_refuses_rows_it_cannot_split_exactly(tmp_path, kind):
+    messages = run_workers(_mismatch_worker, 2, tmp_path, kind, timeout=300)
+    want = "hold different rows" if kind == "different_rows" else "needs cu_seqlens"
+    assert all(m is not None and want in m for m in messages), messages

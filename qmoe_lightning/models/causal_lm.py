@@ -25,7 +25,7 @@ from torch import nn
 
 from .batch import PackedBatch
 from .checkpoint import HFCheckpointMixin
-from .context_parallel import split_row
+from .context_parallel import check_same_row, split_row
 from .decoder import DecoderBackend, Deepstack
 from .lm_loss import future_token_targets, linear_cross_entropy, next_token_targets
 from .moe import GroupedExperts, TopKRouter
@@ -175,6 +175,10 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
         whole = (inputs_embeds, info)  # the row before a context-parallel split (multi-token prediction reads it)
         cp = self._context_parallel_group()
         if cp is not None:  # this rank keeps its slice of the row from here on (context_parallel.py)
+            if labels is None and logits_to_keep:
+                raise ValueError("logits_to_keep (generation) with the row split over context-parallel ranks: each "
+                                 "rank holds its own slice's last tokens, not the row's; generate without cp")
+            check_same_row(cp, info, targets)
             info = split_row(cp, info, min_slice=max(getattr(cfg, "linear_conv_kernel_dim", 2) - 1, 1))
             inputs_embeds, position_ids = info.cp.take(inputs_embeds, 1), info.cp.take(position_ids, 2)
             targets = info.cp.take(targets, 1, fill=-100)

@@ -43,6 +43,29 @@ import torch.utils.checkpoint
 from .packing import SequenceInfo, build_sequence_info
 
 
+class _ZeroTie(torch.autograd.Function):
+    """A fp32 zero that needs a gradient exactly when one of its inputs does, and hands each a zero gradient.
+
+    What it is for: the backward of a gather is a collective, and autograd runs it only on the ranks where the
+    gathered tensor needs a gradient and reaches the loss. A rank that has nothing to contribute (no state carry) or
+    no use for the result (no carry into its slice, no halo before rank 0) still ties its tensors into the graph with
+    this, so every rank runs every backward collective. Unlike `x.sum() * 0`, an overflowing or NaN x (fp16 sums of a
+    long slice) cannot turn it into NaN."""
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        ctx.specs = [(t.shape, t.dtype, t.device) for t in tensors]
+        return torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs)
+
+
+def zero_tie(*tensors: torch.Tensor) -> torch.Tensor:
+    return _ZeroTie.apply(*tensors)
+
+
 @dataclass
 class ContextSlice:
     """This rank's slice of a row split over a context-parallel group; `SequenceInfo.cp` of the local info."""
@@ -124,6 +147,12 @@ def split_row(comm, info: SequenceInfo, min_slice: int = 1) -> SequenceInfo:
                          "the documents into one row with cu_seqlens)")
     size, rank = comm.size, comm.rank
     T = info.seq_len
+    if not info.packed and info.token_mask is not None:
+        real = int(info.token_mask.sum())
+        if not bool(info.token_mask[0, :real].all()):  # the split's attention masks documents, not padded keys
+            raise ValueError("context parallelism: a row with padding before or between its real tokens needs "
+                             "cu_seqlens (pack it: the padding is then a document of its own); only tail padding "
+                             "is accepted without them")
     per = max(-(-T // size), min_slice, 1)
     Tp = per * size
     cu = [c for c, _ in info.all_bounds] + [T] if info.packed else [0, T]
@@ -142,6 +171,26 @@ def split_row(comm, info: SequenceInfo, min_slice: int = 1) -> SequenceInfo:
     local.token_mask = None if bool(mask.all()) else mask
     local.cp = ContextSlice(comm, bounds, T, starts, segment_doc_start)
     return local
+
+
+def check_same_row(comm, info: SequenceInfo, targets: torch.Tensor | None) -> None:
+    """Every rank of the group must hold the same row (its length, document offsets and targets): a rank whose data
+    pipeline dropped or changed a sample would otherwise exchange slices of another row (a hang, or garbage). One
+    small gather per forward."""
+    cu = info.cu_seqlens.long() if info.packed else torch.tensor([0, info.seq_len])
+    cu = cu.to(info.pos_in_doc.device)
+    weights = torch.arange(1, cu.numel() + 1, device=cu.device)
+    mine = [info.seq_len, cu.numel(), int((cu * weights).sum())]
+    if targets is not None:
+        t = targets.reshape(-1).long()
+        mine += [int((t != -100).sum()), int((t.clamp_min(0) * torch.arange(1, t.numel() + 1, device=t.device) % 7919)
+                                             .sum())]
+    rows = comm.gather_rows(torch.tensor([mine], dtype=torch.long, device=cu.device))
+    if not bool((rows == rows[:1]).all()):
+        raise RuntimeError(f"context parallelism: the ranks of a cp group hold different rows ((length, documents, "
+                           f"offsets, targets, target checksum) per rank: {rows.tolist()}); every rank of a group must "
+                           "receive the same packed micro-batch (the sampler's data-parallel coordinates give them "
+                           "the same one: did a sample fail on one rank only?)")
 
 
 # ---------------------------------------------------------------------------------------------------- attention
@@ -181,11 +230,20 @@ def attend_gathered(q: torch.Tensor, kv: torch.Tensor, info: SequenceInfo, scale
 
 def lower_right_causal_attention(q, k, v, scale: float) -> torch.Tensor:
     """q (B, Hq, Lq, D) are the last Lq positions of the Lk keys (Lq <= Lk): query i sees keys 0 .. Lk - Lq + i.
-    SDPA with an explicit mask (the exact reference; fp32 on GPU as well)."""
+    CPU: SDPA with an explicit mask (the exact reference). CUDA (fp32; bf16 / fp16 take varlen): torch's
+    `causal_lower_right` bias, which the memory-efficient kernel takes without an (Lq, Lk) mask; its lower-right
+    kernels want equal head counts, so GQA heads are repeated (K / V only: far less than a mask)."""
     Lq, Lk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if Lq == Lk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if q.is_cuda:
+        from torch.nn.attention.bias import causal_lower_right
+
+        if gqa:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Lq, Lk), scale=scale)
     mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
@@ -201,7 +259,10 @@ def conv_with_halo(x: torch.Tensor, weight: torch.Tensor, info: SequenceInfo, co
     tails = cs.comm.all_gather(x[:, -halo:], dim=1)  # (1, cp * halo, D)
     r = cs.rank
     # rank 0 has nothing before it, but still takes part in the gather's backward: its halo is a used zero
-    before = tails[:, (r - 1) * halo: r * halo] if r > 0 else tails[:, :halo] * 0
+    if r > 0:
+        before = tails[:, (r - 1) * halo: r * halo]
+    else:
+        before = x.new_zeros(1, halo, x.shape[2]) + zero_tie(tails).to(x.dtype)
     out = conv(torch.cat([before, x], dim=1), weight, cs.halo_window(halo, x.device))
     return out[:, halo:]
 
@@ -229,11 +290,10 @@ def delta_rule_with_carry(q, k, v, g, beta, info: SequenceInfo, run) -> torch.Te
         carry = torch.utils.checkpoint.checkpoint(transition, q[:, s:], k[:, s:], v_aug, g[:, s:], beta[:, s:],
                                                   use_reentrant=False)
     else:  # zeros, tied to the same inputs as a computed carry (so it needs a gradient exactly when one would)
-        tie = sum(t.sum().to(acc) for t in (q, k, v, g, beta)) * 0
-        carry = torch.zeros(Hv, dk, dv + dk, dtype=acc, device=v.device) + tie
+        carry = torch.zeros(Hv, dk, dv + dk, dtype=acc, device=v.device) + zero_tie(q, k, v, g, beta).to(acc)
     # Footgun: the gather's backward is a collective, and autograd runs it only on ranks where the gathered tensor
-    # requires grad and reaches the loss. Every rank therefore gathers a carry in the graph and uses the result (a
-    # rank that starts a document uses it times 0), or the ranks' backward all-reduces pair up wrongly (a hang).
+    # requires grad and reaches the loss. Every rank therefore gathers a carry in the graph and uses the result
+    # (`zero_tie`), or the ranks' backward all-reduces pair up wrongly (a hang, or another collective's data).
     carries = cs.comm.all_gather(carry.unsqueeze(0), dim=0)  # (cp, Hv, dk, dv + dk)
     initial = None
     if cs.carries_in(r):
@@ -244,4 +304,4 @@ def delta_rule_with_carry(q, k, v, g, beta, info: SequenceInfo, run) -> torch.Te
         n_docs = len(info.all_bounds)
         initial = torch.cat([state.unsqueeze(0), state.new_zeros(n_docs - 1, Hv, dk, dv)])
     out, _ = run(q, k, v, g, beta, info, initial, False)  # the kernel reads the local layout only
-    return out if initial is not None else out + (carries.sum() * 0).to(out.dtype)
+    return out if initial is not None else out + zero_tie(carries).to(out.dtype)

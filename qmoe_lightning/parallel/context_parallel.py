@@ -30,14 +30,16 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         size, rank, dim, group = ctx.size, ctx.rank, ctx.dim, ctx.group
-        grad = grad.contiguous()
+        # summed in fp32 (bf16 partial sums would be rounded before they add up), into a tensor of our own
+        dtype = grad.dtype
+        grad = grad.to(torch.promote_types(dtype, torch.float32), copy=True)
         if dist.get_backend(group) == "nccl":
             pieces = [p.contiguous() for p in grad.chunk(size, dim=dim)]
             out = torch.empty_like(pieces[rank])
             dist.reduce_scatter(out, pieces, group=group)
-            return out, None, None, None, None
+            return out.to(dtype), None, None, None, None
         dist.all_reduce(grad, group=group)
-        return grad.chunk(size, dim=dim)[rank].contiguous(), None, None, None, None
+        return grad.chunk(size, dim=dim)[rank].to(dtype).contiguous(), None, None, None, None
 
 
 class ContextParallelGroup:
