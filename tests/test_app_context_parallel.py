@@ -4,7 +4,8 @@ first steps tightly, then the loss of every step and the exported weights; see t
 
 - cp=2 (2 processes) and cp=4 (4 processes) vs 1 process: every rank of the cp group gets the same pack, so the
   data-parallel world is 1 and the single process takes the same pack each step;
-- cp=2 x ep=2 on 4 processes, with activation checkpointing, vs 1 process accumulating 2 packs per step; that run
+- cp=2 x ep=2 on 4 processes, with activation checkpointing and the overlapped expert dispatch, vs 1 process
+  accumulating 2 packs per step; that run
   crashes after step 3 and resumes from its distributed checkpoint, and its gathered HF export is what is compared.
 Every run trains the MTP module too, validates at its last step and logs the expert-load statistics: all compared.
 Rows are packed without rounding (pad_to_multiple_of 1): their lengths are neither multiples of 64 nor of cp, and
@@ -76,7 +77,7 @@ def test_cp2_x_ep2_resumed_equals_one_process_accumulating(tmp_path):
     run = tmp_path / "cp2ep2"
     # with per-block activation checkpointing: the recompute repeats the slices' exchanges in backward
     parallel = ["--trainer.strategy.cp_size", "2", "--trainer.strategy.ep_size", "2",
-                "--trainer.strategy.activation_checkpointing", "true",
+                "--trainer.strategy.activation_checkpointing", "true", "--trainer.strategy.overlap_dispatch", "true",
                 "--trainer.enable_checkpointing", "true", "--trainer.callbacks+=callbacks.RunCheckpoint",
                 "--trainer.callbacks.every_n_train_steps", "2"]
     proc = _cp_fit(run, *parallel, "--trainer.callbacks+=ep_test_callbacks.CrashAtStep", "--trainer.callbacks.step",

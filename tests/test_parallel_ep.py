@@ -8,11 +8,14 @@ Checked in one spawned group (process start-up dominates the cost on CPU):
 - the same with per-expert LoRA (the adapters sharded with their experts; only adapters train);
 - the whole tiny text model (4 layers, 8 experts, top-2) with every layer's experts sharded: summed CE and all
   gradients;
-- a rank that receives no token at all still produces (zero) expert gradients and does not hang.
+- a rank that receives no token at all still produces (zero) expert gradients and does not hang;
+- the overlapped dispatch (shared expert computed while the rows travel) is bitwise the blocking one, and the shared
+  expert's forward / backward really run between the exchange's start and finish.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -87,18 +90,52 @@ def _text_run(model, ids):
     return out.ce_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@contextlib.contextmanager
+def _exchange_events(moe):
+    """Records, in order: the overlapped exchange's start / finish in forward and backward, and the shared expert's
+    forward and backward (its down projection's output / weight gradient)."""
+    from qmoe_lightning.parallel import expert_parallel as epm
+
+    events = []
+    saved = {}
+    for cls, tag in ((epm._StartExchange, "start"), (epm._FinishExchange, "finish")):
+        saved[cls] = (cls.forward, cls.backward)
+
+        def forward(ctx, *a, _f=cls.forward, _t=tag):
+            events.append(f"{_t}_fwd")
+            return _f(ctx, *a)
+
+        def backward(ctx, *a, _b=cls.backward, _t=tag):
+            events.append(f"{_t}_bwd")
+            return _b(ctx, *a)
+
+        cls.forward, cls.backward = staticmethod(forward), staticmethod(backward)
+    down = moe.shared_experts.down_proj
+    handles = [down.register_forward_hook(lambda *a: events.append("shared_fwd")),
+               down.weight.register_hook(lambda g: events.append("shared_bwd"))]
+    try:
+        yield events
+    finally:
+        for cls, (f, b) in saved.items():
+            cls.forward, cls.backward = staticmethod(f), staticmethod(b)
+        for h in handles:
+            h.remove()
+
+
 def _ep_worker(rank, world):
     from qmoe_lightning.parallel.expert_parallel import shard_experts_
 
     group = dist.group.WORLD
     res = {}
     x, w = _moe_inputs()
-    for name, make in (("moe", _build_moe), ("lora", lambda: _lora(_build_moe()))):
+    for name, make, overlap in (("moe", _build_moe, False), ("lora", lambda: _lora(_build_moe()), False),
+                                ("moe_overlap", _build_moe, True), ("lora_overlap", lambda: _lora(_build_moe()), True)):
         moe = make()
-        shard_experts_(moe.experts, group)
-        out, xg, grads, indices = _moe_run(moe, x[rank:rank + 1], w[rank:rank + 1])
+        shard_experts_(moe.experts, group, overlap=overlap)
+        with _exchange_events(moe) as events:
+            out, xg, grads, indices = _moe_run(moe, x[rank:rank + 1], w[rank:rank + 1])
         res[name] = dict(out=out, xg=xg, grads=grads, local_experts=moe.experts.num_local_experts,
-                         sent_elsewhere=int((indices // moe.experts.num_local_experts != rank).sum()))
+                         sent_elsewhere=int((indices // moe.experts.num_local_experts != rank).sum()), events=events)
     # a rank that receives nothing: route every token to experts of rank 0
     moe = _build_moe()
     with torch.no_grad():
@@ -109,11 +146,15 @@ def _ep_worker(rank, world):
     out, xg, grads, _ = _moe_run(moe, x[rank:rank + 1].abs(), w[rank:rank + 1])
     res["starved"] = dict(out=out, grads=grads)
 
-    model = _text_model()
-    for layer in model.model.layers:
-        shard_experts_(layer.mlp.experts, group)
-    loss, grads = _text_run(model, _text_batch()[rank:rank + 1])
-    res["text"] = dict(loss=loss, grads=grads)
+    for name, overlap in (("text", False), ("text_overlap", True)):
+        model = _text_model()
+        for layer in model.model.layers:
+            shard_experts_(layer.mlp.experts, group, overlap=overlap)
+        if overlap:  # with activation checkpointing: the recompute starts and finishes its exchanges again
+            model.model.gradient_checkpointing = True
+            model.train()
+        loss, grads = _text_run(model, _text_batch()[rank:rank + 1])
+        res[name] = dict(loss=loss, grads=grads)
     return res
 
 
@@ -205,3 +246,22 @@ def test_tiny_text_model_ep2_equals_one_process(ep_results):
         diffs[name] = _max_diff(got, g)
     print("tiny model max diffs", sorted(diffs.items(), key=lambda kv: -kv[1])[:3])
     assert max(diffs.values()) <= TOL, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_overlapped_dispatch_is_the_blocking_one_bitwise(ep_results):
+    """overlap_dispatch (the shared expert computed while the rows travel, both ways) changes only when things run:
+    outputs and every gradient are bitwise those of the blocking dispatch, LoRA experts and a checkpointed model
+    (recompute included) too."""
+    for rank, r in enumerate(ep_results):
+        for name in ("moe", "lora"):
+            a, b = r[name], r[f"{name}_overlap"]
+            assert torch.equal(a["out"], b["out"]) and torch.equal(a["xg"], b["xg"]), (rank, name)
+            assert a["grads"].keys() == b["grads"].keys()
+            assert all(torch.equal(a["grads"][k], b["grads"][k]) for k in a["grads"]), (rank, name)
+        # the shared expert really ran while the rows travelled: between start and finish, both ways
+        assert r["moe_overlap"]["events"] == ["start_fwd", "shared_fwd", "finish_fwd",
+                                              "finish_bwd", "shared_bwd", "start_bwd"], r["moe_overlap"]["events"]
+        assert r["moe"]["events"] == ["shared_fwd", "shared_bwd"]  # blocking: no overlapped exchange
+        a, b = r["text"], r["text_overlap"]
+        assert torch.equal(a["loss"], b["loss"]), rank
+        assert all(torch.equal(a["grads"][k], b["grads"][k]) for k in a["grads"]), rank

@@ -175,9 +175,12 @@ def segment_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
 class LocalDispatcher:
     """Every expert is on this device: the rows sorted by expert are the local rows."""
 
-    def dispatch(self, xs: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """xs (rows, H) sorted by expert, counts (E,) rows per expert -> (local rows, their offsets, context)."""
-        return xs, counts.cumsum(0).to(torch.int32), None
+    def dispatch(self, xs: torch.Tensor, counts: torch.Tensor, alongside=None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                        object, object]:
+        """xs (rows, H) sorted by expert, counts (E,) rows per expert -> (local rows, their offsets, context, what
+        `alongside()` returned). `alongside` is independent work (the shared expert) that a dispatcher whose rows
+        travel may run while they do."""
+        return xs, counts.cumsum(0).to(torch.int32), None, alongside() if alongside is not None else None
 
     def combine(self, ys: torch.Tensor, context) -> torch.Tensor:
         """Expert outputs of the local rows -> outputs in the order `dispatch` was given."""
@@ -230,19 +233,22 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.gate_and_up_projs, std=std)
         nn.init.normal_(self.down_projs, std=std)
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (N, H), indices/weights (N, k) (global expert ids) -> (N, H)."""
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, alongside=None):
+        """x (N, H), indices/weights (N, k) (global expert ids) -> (N, H). With `alongside` (independent work: the
+        shared expert), run where the dispatcher can overlap it with moving the rows: -> ((N, H), its result).
+        Called through the module (`experts(...)`), never `.forward`: FSDP2 gathers the parameters in its hooks."""
         N, k = indices.shape
         flat = indices.reshape(-1)  # (N*k,) pair p = token p // k, slot p % k
         order = flat.argsort(stable=True)  # pairs grouped by expert, token order within an expert
         unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts = torch.bincount(flat, minlength=self.num_experts)  # (E,)
         xs = _SortedRows.apply(x, order, unsort, k)  # (N*k, H): row j is token order[j] // k
-        local, offs, context = self.dispatcher.dispatch(xs, counts)
+        local, offs, context, side = self.dispatcher.dispatch(xs, counts, alongside)
         ys = self.dispatcher.combine(self.swiglu(local, offs), context)  # (N*k, H)
         ys = ys * weights.reshape(-1)[order].unsqueeze(-1)
         # back to pair order (a permutation: gathers both ways), then each token's k slots summed
-        return _Permutation.apply(ys.to(x.dtype), unsort, order).view(N, k, -1).sum(1)
+        out = _Permutation.apply(ys.to(x.dtype), unsort, order).view(N, k, -1).sum(1)
+        return out if alongside is None else (out, side)
 
     def swiglu(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """xs (rows, H) grouped by local expert (cumulative `offs`) -> (rows, H), before the routing weight."""
@@ -308,7 +314,11 @@ class SparseMoE(nn.Module):
         B, T, H = x.shape
         flat = x.reshape(-1, H)
         logits, weights, indices = self.gate(flat)
-        out = self.experts(flat, indices, weights)
-        if self.shared_experts is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_experts(flat)
-        return out.reshape(B, T, H), logits, indices
+        if self.shared_experts is None:
+            return self.experts(flat, indices, weights).reshape(B, T, H), logits, indices
+
+        def shared():  # independent of the routed experts: an expert-parallel dispatcher may overlap it
+            return torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_experts(flat)
+
+        routed, shared_out = self.experts(flat, indices, weights, alongside=shared)
+        return (routed + shared_out).reshape(B, T, H), logits, indices

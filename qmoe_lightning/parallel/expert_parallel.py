@@ -21,7 +21,14 @@ Forward on one rank (N tokens, top-k; the maths is the single-process one row fo
 Backward of the all-to-alls is the opposite exchange (torch.distributed.nn.functional), so router, input and expert
 gradients are exact. An expert weight's gradient sums the contributions of all ranks' tokens: under a data-parallel
 mean objective it is ep-times (dp-times with expert-FSDP) too large unless divided; `parallelize.py` sets that
-divide factor. Dispatch does NOT overlap compute here: each all_to_all is blocking and the grouped GEMM waits.
+divide factor.
+
+Overlap (`overlap_dispatch`, off by default): the dispatch all-to-all is started asynchronously and the shared expert
+(Qwen3.5; independent of the routed experts) is computed while the rows travel; in backward the rows' gradient
+travels back while the shared expert's backward runs (autograd schedules the later-created shared-expert nodes
+first). The combine all-to-all and the split-size exchange stay blocking (nothing independent is left to run), and
+a model without a shared expert (Qwen3-VL-MoE) has nothing to overlap. Bitwise the blocking path's numbers
+(tests/test_parallel_ep.py); the speed effect has not been measured on GPUs yet.
 """
 
 from __future__ import annotations
@@ -61,13 +68,19 @@ class _Exchange:
 
 
 class AllToAllDispatcher:
-    """Sends each sorted row to the rank owning its expert and the expert outputs back (see the module doc)."""
+    """Sends each sorted row to the rank owning its expert and the expert outputs back (see the module doc).
 
-    def __init__(self, group: dist.ProcessGroup | None, ep_size: int, num_local_experts: int):
+    overlap: the rows' all-to-all is started asynchronously and `alongside` (the shared expert) computed while they
+    travel, in forward and in backward (`_StartExchange` / `_FinishExchange`). Same operations on the same values in
+    the same order per tensor: bitwise the blocking path's results."""
+
+    def __init__(self, group: dist.ProcessGroup | None, ep_size: int, num_local_experts: int, overlap: bool = False):
         self.group, self.ep_size, self.num_local_experts = group, ep_size, num_local_experts
+        self.overlap = overlap
 
-    def dispatch(self, xs: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _Exchange]:
-        """xs (N*k, H) sorted by global expert, counts (E,) -> (rows of my local experts, their offsets (El,), ...)."""
+    def dispatch(self, xs: torch.Tensor, counts: torch.Tensor, alongside=None):
+        """xs (N*k, H) sorted by global expert, counts (E,) -> (rows of my local experts, their offsets (El,),
+        the exchange, what `alongside()` returned)."""
         ep, El = self.ep_size, self.num_local_experts
         # split-size exchange: recv_counts[s, j] = rows source rank s sends to my local expert j
         recv_counts = torch.empty_like(counts)
@@ -75,18 +88,79 @@ class AllToAllDispatcher:
         recv_counts = recv_counts.view(ep, El)
         send_splits = counts.view(ep, El).sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
-        xr = _autograd_all_to_all(xs.new_empty(sum(recv_splits), xs.shape[1]), xs, recv_splits, send_splits,
-                                  group=self.group)
+        if self.overlap and alongside is not None:
+            flight = _Flight()
+            buffer = _StartExchange.apply(xs, flight, recv_splits, send_splits, self.group)
+            side = alongside()  # computed while the rows travel
+            xr = _FinishExchange.apply(buffer, flight)
+        else:
+            xr = _autograd_all_to_all(xs.new_empty(sum(recv_splits), xs.shape[1]), xs, recv_splits, send_splits,
+                                      group=self.group)
+            side = alongside() if alongside is not None else None
         # (source, local expert) order -> local-expert order (stable: sources stay in rank order per expert)
         local_id = torch.repeat_interleave(torch.arange(El, device=xs.device).repeat(ep), recv_counts.reshape(-1))
         perm = local_id.argsort(stable=True)
         offs = recv_counts.sum(0).cumsum(0).to(torch.int32)  # (El,)
-        return xr[perm], offs, _Exchange(perm, send_splits, recv_splits, xs.shape[0])
+        return xr[perm], offs, _Exchange(perm, send_splits, recv_splits, xs.shape[0]), side
 
     def combine(self, ys: torch.Tensor, ex: _Exchange) -> torch.Tensor:
         yr = torch.empty_like(ys).index_copy(0, ex.perm, ys)  # back to (source, local expert) order
         return _autograd_all_to_all(yr.new_empty(ex.rows, yr.shape[1]), yr, ex.send_splits, ex.recv_splits,
                                     group=self.group)
+
+
+class _Flight:
+    """The all-to-all in flight between `_StartExchange` and `_FinishExchange` (forward), and its gradient's in
+    the other direction (backward)."""
+
+    work = None
+    grad = None
+    grad_work = None
+
+
+class _StartExchange(torch.autograd.Function):
+    """Starts the rows' all-to-all and returns the receive buffer, filled once `_FinishExchange` has waited.
+
+    Backward: the gradient's reverse all-to-all was started by `_FinishExchange.backward`; autograd runs the
+    backward of the work done in between (the shared expert's: created later, so scheduled first) before this node
+    waits for it."""
+
+    @staticmethod
+    def forward(ctx, xs, flight: _Flight, recv_splits, send_splits, group):
+        ctx.flight = flight
+        received = xs.new_empty(sum(recv_splits), xs.shape[1])
+        flight.work = dist.all_to_all_single(received, xs.contiguous(), recv_splits, send_splits, group=group,
+                                             async_op=True)
+        flight.splits, flight.group, flight.rows = (recv_splits, send_splits), group, xs.shape[0]
+        return received
+
+    @staticmethod
+    def backward(ctx, _unused):
+        flight = ctx.flight
+        flight.grad_work.wait()
+        grad, flight.grad, flight.grad_work = flight.grad, None, None
+        return grad, None, None, None, None
+
+
+class _FinishExchange(torch.autograd.Function):
+    """Waits for the rows started by `_StartExchange` (forward); starts their gradient's way back (backward)."""
+
+    @staticmethod
+    def forward(ctx, received, flight: _Flight):
+        ctx.flight = flight
+        flight.work.wait()
+        flight.work = None
+        return received.view_as(received)
+
+    @staticmethod
+    def backward(ctx, grad):
+        flight = ctx.flight
+        recv_splits, send_splits = flight.splits
+        grad = grad.contiguous()
+        flight.grad = grad.new_empty(flight.rows, grad.shape[1])
+        flight.grad_work = dist.all_to_all_single(flight.grad, grad, send_splits, recv_splits, group=flight.group,
+                                                  async_op=True)
+        return grad, None  # a placeholder: `_StartExchange.backward` returns the exchanged gradient instead
 
 
 def _autograd_all_to_all(output, input, output_split_sizes, input_split_sizes, group):
@@ -102,8 +176,10 @@ def is_expert_parallel(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def shard_experts_(experts: GroupedExperts, ep_group: dist.ProcessGroup | None) -> GroupedExperts:
-    """Keep this rank's E/ep experts (and their LoRA adapters) and switch `experts` to all-to-all dispatch, in place.
+def shard_experts_(experts: GroupedExperts, ep_group: dist.ProcessGroup | None,
+                   overlap: bool = False) -> GroupedExperts:
+    """Keep this rank's E/ep experts (and their LoRA adapters) and switch `experts` to all-to-all dispatch, in place
+    (`overlap`: the shared expert computed while the rows travel, `AllToAllDispatcher`).
 
     Parameters must hold the FULL (global) experts when called, on any device including meta (then the slice is
     meta too and is filled later by `loading.load_expert_parallel_weights` or `reset_parameters`)."""
@@ -123,5 +199,5 @@ def shard_experts_(experts: GroupedExperts, ep_group: dist.ProcessGroup | None) 
         setattr(experts, name, nn.Parameter(local, requires_grad=p.requires_grad))
     experts.ep_group, experts.ep_size, experts.ep_rank = ep_group, ep_size, ep_rank
     experts.num_local_experts = stop - start
-    experts.dispatcher = AllToAllDispatcher(ep_group, ep_size, stop - start)
+    experts.dispatcher = AllToAllDispatcher(ep_group, ep_size, stop - start, overlap=overlap)
     return experts

@@ -125,13 +125,15 @@ def parallelize_model(
     mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool = True,
     context_parallel=None,
+    overlap_dispatch: bool = False,
 ) -> nn.Module:
     """Apply EP -> activation checkpointing -> FSDP2 in place (see module doc); returns `model`.
 
     `mesh` comes from `build_mesh` (or has its dims: "ep", "efsdp", "replicate", flattened "dp_shard",
     "data_parallel"). `ep_size` defaults to the mesh's ep size and must match it. LoRA must be applied BEFORE
     (its per-expert adapters are sharded with the experts). `context_parallel` (a `ContextParallelGroup`, the ranks
-    sharing each row) is handed to the model, which then splits every row over it."""
+    sharing each row) is handed to the model, which then splits every row over it. `overlap_dispatch`: the
+    experts' all-to-all runs while the shared expert computes (`expert_parallel.AllToAllDispatcher`)."""
     if context_parallel is not None and context_parallel.size > 1:
         if not hasattr(model, "_context_parallel_group"):
             raise TypeError(f"{type(model).__name__} has no context-parallel path")
@@ -149,7 +151,7 @@ def parallelize_model(
         group = mesh["ep"].get_group()
         for m in experts_modules:
             if not is_expert_parallel(m):
-                shard_experts_(m, group)
+                shard_experts_(m, group, overlap=overlap_dispatch)
     ep_scaled = ep_size > 1 or expert_mesh(mesh).size() < dp_world  # expert grads not averaged by dense FSDP
 
     # 2. activation checkpointing with routing replay (also what a model that asked for its own gets)

@@ -60,7 +60,8 @@ def _destroy_process_group_at_exit() -> None:
 
 class ExpertParallelStrategy(ModelParallelStrategy):
     def __init__(self, ep_size: int = 1, replicate: int = 1, activation_checkpointing: bool = False,
-                 mixed_precision: bool = False, fsdp: bool = True, cp_size: int = 1, **kwargs):
+                 mixed_precision: bool = False, fsdp: bool = True, cp_size: int = 1, overlap_dispatch: bool = False,
+                 **kwargs):
         """
         Args:
             ep_size: expert-parallel group size (experts per rank = num_experts / ep_size). The expert-FSDP size is
@@ -69,6 +70,9 @@ class ExpertParallelStrategy(ModelParallelStrategy):
                 contiguous slice of its tokens (`models/context_parallel.py`). The data-parallel world (what the
                 sampler splits the packs over) is world / cp_size; parameters are sharded over every rank as
                 before (the cp ranks are part of the efsdp dimension). 1: off.
+            overlap_dispatch: start the experts' dispatch all-to-all asynchronously and compute the shared expert
+                while the rows travel (forward and backward); exact (bitwise the blocking path), its speed effect not
+                yet measured on GPUs.
             replicate: HSDP replication degree (dense and expert shards are replicated over this many groups,
                 typically one per node); 1 = plain FSDP.
             activation_checkpointing: per-block activation checkpointing with routing replay.
@@ -83,6 +87,7 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             raise ValueError(f"cp_size must be >= 1, got {cp_size}")
         self._context_parallel = None
         self.activation_checkpointing, self.mixed_precision, self.fsdp = activation_checkpointing, mixed_precision, fsdp
+        self.overlap_dispatch = bool(overlap_dispatch)
 
     def build_device_mesh(self, world_size: int, device: torch.device) -> DeviceMesh:
         ParallelDims(world_size, self.ep_size, self.replicate)  # validates divisibility with a clear message
@@ -202,4 +207,4 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             else None
         return parallelize_model(model, self.device_mesh, self.ep_size, fsdp=self.fsdp,
                                  activation_checkpointing=self.activation_checkpointing, mp_policy=mp,
-                                 context_parallel=self._context_parallel)
+                                 context_parallel=self._context_parallel, overlap_dispatch=self.overlap_dispatch)
