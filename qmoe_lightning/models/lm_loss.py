@@ -38,12 +38,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total = total - (logp.gather(1, safe_t[:, None]).squeeze(1) * valid).sum()
             grad = logp.exp_()  # softmax, in place
             grad[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-            grad.mul_(valid[:, None])
+            if not bool(valid.all()):  # rows without a target: zeroed (a pass over (c, V) only when there are any)
+                grad.mul_(valid[:, None])
             grad = grad.to(hidden.dtype)
             if need_h:
-                grad_h[start : start + chunk_size] = grad @ weight
+                torch.mm(grad, weight, out=grad_h[start : start + chunk_size])
             if need_w:
-                grad_w += (grad.t() @ h).float()
+                if grad.dtype == torch.float32:
+                    grad_w.addmm_(grad.t(), h)  # accumulated in place: no (V, H) temporary per chunk
+                else:
+                    grad_w += (grad.t() @ h).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
