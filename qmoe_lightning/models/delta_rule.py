@@ -74,8 +74,10 @@ def chunk_gated_delta_rule_with_state(q, k, v, g, beta, layout: ChunkLayout, ini
 
     ut = (k_beta @ k.transpose(-1, -2)) * pairwise
     intra = (q @ k.transpose(-1, -2)) * pairwise
-    new_values = torch.linalg.solve_triangular(ut, v_beta, upper=False, unitriangular=True)
-    k_cumdecay = torch.linalg.solve_triangular(ut, k_beta * cum.exp().unsqueeze(-1), upper=False, unitriangular=True)
+    # one solve for both right-hand sides (the batched solve loops over its N*H small systems: once, not twice)
+    rhs = torch.cat([v_beta, k_beta * cum.exp().unsqueeze(-1)], dim=-1)  # (N, H, C, dv + dk)
+    new_values, k_cumdecay = torch.linalg.solve_triangular(ut, rhs, upper=False, unitriangular=True).split(
+        [dv, dk], dim=-1)
 
     q = q * cum.exp().unsqueeze(-1)
     k = k * (cum[..., -1:] - cum).exp().unsqueeze(-1)
