@@ -10,6 +10,7 @@ from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration, kernels
 from qmoe_lightning.models.delta_rule import (
     causal_depthwise_conv_packed,
     chunk_gated_delta_rule_packed,
+    chunk_gated_delta_rule_with_state,
     recurrent_gated_delta_rule_reference,
 )
 from qmoe_lightning.models.moe import GroupedExperts, experts_loop_reference
@@ -30,6 +31,29 @@ def test_chunked_delta_rule_equals_recurrent_loop_per_document(lengths):
     out = chunk_gated_delta_rule_packed(q, k, v, g, beta, info.chunk_layout(64))
     ref = recurrent_gated_delta_rule_reference(q, k, v, g, beta, cu(lengths))
     assert (out - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("lengths", [[200], [1, 64, 65, 0, 129, 7], [63, 2, 130]])
+def test_chunked_delta_rule_from_given_states_returns_each_documents_final_state(lengths):
+    """initial_state (per document) in, final states out (what context parallelism carries across ranks), in fp64
+    against the token loop; an empty document's final state is its initial state. Negative control: ignoring the
+    initial state is far off."""
+    torch.manual_seed(2)
+    T = sum(lengths)
+    f64 = dict(dtype=torch.float64)
+    q, k = torch.randn(1, T, 2, 8, **f64), torch.randn(1, T, 2, 8, **f64)
+    v, g, beta = torch.randn(1, T, 4, 8, **f64), -torch.rand(1, T, 4, **f64) * 0.1, torch.rand(1, T, 4, **f64)
+    init = torch.randn(len(lengths), 4, 8, 8, **f64)
+    info = build_sequence_info(1, T, q.device, cu(lengths))
+    out, final = chunk_gated_delta_rule_with_state(q, k, v, g, beta, info.chunk_layout(64), init, True)
+    finals = []
+    ref = recurrent_gated_delta_rule_reference(q, k, v, g, beta, cu(lengths), init, finals)
+    assert (out - ref).abs().max() < 1e-12 and (final - torch.stack(finals)).abs().max() < 1e-12
+    for d, n in enumerate(lengths):
+        if n == 0:
+            assert torch.equal(final[d], init[d])
+    zero_start = chunk_gated_delta_rule_with_state(q, k, v, g, beta, info.chunk_layout(64))[0]
+    assert (zero_start - ref).abs().max() > 1e-2
 
 
 def test_conv_never_reaches_into_previous_document():

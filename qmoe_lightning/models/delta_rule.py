@@ -90,16 +90,17 @@ def chunk_gated_delta_rule_with_state(q, k, v, g, beta, layout: ChunkLayout, ini
     else:
         order = torch.tensor(layout.doc_order[:running], dtype=torch.long, device=q.device)
         state = initial_state.to(q.dtype).index_select(0, order)
-    start = 0
-    for n in layout.wave_sizes:  # documents still running are the prefix 0..n-1; finished ones are dropped
-        s = slice(start, start + n)
+    # the waves' chunks split once: the backward of `split` is one cat, where slicing every wave out of the whole
+    # tensors cost a zero-filled full-size gradient per wave and tensor
+    waves = zip(*(t.split(layout.wave_sizes) for t in (new_values, k_cumdecay, q, intra, k, chunk_decay)))
+    for n, (nv, kcd, qw, intra_w, kw, decay) in zip(layout.wave_sizes, waves):
+        # documents still running are the prefix 0..n-1; finished ones are dropped
         if output_final_state and n < state.shape[0]:
             finished.append(state[n:])
         state = state[:n]
-        v_new = new_values[s] - k_cumdecay[s] @ state
-        outs.append(q[s] @ state + intra[s] @ v_new)
-        state = state * chunk_decay[s] + k[s].transpose(-1, -2) @ v_new
-        start += n
+        v_new = nv - kcd @ state
+        outs.append(qw @ state + intra_w @ v_new)
+        state = state * decay + kw.transpose(-1, -2) @ v_new
     final = None
     if output_final_state:
         finished.append(state)
