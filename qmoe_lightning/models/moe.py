@@ -204,18 +204,22 @@ class _SortedRows(torch.autograd.Function):
         return grad.index_select(0, unsort).view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
 
 
-class _Permutation(torch.autograd.Function):
-    """t[perm] for a permutation `perm` (inverse `inverse`): backward is the inverse gather, not a scatter-add."""
+class _SlotSums(torch.autograd.Function):
+    """ys (N*k, H) in expert-sorted pair order -> (N, H): each token's k slot rows summed (pair order first, so the
+    sum runs over slots 0..k-1 as one process does it). Backward: every sorted row gets its token's gradient, one
+    gather (the composed permutation + sum backward materialised an expanded (N*k, H) gradient and gathered it
+    again)."""
 
     @staticmethod
-    def forward(ctx, t, perm, inverse):
-        ctx.save_for_backward(inverse)
-        return t.index_select(0, perm)
+    def forward(ctx, ys, unsort, order, k: int):
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return ys.index_select(0, unsort).view(-1, k, ys.shape[-1]).sum(1)
 
     @staticmethod
     def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, torch.div(order, ctx.k, rounding_mode="floor")), None, None, None
 
 
 class GroupedExperts(nn.Module):
@@ -246,8 +250,8 @@ class GroupedExperts(nn.Module):
         local, offs, context, side = self.dispatcher.dispatch(xs, counts, alongside)
         ys = self.dispatcher.combine(self.swiglu(local, offs), context)  # (N*k, H)
         ys = ys * weights.reshape(-1)[order].unsqueeze(-1)
-        # back to pair order (a permutation: gathers both ways), then each token's k slots summed
-        out = _Permutation.apply(ys.to(x.dtype), unsort, order).view(N, k, -1).sum(1)
+        # back to pair order, then each token's k slots summed (gathers both ways)
+        out = _SlotSums.apply(ys.to(x.dtype), unsort, order, k)
         return out if alongside is None else (out, side)
 
     def swiglu(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
