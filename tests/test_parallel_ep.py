@@ -16,7 +16,6 @@ Checked in one spawned group (process start-up dominates the cost on CPU):
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import pytest
 import torch
