@@ -7,6 +7,7 @@ first steps tightly, then the loss of every step and the exported weights; see t
 - cp=2 x ep=2 on 4 processes, with activation checkpointing and the overlapped expert dispatch, vs 1 process
   accumulating 2 packs per step; that run
   crashes after step 3 and resumes from its distributed checkpoint, and its gathered HF export is what is compared.
+- cp=2 with LoRA (attention, linear attention, shared and routed experts) vs 1 process: adapters and merged export.
 Every run trains the MTP module too, validates at its last step and logs the expert-load statistics: all compared.
 Rows are packed without rounding (pad_to_multiple_of 1): their lengths are neither multiples of 64 nor of cp, and
 documents (text and image questions) cross the slice boundaries.
@@ -18,7 +19,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_app_expert_parallel import LR, _compare, _compare_gradients, _fit, _weights, weight_bound
+from test_app_expert_parallel import LORA, LR, _compare, _compare_gradients, _fit, _weights, weight_bound
 
 # multi-token prediction on (its attention and shifted embeddings cross the slices too); validation at the last step
 # and the expert-load statistics (router outputs of the slices, summed over the ranks) over windows of 2 steps; the
@@ -96,3 +97,21 @@ def test_cp2_x_ep2_resumed_equals_one_process_accumulating(tmp_path):
     assert config["architectures"] == ["Qwen3_5MoeForConditionalGeneration"]
     print(f"cp=2 x ep=2 + activation checkpointing (crashed at 3, resumed) vs 1 process x accumulate 2: gradients {grads:.2e}, step losses "
           f"{worst_loss:.2e}, weights {worst:.2e}")
+
+
+def test_cp2_lora_equals_one_process(tmp_path):
+    """LoRA on attention, linear attention, the shared and the routed experts (the MTP block included): the frozen
+    base leaves parts of the graph without gradient, which every rank of the cp group must agree on (the exchanges'
+    backward are collectives). Adapters and the merged export equal one process's."""
+    lora = ["--model.lora", LORA, "--model.lr", "2e-3", "--trainer.callbacks+=callbacks.LoraExport"]
+    _cp_fit(tmp_path / "single", *lora, devices=1)
+    _cp_fit(tmp_path / "cp2", *lora, "--trainer.strategy.cp_size", "2", devices=2)
+    grads = _compare_gradients(tmp_path / "cp2", tmp_path / "single")
+    losses = _compare_losses(tmp_path / "cp2", tmp_path / "single")
+    adapters = _compare(_weights(tmp_path / "cp2", "hf_adapter"), _weights(tmp_path / "single", "hf_adapter"),
+                        weight_bound(2e-3))
+    merged = _compare(_weights(tmp_path / "cp2"), _weights(tmp_path / "single"), weight_bound(2e-3))
+    trained = _weights(tmp_path / "cp2", "hf_adapter")
+    assert max(v.abs().max().item() for k, v in trained.items() if "lora_B" in k) > 1e-4  # adapters trained
+    print(f"LoRA cp=2 vs 1 process: gradients {grads:.2e}, step losses {losses:.2e}, adapters {adapters:.2e}, "
+          f"merged export {merged:.2e}")
