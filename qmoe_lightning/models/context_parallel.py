@@ -12,7 +12,7 @@ never imports torch.distributed):
   key / value gradients back to their ranks) and each local document segment runs causal attention against the keys
   from its document's start, aligned lower-right (the queries are the LAST rows of that key range): one
   `varlen_attn` call over all local segments on CUDA in bf16 / fp16 (flash-attention aligns causal masks
-  lower-right), SDPA with an explicit mask otherwise.
+  lower-right), SDPA with torch's lower-right causal bias on CUDA in fp32, with an explicit mask on CPU.
 - the Gated DeltaNet conv: a token needs the K-1 inputs before it in its document. Each rank's last K-1 conv inputs
   are all-gathered (tiny) and rank r prepends rank r-1's; the conv then runs on the window with the document
   boundaries of the window, so a document that starts inside the halo is still masked exactly.
@@ -22,8 +22,11 @@ never imports torch.distributed):
   (Hv, dk, dv + dk) carries of all ranks are all-gathered, each rank folds those of the ranks before it (a scan:
   S = M_j S + B_j over the ranks its document covers, reset where a document starts) and runs its slice from that
   state. Cost per Gated DeltaNet layer: one extra delta-rule pass over the last segment, at most the slice, with
-  dv + dk value columns; communication Hv x dk x (dv + dk) x cp fp32 values. The slices run in parallel; only the
-  small scan is sequential.
+  dv + dk value columns (recomputed in backward rather than stored); communication Hv x dk x (dv + dk) x cp fp32
+  values. The slices run in parallel; only the small scan is sequential.
+
+Every rank runs every exchange, and every exchange's backward (a collective too): ranks with nothing to contribute
+or no use for the result tie in through `zero_tie`. The ranks check once per forward that they hold the same row.
 
 Everything else (projections, norms, routing, experts, the LM head and CE) is per token. The split is CONTIGUOUS,
 not load-balanced: it keeps the state scan a plain prefix over ranks. Causal attention over a long document then
