@@ -7,8 +7,10 @@ first steps tightly, then the loss of every step and the exported weights; see t
 - cp=2 x ep=2 on 4 processes, with activation checkpointing and the overlapped expert dispatch, vs 1 process
   accumulating 2 packs per step; that run
   crashes after step 3 and resumes from its distributed checkpoint, and its gathered HF export is what is compared.
-- cp=2 with LoRA (attention, linear attention, shared and routed experts) vs 1 process: adapters and merged export.
-Every run trains the MTP module too, validates at its last step and logs the expert-load statistics: all compared.
+- cp=2 with LoRA (attention, linear attention, shared and routed experts) vs 1 process: adapters and merged export;
+- cp=2 with Qwen3-VL-MoE (the second family: deepstack, no MTP) vs 1 process.
+Every Qwen3.5 run trains the MTP module too; every run validates at its last step and logs the expert-load
+statistics: all compared.
 Rows are packed without rounding (pad_to_multiple_of 1): their lengths are neither multiples of 64 nor of cp, and
 documents (text and image questions) cross the slice boundaries.
 """
@@ -115,3 +117,18 @@ def test_cp2_lora_equals_one_process(tmp_path):
     assert max(v.abs().max().item() for k, v in trained.items() if "lora_B" in k) > 1e-4  # adapters trained
     print(f"LoRA cp=2 vs 1 process: gradients {grads:.2e}, step losses {losses:.2e}, adapters {adapters:.2e}, "
           f"merged export {merged:.2e}")
+
+
+def test_cp2_qwen3_vl_moe_equals_one_process(tmp_path):
+    """The second family (deepstack features spliced into the slices, no MTP module) through the app."""
+    vl = ["--model.pretrained", "embedded:qwen3_vl_moe", "--model.mtp", "null"]
+    _cp_fit(tmp_path / "single", *vl, devices=1)
+    _cp_fit(tmp_path / "cp2", *vl, "--trainer.strategy.cp_size", "2", devices=2)
+    grads = _compare_gradients(tmp_path / "cp2", tmp_path / "single")
+    losses = _compare_losses(tmp_path / "cp2", tmp_path / "single")
+    val = _compare_losses(tmp_path / "cp2", tmp_path / "single", "val")
+    worst = _compare(_weights(tmp_path / "cp2"), _weights(tmp_path / "single"), weight_bound(LR))
+    config = json.loads((tmp_path / "cp2" / "hf_export" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3VLMoeForConditionalGeneration"]
+    print(f"Qwen3-VL-MoE cp=2 vs 1 process: gradients {grads:.2e}, step losses {losses:.2e}, validation {val:.2e}, "
+          f"weights {worst:.2e}")
