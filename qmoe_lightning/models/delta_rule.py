@@ -83,7 +83,7 @@ def chunk_gated_delta_rule_with_state(q, k, v, g, beta, layout: ChunkLayout, ini
     k = k * (cum[..., -1:] - cum).exp().unsqueeze(-1)
     chunk_decay = cum[..., -1].exp()[..., None, None]  # (N, H, 1, 1)
 
-    outs, finished = [], []  # finished: final states in slot-rank order (documents drop out longest last)
+    outs, finished = [], []  # finished: the states of the documents as they drop out (the longest last)
     running = layout.wave_sizes[0] if layout.wave_sizes else 0
     if initial_state is None:
         state = q.new_zeros(running, H, dk, dv)
@@ -104,28 +104,17 @@ def chunk_gated_delta_rule_with_state(q, k, v, g, beta, layout: ChunkLayout, ini
     final = None
     if output_final_state:
         finished.append(state)
-        final = _final_states_in_document_order(finished[::-1], layout, initial_state, (H, dk, dv), q)
+        # reversed drop order is slot-rank order (the final state first: the longest documents rank first); a
+        # document without a chunk (empty) keeps its initial state
+        ranked = torch.cat(finished[::-1])
+        docs = len(layout.doc_order)
+        base = initial_state.to(q.dtype) if initial_state is not None else q.new_zeros(docs, H, dk, dv)
+        order = torch.tensor(layout.doc_order[:ranked.shape[0]], dtype=torch.long, device=q.device)
+        final = base.index_copy(0, order, ranked)
     if not outs:
         return v.new_zeros(B, T, H, dv).to(out_dtype), final
     out = torch.cat(outs).transpose(1, 2).reshape(N * C, H, dv)  # slot order
     return out[layout.token_slot].view(B, T, H, dv).to(out_dtype), final
-
-
-def _final_states_in_document_order(finished: list[torch.Tensor], layout: ChunkLayout, initial_state, shape, ref):
-    """finished: the states of the documents as they dropped out, last wave first (= slot-rank order: the longest
-    documents rank first) -> (N, H, dk, dv) by document; a document without a chunk (empty) keeps its initial
-    state."""
-    ranked = torch.cat(finished) if finished else ref.new_zeros(0, *shape)
-    docs = len(layout.doc_order)
-    rest = docs - ranked.shape[0]  # empty documents rank last
-    if rest:
-        empty = torch.tensor(layout.doc_order[ranked.shape[0]:], dtype=torch.long, device=ref.device)
-        tail = initial_state.to(ref.dtype).index_select(0, empty) if initial_state is not None \
-            else ref.new_zeros(rest, *shape)
-        ranked = torch.cat([ranked, tail])
-    where = torch.empty(docs, dtype=torch.long, device=ref.device)
-    where[torch.tensor(layout.doc_order, dtype=torch.long, device=ref.device)] = torch.arange(docs, device=ref.device)
-    return ranked.index_select(0, where)
 
 
 def recurrent_gated_delta_rule_reference(q, k, v, g, beta, cu_seqlens: torch.Tensor | None = None,
