@@ -87,11 +87,14 @@ def load_balancing_loss(
     if comm is None:
         aux = num_experts * torch.sum((counts.sum(0) / rows) * (prob_sum / rows))
         return aux, counts.detach().round().long()
-    totals = comm.all_reduce_sum(torch.cat([counts.sum(0), torch.as_tensor(rows, dtype=counts.dtype,
-                                                                             device=counts.device).reshape(1)]))
-    row_counts, row_rows = totals[:-1], totals[-1]
-    share = num_experts * torch.sum((row_counts / row_rows) * (prob_sum / row_rows))
-    aux = share + (comm.all_reduce_sum(share) - share).detach()
+    # the row's pick counts, probability sums and token count in one collective
+    E = num_experts
+    totals = comm.all_reduce_sum(torch.cat([counts.sum(0), prob_sum.detach(),
+                                            torch.as_tensor(rows, dtype=counts.dtype, device=counts.device).reshape(1)]))
+    row_counts, row_probs, row_rows = totals[:E], totals[E:2 * E], totals[-1]
+    share = E * torch.sum((row_counts / row_rows) * (prob_sum / row_rows))
+    row_aux = E * torch.sum((row_counts / row_rows) * (row_probs / row_rows))
+    aux = share + (row_aux - share).detach()
     return aux, counts.detach().round().long()
 
 

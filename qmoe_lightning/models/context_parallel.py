@@ -257,8 +257,8 @@ def conv_with_halo(x: torch.Tensor, weight: torch.Tensor, info: SequenceInfo, co
     taken from the previous rank. `conv(x, weight, info)` is the single-rank kernel."""
     cs = info.cp
     halo = weight.shape[-1] - 1
-    if halo == 0:
-        return conv(x, weight, build_sequence_info(1, x.shape[1], x.device, info.cu_seqlens))
+    if halo == 0:  # a 1-tap conv reads nothing before the slice (the kernel ignores info.cp)
+        return conv(x, weight, info)
     tails = cs.comm.all_gather(x[:, -halo:], dim=1)  # (1, cp * halo, D)
     r = cs.rank
     # rank 0 has nothing before it, but still takes part in the gather's backward: its halo is a used zero
