@@ -48,8 +48,8 @@ class MoEAuxLossLogger(pl.Callback):
                   torch.tensor([float(len(win.aux_values))], dtype=torch.float64, device=dev)]
         if self.per_layer and win.router_stats:
             stats = win.router_stats
-            cp = getattr(pl_module.model, "context_parallel", None)
-            if cp is not None and cp.size > 1:
+            cp = pl_module.context_parallel_group
+            if cp is not None:
                 # each rank holds its slice's statistics; a layer's aux is a product of the row's sums, so the row's
                 # are summed first (every rank of the group then holds the row's value, counted once per rank like
                 # the aux values above)

@@ -323,9 +323,13 @@ class QMoELightningModule(pl.LightningModule):
         return loss
 
     @property
+    def context_parallel_group(self):
+        """The ranks sharing each packed row (the strategy's cp_size > 1), else None."""
+        return self.model.context_parallel_group()
+
+    @property
     def context_parallel_size(self) -> int:
-        """Ranks sharing each packed row (the strategy's cp_size; 1 without context parallelism)."""
-        cp = getattr(self.model, "context_parallel", None)
+        cp = self.context_parallel_group
         return cp.size if cp is not None else 1
 
     def on_train_start(self) -> None:
@@ -484,9 +488,9 @@ class QMoELightningModule(pl.LightningModule):
         sums = torch.zeros(6 + (3 * depths + 2 if depths else 0), dtype=torch.float64, device=self.device)
         sums[0] = out.ce_loss.detach().double()
         sums[1] = out.num_label_tokens.double()
-        cp = getattr(self.model, "context_parallel", None)
+        cp = self.context_parallel_group
         guesses = out.logits.argmax(-1) if out.logits is not None else None
-        if cp is not None and cp.size > 1 and guesses is not None:
+        if cp is not None and guesses is not None:
             # every rank holds the greedy answers of its slice's targets; in rank order they are the row's, which
             # one rank of the group counts
             guesses = cp.gather_rows(guesses)

@@ -176,7 +176,7 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
         targets = None if labels is None else next_token_targets(labels, info.cu_seqlens if info.packed else None)
         row_targets = None if targets is None else (targets != -100).sum()
         whole = (inputs_embeds, info)  # the row before a context-parallel split (multi-token prediction reads it)
-        cp = self._context_parallel_group()
+        cp = self.context_parallel_group()
         if cp is not None:  # this rank keeps its slice of the row from here on (context_parallel.py)
             if labels is None and logits_to_keep:
                 raise ValueError("logits_to_keep (generation) with the row split over context-parallel ranks: each "
@@ -232,9 +232,11 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
             hidden_states=hidden, mtp=mtp,
         )
 
-    def _context_parallel_group(self):
-        """The context-parallel group set by `parallel.parallelize_model` (None: the row stays on this rank)."""
-        cp = getattr(self, "context_parallel", None)
+    context_parallel = None  # the ranks sharing each row (`parallel.context_parallel.ContextParallelGroup`), if set
+
+    def context_parallel_group(self):
+        """The context-parallel group set by `parallel.parallelize_model`, None when rows stay on one rank."""
+        cp = self.context_parallel
         return cp if cp is not None and cp.size > 1 else None
 
     def _multi_token_prediction(self, whole, hidden, rope, info: SequenceInfo, labels, normaliser,

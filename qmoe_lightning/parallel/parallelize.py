@@ -135,7 +135,7 @@ def parallelize_model(
     sharing each row) is handed to the model, which then splits every row over it. `overlap_dispatch`: the
     experts' all-to-all runs while the shared expert computes (`expert_parallel.AllToAllDispatcher`)."""
     if context_parallel is not None and context_parallel.size > 1:
-        if not hasattr(model, "_context_parallel_group"):
+        if not hasattr(model, "context_parallel_group"):
             raise TypeError(f"{type(model).__name__} has no context-parallel path")
         model.context_parallel = context_parallel
     if ep_size is None:
