@@ -187,39 +187,48 @@ class LocalDispatcher:
         return ys
 
 
+def _pair_rows(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, H) token rows -> (N*k, H): row j is token order[j] // k's (the expert-sorted pairs)."""
+    return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+
+
+def _slot_sums(rows: torch.Tensor, unsort: torch.Tensor, k: int) -> torch.Tensor:
+    """(N*k, H) expert-sorted pair rows -> (N, H): back to pair order, each token's k slots summed (slots 0..k-1 in
+    order, as one process sums them)."""
+    return rows.index_select(0, unsort).view(-1, k, rows.shape[-1]).sum(1)
+
+
 class _SortedRows(torch.autograd.Function):
-    """x (N, H) -> x[order // k] (N*k, H), the rows of the expert-sorted pairs. Backward gathers the pair gradients
-    back into pair order and sums each token's k slots: no scatter-add with repeated indices (what indexing's
-    backward does: a serial accumulate on CPU, a fifth of the MoE block's time on the mid-size bench config)."""
+    """`_pair_rows` forward, `_slot_sums` of the gradient backward (each is the other's adjoint): no scatter-add with
+    repeated indices (what indexing's backward does: a serial accumulate on CPU, a fifth of the MoE block's time on
+    the mid-size bench config)."""
 
     @staticmethod
     def forward(ctx, x, order, unsort, k: int):
         ctx.save_for_backward(unsort)
         ctx.k = k
-        return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+        return _pair_rows(x, order, k)
 
     @staticmethod
     def backward(ctx, grad):
         (unsort,) = ctx.saved_tensors
-        return grad.index_select(0, unsort).view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+        return _slot_sums(grad, unsort, ctx.k), None, None, None
 
 
 class _SlotSums(torch.autograd.Function):
-    """ys (N*k, H) in expert-sorted pair order -> (N, H): each token's k slot rows summed (pair order first, so the
-    sum runs over slots 0..k-1 as one process does it). Backward: every sorted row gets its token's gradient, one
-    gather (the composed permutation + sum backward materialised an expanded (N*k, H) gradient and gathered it
-    again)."""
+    """`_slot_sums` forward, `_pair_rows` of the gradient backward: one gather (the composed permutation + sum
+    backward materialised an expanded (N*k, H) gradient and gathered it again)."""
 
     @staticmethod
     def forward(ctx, ys, unsort, order, k: int):
         ctx.save_for_backward(order)
         ctx.k = k
-        return ys.index_select(0, unsort).view(-1, k, ys.shape[-1]).sum(1)
+        return _slot_sums(ys, unsort, k)
 
     @staticmethod
     def backward(ctx, grad):
         (order,) = ctx.saved_tensors
-        return grad.index_select(0, torch.div(order, ctx.k, rounding_mode="floor")), None, None, None
+        return _pair_rows(grad, order, ctx.k), None, None, None
 
 
 class GroupedExperts(nn.Module):
