@@ -215,20 +215,33 @@ class _SortedRows(torch.autograd.Function):
         return _slot_sums(grad, unsort, ctx.k), None, None, None
 
 
-class _SlotSums(torch.autograd.Function):
-    """`_slot_sums` forward, `_pair_rows` of the gradient backward: one gather (the composed permutation + sum
-    backward materialised an expanded (N*k, H) gradient and gathered it again)."""
+class _WeightedSlotSums(torch.autograd.Function):
+    """(N*k, H) expert-sorted outputs `ys` and (N, k) routing weights -> (N, H): each token's k outputs weighted and
+    summed, `_slot_sums(ys * weights[order])` with the weight applied in place on the gathered rows (forward) and on
+    the gathered gradient (backward), and the weights' gradient read back as a gather: the composed autograd graph
+    kept two more (N*k, H) tensors per block and sent the weights' gradient through a serial scatter-add. Same
+    values as the composed ops (the same products, summed in the same order)."""
 
     @staticmethod
-    def forward(ctx, ys, unsort, order, k: int):
-        ctx.save_for_backward(order)
+    def forward(ctx, ys, weights, unsort, order, k: int):
+        w = weights.reshape(-1, 1)  # (N*k, 1) pair order
+        rows = ys.index_select(0, unsort)  # (N*k, H) pair order
+        ctx.save_for_backward(ys, weights, unsort, order)
         ctx.k = k
-        return _slot_sums(ys, unsort, k)
+        return rows.mul_(w.to(rows.dtype) if w.dtype != rows.dtype else w).view(-1, k, ys.shape[-1]).sum(1)
 
     @staticmethod
     def backward(ctx, grad):
-        (order,) = ctx.saved_tensors
-        return _pair_rows(grad, order, ctx.k), None, None, None
+        ys, weights, unsort, order = ctx.saved_tensors
+        pairs = _pair_rows(grad, order, ctx.k)  # (N*k, H) expert-sorted: each pair gets its token's gradient
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # <grad of the token, output of the pair>, back to pair order
+            grad_w = (pairs * ys).sum(-1).index_select(0, unsort).view_as(weights).to(weights.dtype)
+        grad_ys = None
+        if ctx.needs_input_grad[0]:
+            w = weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # (N*k, 1) expert-sorted
+            grad_ys = pairs.mul_(w.to(pairs.dtype) if w.dtype != pairs.dtype else w)
+        return grad_ys, grad_w, None, None, None
 
 
 class GroupedExperts(nn.Module):
@@ -258,9 +271,8 @@ class GroupedExperts(nn.Module):
         xs = _SortedRows.apply(x, order, unsort, k)  # (N*k, H): row j is token order[j] // k
         local, offs, context, side = self.dispatcher.dispatch(xs, counts, alongside)
         ys = self.dispatcher.combine(self.swiglu(local, offs), context)  # (N*k, H)
-        ys = ys * weights.reshape(-1)[order].unsqueeze(-1)
-        # back to pair order, then each token's k slots summed (gathers both ways)
-        out = _SlotSums.apply(ys.to(x.dtype), unsort, order, k)
+        # weighted by the routing weights, back to pair order, each token's k slots summed (gathers both ways)
+        out = _WeightedSlotSums.apply(ys, weights, unsort, order, k).to(x.dtype)
         return out if alongside is None else (out, side)
 
     def swiglu(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
