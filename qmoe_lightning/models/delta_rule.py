@@ -4,10 +4,12 @@ Recurrence per value head, state S (dk, dv) starting at 0 for every document:
     S = exp(g_t) S;   S = S + k_t (beta_t (v_t - k_t^T S))^T;   o_t = q_t^T S
 with q, k l2-normalised in fp32 and q scaled by dk^-0.5 (transformers' `use_qk_l2norm_in_kernel=True`).
 
-`chunk_gated_delta_rule_packed` is transformers' chunked algorithm (UT transform inside chunks of 64, a scan over
+`chunk_gated_delta_rule_packed` is transformers' chunked algorithm (UT transform inside chunks of C, a scan over
 chunks) with one change: the chunks are laid out per document (see `packing.ChunkLayout`), so every document
 starts from a zero state at a chunk boundary of its own, and the chunks of all documents are scanned together.
-A single document therefore runs exactly the arithmetic transformers runs on it alone.
+A single document therefore runs the same algorithm transformers runs on it alone; the sums differ only in float
+rounding (the UT transform goes through the inverse of the unit triangular matrix, transformers forward-substitutes
+row by row; the CPU path uses C = 32, transformers 64; see `kernels.gated_delta_rule`).
 
 `recurrent_gated_delta_rule_reference` is the token-by-token loop, kept for tests only.
 """
