@@ -12,7 +12,9 @@ from qmoe_lightning.models.delta_rule import (
     chunk_gated_delta_rule_packed,
     chunk_gated_delta_rule_with_state,
     recurrent_gated_delta_rule_reference,
+    unit_lower_solve,
 )
+from qmoe_lightning.models.lm_loss import linear_cross_entropy
 from qmoe_lightning.models.moe import GroupedExperts, experts_loop_reference
 from qmoe_lightning.models.packing import build_sequence_info
 
@@ -21,16 +23,112 @@ def cu(lengths):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
-@pytest.mark.parametrize("lengths", [[200], [1, 64, 65, 0, 129, 7], [63, 2, 130]])
-def test_chunked_delta_rule_equals_recurrent_loop_per_document(lengths):
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+@pytest.mark.parametrize("lengths", [[200], [1, 64, 65, 0, 129, 7], [63, 2, 130], [31, 33, 32, 97]])
+def test_chunked_delta_rule_equals_recurrent_loop_per_document(lengths, chunk):
     torch.manual_seed(0)
     T = sum(lengths)
     q, k = torch.randn(1, T, 2, 8), torch.randn(1, T, 2, 8)
     v, g, beta = torch.randn(1, T, 4, 8), -torch.rand(1, T, 4) * 2, torch.rand(1, T, 4)
     info = build_sequence_info(1, T, q.device, cu(lengths))
-    out = chunk_gated_delta_rule_packed(q, k, v, g, beta, info.chunk_layout(64))
+    out = chunk_gated_delta_rule_packed(q, k, v, g, beta, info.chunk_layout(chunk))
     ref = recurrent_gated_delta_rule_reference(q, k, v, g, beta, cu(lengths))
     assert (out - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [32, 64])
+def test_chunked_delta_rule_gradients_equal_recurrent_loop(chunk):
+    """The chunked path's backward (UT transform through the inverse, the scan) against autograd through the token
+    loop, fp64, documents crossing chunk boundaries; negative control: one document's gradient leaking into the
+    next is far off."""
+    torch.manual_seed(3)
+    lengths = [40, 1, 70, 33]
+    T = sum(lengths)
+    f64 = dict(dtype=torch.float64)
+    leaves = [torch.randn(1, T, 2, 8, **f64), torch.randn(1, T, 2, 8, **f64), torch.randn(1, T, 4, 8, **f64),
+              -torch.rand(1, T, 4, **f64) * 0.5, torch.rand(1, T, 4, **f64)]
+    grad_out = torch.randn(1, T, 4, 8, **f64)
+    info = build_sequence_info(1, T, leaves[0].device, cu(lengths))
+    results = []
+    for run in (lambda *a: chunk_gated_delta_rule_packed(*a, info.chunk_layout(chunk)),
+                lambda *a: recurrent_gated_delta_rule_reference(*a, cu(lengths)),
+                lambda *a: recurrent_gated_delta_rule_reference(*a, cu([T]))):  # negative control: one document
+        xs = [x.clone().requires_grad_() for x in leaves]
+        results.append(torch.autograd.grad(run(*xs), xs, grad_out))
+    for a, b in zip(results[0], results[1]):
+        assert (a - b).abs().max() < 1e-10
+    assert max((a - c).abs().max() for a, c in zip(results[0], results[2])) > 1e-2
+
+
+def test_unit_lower_solve_equals_triangular_solve_with_gradients():
+    """X = A^-1 R for unit lower-triangular A: values and both gradients equal torch's triangular solve (fp64), the
+    diagonal and upper part of A are never read (their gradient is zero), gradcheck passes."""
+    torch.manual_seed(4)
+    A = torch.randn(3, 2, 16, 16, dtype=torch.float64) * 0.3
+    R = torch.randn(3, 2, 16, 5, dtype=torch.float64)
+    G = torch.randn(3, 2, 16, 5, dtype=torch.float64)
+    a1, r1 = A.clone().requires_grad_(), R.clone().requires_grad_()
+    x1 = unit_lower_solve(a1, r1)
+    d1 = torch.autograd.grad(x1, (a1, r1), G)
+    a2, r2 = A.clone().requires_grad_(), R.clone().requires_grad_()
+    x2 = torch.linalg.solve_triangular(a2, r2, upper=False, unitriangular=True)
+    d2 = torch.autograd.grad(x2, (a2, r2), G)
+    assert (x1 - x2).abs().max() < 1e-12
+    assert all((p - q).abs().max() < 1e-12 for p, q in zip(d1, d2))
+    assert torch.equal(d1[0].triu(), torch.zeros_like(A))
+    garbage = A + torch.randn_like(A).triu()  # another diagonal and upper part: the same solve
+    assert torch.equal(unit_lower_solve(garbage, R), unit_lower_solve(A, R))
+    assert torch.autograd.gradcheck(unit_lower_solve, (A[:1, :1, :6, :6].clone().requires_grad_(),
+                                                       R[:1, :1, :6].clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_equals_conv1d_per_document_with_gradients(dtype):
+    """The channels-last conv path against F.conv1d on each document alone (left-padded K-1), values and the
+    gradients of input and weight."""
+    torch.manual_seed(5)
+    lengths = [5, 1, 9, 2, 13]
+    D, K = 6, 4
+    x = torch.randn(1, sum(lengths), D, dtype=dtype, requires_grad=True)
+    w = torch.randn(D, K, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(1, sum(lengths), D, dtype=dtype)
+    out = causal_depthwise_conv_packed(x, w, cu(lengths))
+    got = torch.autograd.grad(out, (x, w), grad_out)
+    bounds = cu(lengths).tolist()
+    ref = torch.cat([torch.nn.functional.silu(torch.nn.functional.conv1d(
+        x[:, s:e].transpose(1, 2), w.unsqueeze(1), padding=K - 1, groups=D)[..., : e - s]).transpose(1, 2)
+        for s, e in zip(bounds[:-1], bounds[1:])], dim=1)
+    want = torch.autograd.grad(ref, (x, w), grad_out)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert (out - ref).abs().max() < tol
+    assert all((a - b).abs().max() < tol for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("rows,chunk", [(300, 128), (300, 1024), (257, 64), (0, 64)])
+def test_linear_cross_entropy_equals_logits_path_with_gradients(rows, chunk, dtype, tol):
+    """The fused LM head + CE (buffers reused across chunks, chunks of equal size) against F.cross_entropy on the
+    full logits: summed loss, hidden and weight gradients; rows without a target are left out."""
+    torch.manual_seed(6)
+    hidden = torch.randn(rows, 32).to(dtype)
+    weight = (torch.randn(500, 32) * 0.2).to(dtype)
+    targets = torch.randint(0, 500, (rows,))
+    targets[::7] = -100
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = linear_cross_entropy(h1, w1, targets, chunk)
+    loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h2, w2).float(), targets, ignore_index=-100,
+                                            reduction="sum")
+    ref.backward()
+    scale = max(ref.abs().item(), 1.0)
+    assert abs(loss.item() - ref.item()) <= 1e-6 * scale
+    for got, want in ((h1.grad, h2.grad), (w1.grad, w2.grad)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        if want.numel():
+            assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max().clamp_min(1e-6)
+    with torch.no_grad():
+        assert abs(linear_cross_entropy(hidden, weight, targets, chunk).item() - ref.item()) <= 1e-6 * scale
 
 
 @pytest.mark.parametrize("lengths", [[200], [1, 64, 65, 0, 129, 7], [63, 2, 130]])
@@ -76,14 +174,14 @@ def test_grouped_experts_equal_loop_reference_with_gradients(dtype, tol):
     idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)])
     idx[idx == 5] = 4  # expert 5 gets no token: empty groups must work
     idx[:, 1] = torch.where(idx[:, 0] == idx[:, 1], (idx[:, 1] + 1) % 5, idx[:, 1])
-    w = torch.softmax(torch.randn(N, K), -1).to(dtype)
+    w = torch.softmax(torch.randn(N, K), -1).to(dtype).requires_grad_()  # the routing weights' gradient too
     target = torch.randn(N, H, dtype=dtype)
 
     out = experts(x, idx, w)
     ref = experts_loop_reference(experts, x, idx, w)
     assert (out.float() - ref.float()).abs().max() <= tol
-    grads = torch.autograd.grad((out * target).sum(), [x, experts.gate_and_up_projs, experts.down_projs])
-    ref_grads = torch.autograd.grad((ref * target).sum(), [x, experts.gate_and_up_projs, experts.down_projs])
+    grads = torch.autograd.grad((out * target).sum(), [x, w, experts.gate_and_up_projs, experts.down_projs])
+    ref_grads = torch.autograd.grad((ref * target).sum(), [x, w, experts.gate_and_up_projs, experts.down_projs])
     for a, b in zip(grads, ref_grads):
         assert (a.float() - b.float()).abs().max() <= tol * max(1.0, b.float().abs().max().item())
 
