@@ -1241,7 +1241,7 @@ def step_kernels(res: dict, ctx: dict) -> None:
 
     measure("delta_rule", {
         "torch_reference": lambda q, k, v, g_, b: kernels.chunk_gated_delta_rule_with_state(
-            q, k, v, g_, b, info.chunk_layout(64))[0],
+            q, k, v, g_, b, info.chunk_layout(kernels.torch_delta_rule_chunk_size(q)))[0],
         "model_path": lambda q, k, v, g_, b: kernels.gated_delta_rule(q, k, v, g_, b, info),
     }, delta_inputs)
 
