@@ -27,7 +27,7 @@ from .batch import PackedBatch
 from .checkpoint import HFCheckpointMixin
 from .context_parallel import check_same_row, split_row
 from .decoder import DecoderBackend, Deepstack
-from .lm_loss import future_token_targets, linear_cross_entropy, next_token_targets
+from .lm_loss import future_token_targets, linear_cross_entropy, masked_rows, next_token_targets
 from .moe import GroupedExperts, TopKRouter
 from .mtp import MtpOutput, shifted_embeddings
 from .packing import SequenceInfo
@@ -200,9 +200,9 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
             keep = targets != -100
             n_targets = keep.sum()
             if not return_logits:
-                ce = linear_cross_entropy(hidden[keep], self.lm_head.weight, targets[keep])
+                ce = linear_cross_entropy(masked_rows(hidden, keep), self.lm_head.weight, targets[keep])
             elif label_logits_only:
-                logits = self.lm_head(hidden[keep])  # (n, V)
+                logits = self.lm_head(masked_rows(hidden, keep))  # (n, V)
                 ce = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
             else:
                 logits = self.lm_head(hidden)
@@ -260,7 +260,7 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
             if info.token_mask is not None:  # a padding position predicts nothing (left padding)
                 targets = targets.masked_fill(~info.token_mask, -100)
             keep = targets != -100
-            rows, want = h[keep], targets[keep]
+            rows, want = masked_rows(h, keep), targets[keep]
             if fused:
                 ce = linear_cross_entropy(rows, weight, want)
             else:

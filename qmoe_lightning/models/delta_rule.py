@@ -145,7 +145,8 @@ def chunk_gated_delta_rule_with_state(q, k, v, g, beta, layout: ChunkLayout, ini
     if not outs:
         return v.new_zeros(B, T, H, dv).to(out_dtype), final
     out = torch.cat(outs).transpose(1, 2).reshape(N * C, H, dv)  # slot order
-    return out[layout.token_slot].view(B, T, H, dv).to(out_dtype), final
+    # index_select, not out[token_slot]: advanced indexing's backward is a serial index_put (2.7 vs 0.24 ms here)
+    return out.index_select(0, layout.token_slot).view(B, T, H, dv).to(out_dtype), final
 
 
 def recurrent_gated_delta_rule_reference(q, k, v, g, beta, cu_seqlens: torch.Tensor | None = None,
