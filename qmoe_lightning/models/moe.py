@@ -168,7 +168,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
 def segment_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """`grouped_mm` as a loop over the experts' row segments (any dtype / device)."""
     bounds = [0] + offs.tolist()
-    pieces = [x[a:b] @ w[e] for e, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    # split / unbind, not x[a:b] and w[e]: the backward of every slice or select zero-fills a full-size gradient
+    # (per expert: one of x's and one of w's shape); split's and unbind's backward are one cat / stack
+    pieces = [xe @ we for xe, we in zip(x[: bounds[-1]].split(sizes), w.unbind(0)) if xe.shape[0]]
     return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[-1])
 
 
