@@ -7,6 +7,7 @@ import torch
 from tiny_configs import make_config, make_hf_model, pack, vision_doc
 
 from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration
+from qmoe_lightning.models.mrope_positions import mrope_position_ids_packed
 
 TOL = 1e-4
 
@@ -75,9 +76,7 @@ def test_resetting_positions_alone_would_leak(models, docs):
     cu = row.pop("cu_seqlens")
     with torch.no_grad():
         good = nat(**row, cu_seqlens=cu)
-        pos = good_positions = None  # noqa: F841
-        from qmoe_lightning.models.mrope_positions import mrope_position_ids_packed
-
+        # the positions restart at the second document (what cu_seqlens would give), the state is not reset
         pos = mrope_position_ids_packed(row["mm_token_type_ids"][0], cu, row.get("image_grid_thw"), None, 2)
         leaky = nat(**row, position_ids=pos)
     s = int(cu[1])
