@@ -70,7 +70,7 @@ def gated_delta_rule(q, k, v, g, beta, info: SequenceInfo, chunk_size: int | Non
     chunk_size of the torch chunked path (None: 32 on CPU, 64 on CUDA; fla picks its own). The result does not
     depend on it beyond float rounding. On CPU the (C, C) work per token (decay masks, the UT transform) grows with
     C while the scan over chunks is a Python loop whose per-chunk cost is mostly op overhead: 32 was 30 % faster
-    than 64 on packed rows of short documents (median ~150 tokens) and even on one 8K-token document."""
+    than 64 on packed rows of short documents (median ~150 tokens) and as fast on one 8K-token document."""
     if chunk_size is None:
         chunk_size = torch_delta_rule_chunk_size(q)
     run = functools.partial(_delta_rule_with_state, chunk_size=chunk_size)
