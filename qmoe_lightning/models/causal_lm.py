@@ -187,7 +187,8 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
             targets = info.cp.take(targets, 1, fill=-100)
             if deepstack is not None:
                 mine = (deepstack.positions >= info.cp.start) & (deepstack.positions < info.cp.end)
-                deepstack = Deepstack(deepstack.positions[mine] - info.cp.start, [e[mine] for e in deepstack.embeds])
+                deepstack = Deepstack(deepstack.positions[mine] - info.cp.start,
+                                      [masked_rows(e, mine) for e in deepstack.embeds])
         rope = self.text_model.rotary_emb(inputs_embeds, position_ids)  # the decoder's and the MTP block's
         hidden, router_logits, indices = self.text_model(inputs_embeds, rope, info, deepstack)
         aux, counts = load_balancing_loss(router_logits, indices, cfg.num_experts, info.token_mask,

@@ -224,9 +224,12 @@ def attend_gathered(q: torch.Tensor, kv: torch.Tensor, info: SequenceInfo, scale
                      int((cu_k[1:] - cu_k[:-1]).max()), scale=scale, window_size=(-1, 0), enable_gqa=gqa)
         return out.unsqueeze(0)  # (1, Tl, Hq, D)
     outs = []
-    for (s, e), doc_start in zip(info.doc_bounds, cs.segment_doc_start):
+    # the queries split by segment, not sliced: each slice's backward zero-fills a full-size gradient (the keys'
+    # ranges overlap the rank's earlier segments' document, so they stay slices)
+    queries = q.split([e - s for s, e in info.doc_bounds], dim=2)
+    for q_seg, (s, e), doc_start in zip(queries, info.doc_bounds, cs.segment_doc_start):
         key_end = cs.start + e  # keys up to this segment's last query (global)
-        outs.append(lower_right_causal_attention(q[:, :, s:e], kv[0, :, :, doc_start:key_end],
+        outs.append(lower_right_causal_attention(q_seg, kv[0, :, :, doc_start:key_end],
                                                  kv[1, :, :, doc_start:key_end], scale))
     return torch.cat(outs, dim=2).transpose(1, 2)
 

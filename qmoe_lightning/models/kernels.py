@@ -71,8 +71,6 @@ def gated_delta_rule(q, k, v, g, beta, info: SequenceInfo, chunk_size: int | Non
     depend on it beyond float rounding. On CPU the (C, C) work per token (decay masks, the UT transform) grows with
     C while the scan over chunks is a Python loop whose per-chunk cost is mostly op overhead: 32 was 30 % faster
     than 64 on packed rows of short documents (median ~150 tokens) and as fast on one 8K-token document."""
-    if chunk_size is None:
-        chunk_size = torch_delta_rule_chunk_size(q)
     run = functools.partial(_delta_rule_with_state, chunk_size=chunk_size)
     if info.cp is not None:  # a slice of a row split over ranks: the state crosses the slice boundary
         return context_parallel.delta_rule_with_carry(q, k, v, g, beta, info, run)
@@ -84,7 +82,8 @@ def torch_delta_rule_chunk_size(x: torch.Tensor) -> int:
     return 64 if x.is_cuda else 32
 
 
-def _delta_rule_with_state(q, k, v, g, beta, info: SequenceInfo, initial_state, output_final_state, chunk_size=64):
+def _delta_rule_with_state(q, k, v, g, beta, info: SequenceInfo, initial_state, output_final_state,
+                          chunk_size: int | None = None):
     """-> (out, final states or None); initial_state (N documents, Hv, dk, dv) or None (zeros)."""
     if q.is_cuda:
         fla = _fla_chunk_fn()
@@ -101,6 +100,7 @@ def _delta_rule_with_state(q, k, v, g, beta, info: SequenceInfo, initial_state, 
             "delta rule on GPU, which is about 2x slower end to end. Install the GPU extra: "
             "pip install 'qmoe_lightning[gpu]'.",
         )
+    chunk_size = chunk_size or torch_delta_rule_chunk_size(q)
     return chunk_gated_delta_rule_with_state(q, k, v, g, beta, info.chunk_layout(chunk_size), initial_state,
                                              output_final_state)
 

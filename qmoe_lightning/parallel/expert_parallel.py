@@ -101,7 +101,8 @@ class AllToAllDispatcher:
         local_id = torch.repeat_interleave(torch.arange(El, device=xs.device).repeat(ep), recv_counts.reshape(-1))
         perm = local_id.argsort(stable=True)
         offs = recv_counts.sum(0).cumsum(0).to(torch.int32)  # (El,)
-        return xr[perm], offs, _Exchange(perm, send_splits, recv_splits, xs.shape[0]), side
+        # a gather, not xr[perm]: advanced indexing's backward is a serial index_put with accumulation
+        return xr.index_select(0, perm), offs, _Exchange(perm, send_splits, recv_splits, xs.shape[0]), side
 
     def combine(self, ys: torch.Tensor, ex: _Exchange) -> torch.Tensor:
         yr = torch.empty_like(ys).index_copy(0, ex.perm, ys)  # back to (source, local expert) order
