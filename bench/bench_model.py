@@ -13,7 +13,7 @@ and one packed row of 2-4K tokens made of log-normal document lengths. Three tim
 
 Two label scenarios:
   all        every token is a target (language-model pre-training style); the LM head is the same work for both
-             implementations and, at vocab 32k, about half of a step
+             implementations and, at vocab 32k, about 40 % of the native step
   sft        targets on the assistant part only (the last 40-60 % of each document); the native model runs the LM
              head only where targets exist, transformers has no such option
 
