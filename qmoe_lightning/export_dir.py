@@ -14,6 +14,17 @@ An export (HF model directory, PEFT adapter) is written into a temporary sibling
   model-sized directory behind otherwise. Other hosts' temporaries (shared file systems) are left alone.
 - Files and directories follow the umask: safetensors creates its files 0600 whatever the umask, so other users
   of a shared machine could not read an export.
+- What a user adds to an export survives the next export into it (a model card `README.md`, notes, a folder): the
+  marker lists the files the export wrote (with a sha256 of each file that is not a `.safetensors`), and before the
+  swap every path of the previous export that is not one of ours is carried into the new export (hard links where
+  the file system allows, else copies; the previous export keeps its own until it is removed after the swap, so a
+  crash at any step leaves the user's files in the export under the final name). The carried names are logged.
+  Ours: listed in the previous marker (and, for the hashed files, unchanged: a file of ours the user edited counts
+  as the user's); a marker without a list (older exports) counts the export's own file kinds as ours (`*.safetensors`,
+  `*.safetensors.index.json`, config / tokenizer / processor / chat-template files, `adapter_*`, `qmoe_lora.json`).
+  So shards of an older export with more shards are never carried. A user's file whose name the new export writes
+  itself (an edited `config.json`) cannot stay under that name: the new export's file takes it and the user's
+  version is kept beside it as `NAME.user` (`NAME.user2`, ... if taken), with a warning naming both.
 
 `_after(step)` is called after each step of a swap; tests replace it to kill the process there.
 """
@@ -21,6 +32,7 @@ An export (HF model directory, PEFT adapter) is written into a temporary sibling
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -28,11 +40,22 @@ import shutil
 import socket
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_info
+
 log = logging.getLogger(__name__)
 
 MARKER = ".qmoe_export"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+
+
+# the file kinds an export of ours writes: what a marker without a file list (older exports) counts as ours
+_OWN_NAMES = frozenset((
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+    "qmoe_lora.json",
+))
 
 
 def _after(step: str) -> None:
@@ -51,8 +74,130 @@ def is_export(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
-def write_marker(directory: Path, kind: str) -> None:
-    (directory / MARKER).write_text(json.dumps({"written_by": "qmoe_lightning", "kind": kind}) + "\n")
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fingerprint(path: Path) -> dict:
+    # weights are not hashed (gigabytes, and nobody edits them by hand); the small text files are
+    if path.name.endswith(".safetensors"):
+        return {"size": path.stat().st_size}
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def export_files(directory: Path) -> dict[str, dict]:
+    """Relative path -> fingerprint of every file under `directory` but the marker (what an export wrote)."""
+    directory = Path(directory)
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and not p.is_symlink() and p.relative_to(directory).as_posix() != MARKER:
+            out[p.relative_to(directory).as_posix()] = _fingerprint(p)
+    return out
+
+
+def write_marker(directory: Path, kind: str, files: dict[str, dict] | None = None) -> None:
+    """The marker: what the export is and the files it wrote (`export_files`; None: listed from `directory`)."""
+    files = export_files(directory) if files is None else files
+    (directory / MARKER).write_text(json.dumps({"written_by": "qmoe_lightning", "kind": kind, "files": files},
+                                               indent=1, sort_keys=True) + "\n")
+
+
+def _is_own_kind(name: str) -> bool:
+    """A file name an export of ours writes (for markers without a file list)."""
+    return (name in _OWN_NAMES or name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
+            or name.startswith("adapter_"))
+
+
+def _ours(export: Path) -> callable:
+    """Predicate on a relative path of the export at `export`: did the export write it (unchanged since)?"""
+    try:
+        marker = json.loads((export / MARKER).read_text())
+        files = marker.get("files") if isinstance(marker, dict) else None
+    except (OSError, ValueError):
+        files = None
+    if not isinstance(files, dict):  # an older export: its own file kinds, top level only
+        return lambda rel: "/" not in rel and _is_own_kind(rel)
+
+    def ours(rel: str) -> bool:
+        want = files.get(rel)
+        if not isinstance(want, dict):
+            return False
+        path = export / rel
+        try:
+            if path.is_symlink() or not path.is_file() or path.stat().st_size != want.get("size"):
+                return False
+            return "sha256" not in want or _sha256(path) == want["sha256"]  # edited by the user: theirs
+        except OSError:
+            return False
+
+    return ours
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (no space, no time for a large file); a copy where the file system has none."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _place_copy(src: Path, dst: Path) -> None:
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(str(src), str(dst))
+
+
+def _free_name(directory: Path, name: str) -> str:
+    candidate, n = f"{name}.user", 1
+    while (directory / candidate).exists() or (directory / candidate).is_symlink():
+        n += 1
+        candidate = f"{name}.user{n}"
+    return candidate
+
+
+def carry_over(previous: Path, new: Path) -> tuple[list[str], dict[str, str]]:
+    """Link or copy into `new` every path of the export `previous` that it did not write itself (see the module
+    doc). Returns the carried relative paths and {user's path: name it is kept under} for names the new export
+    writes too. Nothing in `previous` changes."""
+    ours = _ours(previous)
+    carried, renamed = [], {}
+
+    def walk(src_dir: Path, rel_dir: str) -> None:
+        for src in sorted(src_dir.iterdir()):
+            rel = rel_dir + src.name
+            if rel == MARKER:
+                continue
+            dst = new / rel
+            taken = dst.exists() or dst.is_symlink()
+            if src.is_dir() and not src.is_symlink():
+                if taken and dst.is_dir() and not dst.is_symlink():
+                    walk(src, rel + "/")  # a folder the new export writes into too: file by file
+                    continue
+                if not taken and any(ours(p.relative_to(previous).as_posix()) for p in src.rglob("*")):
+                    dst.mkdir()  # holds files of ours: only the others are carried
+                    walk(src, rel + "/")
+                    if not any(dst.iterdir()):
+                        dst.rmdir()
+                    continue
+            elif ours(rel):
+                continue  # written by the previous export: the new one replaces or drops it
+            if taken:
+                kept = _free_name(dst.parent, src.name)
+                _place_copy(src, dst.parent / kept)
+                renamed[rel] = rel_dir + kept
+            else:
+                _place_copy(src, dst)
+                carried.append(rel + "/" if src.is_dir() and not src.is_symlink() else rel)
+
+    walk(previous, "")
+    return carried, renamed
 
 
 def check_export_target(out_dir: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path:
@@ -131,15 +276,25 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def swap_into_place(tmp: Path, out_dir: Path, kind: str) -> None:
-    """Mark `tmp` as an export, give it the umask's modes and make it `out_dir` (see the module doc)."""
-    write_marker(tmp, kind)
-    follow_umask(tmp)
+    """Mark `tmp` as an export, give it the umask's modes, carry the user's files of the previous export into it
+    and make it `out_dir` (see the module doc)."""
+    files = export_files(tmp)
+    write_marker(tmp, kind, files)
+    follow_umask(tmp)  # before the carry-over: the user's files keep their own modes
+    if out_dir.exists():
+        check_export_target(out_dir)
+        carried, renamed = carry_over(out_dir, tmp)
+        if carried:
+            rank_zero_info(f"{out_dir}: kept {len(carried)} path(s) that are not part of the export: "
+                           f"{', '.join(carried)}")
+        for rel, kept in renamed.items():
+            log.warning("%s: %s is not the file the previous export wrote (added or edited by hand) and this export "
+                        "writes its own %s; the hand-made version is kept as %s", out_dir, rel, rel, kept)
     _after("written")
     if not out_dir.exists():
         os.replace(tmp, out_dir)
         _after("placed")
         return
-    check_export_target(out_dir)
     if _exchange(tmp, out_dir):  # tmp now holds the previous export
         _after("exchanged")
         shutil.rmtree(tmp, ignore_errors=True)
