@@ -5,6 +5,15 @@ re-planned every epoch in a random order seeded by (seed, epoch); evaluation pac
 packs --(sampler.PackSampler: seeded per epoch, token-balanced per data-parallel rank, resumable)--> DataLoader
 workers (decode images and videos, build the micro-batch dict described in `packing`).
 
+Image and video paths in the rows resolve relative to the directory of the data file that holds them (for a
+`save_to_disk` directory, the directory containing it); absolute paths and `../` are allowed. `http(s)://` references
+are not fetched: such rows are skipped (`missing_image` / `missing_video`, saying so).
+
+Media changes: the preprocessing cache re-checks every referenced image and video by size and mtime at each start
+(`sources`, stage 3), so the start report counts the files as they are. A document whose media break during the run
+is dropped from its pack in the worker and counted in `decode_skips` (per split and reason; see
+`packing.PackDataset`); a pack left without documents is a micro-batch with zero targets.
+
 Videos: a content item `{"type": "video", "video": [frame paths] | "frames/dir" | "clip.mp4", "fps": optional}` is
 processed as transformers' Qwen3-VL video processor would, without torchvision (see `video.py`).
 
@@ -21,6 +30,7 @@ overrides `on_before_batch_transfer`, Lightning calls only the module's hook: ca
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -77,6 +87,7 @@ class MultimodalPackingDataModule(LightningDataModule):
                 None (default): the model's own -- `cli.py` sets it to `model.pretrained` (or `model.processor_source`),
                 so the data is tokenised for the model that trains on it; used alone, None means "embedded".
             train_path / val_path: JSONL / JSON / Parquet file, glob, `save_to_disk` dir, or a list; or "embedded".
+                Image / video paths inside resolve relative to the data file's directory, or are absolute.
             val_fraction: share of the training samples held out for validation when `val_path` is not given.
             test_path: data for `cli.py test` (same forms; "embedded" is the embedded held-out split).
             predict_path: prompts for `cli.py predict` (same forms and messages format; "embedded" is the embedded
@@ -115,6 +126,8 @@ class MultimodalPackingDataModule(LightningDataModule):
         self.embedded_cache_dir, self.preprocess_num_proc = embedded_cache_dir, preprocess_num_proc
         self._rank, self._world_size = rank, world_size
         self.stats: dict[str, dict[str, int]] = {}
+        # documents dropped in the workers because their media broke during the run: split -> reason -> count
+        self.decode_skips: dict[str, Counter] = {}
         self.train_dataset: PackDataset | None = None
         self.val_dataset: PackDataset | None = None
         self.test_dataset: PackDataset | None = None
@@ -295,8 +308,15 @@ class MultimodalPackingDataModule(LightningDataModule):
     # ------------------------------------------------------------------ resume
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         trainer = getattr(self, "trainer", None)
-        if self.train_sampler is not None and (trainer is None or trainer.training):
+        training = trainer is None or trainer.training
+        if self.train_sampler is not None and training:
             self.train_sampler.mark_consumed()
+        skips = getattr(batch, "decode_skips", None)  # set by PackDataset in the worker
+        if skips:
+            split = "train" if training else "test" if trainer.testing else "val"
+            self.decode_skips.setdefault(split, Counter()).update(skips)
+            rank_zero_warn(f"{split} data: documents dropped at decoding so far (their images or videos changed "
+                           f"since preparation): {dict(self.decode_skips[split])}")
         return batch
 
     def state_dict(self) -> dict:

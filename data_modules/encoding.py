@@ -15,6 +15,10 @@ Labels (HF convention, unshifted):
 - "all": every token except vision placeholders (which carry no predictable content).
 - `{"text": ...}` rows: all tokens, with `<|endoftext|>` appended as the document end.
 
+Image and video paths resolve relative to the data file's directory and may be absolute (or climb out with
+`../`); `http://` / `https://` references are refused with a clear reason (`missing_image` / `missing_video`):
+nothing is downloaded. `media_paths` lists the files a row references, for the preparation cache's key.
+
 Bad rows raise `BadSample(reason, detail)`; the caller counts them (or, strict, fails with file:line).
 """
 
@@ -29,7 +33,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from . import video as video_lib
-from .video import CORRUPT_VIDEO, MISSING_VIDEO, VIDEO_DECODER_MISSING, VIDEO_TOO_SHORT, VideoError
+from .video import (CORRUPT_VIDEO, MISSING_VIDEO, NOT_FETCHED, VIDEO_DECODER_MISSING, VIDEO_TOO_SHORT, VideoError,
+                    is_url)
 
 IGNORE = -100
 
@@ -42,6 +47,10 @@ BAD_ROLE = "bad_role"  # a role the chat template does not know and no common al
 MISSING_CONTENT = "missing_content"
 MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
+# Decode time only (a document dropped from its pack in a DataLoader worker, counted; see packing.PackDataset): the
+# image (video) now gives another size than the one planned at preparation, i.e. it was replaced during the run.
+IMAGE_CHANGED = "image_changed"
+VIDEO_CHANGED = "video_changed"
 TOO_LONG = "too_long"
 NO_TARGETS = "no_targets"
 EMPTY_FILE = "empty_file"
@@ -56,6 +65,42 @@ ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # ShareGPT's names
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 # Not a skip: counted so truncation is never silent either.
 TRUNCATED = "truncated"
+
+
+def media_paths(row, base_dir: str) -> list[str]:
+    """The local files and directories a row's images and videos reference, resolved as `Encoder` resolves them, with
+    the image files of a frame directory; never raises (a malformed row references what can be found). Used to key
+    the preparation cache on the media: a row's verdict is re-computed when one of these changes."""
+    if not isinstance(row, dict):
+        return []
+    messages = row.get("messages")
+    if messages is None and isinstance(row.get("conversations"), list):
+        messages = [{"content": t.get("value")} for t in row["conversations"] if isinstance(t, dict)]
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            return []
+    out: list[str] = []
+
+    def add(ref) -> None:
+        if isinstance(ref, str) and ref and not is_url(ref):
+            path = ref if os.path.isabs(ref) else os.path.join(base_dir, ref)
+            out.append(path)
+            if os.path.isdir(path):  # a frame directory: a frame added or removed changes its mtime, not the files'
+                out.extend(os.path.join(path, n) for n in sorted(os.listdir(path))
+                           if os.path.splitext(n)[1].lower() in video_lib.IMAGE_EXTENSIONS)
+
+    for msg in messages if isinstance(messages, list) else ():
+        content = msg.get("content") if isinstance(msg, dict) else None
+        for item in content if isinstance(content, list) else ():
+            if not isinstance(item, dict):
+                continue
+            for key in ("image", "video", "path"):
+                ref = item.get(key)
+                for r in ref if isinstance(ref, list) else (ref,):
+                    add(r)
+    return list(dict.fromkeys(out))
 
 
 class BadSample(Exception):
@@ -219,8 +264,11 @@ class Encoder:
             if not isinstance(msg, dict):
                 raise BadSample(BAD_SCHEMA, f"message {i} is not an object")
             role = msg.get("role")
-            if not isinstance(role, str) or not role:
+            if role is None or role == "":
                 raise BadSample(MISSING_ROLE, f"message {i} has no role")
+            if not isinstance(role, str):
+                raise BadSample(BAD_ROLE, f"message {i} has role {role!r} ({type(role).__name__}); a role is a string, "
+                                f"one of {sorted(ROLES)} (or the ShareGPT names {sorted(ROLE_ALIASES)})")
             role = ROLE_ALIASES.get(role, role)
             if role not in ROLES:
                 raise BadSample(BAD_ROLE, f"message {i} has role {msg['role']!r}; expected one of "
@@ -248,6 +296,8 @@ class Encoder:
                         raise BadSample(MISSING_IMAGE, f"message {i} has an image item without a path")
                     if role == "assistant":
                         raise BadSample(BAD_SCHEMA, f"message {i}: images in assistant turns are not supported")
+                    if is_url(ref):
+                        raise BadSample(MISSING_IMAGE, f"message {i}: image {ref!r}: {NOT_FETCHED}")
                     path = ref if os.path.isabs(ref) else os.path.join(base_dir, ref)
                     images.append(path)
                     items.append({"type": "image", "image": path})

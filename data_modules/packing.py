@@ -16,7 +16,9 @@ from qmoe_lightning.models.batch import PackedBatch
 from qmoe_lightning.models.mrope_positions import mrope_position_ids_packed
 
 from . import video as video_lib
-from .encoding import IGNORE
+from .encoding import CORRUPT_IMAGE, IGNORE, IMAGE_CHANGED, MISSING_IMAGE, VIDEO_CHANGED
+from .images import to_8bit
+from .video import CORRUPT_VIDEO, MISSING_VIDEO
 from .planning import EpochPackPlan
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,14 @@ class PackDataset(torch.utils.data.Dataset):
     """Map-style dataset indexed by PACK CONTENTS: `dataset[(i, j, ...)]` decodes the images and videos of documents
     i, j, ... (in the DataLoader worker) and returns their micro-batch dict; `PackSampler` yields these tuples from
     `plan`, the epoch's packing plan (None: a dataset indexed by hand). `dataset[p]` (an int) is pack p of epoch 0.
-    A document whose image or video fails to decode here (it passed the header check at preparation) is left out of
-    the pack with a warning naming file:line; `strict` raises instead."""
+
+    A document whose image or video fails here although it passed preparation (the file was deleted, replaced or
+    damaged since; preparation re-checks the media's size and mtime at every start, so this is a change during the
+    run) is left out of the pack with a warning naming file:line, and counted: the micro-batch's `decode_skips`
+    attribute maps each reason (`missing_image` / `missing_video`: the file is gone; `image_changed` /
+    `video_changed`: it now gives another size than planned; `corrupt_image` / `corrupt_video`: it no longer
+    decodes) to the number of documents dropped, and `MultimodalPackingDataModule` adds them up. A pack whose
+    documents all drop out is a micro-batch of tail padding only, with zero targets. `strict` raises instead."""
 
     def __init__(self, records, plan: EpochPackPlan | None, encoder, pad_to_multiple_of: int, strict: bool = False):
         self.records, self.plan, self.encoder = records, plan, encoder
@@ -104,11 +112,13 @@ class PackDataset(torch.utils.data.Dataset):
         for path in rec["images"]:
             with Image.open(path) as im:
                 im.load()
-                images.append(im)  # as read: the processor's convert_rgb composites transparency on white
+                # as read (the processor's convert_rgb composites transparency on white), high bit depths scaled
+                images.append(to_8bit(im))
         out = self.encoder.processor.image_processor(images, return_tensors="pt", **self.encoder.image_size_kwargs())
         grid = out["image_grid_thw"]
         if grid.tolist() != rec["image_grids"]:
-            raise ValueError(f"image grid {grid.tolist()} differs from the planned {rec['image_grids']}")
+            raise DecodeError(IMAGE_CHANGED, ValueError(f"image grid {grid.tolist()} differs from the planned "
+                                                        f"{rec['image_grids']}: an image changed since preparation"))
         doc["pixel_values"], doc["image_grid_thw"] = out["pixel_values"], grid
 
     def _load_videos(self, rec: dict, doc: dict) -> None:
@@ -118,7 +128,8 @@ class PackDataset(torch.utils.data.Dataset):
             planned = json.loads(spec)
             values, grid = video_lib.preprocess(video_lib.decode(planned), cfg)
             if grid != list(planned_grid):
-                raise ValueError(f"video grid {grid} differs from the planned {list(planned_grid)}")
+                raise DecodeError(VIDEO_CHANGED, ValueError(f"video grid {grid} differs from the planned "
+                                                            f"{list(planned_grid)}: a video changed since preparation"))
             pixels.append(values)
             grids.append(grid)
         doc["pixel_values_videos"] = torch.cat(pixels)
@@ -126,13 +137,17 @@ class PackDataset(torch.utils.data.Dataset):
 
     def load_document(self, rec: dict) -> dict:
         doc = {"input_ids": rec["input_ids"], "labels": rec["labels"]}
-        for key, load, reason in (("images", self._load_images, "corrupt_image"),
-                                  ("videos", self._load_videos, "corrupt_video")):
+        for key, load, missing, corrupt in (("images", self._load_images, MISSING_IMAGE, CORRUPT_IMAGE),
+                                            ("videos", self._load_videos, MISSING_VIDEO, CORRUPT_VIDEO)):
             if rec.get(key):
                 try:
                     load(rec, doc)
+                except DecodeError:
+                    raise
+                except FileNotFoundError as err:
+                    raise DecodeError(missing, err) from err
                 except Exception as err:
-                    raise DecodeError(reason, err) from err
+                    raise DecodeError(corrupt, err) from err
         return doc
 
     def __getitem__(self, documents: tuple[int, ...]) -> dict:
@@ -140,21 +155,24 @@ class PackDataset(torch.utils.data.Dataset):
             documents = self.plan.packs(0)[documents]
         enc = self.encoder
         enc.processor  # loads lazily in each worker
-        docs = []
+        docs, kept, skips = [], [], {}
         for i in documents:
             rec = self.records[int(i)]
             try:
                 docs.append(self.load_document(rec))
+                kept.append(int(i))
             except DecodeError as err:
                 where = f"{rec['source']}:{rec['line']}"
                 if self.strict:
                     raise ValueError(f"{where}: {err.reason}: {err.error}") from err.error
+                skips[err.reason] = skips.get(err.reason, 0) + 1
                 log.warning("skipping %s (a pack of %d documents): %s: failed to decode: %s", where, len(documents),
                             err.reason, err.error)
         tok = enc.processor.tokenizer
         batch = build_micro_batch(docs, tok.pad_token_id, enc.image_token_id, enc.video_token_id,
                                   self.pad_to_multiple_of, enc.merge)
-        batch.documents = [int(i) for i in documents]  # indices into the split's records (order of the pack)
+        batch.documents = kept  # indices into the split's records of the documents in the row, in row order
+        batch.decode_skips = skips  # reason -> documents of this pack dropped at decoding (see the class doc)
         return batch
 
 

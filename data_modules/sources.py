@@ -6,7 +6,15 @@ Two cached stages (Arrow files under the datasets cache dir, reused while inputs
    the datasets JSON builder, because that builder aborts the whole file on one bad line and loses line numbers.
    The cache key includes every file's size and mtime, so edited files are re-read.
 2. encoded rows: `Encoder.encode` through `Dataset.map` (optionally num_proc workers), with an explicit fingerprint
-   made of the stage-1 fingerprint, the processor files' contents and the encoding options.
+   made of the stage-1 fingerprint, the processor files' contents and the encoding options. Each row also records
+   the images and videos it references (`media`: paths, frame directories and their frames; `media_size` /
+   `media_mtime`: their size and mtime_ns when it was encoded, -1 for a file that did not exist).
+3. media check, at every start: one `os.stat` per distinct referenced path (no decoding; ~1 s per 100k files on a
+   local disk), compared with what stage 2 recorded. A file created, replaced, touched or deleted since makes the
+   rows that reference it encode again -- those rows only, cached under a fingerprint of stage 2 plus the changed
+   paths' new stamps -- and they replace the stale rows, so every verdict (ok / missing_image / corrupt_image /
+   the video reasons) and the start report's counts follow the files as they are now. The check is always made
+   against stage 2, so a second change re-encodes the rows of both changes (once, then cached).
 
 Bad rows are kept in the cache with their `skip_reason` (so a cached run reports the same counts and strict mode
 still fails on them) and filtered out with `select`, which keeps the data memory-mapped.
@@ -17,17 +25,23 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from pathlib import Path
 
 import datasets
 
-from .encoding import EMPTY_FILE, INVALID_JSON, INVALID_UTF8, BadSample, Encoder
+from .encoding import EMPTY_FILE, INVALID_JSON, INVALID_UTF8, BadSample, Encoder, media_paths
 from .video import decoder_available as video_decoder_available
 
-READER_VERSION = 2  # 2: invalid UTF-8 counted per row
-ENCODER_VERSION = 4  # 2: video columns; 3: roles checked, images decoded at preparation; 4: prompt reference ids
+log = logging.getLogger(__name__)
+
+READER_VERSION = 3  # 2: invalid UTF-8 counted per row; 3: a UTF-8 BOM accepted, invalid JSON's column in the line
+# 2: video columns; 3: roles checked, images decoded at preparation; 4: prompt reference ids; 5: media stamps, URLs
+# refused, non-string roles are bad_role
+ENCODER_VERSION = 5
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark (Windows editors write one): skipped at the start of a file
 
 
 def expand_paths(spec) -> list[str]:
@@ -90,7 +104,7 @@ def _rows_of_file(path: str):
     elif path.endswith(".json"):
         # decoded with surrogateescape: a bad byte makes only the rows that hold it bad (found after parsing)
         with open(path, "rb") as f:
-            text = f.read().decode("utf-8", errors="surrogateescape")
+            text = f.read().removeprefix(BOM).decode("utf-8", errors="surrogateescape")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -108,6 +122,9 @@ def _rows_of_file(path: str):
     else:  # JSONL (any other extension is read as JSON lines too)
         with open(path, "rb") as f:
             for i, raw in enumerate(f, start=1):
+                if i == 1:
+                    raw = raw.removeprefix(BOM)
+                raw = raw.rstrip(b"\r\n")  # a row cut short fails at its end, not at "line 2 column 1" after it
                 if not raw.strip():
                     continue
                 count += 1
@@ -119,8 +136,8 @@ def _rows_of_file(path: str):
                     continue
                 try:
                     yield _row(json.loads(text), path, i, base)
-                except json.JSONDecodeError as err:
-                    yield _row(None, path, i, base, INVALID_JSON, f"{err.msg} at column {err.colno}")
+                except json.JSONDecodeError as err:  # one line: the column is the character position + 1
+                    yield _row(None, path, i, base, INVALID_JSON, f"{err.msg} at column {err.pos + 1}")
     if count == 0:
         yield _row(None, path, 0, base, EMPTY_FILE, "the file holds no rows")
 
@@ -162,6 +179,9 @@ ENCODED_FEATURES = datasets.Features({
     "line": datasets.Value("int64"),
     "skip_reason": datasets.Value("string"),
     "skip_detail": datasets.Value("string"),
+    "media": datasets.List(datasets.Value("string")),  # referenced image / video paths (encoding.media_paths)
+    "media_size": datasets.List(datasets.Value("int64")),  # their size and mtime_ns at encoding, -1: absent
+    "media_mtime": datasets.List(datasets.Value("int64")),
 })
 # prompts of `cli.py predict` (Encoder.encode_prompt): the reference answer (None without one) and the row's "id"
 PROMPT_FEATURES = datasets.Features({**ENCODED_FEATURES, "reference": datasets.Value("string"),
@@ -171,15 +191,29 @@ _EMPTY = {"input_ids": [], "labels": [], "images": [], "image_grids": [], "video
           "num_tokens": 0, "num_visual_tokens": 0, "truncated": False}
 
 
+def media_stamp(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a referenced file or directory; (-1, -1) when it does not exist (or cannot be read)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
 def _encode_example(example: dict, encoder: Encoder, prompts: bool = False) -> dict:
     out = {"source": example["source"], "line": example["line"], "skip_reason": example["skip_reason"],
-           "skip_detail": example["skip_detail"]}
+           "skip_detail": example["skip_detail"], "media": [], "media_size": [], "media_mtime": []}
     empty = {**_EMPTY, "reference": None, "reference_ids": None, "prompt_id": None} if prompts else _EMPTY
     if example["skip_reason"]:
         return {**empty, **out}
+    row = json.loads(example["row"])
+    # stamped before encoding: a file that changes while the row encodes differs from its stamp at the next start
+    media = media_paths(row, example["base_dir"])
+    stamps = [media_stamp(p) for p in media]
+    out.update(media=media, media_size=[s for s, _ in stamps], media_mtime=[m for _, m in stamps])
     encode = encoder.encode_prompt if prompts else encoder.encode
     try:
-        return {**encode(json.loads(example["row"]), example["base_dir"]), **out}
+        return {**encode(row, example["base_dir"]), **out}
     except BadSample as bad:
         return {**empty, **out, "skip_reason": bad.reason, "skip_detail": bad.detail}
 
@@ -211,7 +245,52 @@ def encode_files(spec, encoder: Encoder, cache_dir: str | None = None, num_proc:
                       remove_columns=raw.column_names, features=PROMPT_FEATURES if prompts else ENCODED_FEATURES,
                       new_fingerprint=fp, num_proc=num_proc if num_proc and num_proc > 1
                       else None, desc="encoding samples")
-    return encoded, files
+    return _refresh_changed_media(encoded, raw, encoder, prompts), files
+
+
+def changed_media(encoded) -> tuple[list[int], list[list]]:
+    """-> (rows whose referenced media differ from their stamps at encoding, [[path, size, mtime_ns]] of the changed
+    paths as they are now), by one stat per distinct path (see the module doc, stage 3)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if encoded._indices is not None:
+        raise ValueError("changed_media reads the stage-2 table itself; pass it before any select")
+    table = encoded.data
+    media = table.column("media").combine_chunks()
+    flat = media.flatten()
+    if len(flat) == 0:
+        return [], []
+    parents = pc.list_parent_indices(media)
+    paths = pc.unique(flat)
+    now = {p: media_stamp(p) for p in paths.to_pylist()}
+    at = pc.index_in(flat, value_set=paths)
+    size_now = pa.array([s for s, _ in now.values()], pa.int64()).take(at)
+    mtime_now = pa.array([m for _, m in now.values()], pa.int64()).take(at)
+    differs = pc.or_(pc.not_equal(size_now, table.column("media_size").combine_chunks().flatten()),
+                     pc.not_equal(mtime_now, table.column("media_mtime").combine_chunks().flatten()))
+    if not pc.any(differs).as_py():
+        return [], []
+    rows = sorted(pc.unique(pc.filter(parents, differs)).to_pylist())
+    changed = sorted(set(pc.filter(flat, differs).to_pylist()))
+    return rows, [[p, *now[p]] for p in changed]
+
+
+def _refresh_changed_media(encoded, raw, encoder: Encoder, prompts: bool):
+    """Stage 3 of the module doc: the rows whose images or videos changed since stage 2, encoded again."""
+    rows, changed = changed_media(encoded)
+    if not rows:
+        return encoded
+    log.info("%d referenced image/video file(s) changed since the preprocessing cache was written (first: %s); "
+             "encoding the %d row(s) that use them again", len(changed), changed[0][0], len(rows))
+    fp = hashlib.sha256(json.dumps([encoded._fingerprint, changed]).encode()).hexdigest()[:16]
+    fixed = raw.select(rows).map(_encode_example, fn_kwargs={"encoder": encoder, "prompts": prompts},
+                                 remove_columns=raw.column_names, features=encoded.features, new_fingerprint=fp,
+                                 desc="encoding rows whose media changed")
+    order = list(range(len(encoded)))
+    for k, row in enumerate(rows):
+        order[row] = len(encoded) + k
+    return datasets.concatenate_datasets([encoded, fixed]).select(order)
 
 
 def skip_summary(encoded) -> tuple[Counter, list[int], int]:

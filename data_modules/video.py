@@ -7,11 +7,12 @@ step by step (sources: `transformers/models/qwen3_vl/video_processing_qwen3_vl.p
 
 1. Inputs. A video item is a list of frame image paths, a directory of frames (its image files, sorted by name), or
    an encoded video file. Frames are decoded like `load_image_as_tensor` (EXIF orientation applied, RGB, alpha
-   dropped). Frame lists are used whole: transformers refuses to sample frames from a list of images, so its
-   processor needs `do_sample_frames=False` for them and every given frame is kept. Encoded files are decoded with
-   PyAV when it is importable (transformers' `read_video_pyav`: container frame count and average rate) and
-   sampled with `Qwen3VLVideoProcessor.sample_frames` when the config has `do_sample_frames` (all frames
-   otherwise); without a decoder such rows are bad samples (`video_decoder_missing`).
+   dropped; 16-bit and float frames scaled to 8 bits first, `images.to_8bit`, where PIL would clip them). Frame
+   lists are used whole: transformers refuses to sample frames from a list of images, so its processor needs
+   `do_sample_frames=False` for them and every given frame is kept. Encoded files are decoded with PyAV when it is
+   importable (transformers' `read_video_pyav`: container frame count and average rate) and sampled with
+   `Qwen3VLVideoProcessor.sample_frames` when the config has `do_sample_frames` (all frames otherwise); without a
+   decoder such rows are bad samples (`video_decoder_missing`). `http(s)://` references are refused (not fetched).
 2. Resize to `smart_resize(num_frames, h, w, temporal_factor=temporal_patch_size, factor=patch*merge, min_pixels=
    size.shortest_edge, max_pixels=size.longest_edge)` (transformers' own function; the per-frame cap when
    `cap_pixels_per_frame`), with torchvision's tensor resize: `interpolate(..., antialias=True)` on uint8 (native
@@ -44,11 +45,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .images import to_8bit
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 # PIL resample codes (transformers' PILImageResampling) -> torch interpolate mode, as transformers'
 # pil_torch_interpolation_mapping sends them to torchvision.
 _INTERPOLATION = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
 _EXIF_SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 degrees
+
+
+URL_PREFIXES = ("http://", "https://")
+NOT_FETCHED = "URLs are not fetched; download the file and give its path"
+
+
+def is_url(ref) -> bool:
+    """An http(s) reference: refused with NOT_FETCHED (nothing is downloaded), never looked up as a local path."""
+    return isinstance(ref, str) and ref.lower().startswith(URL_PREFIXES)
 
 
 class VideoError(Exception):
@@ -179,9 +191,13 @@ def resolve_video(ref, base_dir: str) -> dict:
     if isinstance(ref, (list, tuple)):
         if not ref or not all(isinstance(p, str) and p for p in ref):
             raise VideoError(MISSING_VIDEO, "a frame-list video must be a non-empty list of image paths")
+        if (url := next((p for p in ref if is_url(p)), None)) is not None:
+            raise VideoError(MISSING_VIDEO, f"video frame {url!r}: {NOT_FETCHED}")
         return {"frames": [absolute(p) for p in ref]}
     if not isinstance(ref, str) or not ref:
         raise VideoError(MISSING_VIDEO, "a video item needs a path or a list of frame paths")
+    if is_url(ref):
+        raise VideoError(MISSING_VIDEO, f"video {ref!r}: {NOT_FETCHED}")
     path = absolute(ref)
     if os.path.isdir(path):
         frames = sorted(n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
@@ -258,7 +274,7 @@ def probe(source: dict, cfg: VideoConfig, fps: float | None = None) -> dict:
 def load_frame(path: str) -> torch.Tensor:
     """(3, H, W) uint8, like transformers' load_image_as_tensor: EXIF orientation applied, RGB (alpha dropped)."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
+        im = to_8bit(ImageOps.exif_transpose(im))  # a 16-bit frame would clip to white in convert("RGB")
         rgb = im.convert("RGB") if im.mode != "RGB" else im.copy()
     return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 

@@ -222,3 +222,67 @@ def test_transparent_images_are_composited_on_white_like_the_processor(emb, data
     assert torch.equal(got, ip([white], return_tensors="pt", **enc.image_size_kwargs())["pixel_values"])
     dropped = ip([rgba.convert("RGB")], return_tensors="pt", **enc.image_size_kwargs())["pixel_values"]
     assert not torch.equal(got, dropped)  # what the loader did before: alpha dropped, red shows
+
+
+def test_invalid_json_names_the_column_in_the_line(emb, data_dir):
+    cut = '{"messages": [{"role": "user"'  # a row cut short: the error is at its end, column 30
+    train = _write_jsonl(data_dir / "cut.jsonl", [_chat(), cut])
+    with pytest.raises(ValueError, match=r"cut.jsonl:2: invalid_json: Expecting ',' delimiter at column 30$"):
+        _dm(emb, data_dir, str(train), strict=True).setup("fit")  # said "column 1" (of the line after it)
+    crlf = data_dir / "crlf.jsonl"
+    crlf.write_bytes(json.dumps(_chat()).encode() + b"\r\n" + b'{"messages": [1,\r\n')  # Windows line ends
+    with pytest.raises(ValueError, match=r"crlf.jsonl:2: invalid_json: Expecting value at column 17$"):
+        _dm(emb, data_dir, str(crlf), strict=True).setup("fit")
+
+
+@pytest.mark.parametrize("item, reason, what", [
+    ({"type": "image", "image": "https://example.com/cat.png"}, "missing_image", "image 'https://example.com/cat.png'"),
+    ({"type": "image", "image": "HTTP://example.com/cat.png"}, "missing_image", "image 'HTTP://example.com/cat.png'"),
+    ({"type": "video", "video": "http://example.com/clip.mp4"}, "missing_video", "video 'http://example.com/clip.mp4'"),
+    ({"type": "video", "video": ["ok.png", "https://example.com/f.png"]}, "missing_video",
+     "video frame 'https://example.com/f.png'"),
+])
+def test_urls_are_refused_saying_they_are_not_fetched(emb, data_dir, item, reason, what):
+    row = {"messages": [{"role": "user", "content": [item, {"type": "text", "text": "what?"}]},
+                        {"role": "assistant", "content": "x"}]}
+    train = _write_jsonl(data_dir / "url.jsonl", [_chat(), row])
+    dm = _dm(emb, data_dir, str(train))
+    dm.setup("fit")
+    assert dm.stats["train"] == {reason: 1, "ok": 1}
+    # was "file not found: <data dir>/https://..."
+    with pytest.raises(ValueError, match=rf"url.jsonl:2: {reason}: message 0: {what}: URLs are not fetched; "
+                                         r"download the file and give its path$"):
+        _dm(emb, data_dir, str(train), strict=True).setup("fit")
+
+
+def test_a_role_that_is_not_a_string_is_a_bad_role_saying_so(emb, data_dir):
+    numeric = {"messages": [{"role": 5, "content": "hi"}, {"role": "assistant", "content": "x"}]}
+    empty = {"messages": [{"role": "", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+    train = _write_jsonl(data_dir / "roles.jsonl", [_chat(), numeric, empty])
+    dm = _dm(emb, data_dir, str(train))
+    dm.setup("fit")
+    assert dm.stats["train"] == {"bad_role": 1, "missing_role": 1, "ok": 1}  # both were "missing_role: has no role"
+    with pytest.raises(ValueError, match=r"roles.jsonl:2: bad_role: message 0 has role 5 \(int\); a role is a string"):
+        _dm(emb, data_dir, str(train), strict=True).setup("fit")
+
+
+def test_a_utf8_bom_does_not_cost_the_first_row(emb, data_dir):
+    bom = b"\xef\xbb\xbf"
+    jsonl = data_dir / "bom.jsonl"
+    jsonl.write_bytes(bom + b"\n".join(json.dumps(r).encode() for r in (_chat(), _chat(a="five"))) + b"\n")
+    array = data_dir / "bom.json"
+    array.write_bytes(bom + json.dumps([_chat(), _chat(a="five"), _chat(a="six")]).encode())
+    for path, rows in ((jsonl, 2), (array, 3)):  # was invalid_json for the first row (JSONL) / the file (JSON)
+        dm = _dm(emb, data_dir, str(path), strict=True)
+        dm.setup("fit")
+        assert dm.stats["train"] == {"ok": rows}, path
+
+
+def test_image_paths_resolve_from_the_data_file_and_may_be_absolute_or_climb(emb, data_dir):
+    sub = data_dir / "sub"
+    sub.mkdir()
+    train = _write_jsonl(sub / "rel.jsonl", [_chat(image="../ok.png"), _chat(image=str(data_dir / "ok.png"))])
+    dm = _dm(emb, data_dir, str(train), strict=True)
+    dm.setup("fit")
+    assert dm.stats["train"] == {"ok": 2}
+    assert dm.train_dataset.records["images"] == [[str(sub / "../ok.png")], [str(data_dir / "ok.png")]]
