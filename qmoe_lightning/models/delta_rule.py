@@ -11,6 +11,13 @@ A single document therefore runs the same algorithm transformers runs on it alon
 rounding (the UT transform goes through the inverse of the unit triangular matrix, transformers forward-substitutes
 row by row; the CPU path uses C = 32, transformers 64; see `kernels.gated_delta_rule`).
 
+Precision: everything after `_prepare` runs in fp32 (fp64 inputs stay fp64), also under `torch.autocast`, which is
+switched off inside: autocast would round the UT transform's triangular inverse, the decay products and the
+recurrent state to bf16 at every matmul (the state of a long document accumulates those roundings chunk after
+chunk), and its bf16 matmul results met the fp32 inverse in `_UnitLowerSolve`'s backward ("expected m1 and m2 to
+have the same dtype"). fla's kernels keep the state and the UT transform in fp32 likewise; the output is cast to
+q's dtype, the dtype the surrounding (autocast) projections produced.
+
 `recurrent_gated_delta_rule_reference` is the token-by-token loop, kept for tests only.
 """
 
@@ -48,19 +55,27 @@ class _UnitLowerSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A, R):
-        C = A.shape[-1]
-        eye = torch.eye(C, dtype=A.dtype, device=A.device).expand(A.shape)
-        inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)  # (..., C, C)
-        X = inverse @ R  # (..., C, n)
+        # one dtype for all (A's and R's promoted), whatever autocast is on: the backward runs outside autocast and
+        # must meet the same dtypes; gradients go back in each input's own dtype
+        dtype = torch.promote_types(A.dtype, R.dtype)
+        ctx.dtypes = (A.dtype, R.dtype)
+        with torch.autocast(A.device.type, enabled=False):
+            A, R = A.to(dtype), R.to(dtype)
+            C = A.shape[-1]
+            eye = torch.eye(C, dtype=dtype, device=A.device).expand(A.shape)
+            inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)  # (..., C, C)
+            X = inverse @ R  # (..., C, n)
         ctx.save_for_backward(inverse, X)
         return X
 
     @staticmethod
     def backward(ctx, dX):
         inverse, X = ctx.saved_tensors
-        dR = inverse.mT @ dX
-        dA = -(dR @ X.mT).tril_(-1) if ctx.needs_input_grad[0] else None
-        return dA, dR
+        a_dtype, r_dtype = ctx.dtypes
+        with torch.autocast(dX.device.type, enabled=False):
+            dR = inverse.mT @ dX.to(inverse.dtype)
+            dA = -(dR @ X.mT).tril_(-1).to(a_dtype) if ctx.needs_input_grad[0] else None
+        return dA, dR.to(r_dtype)
 
 
 def unit_lower_solve(A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -85,7 +100,12 @@ def chunk_gated_delta_rule_with_state(q, k, v, g, beta, layout: ChunkLayout, ini
     """`chunk_gated_delta_rule_packed` from a given state: initial_state (N, Hv, dk, dv) per document of the layout
     (None: zeros) -> (out, final states (N, Hv, dk, dv) in fp32, or None). fla's `initial_state` /
     `output_final_state` semantics; context parallelism carries a document's state from one rank's slice to the
-    next with it."""
+    next with it. Runs in fp32 with autocast off (module doc)."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _chunk_gated_delta_rule(q, k, v, g, beta, layout, initial_state, output_final_state)
+
+
+def _chunk_gated_delta_rule(q, k, v, g, beta, layout: ChunkLayout, initial_state, output_final_state):
     out_dtype = q.dtype
     B, T = q.shape[:2]
     q, k, v, g, beta = _prepare(q, k, v, g, beta)
@@ -153,6 +173,11 @@ def recurrent_gated_delta_rule_reference(q, k, v, g, beta, cu_seqlens: torch.Ten
                                          initial_state: torch.Tensor | None = None, finals: list | None = None):
     """Token-by-token loop with a state reset at every document start (to `initial_state[d]` (N, H, dk, dv) when
     given; `finals` collects each document's last state). Slow; tests only."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _recurrent_reference(q, k, v, g, beta, cu_seqlens, initial_state, finals)
+
+
+def _recurrent_reference(q, k, v, g, beta, cu_seqlens, initial_state, finals):
     out_dtype = q.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta)
     B, T, H, dv = v.shape

@@ -12,6 +12,12 @@ same way), gradients cast back to the activation dtype for the matmuls as autogr
 
 Gradients are computed in forward, so the fused function is used only when a backward will follow; without grad
 the loss is computed chunk by chunk with no gradient work.
+
+Under autocast (bf16-mixed) the head runs as autocast runs `F.linear`: hidden states and head weight in the
+autocast dtype (the (V, H) head is the largest matmul of the step), softmax and loss in fp32, and the gradients
+handed back in the inputs' own dtypes (the weight's accumulated in fp32, never rounded to bf16 on the way). The
+matmuls write into `out=` buffers, which autocast does not touch: the casts are explicit, and the backward (which
+runs outside autocast) only scales what the forward computed.
 """
 
 from __future__ import annotations
@@ -19,11 +25,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .precision import autocast_dtype
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, compute_dtype):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        if compute_dtype is not None:  # autocast: both operands in its dtype, as for F.linear
+            hidden, weight = hidden.to(compute_dtype), weight.to(compute_dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -56,15 +67,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad_w += (grad.t() @ h).float()
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None
+        hidden_dtype, weight_dtype = ctx.dtypes
+        dh = (grad_h * grad_out.to(grad_h.dtype)).to(hidden_dtype) if grad_h is not None else None
+        dw = (grad_w * grad_out).to(weight_dtype) if grad_w is not None else None
+        return dh, dw, None, None, None
 
 
 def linear_cross_entropy(
@@ -72,7 +83,7 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Summed CE of `F.linear(hidden, weight)` against `targets` (-100 ignored). hidden (N, H), weight (V, H)."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, autocast_dtype(hidden))
     total = hidden.new_zeros((), dtype=torch.float32)
     chunk_size = _even_chunk(hidden.shape[0], chunk_size)
     for start in range(0, hidden.shape[0], chunk_size):

@@ -19,6 +19,12 @@ the same maths (fp64, CUDA fp32). Adapters plug into `adapt` (LoRA: `lora.expert
 each projection and what follows it. `experts_loop_reference` is the readable per-expert loop over token
 indices, kept beside it for tests only.
 
+Mixed precision (autocast): the expert rows are cast to the autocast dtype before they are dispatched (an
+expert-parallel all-to-all moves bf16 rows, half the bytes of fp32) and the expert weights where they are used,
+so the grouped GEMMs run in bf16 as a linear layer would under autocast (`torch._grouped_mm` is on no autocast
+list: it met bf16 rows and fp32 weights and stopped). The weighted sum of each token's slots comes back in the
+block's input dtype.
+
 Routing replay (activation checkpointing): a recompute must route tokens exactly as the forward did (bf16 GEMMs
 can tie differently, and under expert parallelism the all-to-all split sizes of the recompute must match the other
 ranks'). A router given a `RoutingReplay` records its top-k indices in the checkpointed forward and reuses them in
@@ -43,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .norms import KeepFp32Mixin
+from .precision import autocast_dtype
 
 BALANCING_BIAS = "expert_bias"  # TopKRouter's buffer name (state-dict key suffix ".mlp.gate.expert_bias")
 
@@ -271,7 +278,8 @@ class GroupedExperts(nn.Module):
         order = flat.argsort(stable=True)  # pairs grouped by expert, token order within an expert
         unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts = torch.bincount(flat, minlength=self.num_experts)  # (E,)
-        xs = _SortedRows.apply(x, order, unsort, k)  # (N*k, H): row j is token order[j] // k
+        dtype = autocast_dtype(x)
+        xs = _SortedRows.apply(x if dtype is None else x.to(dtype), order, unsort, k)  # (N*k, H): token order[j] // k
         local, offs, context, side = self.dispatcher.dispatch(xs, counts, alongside)
         ys = self.dispatcher.combine(self.swiglu(local, offs), context)  # (N*k, H)
         # weighted by the routing weights, back to pair order, each token's k slots summed (gathers both ways)
@@ -280,12 +288,16 @@ class GroupedExperts(nn.Module):
 
     def swiglu(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """xs (rows, H) grouped by local expert (cumulative `offs`) -> (rows, H), before the routing weight."""
-        mm = grouped_mm if grouped_mm_supported(xs, self.gate_and_up_projs) else segment_mm
-        h = self.adapt("gate_up", xs, mm(xs, self.gate_and_up_projs, offs), offs, mm)  # (rows, 2I)
+        w_gu, w_down = self.gate_and_up_projs, self.down_projs
+        dtype = autocast_dtype(xs)
+        if dtype is not None:  # both operands in the autocast dtype, as autocast does for a linear layer
+            xs, w_gu, w_down = xs.to(dtype), w_gu.to(dtype), w_down.to(dtype)
+        mm = grouped_mm if grouped_mm_supported(xs, w_gu) else segment_mm
+        h = self.adapt("gate_up", xs, mm(xs, w_gu, offs), offs, mm)  # (rows, 2I)
         gate, up = h.chunk(2, dim=-1)
         act = F.silu(gate) * up  # (rows, I)
-        mm = grouped_mm if grouped_mm_supported(act, self.down_projs) else segment_mm
-        ys = self.adapt("down", act, mm(act, self.down_projs, offs), offs, mm)  # (rows, H)
+        mm = grouped_mm if grouped_mm_supported(act, w_down) else segment_mm
+        ys = self.adapt("down", act, mm(act, w_down, offs), offs, mm)  # (rows, H)
         if xs.shape[0] == 0:
             # no rows here (an expert-parallel rank that received none): keep the input and every parameter in the
             # graph, so all ranks run the same backward collectives and FSDP gets a gradient for each parameter
