@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import pytest
 from PIL import Image
@@ -120,6 +121,7 @@ def test_a_pack_whose_images_all_break_after_planning_is_a_zero_target_batch_and
     assert batch.input_ids.shape[1] == 16 and batch.cu_seqlens.tolist() == [0, 16] and batch.real_tokens == 0
     assert int(batch.attention_mask.sum()) == 0
     assert batch.decode_skips == {"missing_image": 1, "image_changed": 1, "corrupt_image": 1}
+    batch = pickle.loads(pickle.dumps(batch))  # how a DataLoader worker hands it to the main process
     dm.on_before_batch_transfer(batch, 0)  # what Lightning calls in the main process
     assert dm.decode_skips == {"train": {"missing_image": 1, "image_changed": 1, "corrupt_image": 1}}
 
