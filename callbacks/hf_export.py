@@ -10,6 +10,10 @@ Safe (`qmoe_lightning.export_dir`): only a previous export of ours is ever repla
 directory, `.` or any other non-empty directory is an error at fit start, before training); the files are written
 into a temporary sibling that is swapped into place, so a crash at any moment leaves the previous export (or the
 new one), never a half-written or missing one; temporaries that killed exports left are removed at the next start.
+Files a user added to the export directory (a model card README.md, notes) are carried into each new export.
+Never from non-finite weights: every rank checks its weights first (one all-reduced flag) and all refuse together,
+naming the tensor, leaving the previous export as it was; a run stopped by an exception (a non-finite step included)
+does not export at all (Lightning calls `on_train_end` only when fit ends normally).
 
 Hub push (`repo_id` set): after a successful local export, on global rank 0, through huggingface_hub with retries.
 The token comes only from the environment variable named by `token_env` or the cached `hf auth login`, never
@@ -35,7 +39,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from qmoe_lightning.export_dir import prepare_target
+from qmoe_lightning.export_dir import prepare_target, refuse_nonfinite_model
 from qmoe_lightning.hub import PushResult, push_folder_to_hub, retry_command
 from qmoe_lightning.lora import save_merged_pretrained
 from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
@@ -116,6 +120,7 @@ class HFExport(pl.Callback):
         self._last_step_exported = trainer.global_step
         model = pl_module.model
         source = getattr(pl_module, "checkpoint_source", None)  # companion files, mtp.* passthrough (build_model)
+        refuse_nonfinite_model(model, trainer.strategy, f"the HF export {out} (step {trainer.global_step})")
         t0 = time.perf_counter()
         # LoRA adapters are merged into the exported weights; a plain model is saved as is
         if is_sharded_model(model):

@@ -10,7 +10,9 @@ run without adapters fails loudly at fit start instead of writing nothing at the
 `base_model_name_or_path` in adapter_config.json: the `base_model_name_or_path` argument, else the module's
 `hparams.pretrained` (a hub id stays a hub id; `embedded` resolves to the built embedded checkpoint directory).
 Rank 0 writes, every rank waits at a barrier. Sharded runs (FSDP2 / expert parallel): every rank gathers the
-adapters (full (E, ...) expert adapters) in the same order, rank 0 writes, as HFExport.
+adapters (full (E, ...) expert adapters) in the same order, rank 0 writes, as HFExport. As HFExport, non-finite
+weights are refused on every rank before anything is written, files a user added to the directory are kept, and a
+run that ends in an exception writes no adapter.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from qmoe_lightning.export_dir import prepare_target
+from qmoe_lightning.export_dir import prepare_target, refuse_nonfinite_model
 from qmoe_lightning.lora import LoraConfig, has_lora, save_peft_adapter
 from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
 
@@ -68,6 +70,7 @@ class LoraExport(pl.Callback):
         out = self.export_dir(trainer)
         model = pl_module.model
         config = LoraConfig.from_any(getattr(getattr(pl_module, "hparams", None), "lora", None))
+        refuse_nonfinite_model(model, trainer.strategy, f"the PEFT adapter export {out}")
         t0 = time.perf_counter()
         if is_sharded_model(model):  # all ranks gather the adapters in the same order, rank 0 writes
             save_peft_adapter(model, out, self.base_path(pl_module), fetch=full_tensor_fetcher(model),

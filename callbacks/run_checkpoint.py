@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+from qmoe_lightning.export_dir import NonFiniteError, refuse_nonfinite_model
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -37,3 +40,16 @@ class RunCheckpoint(ModelCheckpoint):
         # `ckpt_path="last"` is resolved before the callbacks' setup: the directory must be known here already
         self.resolve_dirpath(trainer)
         return super()._find_last_checkpoints(trainer)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        model = getattr(trainer.lightning_module, "model", None)
+        if model is not None:  # before anything is written or rotated out
+            refuse_nonfinite_model(model, trainer.strategy, f"the checkpoint {filepath}")
+        super()._save_checkpoint(trainer, filepath)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, NonFiniteError):
+            rank_zero_info(f"no checkpoint written at the stop ({type(exception).__name__}); the last one of a good "
+                           f"step stays in {self.dirpath}")
+            return
+        super().on_exception(trainer, pl_module, exception)

@@ -12,6 +12,9 @@ An export (HF model directory, PEFT adapter) is written into a temporary sibling
 - Temporaries are named `.NAME.tmp-HOST-PID` / `.NAME.old-HOST-PID`; `recover` (called before every export and when
   the callbacks start) deletes those of processes of this host that no longer run: a killed export leaves a
   model-sized directory behind otherwise. Other hosts' temporaries (shared file systems) are left alone.
+- Nothing non-finite is written: the writers refuse a tensor holding NaN / inf (`check_finite`, naming it), and the
+  callbacks check the whole model on every rank first (`refuse_nonfinite_model`, one flag all-reduced: all ranks
+  refuse together, none is left waiting in a collective); the previous export stays as it was.
 - Files and directories follow the umask: safetensors creates its files 0600 whatever the umask, so other users
   of a shared machine could not read an export.
 - What a user adds to an export survives the next export into it (a model card `README.md`, notes, a folder): the
@@ -56,6 +59,56 @@ _OWN_NAMES = frozenset((
     "chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
     "qmoe_lora.json",
 ))
+
+
+class NonFiniteError(RuntimeError):
+    """Weights, a loss or gradients hold NaN / inf: nothing is trained on or written from them."""
+
+
+def check_finite(name: str, tensor, where: str) -> None:
+    """Raise NonFiniteError naming `name` if the floating tensor `tensor` holds NaN or inf."""
+    import torch
+
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = tensor.detach().float()
+        raise NonFiniteError(f"refusing to write {where}: tensor {name!r} {tuple(tensor.shape)} holds "
+                             f"{int(bad.isnan().sum())} NaN and {int(bad.isinf().sum())} inf values (the weights "
+                             "diverged); the previous export, if any, is left as it was")
+
+
+def nonfinite_tensors(model) -> list[str]:
+    """Names of the floating parameters and buffers of `model` whose local values (a DTensor's shard on this rank)
+    hold NaN or inf."""
+    import torch
+
+    bad = []
+    for kind in (model.named_parameters, model.named_buffers):
+        for name, t in kind():
+            t = t.to_local() if hasattr(t, "to_local") else t
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.detach()).all()):
+                bad.append(name)
+    return bad
+
+
+def refuse_nonfinite_model(model, strategy, where: str) -> None:
+    """Raise NonFiniteError on every rank if any rank holds a non-finite weight of `model` (called by all ranks
+    of `strategy` together: one all-reduce of a flag, then the names are gathered for the message)."""
+    import torch
+
+    bad = nonfinite_tensors(model)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    flag = strategy.reduce(torch.tensor(float(len(bad)), device=device), reduce_op="sum")
+    if float(flag) == 0:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, bad[:5])
+        bad = sorted({n for names in every for n in names})
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise NonFiniteError(f"refusing to write {where}: the model's weights hold NaN / inf ({shown}); the previous "
+                         "checkpoint / export, if any, is left as it was")
 
 
 def _after(step: str) -> None:

@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qmoe_lightning.export_dir import check_export_target, recover, swap_into_place, temp_dir
+from qmoe_lightning.export_dir import check_export_target, check_finite, recover, swap_into_place, temp_dir
 from qmoe_lightning.models.checkpoint import full_cpu_tensor
 from qmoe_lightning.models.moe import GroupedExperts
 
@@ -176,6 +176,8 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_n
     config, tensors = peft_adapter_state(model, fetch)
     if not write:
         return None
+    for key, tensor in tensors.items():  # diverged adapters: the previous export stays
+        check_finite(key, tensor, f"the adapter export {out_dir}")
     config["base_model_name_or_path"] = None if base_model_name_or_path is None else str(base_model_name_or_path)
     try:
         import peft

@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..export_dir import check_export_target, recover, swap_into_place, temp_dir
+from ..export_dir import check_export_target, check_finite, recover, swap_into_place, temp_dir
 from .conversion import Skip, is_native_only_key
 
 # copied from the source checkpoint so that an export is a complete, servable model directory
@@ -65,14 +65,22 @@ class CheckpointSource:
         return self.report.passthrough if self.report is not None else {}
 
 
+def is_hub_id(value: str | os.PathLike) -> bool:
+    """Whether `value` has the form of a Hugging Face hub model id ("org/name"), i.e. could be fetched."""
+    text = str(value)
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and all(text.split("/"))
+
+
 def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise ValueError(f"{path} is a file; pass the checkpoint directory (with config.json and *.safetensors)")
-    if str(path_or_hub_id).count("/") != 1 or str(path_or_hub_id).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist (and is not a hub id 'org/name')")
+    if not is_hub_id(path_or_hub_id):
+        raise FileNotFoundError(f"{str(path_or_hub_id)!r} is neither a local directory (no directory "
+                                f"{path.resolve()}) nor a hub model id ('org/name'); expected a Hugging Face model "
+                                "directory, a hub id or 'embedded'")
     from huggingface_hub import snapshot_download
 
     try:
@@ -368,6 +376,7 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
 
         def add(key: str, tensor: torch.Tensor):
             nonlocal size, total
+            check_finite(key, tensor, f"the export {out_dir}")  # diverged weights: the previous export stays
             nbytes = tensor.numel() * tensor.element_size()
             if current and size + nbytes > max_shard_size:
                 flush()
