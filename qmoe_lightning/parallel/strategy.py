@@ -164,20 +164,52 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         return global_optimizer_state(self.model, get_optimizer_state_dict(self.model, optimizer))
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
-        if not self._expert_parallel():
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        import torch.distributed.checkpoint as dcp
+        """A DCP directory through `checkpoint_safety` (its `.metadata` and non-tensor items are never unpickled
+        freely: torch's reader and planner would run code that came with the directory), with expert tensors
+        through their global views; a `.ckpt` file is the parent's (`torch.load`, weights_only unless the caller
+        says otherwise). `meta.pt` (the trainer state) is read with weights_only=True unless asked otherwise."""
         from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
         from lightning.fabric.utilities.load import _METADATA_FILENAME
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        from qmoe_lightning.checkpoint_safety import read_dcp_metadata
 
         path = Path(self.broadcast(checkpoint_path))
         if not _is_sharded_checkpoint(path):
-            raise ValueError(f"{path}: not a distributed checkpoint directory (with {_METADATA_FILENAME}); an "
-                             "expert-parallel run resumes from the checkpoints its strategy writes")
-        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-        strict = self.lightning_module.strict_loading
+            if self._expert_parallel():
+                raise ValueError(f"{path}: not a distributed checkpoint directory (with {_METADATA_FILENAME}); an "
+                                 "expert-parallel run resumes from the checkpoints its strategy writes")
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        saved = set(read_dcp_metadata(path).state_dict_metadata)  # UnsafeCheckpointError for a crafted one
+        if self._expert_parallel():
+            self._load_expert_parallel(path, saved)
+        else:
+            self._load_sharded(path)
+        return torch.load(path / _METADATA_FILENAME, weights_only=True if weights_only is None else weights_only)
 
+    def _load_sharded(self, path: Path) -> None:
+        """Lightning's sharded-checkpoint load (`fabric.strategies.model_parallel._load_checkpoint`) with the safe
+        reader and planner."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_optimizer_state_dict)
+
+        from qmoe_lightning.checkpoint_safety import safe_dcp_load
+
+        module_state = {"state_dict": get_model_state_dict(self.model)}
+        safe_dcp_load(module_state, path)
+        self.model.load_state_dict(module_state["state_dict"], strict=self.lightning_module.strict_loading)
+        for idx, optimizer in enumerate(self.optimizers):
+            optimizer = getattr(optimizer, "_optimizer", optimizer)
+            optim_state = {f"optimizer_{idx}": get_optimizer_state_dict(self.model, optimizer)}
+            safe_dcp_load(optim_state, path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[f"optimizer_{idx}"],
+                                     options=StateDictOptions(cpu_offload=True))
+
+    def _load_expert_parallel(self, path: Path, saved: set) -> None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        from qmoe_lightning.checkpoint_safety import safe_dcp_load
+
+        strict = self.lightning_module.strict_loading
         views = global_state_dict(self.model)
         have = {k for k in views if f"state_dict.{k}" in saved}
         missing = sorted(set(views) - have)
@@ -192,14 +224,13 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             raise KeyError(f"{path} does not match this model: {len(bad)} tensor(s) missing from the checkpoint "
                            f"{bad[:5]}, {len(unexpected)} unexpected {unexpected[:5]} (another model or LoRA config?)")
         # in place: the views share storage with the parameters and buffers (state_dict() detaches, no copy)
-        dcp.load({"state_dict": {k: views[k] for k in have}}, checkpoint_id=path)
+        safe_dcp_load({"state_dict": {k: views[k] for k in have}}, path)
 
         for idx, optimizer in enumerate(self.optimizers):
             optimizer = getattr(optimizer, "_optimizer", optimizer)
             osd = get_optimizer_state_dict(self.model, optimizer)
-            dcp.load({f"optimizer_{idx}": global_optimizer_state(self.model, osd)}, checkpoint_id=path)
+            safe_dcp_load({f"optimizer_{idx}": global_optimizer_state(self.model, osd)}, path)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=osd)
-        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         """EP + AC + FSDP2 on the strategy's mesh with its options (call from `configure_model`)."""
