@@ -15,11 +15,20 @@ A LightningCLI (jsonargparse) over `QMoELightningModule` and `MultimodalPackingD
 - `data.model_path` (the processor the data is tokenised with) follows `model.pretrained` unless given: training a
   real model on the embedded tokenizer's ids cannot happen by omission (and a processor whose vocabulary does not
   fit the model's embedding stops the run, see `QMoELightningModule.on_fit_start`);
-- `--ckpt_path last` resumes from `<default_root_dir>/checkpoints/last.ckpt` when the config uses `RunCheckpoint`;
-  a resume continues the saved run exactly (optimizer and schedule state included), so model settings that differ
+- `--ckpt_path last` resumes from the newest `last*.ckpt` of `<default_root_dir>/checkpoints` when the config uses
+  `RunCheckpoint` (`last.ckpt`; `last-v1.ckpt` after a second fresh fit into the same directory, which Lightning
+  versions instead of overwriting the first run's), resolved once, by Lightning's own code, and then both checked
+  and loaded; a resume continues the saved run exactly (optimizer and schedule state included), so model settings that differ
   from the checkpoint's (`--model.lr 0.5`) stop the run with a message saying what differs and what to do, instead
   of being silently replaced by the checkpoint's (Lightning's behaviour) or ignored by the restored schedule;
   validate / test / predict only read the weights, so only the settings that shape the model must match;
+- a `--ckpt_path` that does not exist, is no checkpoint, is a distributed checkpoint directory in a run whose
+  strategy cannot read one, or whose pickled parts refer to anything but plain data (`checkpoint_safety`: a
+  checkpoint from elsewhere must not run code) stops the run with exit 2 naming it; checkpoints are loaded with
+  `weights_only=True` unless `--weights_only false` is given;
+- fit and predict hold `<default_root_dir>/.qmoe_run.lock` while they run (`qmoe_lightning.run_lock`): a second
+  one into the same directory stops with exit 2 naming the first (pid, host, start time); a lock left by a killed
+  run is taken over with a warning;
 The optimizer and schedule are the module's own (`model.lr`, `model.warmup_steps`, ...), so the CLI's generic
 `--optimizer` / `--lr_scheduler` groups are not added.
 """
@@ -105,6 +114,9 @@ class QMoECLI(LightningCLI):
         """data.model_path unset: the processor of the model that trains (its tokenizer must index its embedding)."""
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
+        _check_model_source("model.pretrained", cfg["model"].get("pretrained"))
+        _check_model_source("model.processor_source", cfg["model"].get("processor_source"))
+        _check_model_source("data.model_path", cfg["data"].get("model_path"))
         if cfg["data"].get("model_path") is None:
             model = cfg["model"]
             source = model.get("processor_source") or model.get("pretrained")
@@ -112,13 +124,36 @@ class QMoECLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Replaces Lightning's, which overwrites the model section with the checkpoint's hyperparameters and so
-        silently drops `--model.*` overrides (and the saved config then records values the user did not ask for)."""
-        sub = self.config.get("subcommand")
-        if not sub:
+        silently drops `--model.*` overrides (and the saved config then records values the user did not ask for).
+        The checkpoint is checked in `_run_subcommand` instead, once the trainer exists: `last` can only be
+        resolved the way Lightning resolves it with the trainer's checkpoint callbacks."""
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """The run directory's lock (fit, predict), then the checkpoint checks, then Lightning's subcommand; the
+        lock is given back however the command ends."""
+        lock = _take_run_lock(self.trainer, subcommand)
+        try:
+            self._check_ckpt_path(subcommand)
+            super()._run_subcommand(subcommand)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _check_ckpt_path(self, sub: str) -> None:
+        """`--ckpt_path` resolved to the file or directory Lightning will load (which the trainer is then given, so
+        the checked one is the loaded one), refused with exit 2 when missing, unreadable by this run's strategy,
+        unsafe to unpickle, or saved with model settings that differ from the run's."""
+        init = self.config_init[sub]
+        if "weights_only" in init and init.get("weights_only") is None:
+            # torch.load's own default is weights_only=True, but not for URLs (Lightning passes False there) nor
+            # under TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: a checkpoint is never trusted to carry code here
+            init["weights_only"] = True
+        path = _resolve_ckpt_path(self.trainer, sub, init.get("ckpt_path"))
+        if path is None:
             return
+        init["ckpt_path"] = str(path)
         cfg = self.config[sub]
-        path = _resolve_ckpt_path(cfg.get("ckpt_path"), cfg.get("trainer", {}).get("default_root_dir"))
-        saved = _checkpoint_hparams(path) if path is not None else {}
+        saved = _checkpoint_hparams(path, self.trainer.strategy)
         given = cfg["model"].as_dict() if hasattr(cfg["model"], "as_dict") else dict(cfg["model"])
         # fit resumes the run: every setting counts; validate / test / predict only read weights from it, so only
         # what shapes the model does (a different lr cannot change an evaluation)
@@ -142,17 +177,113 @@ class QMoECLI(LightningCLI):
             raise SystemExit(2)
 
 
-def _resolve_ckpt_path(ckpt_path, root) -> Path | None:
+def _check_model_source(key: str, value) -> None:
+    """A model / processor source that is neither an existing directory nor a hub id ('org/name', fetched later)
+    nor the embedded sentinel: exit 2 naming it, before anything is built (the first to read it would otherwise be
+    the data preparation, with a bare "No such file or directory")."""
+    if value is None:
+        return
+    from qmoe_lightning.embedded import embedded_model_name
+    from qmoe_lightning.models.checkpoint import is_hub_id
+
+    try:
+        if embedded_model_name(value) is not None:
+            return
+    except ValueError as err:  # embedded:<unknown>
+        _refuse(f"--{key} {value}: {err}")
+    path = Path(str(value)).expanduser()
+    if path.is_dir() or (is_hub_id(value) and not path.exists()):
+        return
+    if path.exists():
+        _refuse(f"--{key} {value} is a file; expected a Hugging Face model directory (config.json, *.safetensors, "
+                "the tokenizer / processor files), a hub model id ('org/name') or 'embedded'")
+    _refuse(f"--{key} {value} is neither a local directory (no directory {path.resolve()}) nor a hub model id "
+            "('org/name'); expected a Hugging Face model directory, a hub id or 'embedded'")
+
+
+# what a --ckpt_path is expected to be, in the refusals
+_EXPECTED_CKPT = ("expected a .ckpt file or a distributed checkpoint directory written by a fit (e.g. "
+                  "<default_root_dir>/checkpoints/last.ckpt, or `--ckpt_path last`)")
+
+
+def _refuse(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(2)
+
+
+def _take_run_lock(trainer, subcommand: str):
+    """fit and predict write into the run directory (checkpoints, config.yaml, exports, predictions.jsonl): one
+    such command at a time (qmoe_lightning.run_lock). validate / test only add timestamped config copies and
+    versioned logs, so they may run beside a fit. Global rank 0 only, before it starts the other ranks (Lightning
+    starts them inside trainer.fit): a refused run starts none. Under torchrun / SLURM the other ranks already run
+    and end when rank 0's exit ends the job."""
+    if subcommand not in ("fit", "predict") or trainer.global_rank != 0:
+        return None
+    from qmoe_lightning.run_lock import RunLock, RunLockHeld
+
+    lock = RunLock(trainer.default_root_dir)
+    try:
+        lock.acquire()
+    except RunLockHeld as held:
+        _refuse(str(held))
+    return lock
+
+
+def _resolve_ckpt_path(trainer, subcommand: str, ckpt_path) -> Path | None:
+    """The checkpoint Lightning will load for `ckpt_path`, or None when there is nothing to check (no path; `last`
+    with no checkpoint yet, which Lightning starts fresh from with a warning; `best` / `hpc` / registry names and
+    URLs, which Lightning resolves itself). `last` is resolved by Lightning's own code on this trainer: the newest
+    `last*.ckpt` (by modification time) of the checkpoint callbacks' directories, so after two fresh fits into one
+    directory it is the second's `last-v1.ckpt`, not `last.ckpt`. A path that does not exist is refused."""
     if not ckpt_path:
         return None
-    path = Path(root or "", "checkpoints", "last.ckpt") if ckpt_path == "last" else Path(ckpt_path)
-    return path if path.exists() else None
+    ckpt_path = str(ckpt_path)
+    if ckpt_path == "last":
+        import warnings
+
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        with warnings.catch_warnings():  # "no last checkpoint": Lightning says it itself when the run starts
+            warnings.simplefilter("ignore")
+            found = trainer._checkpoint_connector._parse_ckpt_path(
+                TrainerFn(subcommand), "last", model_provided=True, model_connected=False)
+        return Path(found) if found else None
+    if ckpt_path in ("best", "hpc") or ckpt_path.startswith("registry") or "://" in ckpt_path:
+        return None
+    path = Path(ckpt_path)
+    if not path.exists():
+        _refuse(f"--ckpt_path {path}: no such file or directory; {_EXPECTED_CKPT}")
+    return path
 
 
-def _checkpoint_hparams(path: Path) -> dict:
-    """The module hyperparameters saved in a Lightning checkpoint file or distributed checkpoint directory."""
+def _checkpoint_hparams(path: Path, strategy=None) -> dict:
+    """The module hyperparameters saved in a Lightning checkpoint file or distributed checkpoint directory, read
+    without unpickling anything but plain data (exit 2 naming the path otherwise). A distributed checkpoint's
+    `.metadata` goes through `checkpoint_safety` (torch would unpickle it freely), and is refused where `strategy`
+    (given) cannot read a directory at all."""
     import torch
 
+    if path.is_dir():
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        from qmoe_lightning.checkpoint_safety import METADATA_FILE, UnsafeCheckpointError, read_dcp_metadata
+
+        if not (path / METADATA_FILE).is_file():
+            _refuse(f"--ckpt_path {path} is a directory without {METADATA_FILE}, so not a distributed checkpoint; "
+                    f"{_EXPECTED_CKPT}")
+        if strategy is not None and not isinstance(strategy, (ModelParallelStrategy, FSDPStrategy)):
+            _refuse(f"--ckpt_path {path} is a distributed checkpoint directory (written by a multi-process run), "
+                    f"which this run's strategy ({type(strategy).__name__}) cannot read: it loads .ckpt files. "
+                    "Run with the strategy that wrote it (the run's own config, saved beside its checkpoints as "
+                    "config.yaml), or start from its weights as a new run: --model.pretrained "
+                    "<default_root_dir>/hf_export (without --ckpt_path)")
+        try:
+            read_dcp_metadata(path)
+        except UnsafeCheckpointError as err:
+            _refuse(f"--ckpt_path {path}: {err}")
+        except Exception as err:
+            _refuse(f"--ckpt_path {path}: its {METADATA_FILE} is not readable distributed checkpoint metadata "
+                    f"({type(err).__name__}: {err}); {_EXPECTED_CKPT}")
     meta = path / "meta.pt" if path.is_dir() else path
     try:
         if not meta.is_file():
@@ -161,10 +292,8 @@ def _checkpoint_hparams(path: Path) -> dict:
         if not isinstance(ckpt, dict):
             raise TypeError(f"it holds a {type(ckpt).__name__}, not a checkpoint dict")
     except Exception as err:  # Lightning would fail later with an IndexError that does not name the file
-        sys.stderr.write(f"error: --ckpt_path {path}: not a readable Lightning checkpoint ({type(err).__name__}: "
-                         f"{err}); expected a .ckpt file or a distributed checkpoint directory written by a fit "
-                         "(e.g. <default_root_dir>/checkpoints/last.ckpt, or `--ckpt_path last`)\n")
-        raise SystemExit(2) from None
+        _refuse(f"--ckpt_path {path}: not a readable Lightning checkpoint ({type(err).__name__}: {err}); "
+                f"{_EXPECTED_CKPT}")
     return {k: v for k, v in dict(ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
 
 
