@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..export_dir import check_export_target, recover, swap_into_place, temp_dir
+from ..export_dir import check_export_target, check_finite, recover, swap_into_place, temp_dir
 from .conversion import Skip, is_native_only_key
 
 # copied from the source checkpoint so that an export is a complete, servable model directory
@@ -376,6 +376,7 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
 
         def add(key: str, tensor: torch.Tensor):
             nonlocal size, total
+            check_finite(key, tensor, f"the export {out_dir}")  # diverged weights: the previous export stays
             nbytes = tensor.numel() * tensor.element_size()
             if current and size + nbytes > max_shard_size:
                 flush()
