@@ -146,3 +146,44 @@ def test_a_partly_broken_pack_keeps_the_rest_and_names_only_kept_documents(emb, 
     os.remove(tmp_path / "a.png")
     with pytest.raises(ValueError, match=r"train.jsonl:1: missing_image"):
         strict.train_dataset[tuple(pack)]
+
+
+def test_media_paths_cover_images_videos_frame_directories_and_sharegpt(tmp_path):
+    from data_modules.encoding import media_paths
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for name in ("0002.png", "0001.png", "notes.txt"):
+        (frames / name).write_bytes(b"")
+    row = {"messages": [{"role": "user", "content": [
+        {"type": "image", "image": "a.png"}, {"type": "image", "image": "https://example.com/x.png"},
+        {"type": "video", "video": "frames"}, {"type": "video", "video": ["f1.png", "/abs/f2.png"]},
+        {"type": "video", "video": "clip.mp4"}, {"type": "text", "text": "hi"}, "junk"]}, 5]}
+    base = str(tmp_path)
+    assert media_paths(row, base) == [f"{base}/a.png", f"{base}/frames", f"{base}/frames/0001.png",
+                                      f"{base}/frames/0002.png", f"{base}/f1.png", "/abs/f2.png", f"{base}/clip.mp4"]
+    sharegpt = {"conversations": [{"from": "human", "value": [{"type": "image", "image": "a.png"}]}]}
+    assert media_paths(sharegpt, base) == [f"{base}/a.png"]
+    as_string = {"messages": json.dumps(row["messages"][:1])}
+    assert media_paths(as_string, base) == media_paths(row, base)
+    assert media_paths({"text": "plain"}, base) == [] and media_paths([1], base) == []
+
+
+def test_a_frame_removed_from_a_video_directory_changes_the_verdict(emb, tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for k in range(2):
+        _png(frames / f"{k:04d}.png", colour=(10 * k, 0, 0))
+    row = {"messages": [{"role": "user", "content": [{"type": "video", "video": "frames"},
+                                                     {"type": "text", "text": "What happens?"}]},
+                        {"role": "assistant", "content": "nothing"}]}
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps(row) + "\n" + json.dumps(_chat("a.png")) + "\n")
+    _png(tmp_path / "a.png")
+    dm = _dm(emb, tmp_path, train)
+    dm.setup("fit")
+    assert dm.stats["train"] == {"ok": 2}
+    os.remove(frames / "0001.png")  # one frame left: shorter than temporal_patch_size
+    dm = _dm(emb, tmp_path, train)
+    dm.setup("fit")
+    assert dm.stats["train"] == {"video_too_short": 1, "ok": 1}
