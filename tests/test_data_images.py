@@ -89,7 +89,7 @@ def test_32_bit_integer_and_float_modes_scale_by_their_range(mode, values, expec
     assert out.mode == "L" and np.asarray(out).tolist() == expected
 
 
-def test_16_bit_transparent_value_becomes_alpha(enc, tmp_path):
+def test_16_bit_transparent_value_becomes_alpha():
     values = _gradient16(8, 8)
     im = Image.fromarray(values)
     im.info["transparency"] = int(values[0, 0])
