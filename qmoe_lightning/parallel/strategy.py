@@ -178,6 +178,7 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             if self._expert_parallel():
                 raise ValueError(f"{path}: not a distributed checkpoint directory (with {_METADATA_FILENAME}); an "
                                  "expert-parallel run resumes from the checkpoints its strategy writes")
+            weights_only = True if weights_only is None else weights_only  # not torch's default: explicit
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         saved = set(read_dcp_metadata(path).state_dict_metadata)  # UnsafeCheckpointError for a crafted one
         if self._expert_parallel():
