@@ -120,7 +120,7 @@ class HFExport(pl.Callback):
         self._last_step_exported = trainer.global_step
         model = pl_module.model
         source = getattr(pl_module, "checkpoint_source", None)  # companion files, mtp.* passthrough (build_model)
-        refuse_nonfinite_model(model, trainer.strategy, f"the HF export {out} (step {trainer.global_step})")
+        refuse_nonfinite_model(model, f"the HF export {out} (step {trainer.global_step})")
         t0 = time.perf_counter()
         # LoRA adapters are merged into the exported weights; a plain model is saved as is
         if is_sharded_model(model):

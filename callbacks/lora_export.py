@@ -70,7 +70,7 @@ class LoraExport(pl.Callback):
         out = self.export_dir(trainer)
         model = pl_module.model
         config = LoraConfig.from_any(getattr(getattr(pl_module, "hparams", None), "lora", None))
-        refuse_nonfinite_model(model, trainer.strategy, f"the PEFT adapter export {out}")
+        refuse_nonfinite_model(model, f"the PEFT adapter export {out}")
         t0 = time.perf_counter()
         if is_sharded_model(model):  # all ranks gather the adapters in the same order, rank 0 writes
             save_peft_adapter(model, out, self.base_path(pl_module), fetch=full_tensor_fetcher(model),

@@ -44,7 +44,7 @@ class RunCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         model = getattr(trainer.lightning_module, "model", None)
         if model is not None:  # before anything is written or rotated out
-            refuse_nonfinite_model(model, trainer.strategy, f"the checkpoint {filepath}")
+            refuse_nonfinite_model(model, f"the checkpoint {filepath}")
         super()._save_checkpoint(trainer, filepath)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:

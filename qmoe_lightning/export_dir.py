@@ -43,8 +43,6 @@ import shutil
 import socket
 from pathlib import Path
 
-from lightning.pytorch.utilities import rank_zero_info
-
 log = logging.getLogger(__name__)
 
 MARKER = ".qmoe_export"
@@ -90,22 +88,25 @@ def nonfinite_tensors(model) -> list[str]:
     return bad
 
 
-def refuse_nonfinite_model(model, strategy, where: str) -> None:
-    """Raise NonFiniteError on every rank if any rank holds a non-finite weight of `model` (called by all ranks
-    of `strategy` together: one all-reduce of a flag, then the names are gathered for the message)."""
+def refuse_nonfinite_model(model, where: str) -> None:
+    """Raise NonFiniteError on every rank if any rank holds a non-finite weight of `model`. Under torch.distributed
+    all ranks must call it together (one all-reduce of a flag on the default group, then the names are gathered
+    for the message), as they call the collective export or checkpoint that follows."""
     import torch
-
-    bad = nonfinite_tensors(model)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    flag = strategy.reduce(torch.tensor(float(len(bad)), device=device), reduce_op="sum")
-    if float(flag) == 0:
-        return
     import torch.distributed as dist
 
+    bad = nonfinite_tensors(model)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        flag = torch.tensor(float(len(bad)), device=device)
+        dist.all_reduce(flag)
+        if float(flag) == 0:
+            return
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, bad[:5])
         bad = sorted({n for names in every for n in names})
+    elif not bad:
+        return
     shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
     raise NonFiniteError(f"refusing to write {where}: the model's weights hold NaN / inf ({shown}); the previous "
                          "checkpoint / export, if any, is left as it was")
@@ -338,6 +339,8 @@ def swap_into_place(tmp: Path, out_dir: Path, kind: str) -> None:
         check_export_target(out_dir)
         carried, renamed = carry_over(out_dir, tmp)
         if carried:
+            from lightning.pytorch.utilities import rank_zero_info  # shown like the export's own line (INFO)
+
             rank_zero_info(f"{out_dir}: kept {len(carried)} path(s) that are not part of the export: "
                            f"{', '.join(carried)}")
         for rel, kept in renamed.items():
