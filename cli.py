@@ -18,9 +18,10 @@ A LightningCLI (jsonargparse) over `QMoELightningModule` and `MultimodalPackingD
 - `--ckpt_path last` resumes from the newest `last*.ckpt` of `<default_root_dir>/checkpoints` when the config uses
   `RunCheckpoint` (`last.ckpt`; `last-v1.ckpt` after a second fresh fit into the same directory, which Lightning
   versions instead of overwriting the first run's), resolved once, by Lightning's own code, and then both checked
-  and loaded; a resume continues the saved run exactly (optimizer and schedule state included), so model settings that differ
-  from the checkpoint's (`--model.lr 0.5`) stop the run with a message saying what differs and what to do, instead
-  of being silently replaced by the checkpoint's (Lightning's behaviour) or ignored by the restored schedule;
+  and loaded; a resume continues the saved run exactly (optimizer and schedule state included), so model settings
+  that differ from the checkpoint's (`--model.lr 0.5`) stop the run with a message saying what differs and what to
+  do, instead of being silently replaced by the checkpoint's (Lightning's behaviour) or ignored by the restored
+  schedule;
   validate / test / predict only read the weights, so only the settings that shape the model must match;
 - a `--ckpt_path` that does not exist, is no checkpoint, is a distributed checkpoint directory in a run whose
   strategy cannot read one, or whose pickled parts refer to anything but plain data (`checkpoint_safety`: a
