@@ -79,3 +79,26 @@ def test_harness_reports_worker_errors(tmp_path):
     with pytest.raises((RuntimeError, TimeoutError), match="boom on rank 1"):
         run_workers(_fails_on_rank1, 2, tmp_path, timeout=60)
 
+
+
+def test_a_crashing_child_prints_its_stack():
+    """conftest sets PYTHONFAULTHANDLER=1 for every process the tests start: a rank dying of SIGSEGV leaves its
+    Python stack in the captured stderr, not only returncode -11 and its peers' "Connection closed by peer"."""
+    import subprocess
+
+    code = "import ctypes\ndef crash():\n    ctypes.string_at(0)\ncrash()\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -11
+    assert "Fatal Python error: Segmentation fault" in proc.stderr and "in crash" in proc.stderr, proc.stderr
+
+
+def test_launcher_variables_are_put_back():
+    """Lightning's `ddp_spawn` writes MASTER_PORT into the parent's environment (test_app_ddp runs it in the test
+    process); conftest puts it back after each test, so later runs do not all inherit that one stale port."""
+    from conftest import launcher_env_restored
+
+    before = os.environ.get("MASTER_PORT")
+    with launcher_env_restored():
+        os.environ["MASTER_PORT"] = "1"
+        os.environ["PL_GLOBAL_SEED"] = "7"
+    assert os.environ.get("MASTER_PORT") == before and "PL_GLOBAL_SEED" not in os.environ
