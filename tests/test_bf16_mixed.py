@@ -319,3 +319,28 @@ def test_context_parallel_gather_and_zero_tie_under_autocast(one_process_group):
     (gathered.float().sum() + tie).backward()
     assert a.grad.dtype == BF16 and b.grad.dtype == torch.float32
     assert torch.equal(a.grad, torch.ones_like(a)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_fsdp2_shards_a_bf16_true_model_that_keeps_fp32_decay_parameters(one_process_group):
+    """bf16-true under FSDP2 (the ep / cp strategy): the Gated DeltaNet keeps A_log / dt_bias in fp32 beside bf16
+    weights, and FSDP2 refuses a unit whose trainable parameters mix dtypes ("FSDP expects uniform original parameter
+    dtype"); `parallelize_model` gives such a module a unit of its own. Forward + backward run, the fp32 parameters
+    stay fp32 and get fp32 gradients, every gradient finite."""
+    from torch.distributed.tensor import DTensor
+
+    from qmoe_lightning.parallel.parallelize import build_mesh, parallelize_model
+
+    torch.manual_seed(0)
+    model = Qwen3_5MoeForConditionalGeneration.from_config(make_config()).to(BF16).train()
+    assert model.model.language_model.layers[0].linear_attn.A_log.dtype == torch.float32  # kept by KeepFp32Mixin
+    parallelize_model(model, build_mesh("cpu", 1, 1))
+    row = _packed_row()
+    model(**row, return_logits=False).loss.backward()
+    dtypes = {}
+    for name, p in model.named_parameters():
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        assert grad is not None and torch.isfinite(grad.float()).all(), name
+        dtypes.setdefault(grad.dtype, []).append(name)
+        assert grad.dtype == p.dtype, name
+    assert set(dtypes) == {BF16, torch.float32}
+    assert all(n.endswith(("A_log", "dt_bias")) for n in dtypes[torch.float32])

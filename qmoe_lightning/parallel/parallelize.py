@@ -17,6 +17,9 @@ Order (each step relies on the one before):
      expert, norms); the vision tower, then the root (embeddings, LM head, final norm). The model is switched to
      `always_run_vision`: a rank without images still runs the tower (on a placeholder, times 0), and images +
      videos take one tower call, so all ranks issue the same all-gathers / reduce-scatters in the same order.
+     FSDP2 wants one dtype among the trainable parameters of a unit; under bf16-true a Gated DeltaNet keeps its
+     A_log / dt_bias in fp32 (`KeepFp32Mixin`), so such a module becomes a unit of its own first
+     (`_shard_mixed_dtypes`; "FSDP expects uniform original parameter dtype" otherwise).
   4. Gradient scale: FSDP averages over the mesh it reduces on. Dense parameters see every data-parallel rank, so
      that is the data-parallel mean (what the LightningModule's normalisation expects, as with DDP). An expert
      gradient, however, already SUMS the contributions of the ep ranks (the all-to-all backward brought them
@@ -31,6 +34,7 @@ gradients are left for DDP-like averaging by the caller.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -181,6 +185,7 @@ def parallelize_model(
                 fully_shard(m, mesh=emesh, **kw)
                 if ep_scaled:
                     m.set_gradient_divide_factor(float(dp_world))
+        _shard_mixed_dtypes(block, dmesh, kw)
         fully_shard(block, mesh=dmesh, **kw)
     visual = getattr(getattr(model, "model", None), "visual", None)
     if visual is not None:
@@ -195,6 +200,37 @@ def parallelize_model(
             if isinstance(m, FSDPModule) and _needs_force_sum(m, id(m) in factored):
                 m.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def _shard_mixed_dtypes(unit: nn.Module, mesh: DeviceMesh, kw: dict) -> None:
+    """Leave `unit` with trainable parameters of one dtype for its own `fully_shard`: every module below it that
+    directly owns trainable parameters of another dtype (bf16-true: the fp32 A_log / dt_bias of a Gated DeltaNet)
+    becomes an FSDP2 unit of its own, after its children that still hold unsharded parameters became one more unit
+    together (one all-gather for all of them). Deepest modules first. Nothing happens when the dtypes agree (fp32,
+    bf16-mixed, LoRA: the trainable adapters have one dtype)."""
+
+    def unsharded(module: nn.Module) -> list[nn.Parameter]:
+        inside = {id(p) for m in module.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
+        return [p for p in module.parameters() if id(p) not in inside]
+
+    trainable = [p for p in unsharded(unit) if p.requires_grad]
+    if len({p.dtype for p in trainable}) <= 1:
+        return
+    sizes = Counter()
+    for p in trainable:
+        sizes[p.dtype] += p.numel()
+    main = sizes.most_common(1)[0][0]
+    for name, m in reversed(list(unit.named_modules())):
+        own = [p for p in m.parameters(recurse=False) if p.requires_grad and not isinstance(m, FSDPModule)]
+        if not any(p.dtype != main for p in own):
+            continue
+        if m is unit or any(p.dtype == main for p in own):
+            raise ValueError(f"{type(unit).__name__}.{name or '(itself)'}: trainable parameters of dtypes "
+                             f"{sorted({str(p.dtype) for p in own})} in one module; FSDP2 shards one dtype per unit")
+        children = [c for c in m.children() if unsharded(c)]
+        if children:
+            fully_shard(children, mesh=mesh, **kw)
+        fully_shard(m, mesh=mesh, **kw)
 
 
 def _needs_force_sum(module: FSDPModule, has_divide_factor: bool) -> bool:
