@@ -47,12 +47,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from callbacks import RunCheckpoint, StepProgressBar
+from callbacks.preemption import Preempted, PreemptionCheckpoint
+from qmoe_lightning.export_dir import NonFiniteError
 from data_modules.datamodule import MultimodalPackingDataModule
 from qmoe_lightning.lightning_module import QMoELightningModule
 
 
 # module arguments a checkpoint may differ in: they do not shape the training state (decoding options of predict)
-NOT_TRAINING_SETTINGS = {"generation"}
+NOT_TRAINING_SETTINGS = {"generation", "nonfinite", "nonfinite_max_skips"}  # a resume after a NaN stop may skip
+# exit code of a run stopped by a NaN / inf loss or gradient (2: bad input, 143: SIGTERM)
+EXIT_NONFINITE = 3
 # what makes a checkpoint's tensors fit the model (the only settings validate / test / predict compare)
 # (router_balancing: a bias / both checkpoint holds the routers' balancing bias, which also changes the routing)
 MODEL_SHAPE_SETTINGS = {"pretrained", "model_config", "text_only", "lora", "processor_source", "mtp",
@@ -109,6 +113,8 @@ class QMoECLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False and not any(
                 isinstance(c, ProgressBar) for c in [*configured, *callbacks]):
             callbacks = [*callbacks, StepProgressBar()]
+        if not any(isinstance(c, PreemptionCheckpoint) for c in [*configured, *callbacks]):
+            callbacks = [*callbacks, PreemptionCheckpoint()]  # SIGTERM: finish the step, checkpoint, exit 143
         return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:
@@ -317,12 +323,12 @@ def main(args=None, run: bool = True) -> QMoECLI:
     )
 
 
-def exit_after_distributed_run() -> None:
+def exit_after_distributed_run(code: int = 0) -> None:
     """End a finished multi-process run without the interpreter's teardown. After a successful run (checkpoints and
     exports written, loggers finalised by Lightning), the C++ objects of torch.distributed (gloo threads, stores) are
     sometimes destroyed in an order that ends the process in std::terminate ("terminate called without an active
     exception", exit code -6), even with the process group destroyed first: seen on gloo in CI, in this app and in a
-    test script. Nothing is left to do at that point, so the process leaves with os._exit(0) after flushing its
+    test script. Nothing is left to do at that point, so the process leaves with os._exit(code) after flushing its
     output. Single-process runs end normally."""
     import torch.distributed as dist
 
@@ -333,9 +339,17 @@ def exit_after_distributed_run() -> None:
             dist.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Preempted as stop:  # the checkpoint is written; leave like a finished distributed run, but with 143
+        exit_after_distributed_run(stop.code)
+        raise
+    except NonFiniteError as err:  # one paragraph (step, quantity, groups, what to do), not a traceback
+        sys.stderr.write(f"error: {err}\n")
+        exit_after_distributed_run(EXIT_NONFINITE)
+        raise SystemExit(EXIT_NONFINITE) from None
     exit_after_distributed_run()

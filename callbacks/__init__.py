@@ -1,13 +1,14 @@
 """Lightning callbacks for MoE fine-tuning: aux-loss logging, expert-load statistics, run summary figure, Hugging
-Face export (merged, or the PEFT adapter of a LoRA run)."""
+Face export (merged, or the PEFT adapter of a LoRA run), a checkpoint on SIGTERM."""
 
 from .expert_load import ExpertLoadStats
 from .hf_export import HFExport
 from .lora_export import LoraExport
 from .moe_aux_loss import MoEAuxLossLogger
+from .preemption import PreemptionCheckpoint
 from .run_checkpoint import RunCheckpoint
 from .run_report import RunReport, StepProgressBar
 from .run_summary import RunSummaryPlot
 
-__all__ = ["ExpertLoadStats", "HFExport", "LoraExport", "MoEAuxLossLogger", "RunCheckpoint", "RunReport", "RunSummaryPlot",
-           "StepProgressBar"]
+__all__ = ["ExpertLoadStats", "HFExport", "LoraExport", "MoEAuxLossLogger", "PreemptionCheckpoint", "RunCheckpoint",
+           "RunReport", "RunSummaryPlot", "StepProgressBar"]

@@ -1,0 +1,122 @@
+"""SIGTERM (what schedulers send before killing a job) ends a run with a resumable checkpoint and a non-zero exit:
+
+- in process, a SIGTERM in the middle of a gradient-accumulation window: the optimizer step in progress finishes,
+  `last.ckpt` is written at that step, the run ends with exit code 143, and `--ckpt_path last` continues with the
+  losses an uninterrupted run has (negative control: without the callback Lightning exits with code 0, mid-window,
+  and writes no checkpoint);
+- through `cli.py fit` in a subprocess, the signal sent from outside: exit 143, the message names the checkpoint,
+  and a resume with `--ckpt_path last` trains on from it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from callbacks import RunCheckpoint
+from callbacks.preemption import EXIT_CODE, Preempted, PreemptionCheckpoint
+from qmoe_lightning.lightning_module import QMoELightningModule
+from test_app_common import make_datamodule, make_trainer, small_data  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class StepLosses(pl.Callback):
+    def __init__(self, sigterm_at_batch: int | None = None):
+        self.losses: dict[int, float] = {}
+        self.sigterm_at_batch = sigterm_at_batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not pl_module.step_in_progress:
+            self.losses[trainer.global_step] = pl_module.last_step.loss
+        if batch_idx == self.sigterm_at_batch:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to this (main) thread before the next batch
+
+
+def _fit(root, data, cache, ckpt_path=None, sigterm_at_batch=None, preemption=True):
+    torch.manual_seed(0)
+    module = QMoELightningModule(pretrained="embedded", lr=3e-3, warmup_steps=2, min_lr_ratio=0.1)
+    rec = StepLosses(sigterm_at_batch)
+    callbacks = [RunCheckpoint(every_n_train_steps=100), rec] + ([PreemptionCheckpoint()] if preemption else [])
+    trainer = make_trainer(root, max_steps=5, enable_checkpointing=True, accumulate_grad_batches=2,
+                           callbacks=callbacks)
+    trainer.fit(module, datamodule=make_datamodule(data, cache, max_tokens=128), ckpt_path=ckpt_path)
+    return rec.losses, trainer
+
+
+def test_sigterm_mid_window_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, small_data):  # noqa: F811
+    cache = tmp_path / "cache"
+    full, _ = _fit(tmp_path / "full", small_data, cache)
+    assert sorted(full) == [1, 2, 3, 4, 5]
+
+    # batch 4 is the first micro-batch of step 3 (2 per step): the signal arrives inside the window
+    with pytest.raises(Preempted) as stop:
+        _fit(tmp_path / "run", small_data, cache, sigterm_at_batch=4)
+    assert stop.value.code == EXIT_CODE == 143
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert str(last) in str(stop.value) and last.is_file()
+    saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    assert saved["global_step"] == 3  # the step in progress finished; none started after it
+
+    resumed, trainer = _fit(tmp_path / "run", small_data, cache, ckpt_path="last")
+    assert sorted(resumed) == [4, 5] and trainer.global_step == 5
+    for step in (4, 5):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), (step, resumed, full)
+    assert len({round(v, 6) for v in full.values()}) == 5  # the curve moves: the comparison is not trivial
+
+
+def test_without_the_callback_lightning_stops_mid_window_with_exit_0_and_no_checkpoint(tmp_path, small_data):  # noqa: F811
+    """What the callback fixes (negative control): Lightning's own SIGTERM handling."""
+    with pytest.raises(SystemExit) as stop:
+        _fit(tmp_path / "run", small_data, tmp_path / "cache", sigterm_at_batch=4, preemption=False)
+    assert not isinstance(stop.value, Preempted) and stop.value.code in (None, 0)
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def _cli(root: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "cli.py", "fit", "--config", "configs/tiny.yaml", "--trainer.max_steps", "400",
+            "--trainer.default_root_dir", str(root), "--data.train_path", str(data), "--data.val_path", "null",
+            "--data.max_tokens", "128", "--data.num_workers", "0", "--data.cache_dir", str(root.parent / "cache"),
+            "--trainer.val_check_interval", "null", "--trainer.enable_progress_bar", "false", *extra]
+
+
+def test_cli_sigterm_exits_143_with_a_checkpoint_that_resumes(tmp_path, small_data):  # noqa: F811
+    root, mark, log = tmp_path / "run", tmp_path / "training", tmp_path / "fit.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    cmd = _cli(root, small_data, "--trainer.callbacks+=preemption_callbacks.MarkTraining",
+               "--trainer.callbacks.path", str(mark))
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)  # until a step is done: the handler is installed, the run is training
+            assert mark.exists(), log.read_text()[-3000:]
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert proc.returncode == EXIT_CODE, text[-3000:]
+    last = root / "checkpoints" / "last.ckpt"
+    assert f"resumable checkpoint: {last}" in text and last.is_file(), text[-3000:]
+    step = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    assert 0 < step < 400
+    assert not (root / "hf_export").exists()  # a preemption exports nothing: the checkpoint carries the work
+    assert not (root / ".qmoe_run.lock").exists()  # the run directory is free for the resume
+
+    res = subprocess.run(_cli(root, small_data, "--ckpt_path", "last", "--trainer.max_steps", str(step + 2)),
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert f"Restored all states from the checkpoint at {last}" in out, out[-3000:]
+    assert (root / "hf_export" / "config.json").is_file()  # trained on to max_steps and exported
