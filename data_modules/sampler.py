@@ -123,3 +123,9 @@ class PackSampler(DistributedSampler):
             return
         self.epoch = int(state["epoch"])
         self._resume_at = self.consumed = min(int(state["consumed"]), self.num_samples)
+        if self.consumed >= self.num_samples:
+            # saved after the epoch's last micro-batch (a checkpoint at an optimizer step that ends the epoch): the
+            # position is the start of the next epoch. Lightning draws the resumed loader's iterator before it sets
+            # the next epoch, so an exhausted epoch here would be an empty epoch there and the next epoch's packs
+            # would be skipped whole.
+            self.epoch, self._resume_at, self.consumed = self.epoch + 1, 0, 0
