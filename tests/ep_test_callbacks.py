@@ -58,19 +58,6 @@ class DumpGradients(pl.Callback):
             torch.save(grads, os.path.join(trainer.default_root_dir, f"grads_step{trainer.global_step}.pt"))
 
 
-class ScaleExpertGradients(pl.Callback):
-    """Multiply the routed experts' gradients by `factor` before the optimizer step: an injected scaling bug, the
-    negative control of the gradient comparisons."""
-
-    def __init__(self, factor: float):
-        self.factor = factor
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        for name, p in pl_module.model.named_parameters():
-            if ".experts." in name and p.grad is not None:
-                p.grad.mul_(self.factor)
-
-
 class DumpBalancingBias(pl.Callback):
     """At the end of fit, every rank saves its routers' balancing biases ((L, E), the module's router order) to
     `<default_root_dir>/bias_rank{r}.pt`. Checks on the way that the bias is a plain fp32 tensor, not a DTensor:

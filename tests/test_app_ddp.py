@@ -4,6 +4,8 @@ process accumulating both micro-batches, although the two micro-batches hold dif
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -48,6 +50,9 @@ def test_two_ddp_ranks_equal_one_process_accumulating(tmp_path, small_data):
     trainer = make_trainer(tmp_path / "ddp", max_steps=1, strategy="ddp_spawn", devices=2,
                            use_distributed_sampler=False)
     trainer.fit(module, train_dataloaders=loader)
+    # ddp_spawn leaves the port of its rendezvous in this process's environment (conftest puts it back after the
+    # test, see there)
+    assert os.environ.get("MASTER_PORT") == str(trainer.strategy.cluster_environment.main_port)
     saved = torch.load(out)
     assert saved["targets"] == a["num_label_tokens"] + b["num_label_tokens"]
     assert saved["grads"].keys() == single.keys()

@@ -25,8 +25,9 @@ How "equal" is decided, so that the checks are decisive and stable at once:
    gradient element (one run failed 2.37e-5 against a 1e-5 bound that way), so these runs use eps=EPS=1e-3 and
    the bound `weight_bound(lr)` from the absolute gradient tolerance (1.6e-5; seen ~1e-8). It catches what
    gradients at the first steps cannot: optimizer state, schedules, resume and data order (bugs move weights ~lr).
-Negative control: the same ep=2 run with its expert gradients halved on the way (the HSDP double-division bug)
-must fail the gradient check.
+Negative control: the ep=2 run's gradients with the experts' halved (the HSDP double-division bug) must fail the
+gradient check. The one-process reference runs run in the test process (`cli.main`), the multi-process ones as
+`python cli.py` launched by Lightning.
 """
 
 from __future__ import annotations
@@ -65,10 +66,31 @@ def _fit(out: Path, *extra: str, devices: int = 2, check: bool = True,
             "--trainer.callbacks+=ep_test_callbacks.DumpGradients", "--trainer.callbacks.steps", str(GRAD_STEPS), *extra]
     if devices == 1:
         args += ["--trainer.strategy", "auto"]
+        assert check, "a one-process reference run runs in this process: it must succeed"
+        return _fit_in_process(args[2:])
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-5000:]
     return proc
+
+
+def _fit_in_process(cli_args: list[str]) -> subprocess.CompletedProcess:
+    """The one-process reference runs: `cli.main` in this process, as `python cli.py` would run it (from the repository
+    root, one intra-op thread as OMP_NUM_THREADS=1 gives the multi-process ranks). A process of its own would prove
+    nothing more, and cost an interpreter start with every import (most of a tiny run's time)."""
+    import cli
+
+    cwd, threads, argv = os.getcwd(), torch.get_num_threads(), sys.argv
+    os.chdir(ROOT)
+    torch.set_num_threads(1)
+    sys.argv = ["cli.py", *cli_args]
+    try:
+        cli.main(cli_args)
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+        sys.argv = argv
+    return subprocess.CompletedProcess(cli_args, 0, "", "")
 
 
 def _weights(run: Path, sub: str = "hf_export") -> dict[str, torch.Tensor]:
@@ -147,14 +169,24 @@ def test_ep2_equals_one_process_accumulating(ep_run, single_accumulating_2):
     assert config["architectures"] == ["Qwen3_5MoeForConditionalGeneration"]
 
 
-def test_gradient_check_catches_halved_expert_gradients(single_accumulating_2, tmp_path):
-    """Negative control: ep=2 with the routed experts' gradients halved (what the HSDP double division did)."""
-    run = tmp_path / "halved"
-    _fit(run, "--trainer.max_steps", str(GRAD_STEPS), "--trainer.callbacks+=ep_test_callbacks.ScaleExpertGradients",
-         "--trainer.callbacks.factor", "0.5")
+def test_gradient_check_catches_halved_expert_gradients(ep_run, single_accumulating_2, tmp_path):
+    """Negative control: the ep=2 run's gradients with the routed experts' halved (what the HSDP double division
+    did) must fail the gradient check against the one-process run. The run's dumped gradients are halved: at the
+    dump point that is what a halving inside the run gives (exactly at step 0, whose halved gradients alone already
+    fail), without a third multi-process run."""
+    import re
+
+    out, _ = ep_run
+    halved = tmp_path / "halved"
+    halved.mkdir()
+    for step in range(GRAD_STEPS):
+        grads = torch.load(out / f"grads_step{step}.pt")
+        torch.save({k: g * 0.5 if ".experts." in k else g for k, g in grads.items()}, halved / f"grads_step{step}.pt")
+    _compare_gradients(out, single_accumulating_2)  # the unaltered gradients pass: the control is the halving
     with pytest.raises(AssertionError) as failure:
-        _compare_gradients(run, single_accumulating_2)
-    assert ".experts." in str(failure.value) and "0.5" in str(failure.value)
+        _compare_gradients(halved, single_accumulating_2)
+    worst_key, worst = re.search(r"\('(\d+:[^']+)', ([0-9.e-]+)\)", str(failure.value)).groups()
+    assert ".experts." in worst_key and abs(float(worst) - 0.5) < 1e-3, str(failure.value)
 
 
 def test_crash_and_resume_continues_the_uninterrupted_run(ep_run, tmp_path):
