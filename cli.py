@@ -51,6 +51,7 @@ from callbacks.preemption import Preempted, PreemptionCheckpoint
 from qmoe_lightning.export_dir import NonFiniteError
 from data_modules.datamodule import MultimodalPackingDataModule
 from qmoe_lightning.lightning_module import QMoELightningModule
+from qmoe_lightning.startup_noise import silence_third_party_noise
 
 
 # module arguments a checkpoint may differ in: they do not shape the training state (decoding options of predict)
@@ -87,7 +88,7 @@ class SaveConfigBesideCheckpoints(SaveConfigCallback):
             stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str enum)
             fit = stage == "fit"
             stamped = os.path.join(target, f"config-{stamp}.yaml" if fit else f"config-{stage}-{stamp}.yaml")
-            self.parser.save(self.config, stamped, skip_none=False, overwrite=True, multifile=self.multifile)
+            self.parser.save(self.config, stamped, skip_unset=False, overwrite=True, multifile=self.multifile)
             self.saved_to = stamped
             if fit:  # config.yaml is the config a resume uses: a predict / validate config must not replace it
                 tmp = os.path.join(target, f".{self.config_filename}.tmp")
@@ -311,6 +312,7 @@ def _canonical(value) -> str:
 
 
 def main(args=None, run: bool = True) -> QMoECLI:
+    silence_third_party_noise()
     return QMoECLI(
         QMoELightningModule,
         MultimodalPackingDataModule,

@@ -9,6 +9,8 @@ from its `last.ckpt`. `save_last` defaults to True for the same reason.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
@@ -34,7 +36,10 @@ class RunCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.resolve_dirpath(trainer)
-        super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings():
+            if _only_configs(self.dirpath):  # the CLI's config.yaml is written here first: a fresh run is no warning
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
 
     def _find_last_checkpoints(self, trainer) -> set[str]:
         # `ckpt_path="last"` is resolved before the callbacks' setup: the directory must be known here already
@@ -53,3 +58,12 @@ class RunCheckpoint(ModelCheckpoint):
                            f"step stays in {self.dirpath}")
             return
         super().on_exception(trainer, pl_module, exception)
+
+
+def _only_configs(dirpath) -> bool:
+    """True when `dirpath` holds nothing but the CLI's saved configs (`config*.yaml` and their temporaries)."""
+    try:
+        names = os.listdir(dirpath)
+    except OSError:
+        return True
+    return all(re.fullmatch(r"\.?config.*\.yaml(\.tmp)?", n) for n in names)

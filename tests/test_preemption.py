@@ -5,7 +5,8 @@
   losses an uninterrupted run has (negative control: without the callback Lightning exits with code 0, mid-window,
   and writes no checkpoint);
 - through `cli.py fit` in a subprocess, the signal sent from outside: exit 143, the message names the checkpoint,
-  and a resume with `--ckpt_path last` trains on from it.
+  and a resume with `--ckpt_path last` trains on from it (that fresh run's output also shows that the startup
+  carries no third-party noise).
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ def test_cli_sigterm_exits_143_with_a_checkpoint_that_resumes(tmp_path, small_da
     assert 0 < step < 400
     assert not (root / "hf_export").exists()  # a preemption exports nothing: the checkpoint carries the work
     assert not (root / ".qmoe_run.lock").exists()  # the run directory is free for the resume
+    # a fresh run's start carries none of the third-party noise it used to (qmoe_lightning.startup_noise)
+    for noise in ("Tip:", "DeprecationWarning", "LeafSpec", "exists and is not empty"):
+        assert noise not in text, (noise, text[:3000])
 
     res = subprocess.run(_cli(root, small_data, "--ckpt_path", "last", "--trainer.max_steps", str(step + 2)),
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
