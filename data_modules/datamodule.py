@@ -41,6 +41,7 @@ from qmoe_lightning.embedded import SENTINEL, embedded_model_name, resolve_path
 from .encoding import TRUNCATED, Encoder
 from .packing import PackDataset
 from .planning import EpochPackPlan
+from .processor import local_model_dir
 from .prompts import PromptDataset
 from .sampler import PackSampler
 from .sources import bad_rows, encode_files, first_bad, skip_summary
@@ -138,8 +139,10 @@ class MultimodalPackingDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ preparation
     def _resolved_model(self) -> str:
-        return str(resolve_path(SENTINEL if self.model_path is None else self.model_path, "model",
-                                self.embedded_cache_dir))
+        # a hub id becomes the local snapshot of its processor files: tokenising, the cache key and the chat
+        # template read files (a bare "org/name" failed in os.listdir before anything was fetched)
+        return local_model_dir(str(resolve_path(SENTINEL if self.model_path is None else self.model_path, "model",
+                                                self.embedded_cache_dir)))
 
     def _resolved(self):
         emb = self.embedded_cache_dir

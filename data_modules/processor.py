@@ -24,6 +24,25 @@ class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
+# what the data side reads of a model: tokenizer, chat template, image / video preprocessor configs (not the weights)
+PROCESSOR_FILES = ["*.json", "*.jinja", "*.txt", "*.model"]
+
+
+def local_model_dir(model_path: str) -> str:
+    """A local directory with `model_path`'s processor files: the path itself, or for a hub id ("org/name") the local
+    snapshot of its processor files, fetched into the Hugging Face cache (the weights are left to the model, which
+    downloads them into the same snapshot). Anything else is returned as given, for the caller's error to name."""
+    if Path(model_path).is_dir():
+        return model_path
+    from qmoe_lightning.models.checkpoint import is_hub_id
+
+    if not is_hub_id(model_path):
+        return model_path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model_path, allow_patterns=PROCESSOR_FILES)
+
+
 @functools.lru_cache(maxsize=4)
 def load_processor(model_dir: str):
     """AutoProcessor of `model_dir`; image-only Qwen3-VL processor if the video processor cannot be built."""
