@@ -124,3 +124,42 @@ def test_cli_sigterm_exits_143_with_a_checkpoint_that_resumes(tmp_path, small_da
     assert res.returncode == 0, out[-3000:]
     assert f"Restored all states from the checkpoint at {last}" in out, out[-3000:]
     assert (root / "hf_export" / "config.json").is_file()  # trained on to max_steps and exported
+
+
+def test_cli_sigterm_to_the_launching_process_stops_every_expert_parallel_rank(tmp_path, small_data):  # noqa: F811
+    """ep=2 on 2 processes started by Lightning from one `cli.py`: SIGTERM reaches the launching process (rank 0)
+    only; rank 1 learns of it through the per-step all-reduce, both write their part of the distributed checkpoint at
+    the same step, both exit 143, and `--ckpt_path last` trains on from that directory."""
+    root, mark, log = tmp_path / "ep", tmp_path / "training", tmp_path / "fit.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    base = [sys.executable, "cli.py", "fit", "--config", "configs/tiny_ep.yaml", "--trainer.default_root_dir",
+            str(root), "--data.train_path", str(small_data), "--data.val_path", "null", "--data.max_tokens", "128",
+            "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache"), "--trainer.val_check_interval",
+            "null", "--trainer.enable_progress_bar", "false"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(base + ["--trainer.max_steps", "400",
+                                        "--trainer.callbacks+=preemption_callbacks.MarkTraining",
+                                        "--trainer.callbacks.path", str(mark)],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert mark.exists(), log.read_text()[-3000:]
+            proc.send_signal(signal.SIGTERM)  # the launching process only, as `kill PID` does
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert proc.returncode == EXIT_CODE, text[-3000:]
+    last = root / "checkpoints" / "last.ckpt"
+    assert (last / "meta.pt").is_file() and (last / ".metadata").is_file(), text[-3000:]
+    assert len(list(last.glob("*.distcp"))) == 2  # both ranks wrote their shards
+    step = torch.load(last / "meta.pt", map_location="cpu", weights_only=True)["global_step"]
+    assert 0 < step < 400
+    res = subprocess.run(base + ["--ckpt_path", "last", "--trainer.max_steps", str(step + 2)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert (root / "hf_export" / "config.json").is_file()
