@@ -1,0 +1,232 @@
+"""The seams between features: a pairwise (covering-array) matrix of short fits through the real application.
+
+Factors and values:
+    family     qwen3_5_moe, qwen3_vl_moe
+    precision  32-true, bf16-mixed, bf16-true
+    mode       full, lora (LoRA on the family's default targets, the routed experts' per-expert adapters included)
+    layout     1 process, ep=2 (expert parallelism, 2 processes), cp=2 (context parallelism, 2 processes)
+    extras     none, mtp (multi-token prediction; Qwen3.5-MoE only), ac (activation checkpointing with routing
+               replay), bias (aux-loss-free balancing: `router_balancing: bias`)
+Every pair of values of two factors appears in at least one row (`test_rows_cover_every_pair` checks it; MTP only
+with Qwen3.5-MoE). A row may switch on more than one extra: it then covers each of them (and an extra's pairs with
+the other extras); "none" is a row with no extra. That is what keeps the 2-process rows at their floor: each layout
+must meet all three precisions, so at least 3 rows per multi-process layout whatever the extras, and 4 extras per
+layout would need a fourth row each if a row carried only one.
+
+Each row is one `cli.py fit` of STEPS optimizer steps on a small JSONL (image questions and text; 3 packs of 256
+tokens) with only the callbacks the checks need. 1-process rows run in this process (`cli.main`, one torch thread:
+on a shared 2-core machine two OpenMP threads per process made a step ~50x slower); 2-process rows launch `cli.py`
+as the user does (Lightning starts the second process; gloo). Checks, every row:
+- the train loss of every step finite and the last below the first (lr LR, no warmup: the tiny models fall by
+  ~0.2-0.9 nats in 3 steps, far above the pack-to-pack noise);
+- the Hugging Face export finite and loaded by transformers (`AutoModelForImageTextToText`); for LoRA rows also the
+  PEFT adapter, loaded by `peft.PeftModel.from_pretrained` onto the transformers base model;
+- rows marked `resume`: the checkpoint of step STEPS - 1 resumed for one step gives the uninterrupted run's last
+  loss within RESUME_RTOL. The resumed step repeats the same operations on the same restored weights, optimizer
+  state and pack, so it is bitwise the same in fp32 and in both bf16 modes (bf16-mixed restores the fp32 masters,
+  bf16-true the bf16 weights it trained); the 1e-6 only allows for a reduction order that a restored process might
+  pick differently. Every 1-process row and one row of each multi-process layout resume.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_app_common import write_small_dataset
+
+import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 3
+LR = 1e-2
+RESUME_RTOL = 1e-6
+LORA = json.dumps(dict(rank=4, alpha=8, expert_rank=2))  # default targets: experts included in both families
+
+FACTORS = {
+    "family": ("qwen3_5_moe", "qwen3_vl_moe"),
+    "precision": ("32-true", "bf16-mixed", "bf16-true"),
+    "mode": ("full", "lora"),
+    "layout": ("1", "ep2", "cp2"),
+    "extras": ("none", "mtp", "ac", "bias"),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    family: str
+    precision: str
+    mode: str
+    layout: str
+    extras: tuple[str, ...] = ()
+    resume: bool = False
+
+    @property
+    def id(self) -> str:
+        fam = {"qwen3_5_moe": "q35", "qwen3_vl_moe": "vl"}[self.family]
+        return "-".join([fam, self.precision, self.mode, self.layout, "+".join(self.extras) or "none"])
+
+    def values(self) -> list[tuple[str, str]]:
+        """(factor, value) of the row; one ("extras", e) per extra switched on, ("extras", "none") without."""
+        own = [(f, getattr(self, f)) for f in ("family", "precision", "mode", "layout")]
+        return own + [("extras", e) for e in (self.extras or ("none",))]
+
+
+Q35, VL = "qwen3_5_moe", "qwen3_vl_moe"
+ROWS = [
+    # 1 process
+    Row(Q35, "bf16-mixed", "full", "1", (), resume=True),  # `cli.py fit --config configs/tiny.yaml` in bf16-mixed
+    Row(Q35, "bf16-mixed", "lora", "1", ("mtp",), resume=True),
+    Row(Q35, "bf16-true", "full", "1", ("mtp",), resume=True),
+    Row(Q35, "32-true", "full", "1", ("ac",), resume=True),
+    Row(Q35, "32-true", "lora", "1", ("bias",), resume=True),
+    Row(VL, "bf16-mixed", "lora", "1", (), resume=True),
+    Row(VL, "bf16-true", "lora", "1", ("ac",), resume=True),
+    # ep=2
+    Row(Q35, "32-true", "lora", "ep2", ("mtp",)),
+    Row(VL, "bf16-mixed", "full", "ep2", ("ac", "bias"), resume=True),
+    Row(Q35, "bf16-true", "full", "ep2", ()),
+    # cp=2
+    Row(VL, "32-true", "lora", "cp2", ()),
+    Row(Q35, "bf16-mixed", "full", "cp2", ("mtp", "ac"), resume=True),
+    Row(Q35, "bf16-true", "lora", "cp2", ("bias",)),
+]
+
+
+def _allowed(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    return {a, b} != {("family", VL), ("extras", "mtp")}
+
+
+def test_rows_cover_every_pair():
+    wanted = {frozenset([(fa, va), (fb, vb)])
+              for fa, fb in itertools.combinations(FACTORS, 2)
+              for va in FACTORS[fa] for vb in FACTORS[fb] if _allowed((fa, va), (fb, vb))}
+    covered = set()
+    for row in ROWS:
+        assert _allowed(("family", row.family), ("extras", "mtp")) or "mtp" not in row.extras, row.id
+        for value in row.values():
+            assert value[1] in FACTORS[value[0]], (row.id, value)
+        covered |= {frozenset(p) for p in itertools.combinations(row.values(), 2) if p[0][0] != p[1][0]}
+    missing = sorted(tuple(sorted(p)) for p in wanted - covered)
+    assert not missing, missing
+    assert len({r.id for r in ROWS}) == len(ROWS)
+    # multi-process rows at their floor: one per precision and layout
+    for layout in ("ep2", "cp2"):
+        assert sum(r.layout == layout for r in ROWS) == len(FACTORS["precision"])
+
+
+# ------------------------------------------------------------------------------------------------ running a row
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """The data (written once), one data cache shared by the rows, one torch thread for the in-process fits."""
+    base = tmp_path_factory.mktemp("matrix")
+    data = write_small_dataset(base / "data")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield base, data
+    torch.set_num_threads(threads)
+
+
+def _callbacks(row: Row) -> str:
+    cbs = [{"class_path": "ep_test_callbacks.RecordStepLosses"},
+           {"class_path": "callbacks.RunCheckpoint", "init_args": {"every_n_train_steps": STEPS - 1, "save_top_k": -1}},
+           {"class_path": "callbacks.HFExport"}]
+    if row.mode == "lora":
+        cbs.append({"class_path": "callbacks.LoraExport"})
+    return json.dumps(cbs)
+
+
+def _args(row: Row, root: Path, data: Path, cache: Path) -> list[str]:
+    config = {"1": "tiny.yaml", "ep2": "tiny_ep.yaml", "cp2": "tiny_cp.yaml"}[row.layout]
+    args = ["--config", str(ROOT / "configs" / config), "--trainer.default_root_dir", str(root),
+            "--trainer.max_steps", str(STEPS), "--trainer.precision", row.precision,
+            "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+            "--trainer.callbacks", _callbacks(row),
+            "--data.train_path", str(data), "--data.val_path", str(data), "--data.max_tokens", "256",
+            "--data.num_workers", "0", "--data.cache_dir", str(cache),
+            "--model.lr", str(LR), "--model.warmup_steps", "0"]
+    if row.family == VL:
+        args += ["--model.pretrained", "embedded:qwen3_vl_moe"]
+    if row.mode == "lora":
+        args += ["--model.lora", LORA]
+    if "mtp" in row.extras:
+        args += ["--model.mtp", json.dumps({"enabled": True})]
+    if "bias" in row.extras:
+        args += ["--model.router_balancing", "bias"]
+    if "ac" in row.extras:
+        where = "model" if row.layout == "1" else "trainer.strategy"
+        args += [f"--{where}.activation_checkpointing", "true"]
+    return args
+
+
+def _fit(row: Row, root: Path, data: Path, cache: Path, *extra: str) -> dict[int, float]:
+    """One fit of `row` into `root` (+ extra arguments); -> {step: train loss} of the steps it ran."""
+    args = [*_args(row, root, data, cache), *extra]
+    if row.layout == "1":
+        cli.main(["fit", *args])
+    else:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+                   PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run([sys.executable, "cli.py", "fit", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, f"{row.id}: exit {proc.returncode}\n{proc.stderr[-5000:]}"
+    steps = json.loads((root / "step_losses.json").read_text())["steps"]
+    return {int(k): v for k, v in steps.items()}
+
+
+def _check_export(row: Row, root: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    export = root / "hf_export"
+    tensors = {}
+    for f in sorted(export.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    assert tensors, f"{row.id}: no export in {export}"
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    assert not bad, f"{row.id}: non-finite exported tensors {bad[:5]}"
+    model = AutoModelForImageTextToText.from_pretrained(export)
+    assert all(torch.isfinite(p).all() for p in model.parameters()), row.id
+    if row.mode == "lora":
+        from peft import PeftModel
+
+        from qmoe_lightning.embedded.builder import ensure_embedded_model
+
+        base_dir = ensure_embedded_model(row.family)
+        adapted = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir),
+                                            str(root / "hf_adapter"))
+        lora = {n: p for n, p in adapted.named_parameters() if "lora_" in n}
+        assert lora and all(torch.isfinite(p).all() for p in lora.values()), row.id
+        assert any("experts" in n for n in lora), f"{row.id}: no expert adapter in the PEFT export"
+
+
+@pytest.fixture(autouse=True)
+def _clean_argv(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["cli.py"])
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_row(row, workspace):
+    base, data = workspace
+    root, cache = base / row.id, base / "cache"
+    losses = _fit(row, root, data, cache)
+    assert sorted(losses) == list(range(1, STEPS + 1)), losses
+    assert all(math.isfinite(v) for v in losses.values()), losses
+    assert losses[STEPS] < losses[1], f"{row.id}: the loss did not fall: {losses}"
+    _check_export(row, root)
+    if row.resume:
+        ckpt = sorted((root / "checkpoints").glob(f"*step={STEPS - 1}*"))
+        assert len(ckpt) == 1, list((root / "checkpoints").iterdir())
+        resumed = _fit(row, base / f"{row.id}-resumed", data, cache, "--ckpt_path", str(ckpt[0]))
+        assert list(resumed) == [STEPS], resumed
+        assert abs(resumed[STEPS] - losses[STEPS]) <= RESUME_RTOL * abs(losses[STEPS]), (resumed, losses)
