@@ -57,6 +57,16 @@ def autocast():
     return torch.autocast("cpu", dtype=BF16)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: the shapes are tiny, and two OpenMP threads on a shared 2-core machine wait on each other
+    (a step of the tiny model took ~50x longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _packed_row() -> dict:
     """Three documents in one row: two with an image each, one text only; labels on every token."""
     docs = [vision_doc([5, ("image", (1, 4, 4)), 20], seed=1), vision_doc([30], seed=2),
