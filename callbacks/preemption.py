@@ -16,9 +16,10 @@ periodic checkpoint is gone. Here:
   ends with `SystemExit(143)` (128 + SIGTERM, the shell's convention), so a job script sees the stop. Nothing is
   exported at a preemption: the export is the end-of-training artefact; the checkpoint carries the work.
 
-A SIGTERM before training starts (data preparation, model build) kills the process as usual: nothing trained is lost.
-One during the end-of-fit export also does (the handler is removed when training ends): the export swap leaves the
-previous export whole. SLURM: a preempted job with `--requeue` restarts its batch script, whose `--ckpt_path last`
+A SIGTERM before the run's handlers are set (data preparation, model build) kills the process as usual: nothing
+trained is lost. One during the sanity check or a validation inside the fit is acted on at the next optimizer step
+(after the validation: a long validation can outlast a scheduler's grace period). One during the end-of-fit export
+kills the process (the handler is removed when training ends): the export swap leaves the previous export whole. SLURM: a preempted job with `--requeue` restarts its batch script, whose `--ckpt_path last`
 resumes (a first start without any checkpoint starts fresh); Lightning's SIGUSR1 auto-requeue is left as it is.
 """
 
@@ -67,11 +68,21 @@ class PreemptionCheckpoint(pl.Callback):
                              "checkpoint\n")
         self.received = True
 
+    def _install(self, trainer) -> None:
+        # Lightning registers its handlers after `on_fit_start`, just before the sanity check: ours replaces it
+        # from the first hook after that. A signal Lightning's handler caught in between is taken over.
+        if self._installed or threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.signal(self.signum, self._on_signal)
+        self._installed = True
+        if self.signum == signal.SIGTERM and trainer.received_sigterm:
+            self.received = True
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._install(trainer)
+
     def on_train_start(self, trainer, pl_module) -> None:
-        # installed here, after Lightning registered its own handlers at the start of the run (it replaces them)
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(self.signum, self._on_signal)
-            self._installed = True
+        self._install(trainer)
 
     def _uninstall(self) -> None:
         if self._installed:
@@ -99,8 +110,7 @@ class PreemptionCheckpoint(pl.Callback):
             return
         if not self._any_rank_signalled(trainer, pl_module):
             return
-        path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        path = save_last_checkpoint(trainer)
         message = (f"stopped by {signal.Signals(self.signum).name} after optimizer step {trainer.global_step}; "
                    f"resumable checkpoint: {path}\nresume with the same command plus `--ckpt_path last` (or "
                    f"`--ckpt_path {path}`)")
@@ -110,11 +120,20 @@ class PreemptionCheckpoint(pl.Callback):
         raise Preempted(message)
 
 
-def last_checkpoint_path(trainer) -> str:
-    """Where `--ckpt_path last` looks: this run's `last` file of its checkpoint callback (`RunCheckpoint`:
-    `<default_root_dir>/checkpoints/last.ckpt`); without one, `<default_root_dir>/checkpoints/last.ckpt`."""
+def save_last_checkpoint(trainer) -> str:
+    """Save where `--ckpt_path last` looks and return the path. With a checkpoint callback that keeps `last`
+    (`RunCheckpoint`), its own save of `last`: this run's file, versioned past another run's (`last-v1.ckpt` in a
+    directory a previous fit used, never overwriting that run's), through its checks (RunCheckpoint refuses
+    non-finite weights). Without one, `<default_root_dir>/checkpoints/last.ckpt`, likewise versioned."""
     for cb in trainer.checkpoint_callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
-            return cb.last_model_path or cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST)
-    return os.path.join(trainer.default_root_dir, "checkpoints", ModelCheckpoint.CHECKPOINT_NAME_LAST
-                        + ModelCheckpoint.FILE_EXTENSION)
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath and cb.save_last:
+            # ModelCheckpoint has no public "save last now"; these two are what its own hooks call (Lightning 2.6)
+            cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+            return cb.last_model_path
+    directory = os.path.join(trainer.default_root_dir, "checkpoints")
+    path, version = os.path.join(directory, "last.ckpt"), 1
+    while os.path.exists(path):
+        path, version = os.path.join(directory, f"last-v{version}.ckpt"), version + 1
+    path = trainer.strategy.broadcast(path)  # every rank writes its part into the same place
+    trainer.save_checkpoint(path)
+    return path

@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class StepLosses(pl.Callback):
-    def __init__(self, sigterm_at_batch: int | None = None):
+    def __init__(self, sigterm_at_batch: int | None = None, sigterm_in_sanity_check: bool = False):
         self.losses: dict[int, float] = {}
-        self.sigterm_at_batch = sigterm_at_batch
+        self.sigterm_at_batch, self.sigterm_in_sanity_check = sigterm_at_batch, sigterm_in_sanity_check
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not pl_module.step_in_progress:
@@ -41,14 +41,19 @@ class StepLosses(pl.Callback):
         if batch_idx == self.sigterm_at_batch:
             os.kill(os.getpid(), signal.SIGTERM)  # delivered to this (main) thread before the next batch
 
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.sanity_checking and self.sigterm_in_sanity_check:
+            os.kill(os.getpid(), signal.SIGTERM)
 
-def _fit(root, data, cache, ckpt_path=None, sigterm_at_batch=None, preemption=True):
+
+def _fit(root, data, cache, ckpt_path=None, sigterm_at_batch=None, preemption=True, sigterm_in_sanity_check=False):
     torch.manual_seed(0)
     module = QMoELightningModule(pretrained="embedded", lr=3e-3, warmup_steps=2, min_lr_ratio=0.1)
-    rec = StepLosses(sigterm_at_batch)
+    rec = StepLosses(sigterm_at_batch, sigterm_in_sanity_check)
     callbacks = [RunCheckpoint(every_n_train_steps=100), rec] + ([PreemptionCheckpoint()] if preemption else [])
+    sanity = dict(num_sanity_val_steps=1, limit_val_batches=1) if sigterm_in_sanity_check else {}
     trainer = make_trainer(root, max_steps=5, enable_checkpointing=True, accumulate_grad_batches=2,
-                           callbacks=callbacks)
+                           callbacks=callbacks, **sanity)
     trainer.fit(module, datamodule=make_datamodule(data, cache, max_tokens=128), ckpt_path=ckpt_path)
     return rec.losses, trainer
 
@@ -58,20 +63,36 @@ def test_sigterm_mid_window_finishes_the_step_checkpoints_and_resumes_exactly(tm
     full, _ = _fit(tmp_path / "full", small_data, cache)
     assert sorted(full) == [1, 2, 3, 4, 5]
 
+    # an earlier run's last.ckpt in the same directory: the preempted run must not overwrite it
+    earlier = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"an earlier run's checkpoint")
+    os.utime(earlier, (1, 1))
     # batch 4 is the first micro-batch of step 3 (2 per step): the signal arrives inside the window
     with pytest.raises(Preempted) as stop:
         _fit(tmp_path / "run", small_data, cache, sigterm_at_batch=4)
     assert stop.value.code == EXIT_CODE == 143
-    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "run" / "checkpoints" / "last-v1.ckpt"  # versioned past the earlier run's, as Lightning does
     assert str(last) in str(stop.value) and last.is_file()
+    assert earlier.read_bytes() == b"an earlier run's checkpoint"
     saved = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
     assert saved["global_step"] == 3  # the step in progress finished; none started after it
 
-    resumed, trainer = _fit(tmp_path / "run", small_data, cache, ckpt_path="last")
+    resumed, trainer = _fit(tmp_path / "run", small_data, cache, ckpt_path="last")  # the newest: last-v1.ckpt
     assert sorted(resumed) == [4, 5] and trainer.global_step == 5
     for step in (4, 5):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), (step, resumed, full)
     assert len({round(v, 6) for v in full.values()}) == 5  # the curve moves: the comparison is not trivial
+
+
+def test_sigterm_during_the_sanity_check_is_acted_on_at_the_first_step(tmp_path, small_data):  # noqa: F811
+    """Lightning's handler is set before the sanity check; ours replaces it from there (before, a SIGTERM in the
+    sanity check ended the fit with exit 0 and nothing saved)."""
+    with pytest.raises(Preempted):
+        _fit(tmp_path / "run", small_data, tmp_path / "cache", sigterm_in_sanity_check=True)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True,
+                       mmap=True)
+    assert saved["global_step"] == 1
 
 
 def test_without_the_callback_lightning_stops_mid_window_with_exit_0_and_no_checkpoint(tmp_path, small_data):  # noqa: F811
