@@ -26,9 +26,8 @@ as the user does (Lightning starts the second process; gloo). Checks, every row:
   loss within RESUME_RTOL. The resumed step repeats the same operations on the same restored weights, optimizer
   state and pack, so it is bitwise the same in fp32 and in both bf16 modes (bf16-mixed restores the fp32 masters,
   bf16-true the bf16 weights it trained; seen bitwise on all 9 rows that resume); the 1e-6 only allows for a
-  reduction order that a restored process might pick differently. Every 1-process row resumes, and one row of
-  each multi-process layout (a LoRA row on cp=2 cannot resume yet: its adapter-only distributed checkpoint is
-  loaded as if it held the frozen base too).
+  reduction order that a restored process might pick differently. Every 1-process row resumes, and so do one row
+  of ep=2 and two of cp=2 (one with LoRA: its distributed checkpoint holds the adapters only).
 """
 
 from __future__ import annotations
@@ -101,7 +100,7 @@ ROWS = [
     # cp=2
     Row(VL, "32-true", "lora", "cp2", ()),
     Row(Q35, "bf16-mixed", "full", "cp2", ("mtp", "ac"), resume=True),
-    Row(Q35, "bf16-true", "lora", "cp2", ("bias",)),
+    Row(Q35, "bf16-true", "lora", "cp2", ("bias",), resume=True),
 ]
 
 

@@ -184,20 +184,41 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         if self._expert_parallel():
             self._load_expert_parallel(path, saved)
         else:
-            self._load_sharded(path)
+            self._load_sharded(path, saved)
         return torch.load(path / _METADATA_FILENAME, weights_only=True if weights_only is None else weights_only)
 
-    def _load_sharded(self, path: Path) -> None:
+    def _loadable_keys(self, path: Path, keys, saved: set) -> set:
+        """The model's state-dict keys to read from the checkpoint at `path` (whose items are `saved`), checked.
+        strict_loading=False (LoRA: checkpoints hold the adapters only) excuses FROZEN tensors only: they come from
+        `pretrained`; a trainable one missing, or a tensor the model does not have, means another model / config.
+        The routers' balancing bias is no parameter but is not in `pretrained` either: always required."""
+        have = {k for k in keys if f"state_dict.{k}" in saved}
+        missing = sorted(set(keys) - have)
+        trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
+        bad = missing if self.lightning_module.strict_loading else [
+            k for k in missing if k in trainable or is_native_only_key(k)]
+        unexpected = sorted(k[len("state_dict."):] for k in saved
+                            if k.startswith("state_dict.") and k[len("state_dict."):] not in keys)
+        if bad or unexpected or not have:
+            raise KeyError(f"{path} does not match this model: {len(bad)} tensor(s) missing from the checkpoint "
+                           f"{bad[:5]}, {len(unexpected)} unexpected {unexpected[:5]} (another model or LoRA config?)")
+        return have
+
+    def _load_sharded(self, path: Path, saved: set) -> None:
         """Lightning's sharded-checkpoint load (`fabric.strategies.model_parallel._load_checkpoint`) with the safe
-        reader and planner."""
+        reader and planner, reading only the tensors the checkpoint holds (Lightning's asks for every tensor of
+        the model, so an adapter-only LoRA checkpoint could not be resumed under context parallelism)."""
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict, set_optimizer_state_dict)
 
         from qmoe_lightning.checkpoint_safety import safe_dcp_load
 
-        module_state = {"state_dict": get_model_state_dict(self.model)}
+        state = get_model_state_dict(self.model)
+        have = self._loadable_keys(path, state, saved)
+        module_state = {"state_dict": {k: state[k] for k in have}}
         safe_dcp_load(module_state, path)
-        self.model.load_state_dict(module_state["state_dict"], strict=self.lightning_module.strict_loading)
+        # not strict: what is absent was checked above (frozen tensors of a LoRA run, which come from `pretrained`)
+        self.model.load_state_dict(module_state["state_dict"], strict=False)
         for idx, optimizer in enumerate(self.optimizers):
             optimizer = getattr(optimizer, "_optimizer", optimizer)
             optim_state = {f"optimizer_{idx}": get_optimizer_state_dict(self.model, optimizer)}
@@ -210,20 +231,8 @@ class ExpertParallelStrategy(ModelParallelStrategy):
 
         from qmoe_lightning.checkpoint_safety import safe_dcp_load
 
-        strict = self.lightning_module.strict_loading
         views = global_state_dict(self.model)
-        have = {k for k in views if f"state_dict.{k}" in saved}
-        missing = sorted(set(views) - have)
-        # strict_loading=False (LoRA: checkpoints hold the adapters only) excuses FROZEN tensors only: they come from
-        # `pretrained`; a trainable one missing, or a tensor the model does not have, means another model / config.
-        # The routers' balancing bias is no parameter but is not in `pretrained` either: always required
-        trainable = {k for k, p in self.model.named_parameters() if p.requires_grad}
-        bad = missing if strict else [k for k in missing if k in trainable or is_native_only_key(k)]
-        unexpected = sorted(k[len("state_dict."):] for k in saved
-                            if k.startswith("state_dict.") and k[len("state_dict."):] not in views)
-        if bad or unexpected or not have:
-            raise KeyError(f"{path} does not match this model: {len(bad)} tensor(s) missing from the checkpoint "
-                           f"{bad[:5]}, {len(unexpected)} unexpected {unexpected[:5]} (another model or LoRA config?)")
+        have = self._loadable_keys(path, views, saved)
         # in place: the views share storage with the parameters and buffers (state_dict() detaches, no copy)
         safe_dcp_load({"state_dict": {k: views[k] for k in have}}, path)
 
