@@ -272,19 +272,22 @@ def _checkpoint_hparams(path: Path, strategy=None) -> dict:
     import torch
 
     if path.is_dir():
-        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
         from qmoe_lightning.checkpoint_safety import METADATA_FILE, UnsafeCheckpointError, read_dcp_metadata
+        from qmoe_lightning.parallel.strategy import ExpertParallelStrategy
 
         if not (path / METADATA_FILE).is_file():
             _refuse(f"--ckpt_path {path} is a directory without {METADATA_FILE}, so not a distributed checkpoint; "
                     f"{_EXPECTED_CKPT}")
-        if strategy is not None and not isinstance(strategy, (ModelParallelStrategy, FSDPStrategy)):
+        # Lightning's own FSDP / ModelParallel strategies read such a directory too, but through torch's default
+        # planner, which unpickles its non-tensor items freely (code in a .distcp file would run): only ours loads
+        # it through checkpoint_safety
+        if strategy is not None and not isinstance(strategy, ExpertParallelStrategy):
             _refuse(f"--ckpt_path {path} is a distributed checkpoint directory (written by a multi-process run), "
-                    f"which this run's strategy ({type(strategy).__name__}) cannot read: it loads .ckpt files. "
-                    "Run with the strategy that wrote it (the run's own config, saved beside its checkpoints as "
-                    "config.yaml), or start from its weights as a new run: --model.pretrained "
-                    "<default_root_dir>/hf_export (without --ckpt_path)")
+                    f"which this run's strategy ({type(strategy).__name__}) cannot read safely: it loads .ckpt "
+                    "files (Lightning's sharded strategies would unpickle the directory's items). Run with the "
+                    "strategy that wrote it (qmoe_lightning.parallel.strategy.ExpertParallelStrategy; the run's own "
+                    "config, saved beside its checkpoints as config.yaml), or start from its weights as a new run: "
+                    "--model.pretrained <default_root_dir>/hf_export (without --ckpt_path)")
         try:
             read_dcp_metadata(path)
         except UnsafeCheckpointError as err:

@@ -165,6 +165,23 @@ def test_dcp_checkpoint_in_a_one_process_run_is_refused_naming_it(tmp_path, caps
     assert "SingleDeviceStrategy" in text and "config.yaml" in text
 
 
+@pytest.mark.parametrize("strategy", ["ModelParallelStrategy", "FSDPStrategy"])
+def test_dcp_checkpoint_under_a_lightning_sharded_strategy_is_refused(tmp_path, capsys, strategy):
+    """Lightning's own sharded strategies load a DCP directory through torch's default planner, which unpickles its
+    non-tensor items with weights_only=False: only ExpertParallelStrategy (which loads through checkpoint_safety)
+    is given one."""
+    import lightning.pytorch.strategies as strategies
+
+    import cli
+
+    path, _ = _real_dcp_dir(tmp_path / "last.ckpt")
+    with pytest.raises(SystemExit) as stop:
+        cli._checkpoint_hparams(path, strategy=getattr(strategies, strategy)())
+    text = capsys.readouterr().err
+    assert stop.value.code == 2 and f"--ckpt_path {path} is a distributed checkpoint directory" in text, text
+    assert strategy in text and "ExpertParallelStrategy" in text
+
+
 @pytest.mark.parametrize("kind", ["missing", "plain directory"])
 def test_ckpt_path_that_is_no_checkpoint_is_refused_naming_it(tmp_path, capsys, kind):
     path = tmp_path / "nothing.ckpt"
