@@ -1,6 +1,13 @@
-"""Shared harness of the multi-process (gloo, CPU) parallel tests: spawn N workers on a free 127.0.0.1 port, join
-them with a timeout (a hung collective kills the group instead of hanging the test run) and load what each rank
-saved. Also checks the harness itself: a worker failure surfaces its traceback in the parent.
+"""Shared harness of the multi-process (gloo, CPU) parallel tests: spawn N workers that meet at a rendezvous store
+held by the test process, join them with a timeout (a hung collective kills the group instead of hanging the test
+run) and load what each rank saved. Also checks the harness itself: a worker failure surfaces its traceback in the
+parent.
+
+The store listens in the parent from before the workers start until they are joined. Picking a free port, closing
+it and letting rank 0 bind it seconds later (after the workers' imports) is a race: seen on a loaded machine as
+rank 0's "EADDRINUSE: address already in use" (another socket took the port in between), and a rank >= 1 that
+retries its connect to the not-yet-listening port can even be handed that port as its own source port and connect
+to itself.
 
 Workers are module-level functions of the test files (spawned children import them by module name; the tests dir
 is on sys.path via conftest, which multiprocessing's spawn passes on).
@@ -12,6 +19,7 @@ import os
 import socket
 import sys
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 sys.modules.setdefault("fla", None)  # as conftest: spawned children import transformers' torch fallbacks
@@ -33,7 +41,8 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
         result = fn(rank, world, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
@@ -50,16 +59,19 @@ def run_workers(fn, world: int, out_dir, *args, timeout: float = 120.0) -> list:
     for old in [*out_dir.glob("rank*.pt"), *out_dir.glob("rank*.err")]:
         old.unlink()
     ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, str(out_dir), fn, args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in hung:
-        procs[r].kill()
-        procs[r].join(10)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # the OS picks the port, held
+    procs = [ctx.Process(target=_entry, args=(r, world, store.port, str(out_dir), fn, args)) for r in range(world)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+    finally:
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for r in hung:
+            procs[r].kill()
+            procs[r].join(10)
+        del store
     errors = "\n".join(f"rank {r}:\n{(out_dir / f'rank{r}.err').read_text()}" for r in range(world)
                        if (out_dir / f"rank{r}.err").exists())
     if hung:
