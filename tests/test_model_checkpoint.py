@@ -272,7 +272,7 @@ def test_wrong_shape_names_the_tensor(hf_and_dir, tmp_path):
 
 def test_missing_files_are_reported(hf_and_dir, tmp_path):
     _, path = hf_and_dir
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="is neither a local directory .* nor a hub model id"):
         Qwen3_5MoeForConditionalGeneration.from_pretrained(tmp_path / "nope")
     empty = tmp_path / "empty"
     empty.mkdir()
