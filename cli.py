@@ -272,7 +272,7 @@ def _checkpoint_hparams(path: Path, strategy=None) -> dict:
     import torch
 
     if path.is_dir():
-        from qmoe_lightning.checkpoint_safety import METADATA_FILE, UnsafeCheckpointError, read_dcp_metadata
+        from qmoe_lightning.parallel.checkpoint_safety import METADATA_FILE, UnsafeCheckpointError, read_dcp_metadata
         from qmoe_lightning.parallel.strategy import ExpertParallelStrategy
 
         if not (path / METADATA_FILE).is_file():

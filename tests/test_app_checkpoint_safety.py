@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from test_app_common import small_data  # noqa: F401  (fixture)
 
 import cli
-from qmoe_lightning.checkpoint_safety import (SafeFileSystemReader, UnsafeCheckpointError, read_dcp_metadata,
+from qmoe_lightning.parallel.checkpoint_safety import (SafeFileSystemReader, UnsafeCheckpointError, read_dcp_metadata,
                                               safe_dcp_load)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -109,8 +109,8 @@ def test_launcher_variables_are_put_back():
     process); conftest puts it back after each test, so later runs do not all inherit that one stale port."""
     from conftest import launcher_env_restored
 
-    before = os.environ.get("MASTER_PORT")
+    before = {k: os.environ.get(k) for k in ("MASTER_PORT", "PL_GLOBAL_SEED")}  # a session fixture may have set them
     with launcher_env_restored():
         os.environ["MASTER_PORT"] = "1"
         os.environ["PL_GLOBAL_SEED"] = "7"
-    assert os.environ.get("MASTER_PORT") == before and "PL_GLOBAL_SEED" not in os.environ
+    assert {k: os.environ.get(k) for k in before} == before

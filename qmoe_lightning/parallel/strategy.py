@@ -171,7 +171,7 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
         from lightning.fabric.utilities.load import _METADATA_FILENAME
 
-        from qmoe_lightning.checkpoint_safety import read_dcp_metadata
+        from qmoe_lightning.parallel.checkpoint_safety import read_dcp_metadata
 
         path = Path(self.broadcast(checkpoint_path))
         if not _is_sharded_checkpoint(path):
@@ -211,7 +211,7 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict, set_optimizer_state_dict)
 
-        from qmoe_lightning.checkpoint_safety import safe_dcp_load
+        from qmoe_lightning.parallel.checkpoint_safety import safe_dcp_load
 
         state = get_model_state_dict(self.model)
         have = self._loadable_keys(path, state, saved)
@@ -229,7 +229,7 @@ class ExpertParallelStrategy(ModelParallelStrategy):
     def _load_expert_parallel(self, path: Path, saved: set) -> None:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-        from qmoe_lightning.checkpoint_safety import safe_dcp_load
+        from qmoe_lightning.parallel.checkpoint_safety import safe_dcp_load
 
         views = global_state_dict(self.model)
         have = self._loadable_keys(path, views, saved)
