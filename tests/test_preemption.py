@@ -110,25 +110,31 @@ def _cli(root: Path, data: Path, *extra: str) -> list[str]:
             "--trainer.val_check_interval", "null", "--trainer.enable_progress_bar", "false", *extra]
 
 
-def test_cli_sigterm_exits_143_with_a_checkpoint_that_resumes(tmp_path, small_data):  # noqa: F811
-    root, mark, log = tmp_path / "run", tmp_path / "training", tmp_path / "fit.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    cmd = _cli(root, small_data, "--trainer.callbacks+=preemption_callbacks.MarkTraining",
-               "--trainer.callbacks.path", str(mark))
+def _sigterm_once_training(cmd: list[str], env: dict, mark: Path, log: Path) -> tuple[int, str]:
+    """Start `cmd`, wait until its MarkTraining callback wrote `mark` (a step is done: the handler is installed),
+    send SIGTERM to the started process, and return its exit code and output."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
             while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)  # until a step is done: the handler is installed, the run is training
+                time.sleep(0.2)
             assert mark.exists(), log.read_text()[-3000:]
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=300)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    text = log.read_text()
-    assert proc.returncode == EXIT_CODE, text[-3000:]
+    return proc.returncode, log.read_text()
+
+
+def test_cli_sigterm_exits_143_with_a_checkpoint_that_resumes(tmp_path, small_data):  # noqa: F811
+    root, mark, log = tmp_path / "run", tmp_path / "training", tmp_path / "fit.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    cmd = _cli(root, small_data, "--trainer.callbacks+=preemption_callbacks.MarkTraining",
+               "--trainer.callbacks.path", str(mark))
+    code, text = _sigterm_once_training(cmd, env, mark, log)
+    assert code == EXIT_CODE, text[-3000:]
     last = root / "checkpoints" / "last.ckpt"
     assert f"resumable checkpoint: {last}" in text and last.is_file(), text[-3000:]
     step = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["global_step"]
@@ -158,23 +164,10 @@ def test_cli_sigterm_to_the_launching_process_stops_every_expert_parallel_rank(t
             str(root), "--data.train_path", str(small_data), "--data.val_path", "null", "--data.max_tokens", "128",
             "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache"), "--trainer.val_check_interval",
             "null", "--trainer.enable_progress_bar", "false"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(base + ["--trainer.max_steps", "400",
-                                        "--trainer.callbacks+=preemption_callbacks.MarkTraining",
-                                        "--trainer.callbacks.path", str(mark)],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 300
-            while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert mark.exists(), log.read_text()[-3000:]
-            proc.send_signal(signal.SIGTERM)  # the launching process only, as `kill PID` does
-            proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    text = log.read_text()
-    assert proc.returncode == EXIT_CODE, text[-3000:]
+    cmd = base + ["--trainer.max_steps", "400", "--trainer.callbacks+=preemption_callbacks.MarkTraining",
+                  "--trainer.callbacks.path", str(mark)]
+    code, text = _sigterm_once_training(cmd, env, mark, log)  # to the launching process only, as `kill PID` does
+    assert code == EXIT_CODE, text[-3000:]
     last = root / "checkpoints" / "last.ckpt"
     assert (last / "meta.pt").is_file() and (last / ".metadata").is_file(), text[-3000:]
     assert len(list(last.glob("*.distcp"))) == 2  # both ranks wrote their shards
