@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The device call of the GPU check (one H200 lent by the device tool; its README says how wheels travel):
-#   here, once:  bash bench/gpu/build_wheels.sh                 (~19 MiB into .whl/, git-ignored)
-#   device tool: run(command="bash bench/gpu/run.sh", carry=[".whl"], timeout_s=480)
-# Installs the carried wheels into /tmp/site (no index, no deps), puts them and the repo root on PYTHONPATH (the
+# The GPU check, run on a CUDA machine from the repository:
+#   on a connected machine, once:  bash bench/gpu/build_wheels.sh   (~19 MiB into .whl/, git-ignored)
+#   on the GPU machine (with .whl/ copied along):  bash bench/gpu/run.sh   (results under $OUT, default /tmp/gpu_check_out)
+# Installs the wheels of .whl/ into /tmp/site (no index, no deps), puts them and the repo root on PYTHONPATH (the
 # working tree is copied there, not installed) and runs bench/gpu/check.py (overall budget 420 s) writing
 # $OUT/gpu_check.json, $OUT/gpu_check.log and $OUT/fit.log. Extra arguments go to check.py (e.g. --only bench).
 set -uo pipefail
