@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rank_launcher import launch_ranks
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +55,11 @@ LORA = json.dumps(dict(rank=4, alpha=8, dropout=0.0, targets=["attention", "line
                                                                "experts"], expert_rank=2, expert_alpha=4))
 
 
-def _fit(out: Path, *extra: str, devices: int = 2, check: bool = True,
-         config: str = "configs/tiny_ep.yaml") -> subprocess.CompletedProcess:
+def _fit(out: Path, *extra: str, devices: int = 2, check: bool = True, config: str = "configs/tiny_ep.yaml",
+         launcher: str = "together") -> subprocess.CompletedProcess:
+    """One `cli.py fit` on `devices` processes. launcher "lightning": `python cli.py` starts the others, as a user
+    on one machine does; "together": every rank started at once, as torchrun does (rank_launcher: half the wall
+    time of a tiny run, whose imports are most of it)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     args = [sys.executable, "cli.py", "fit", "--config", config,
@@ -68,7 +72,10 @@ def _fit(out: Path, *extra: str, devices: int = 2, check: bool = True,
         args += ["--trainer.strategy", "auto"]
         assert check, "a one-process reference run runs in this process: it must succeed"
         return _fit_in_process(args[2:])
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if launcher == "lightning":
+        proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    else:
+        proc = launch_ranks(args[2:], devices, env=env)
     if check:
         assert proc.returncode == 0, proc.stderr[-5000:]
     return proc
@@ -142,7 +149,7 @@ def ep_run(tmp_path_factory):
     """2-process ep=2 run of STEPS steps with a checkpoint every 2 steps (shared by two tests)."""
     out = tmp_path_factory.mktemp("ep2")
     proc = _fit(out, "--trainer.enable_checkpointing", "true", "--trainer.callbacks+=callbacks.RunCheckpoint",
-                "--trainer.callbacks.every_n_train_steps", "2")
+                "--trainer.callbacks.every_n_train_steps", "2", launcher="lightning")  # as a user runs it
     return out, proc
 
 

@@ -15,8 +15,8 @@ layout would need a fourth row each if a row carried only one.
 
 Each row is one `cli.py fit` of STEPS optimizer steps on a small JSONL (image questions and text; 3 packs of 256
 tokens) with only the callbacks the checks need. 1-process rows run in this process (`cli.main`, one torch thread:
-on a shared 2-core machine two OpenMP threads per process made a step ~50x slower); 2-process rows launch `cli.py`
-as the user does (Lightning starts the second process; gloo). Checks, every row:
+on a shared 2-core machine two OpenMP threads per process made a step ~50x slower); 2-process rows start both ranks of
+`cli.py` at once as torchrun does (tests/rank_launcher.py; gloo). Checks, every row:
 - the train loss of every step finite and the last below the first (lr LR, no warmup: full fine-tuning fell by
   0.5-0.85 nats in 3 steps, LoRA by 0.08-0.25 (B starts at zero, so step 1 moves only B); the three packs' losses
   before training differ by < 0.02);
@@ -36,13 +36,12 @@ import itertools
 import json
 import math
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from rank_launcher import launch_ranks
 from safetensors.torch import load_file
 from test_app_common import write_small_dataset
 
@@ -180,8 +179,7 @@ def _fit(row: Row, root: Path, data: Path, cache: Path, *extra: str) -> dict[int
     else:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                    PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-        proc = subprocess.run([sys.executable, "cli.py", "fit", *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
+        proc = launch_ranks(["fit", *args], 2, env=env)
         assert proc.returncode == 0, f"{row.id}: exit {proc.returncode}\n{proc.stderr[-5000:]}"
     steps = json.loads((root / "step_losses.json").read_text())["steps"]
     return {int(k): v for k, v in steps.items()}

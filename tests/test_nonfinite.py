@@ -21,6 +21,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from rank_launcher import launch_ranks
 from test_app_common import make_datamodule, make_trainer, write_small_dataset
 
 from callbacks import HFExport, RunCheckpoint
@@ -264,7 +265,7 @@ def test_expert_parallel_ranks_stop_together_when_one_rank_sees_a_nan(tmp_path, 
             "--data.max_tokens", "64", "--data.num_workers", "0", "--data.cache_dir", str(data[1]),
             "--trainer.callbacks+=nonfinite_callbacks.PoisonGradientOnRank", "--trainer.callbacks.step", "2",
             "--trainer.callbacks.rank", "1"]
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch_ranks(args[2:], 2, env=env, timeout=300)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, text[-3000:]
     assert "rank 1: poisoned the gradient of" in text, text[-3000:]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rank_launcher import launch_ranks
 
 SCRIPT = textwrap.dedent('''
     import json, os, sys
@@ -111,12 +112,12 @@ def test_tiny_ep_config_parses_with_the_strategy(capsys, monkeypatch):
 
 
 def _cli(root: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    # both ranks started at once, as torchrun does (test_app_expert_parallel runs the recipe by Lightning's launcher)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, "cli.py", "fit", "--config", "configs/tiny_ep.yaml", "--trainer.max_steps", "3",
+    return launch_ranks(
+        ["fit", "--config", "configs/tiny_ep.yaml", "--trainer.max_steps", "3",
          "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar",
-         "false", "--trainer.default_root_dir", str(tmp_path), *extra],
-        cwd=root, env=env, capture_output=True, text=True, timeout=420)
+         "false", "--trainer.default_root_dir", str(tmp_path), *extra], 2, env=env, timeout=420, cwd=root)
 
 
 def test_tiny_ep_recipe_trains_through_the_project_module(tmp_path):
