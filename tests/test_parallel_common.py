@@ -1,4 +1,4 @@
-"""Shared harness of the multi-process (gloo, CPU) parallel tests: spawn N workers that meet at a rendezvous store
+"""Shared harness of the multi-process (gloo, CPU) parallel tests: start N workers that meet at a rendezvous store
 held by the test process, join them with a timeout (a hung collective kills the group instead of hanging the test
 run) and load what each rank saved. Also checks the harness itself: a worker failure surfaces its traceback in the
 parent.
@@ -10,11 +10,8 @@ retries its connect to the not-yet-listening port can even be handed that port a
 to itself.
 
 Workers are module-level functions of the test files (children import them by module name; the tests dir is on
-sys.path via conftest, which multiprocessing passes on). They are forked from a forkserver that imported torch,
-transformers' two modeling modules, Lightning and the project's model code once per test session: a fresh
-interpreter per worker spent ~4 s of each run importing them, longer than most workers' own work. The server holds
-no threads and no process group (it only imports), so forking from it is safe; its environment is this process's
-when the first workers start, which is why a worker takes MASTER_ADDR / MASTER_PORT as arguments, not from there.
+sys.path via conftest, which multiprocessing passes on), forked from the preloaded server of preloaded_processes.py.
+A worker's output goes to rank{r}.log in the run's directory, and its tail is in the error report.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,7 +28,8 @@ sys.modules.setdefault("causal_conv1d", None)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import preloaded_processes  # noqa: E402
+from preloaded_processes import enter_child  # noqa: E402
 
 
 def free_port() -> int:
@@ -41,40 +38,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# what most workers import; the forkserver imports them once (test modules themselves are imported per worker)
-_PRELOAD = ["test_parallel_common", "tiny_configs", "lightning.pytorch", "qmoe_lightning.models",
-            "qmoe_lightning.parallel.strategy", "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
-            "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe"]
-
-
-def _worker_context():
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
-    return ctx
-
-
 def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
+    enter_child(str(Path(out_dir) / f"rank{rank}.log"))
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    try:
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-        result = fn(rank, world, *args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    result = fn(rank, world, *args)  # an exception: multiprocessing prints its traceback into the log, exit 1
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_workers(fn, world: int, out_dir, *args, timeout: float = 120.0) -> list:
     """Run fn(rank, world, *args) on `world` gloo processes; returns each rank's (torch.save-able) result."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in [*out_dir.glob("rank*.pt"), *out_dir.glob("rank*.err")]:
+    for old in [*out_dir.glob("rank*.pt"), *out_dir.glob("rank*.log")]:
         old.unlink()
-    ctx = _worker_context()
+    ctx = preloaded_processes.context()
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # the OS picks the port, held
     procs = [ctx.Process(target=_entry, args=(r, world, store.port, str(out_dir), fn, args)) for r in range(world)]
     try:
@@ -88,13 +70,17 @@ def run_workers(fn, world: int, out_dir, *args, timeout: float = 120.0) -> list:
             procs[r].kill()
             procs[r].join(10)
         del store
-    errors = "\n".join(f"rank {r}:\n{(out_dir / f'rank{r}.err').read_text()}" for r in range(world)
-                       if (out_dir / f"rank{r}.err").exists())
+    errors = "\n".join(f"rank {r} (exit {p.exitcode}):\n{_tail(out_dir / f'rank{r}.log')}"
+                       for r, p in enumerate(procs) if p.exitcode != 0)
     if hung:
         raise TimeoutError(f"ranks {hung} still running after {timeout}s (killed)\n{errors}")
-    if errors or any(p.exitcode != 0 for p in procs):
+    if errors:
         raise RuntimeError(f"worker failure, exit codes {[p.exitcode for p in procs]}\n{errors}")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
 def _fails_on_rank1(rank, world):
@@ -106,6 +92,20 @@ def _fails_on_rank1(rank, world):
 def test_harness_reports_worker_errors(tmp_path):
     with pytest.raises((RuntimeError, TimeoutError), match="boom on rank 1"):
         run_workers(_fails_on_rank1, 2, tmp_path, timeout=60)
+
+
+def _segfaults(rank, world):
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def test_a_worker_dying_of_a_signal_reports_its_stack(tmp_path):
+    """The forked workers keep the faulthandler (PYTHONFAULTHANDLER, conftest) and write to their own log."""
+    with pytest.raises(RuntimeError) as failure:
+        run_workers(_segfaults, 2, tmp_path, timeout=60)
+    assert "exit codes [-11, -11]" in str(failure.value)
+    assert "Segmentation fault" in str(failure.value) and "in _segfaults" in str(failure.value), failure.value
 
 
 
