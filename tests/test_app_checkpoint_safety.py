@@ -210,6 +210,7 @@ def test_pretrained_that_is_neither_a_directory_nor_a_hub_id_is_refused(tmp_path
             resolve_checkpoint_dir(value)
 
 
+@pytest.mark.slow
 def test_resume_last_checks_the_checkpoint_lightning_loads(tmp_path, small_data, capsys):
     root = tmp_path / "run"
     args = ["fit", "--config", TINY, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",

@@ -68,6 +68,7 @@ def test_missing_data_file_fails_before_the_model_is_built(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_tiny_fit_end_to_end_rerun_and_validate(tmp_path, small_data):
     root = tmp_path / "run"
     args = ["fit", "--config", TINY, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
@@ -123,6 +124,7 @@ def test_every_shipped_config_parses(config, capsys):
     assert code == 0 and "model:" in text and "data:" in text
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_model_setting_stops_and_says_how(tmp_path, small_data, capsys):
     root = tmp_path / "run"
     args = ["fit", "--config", TINY, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from test_app_expert_parallel import LORA, LR, _compare, _compare_gradients, _fit, _weights, weight_bound
 
+pytestmark = pytest.mark.multiprocess
+
 # multi-token prediction on (its attention and shifted embeddings cross the slices too); validation at the last step
 # and the expert-load statistics (router outputs of the slices, summed over the ranks) over windows of 2 steps; the
 # per-layer aux losses of MoEAuxLossLogger (in tiny_cp.yaml) are compared with them

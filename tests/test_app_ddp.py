@@ -12,6 +12,8 @@ import torch.distributed as dist
 from test_app_common import make_datamodule, make_trainer, small_data  # noqa: F401  (fixture)
 from test_app_training import GradCapture, _grads_after_one_step, _two_micro_batches
 
+pytestmark = pytest.mark.multiprocess
+
 
 class _PerRank(torch.utils.data.Dataset):
     """Rank r sees micro-batch r (no distributed sampler: the split is explicit)."""

@@ -43,6 +43,8 @@ import torch
 from rank_launcher import launch_ranks
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.multiprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 GRAD_STEPS = 2  # optimizer steps whose (unclipped, normalised) gradients are saved and compared

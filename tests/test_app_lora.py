@@ -20,6 +20,7 @@ def _clean_argv(monkeypatch):
     monkeypatch.setattr("sys.argv", ["cli.py"])
 
 
+@pytest.mark.slow
 def test_tiny_lora_fit_checkpoint_resume_and_exports(tmp_path, small_data):
     root = tmp_path / "run"
     common = ["--config", CONFIG, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",

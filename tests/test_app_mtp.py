@@ -44,6 +44,7 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 def test_fit_logs_mtp_exports_it_in_the_read_layout_and_resumes(tmp_path, small_data):
     from qmoe_lightning.embedded import ensure_embedded_default
 
@@ -79,6 +80,7 @@ def test_lora_with_mtp_merges_it_into_the_export_and_keeps_it_out_of_the_peft_ad
     assert (merged[key] - base[key]).abs().max() > 0  # the MTP adapter is merged in
 
 
+@pytest.mark.multiprocess
 def test_ep2_with_mtp_equals_one_process_accumulating(tmp_path):
     proc = _fit(tmp_path / "ep", *MTP)
     assert "FSDPQwen3_5MoeForConditionalGeneration" in proc.stdout + proc.stderr
@@ -92,6 +94,7 @@ def test_ep2_with_mtp_equals_one_process_accumulating(tmp_path):
     print(f"MTP ep=2 vs 1 process x accumulate 2: gradients {grads:.2e}, weights {worst:.2e}")
 
 
+@pytest.mark.multiprocess
 def test_random_mtp_init_under_expert_parallelism_equals_the_single_process_init(tmp_path):
     """A checkpoint without mtp.* and `mtp.init: random`: every rank keeps its slice of ONE seeded full init (not
     the same draw in every shard: experts e and e + E/2 would start identical), equal to one process's init."""

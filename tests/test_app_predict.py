@@ -163,6 +163,7 @@ def _teacher_forced_by_document(module, datamodule) -> dict[str, bool]:
     return out
 
 
+@pytest.mark.slow
 def test_predict_exact_match_equals_validation_document_by_document(tmp_path):
     data = write_small_dataset(tmp_path / "data", n_rows=36, seed=3)
     root = tmp_path / "run"
@@ -238,6 +239,7 @@ def test_predict_without_references_and_with_a_bad_row(tmp_path, small_data):
     assert again.model.predict_summary["prompts"] == 6
 
 
+@pytest.mark.slow
 def test_text_only_model_trains_and_predicts_and_refuses_images(tmp_path, small_data, capsys):
     text = small_data.parent / "text.jsonl"
     text.write_text("".join(json.dumps(r) + "\n" for r in _rows(small_data) if isinstance(r["messages"][0]["content"],

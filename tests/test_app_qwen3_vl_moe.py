@@ -32,6 +32,7 @@ def _clean_argv(monkeypatch):
     monkeypatch.setattr("sys.argv", ["cli.py"])
 
 
+@pytest.mark.slow
 def test_tiny_recipe_trains_exports_and_transformers_loads_the_export(tmp_path, small_data):
     from transformers import AutoModelForImageTextToText
 
@@ -78,6 +79,7 @@ def _start_weights() -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.multiprocess
 def test_ep2_crashed_and_resumed_equals_one_process_accumulating(tmp_path):
     """The ep=2 run crashes after step 3 and resumes from its step-2 distributed checkpoint (expert global views,
     optimizer state, sampler position)."""
@@ -100,6 +102,7 @@ def test_ep2_crashed_and_resumed_equals_one_process_accumulating(tmp_path):
           f"(bound {weight_bound(4e-3):.1e}; moved {moved:.2e})")
 
 
+@pytest.mark.multiprocess
 def test_ep2_lora_on_default_targets_equals_one_process(tmp_path):
     lora = ["--model.lora", json.dumps(dict(rank=4, alpha=8, expert_rank=2, expert_alpha=4)), "--model.lr", "2e-3",
             "--trainer.callbacks+=callbacks.LoraExport"]

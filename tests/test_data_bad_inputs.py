@@ -70,6 +70,7 @@ BAD_LINES = {
 }
 
 
+@pytest.mark.slow
 def test_every_bad_kind_is_skipped_and_counted(emb, data_dir):
     good = [_chat(), _chat(image="ok.png"), {"text": "Count to three."}]
     lines = good[:1] + list(BAD_LINES.values()) + good[1:] + [_chat(q="x " * 400)]

@@ -83,6 +83,7 @@ KILLER = textwrap.dedent("""
 @pytest.mark.parametrize("exchange,step", [(True, "written"), (True, "exchanged"), (True, "cleaned"),
                                            (False, "written"), (False, "parked"), (False, "placed"),
                                            (False, "cleaned")])
+@pytest.mark.slow
 def test_export_killed_at_each_step_of_the_swap(tmp_path, exchange, step):
     from safetensors.torch import load_file
 

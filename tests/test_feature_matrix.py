@@ -215,7 +215,8 @@ def _clean_argv(monkeypatch):
     monkeypatch.setattr("sys.argv", ["cli.py"])
 
 
-@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+@pytest.mark.parametrize("row", [pytest.param(r, id=r.id, marks=pytest.mark.slow if r.layout == "1" else
+                                              pytest.mark.multiprocess) for r in ROWS])
 def test_row(row, workspace):
     base, data = workspace
     root, cache = base / row.id, base / "cache"

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu" / "check.py"
 STEPS = {"facts", "parity", "cp_kernels", "fit", "bench", "kernels"}
@@ -36,6 +38,7 @@ def numbers(obj):
         yield obj
 
 
+@pytest.mark.slow
 def test_dry_run_reports_every_section_with_finite_figures(tmp_path):
     proc, report = run_check(tmp_path / "out")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -117,6 +120,7 @@ def test_dry_run_reports_every_section_with_finite_figures(tmp_path):
     assert (tmp_path / "out" / "fit.log").exists()
 
 
+@pytest.mark.slow
 def test_a_failing_and_a_hanging_step_are_recorded_and_later_steps_still_report(tmp_path):
     """Negative controls: parity raises at its start, fit hangs past a 2 s budget (the alarm must end it: on the device
     a hang would otherwise eat the whole call); facts before them and kernels after them still give figures."""
@@ -192,3 +196,23 @@ def _cp_kernels_negative_control(check, ctx, monkeypatch):
             "delta_rule/wide_values/final_state", "delta_rule/transition/final_state_M",
             "delta_rule/affine_carry", "delta_rule/gradients/packed_with_state"} <= bad, bad
     assert res["attention"]["D16"]["whole_row"]["rel_err"] <= 1e-5  # the whole row does not cross slices
+
+
+@pytest.mark.gpu
+def test_the_check_on_this_gpu(tmp_path):
+    """`pytest -m gpu` on a CUDA machine: the real check as `bash bench/gpu/run.sh` runs it (skipped without a GPU,
+    conftest). Every step ends ok with finite figures, and parity (fp32 and bf16, both families, packed rows) and the
+    context-parallel kernel calls are within their tolerances."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert proc.returncode == 0 and report["failures"] == [], (report["failures"], proc.stderr[-3000:])
+    assert report["mode"] != "dry_run" and set(report["steps"]) == STEPS
+    for name, step in report["steps"].items():
+        assert step["status"] == "ok", (name, step.get("error"))
+        assert all(math.isfinite(v) for v in numbers(step["result"])), name
+    parity = report["steps"]["parity"]["result"]
+    assert all(parity[f"{family}/{dtype}"]["within_tolerance"] for family in ("qwen3_5_moe", "qwen3_vl_moe")
+               for dtype in ("fp32", "bf16")), parity
+    assert report["summary"]["cp_kernels"]["within_tolerance"] is True

@@ -14,6 +14,8 @@ import torch
 from test_parallel_common import run_workers
 from tiny_configs import make_config, make_vl_moe_config, pack, vision_doc
 
+pytestmark = pytest.mark.multiprocess
+
 TOL = 2e-5
 
 DOCS = [

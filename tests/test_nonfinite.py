@@ -224,6 +224,7 @@ dist.barrier()  # both reached it: nobody was left waiting in a collective
 """
 
 
+@pytest.mark.multiprocess
 def test_every_rank_refuses_when_one_rank_holds_a_nan():
     import socket
 
@@ -237,6 +238,7 @@ def test_every_rank_refuses_when_one_rank_holds_a_nan():
         assert f"rank {rank} refused" in out and "NaN / inf (weight)" in out, err[-2000:]
 
 
+@pytest.mark.slow
 def test_cli_fit_with_a_huge_lr_ends_non_zero_with_the_message(tmp_path, data):
     root = tmp_path / "run"
     args = [sys.executable, "cli.py", "fit", "--config", "configs/tiny.yaml", "--model.lr", "1e4",
@@ -253,6 +255,7 @@ def test_cli_fit_with_a_huge_lr_ends_non_zero_with_the_message(tmp_path, data):
     assert not (root / "hf_export").exists()  # the end-of-fit export is not written from diverged weights
 
 
+@pytest.mark.multiprocess
 def test_expert_parallel_ranks_stop_together_when_one_rank_sees_a_nan(tmp_path, data):
     """2 processes, experts split over them (ep=2, gloo): rank 1 alone gets a NaN expert gradient; both ranks stop
     at that step with the same message naming the experts, and nothing is left waiting in a collective."""

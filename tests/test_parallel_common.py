@@ -89,6 +89,7 @@ def _fails_on_rank1(rank, world):
     return rank
 
 
+@pytest.mark.multiprocess
 def test_harness_reports_worker_errors(tmp_path):
     with pytest.raises((RuntimeError, TimeoutError), match="boom on rank 1"):
         run_workers(_fails_on_rank1, 2, tmp_path, timeout=60)
@@ -100,6 +101,7 @@ def _segfaults(rank, world):
     ctypes.string_at(0)
 
 
+@pytest.mark.multiprocess
 def test_a_worker_dying_of_a_signal_reports_its_stack(tmp_path):
     """The forked workers keep the faulthandler (PYTHONFAULTHANDLER, conftest) and write to their own log."""
     with pytest.raises(RuntimeError) as failure:

@@ -24,6 +24,8 @@ import torch.distributed as dist
 from test_parallel_common import run_workers
 from tiny_configs import make_config
 
+pytestmark = pytest.mark.multiprocess
+
 TOL = 1e-5
 
 

@@ -17,11 +17,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from test_parallel_common import run_workers
 from tiny_configs import make_config
+
+pytestmark = pytest.mark.multiprocess
 
 SHARD = "60KB"
 

@@ -12,11 +12,14 @@ activation checkpointing with routing replay gives the same weights while really
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from test_parallel_common import run_workers
 from tiny_configs import make_config
+
+pytestmark = pytest.mark.multiprocess
 
 STEPS, T, MAX_NORM, LR = 3, 24, 0.5, 1e-2
 

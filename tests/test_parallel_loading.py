@@ -281,11 +281,13 @@ def _as_str(ckpts: dict) -> dict:
     return {k: ({n: str(p) for n, p in v.items()} if isinstance(v, dict) else str(v)) for k, v in ckpts.items()}
 
 
+@pytest.mark.multiprocess
 def test_rank_local_loading_ep2(checkpoints, tmp_path):
     results = run_workers(_loading_worker, 2, tmp_path, _as_str(checkpoints), True, timeout=120)
     _check(results, checkpoints, 2)
 
 
+@pytest.mark.multiprocess
 def test_rank_local_loading_ep2_efsdp2(checkpoints, tmp_path):
     results = run_workers(_loading_worker, 4, tmp_path, _as_str(checkpoints), False, timeout=180)
     _check(results, checkpoints, 4)
@@ -336,6 +338,7 @@ MODULE_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.multiprocess
 def test_module_loads_rank_locally_under_the_strategy(checkpoints, tmp_path):
     from qmoe_lightning.lora import LoraConfig, apply_lora
     from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration

@@ -76,6 +76,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.multiprocess
 def test_lightning_trainer_with_expert_parallel_strategy(tmp_path):
     root = Path(__file__).resolve().parents[1]
     script = tmp_path / "train_ep.py"
@@ -120,6 +121,7 @@ def _cli(root: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess
          "false", "--trainer.default_root_dir", str(tmp_path), *extra], 2, env=env, timeout=420, cwd=root)
 
 
+@pytest.mark.multiprocess
 def test_tiny_ep_recipe_trains_through_the_project_module(tmp_path):
     root = Path(__file__).resolve().parents[1]
     proc = _cli(root, tmp_path)

@@ -128,6 +128,7 @@ def _sigterm_once_training(cmd: list[str], env: dict, mark: Path, log: Path) -> 
     return proc.returncode, log.read_text()
 
 
+@pytest.mark.slow
 def test_cli_sigterm_exits_143_with_a_checkpoint_that_resumes(tmp_path, small_data):  # noqa: F811
     root, mark, log = tmp_path / "run", tmp_path / "training", tmp_path / "fit.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
@@ -153,6 +154,7 @@ def test_cli_sigterm_exits_143_with_a_checkpoint_that_resumes(tmp_path, small_da
     assert (root / "hf_export" / "config.json").is_file()  # trained on to max_steps and exported
 
 
+@pytest.mark.multiprocess
 def test_cli_sigterm_to_the_launching_process_stops_every_expert_parallel_rank(tmp_path, small_data):  # noqa: F811
     """ep=2 on 2 processes started by Lightning from one `cli.py`: SIGTERM reaches the launching process (rank 0)
     only; rank 1 learns of it through the per-step all-reduce, both write their part of the distributed checkpoint at

@@ -271,6 +271,7 @@ def test_app_bias_run_moves_checkpoints_resumes_and_exports(tmp_path, small_data
     assert resumed.trainer.global_step == 3 and torch.equal(_biases(resumed.model), b3)
 
 
+@pytest.mark.multiprocess
 def test_ep2_bias_crash_resume_equals_one_process_accumulating(tmp_path):
     """EP=2 on 2 processes (crashed after step 3, resumed from its distributed checkpoint) vs 1 process
     accumulating 2 micro-batches, balancing by bias: same gradients, weights and biases (both ranks alike)."""
