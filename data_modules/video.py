@@ -35,7 +35,6 @@ else `video_preprocessor_config.json`, else `preprocessor_config.json`; missing 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -375,9 +374,5 @@ def placeholder(grid: list[int], times: list[float], merge_size: int, video_toke
                    for t in range(grid[0]))
 
 
-def num_video_tokens(grid: list[int], merge_size: int) -> int:
-    return int(math.prod(grid)) // (merge_size * merge_size)
-
-
-__all__ = ["VideoConfig", "VideoError", "decode", "decoder_available", "num_video_tokens", "patchify", "placeholder",
+__all__ = ["VideoConfig", "VideoError", "decode", "decoder_available", "patchify", "placeholder",
            "preprocess", "probe", "resize", "resolve_video", "timestamps"]

@@ -1,4 +1,4 @@
-"""LoRA for the native Qwen3.5-MoE models: Linear targets, per-expert adapters on the grouped experts, merged and
+"""LoRA for the native models (both families): Linear targets, per-expert adapters on the grouped experts, merged and
 PEFT-format exports.
 
     report = apply_lora(model, LoraConfig(rank=16, alpha=32, targets=["all-linear"], expert_rank=8))

@@ -132,10 +132,6 @@ class LoraConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    @property
-    def scale_experts(self) -> float:
-        return self.alpha_experts / self.r_experts
-
     @classmethod
     def from_any(cls, value) -> LoraConfig | None:
         """None / False -> None (no LoRA); a dict (YAML) -> LoraConfig; a LoraConfig as is."""

@@ -1,4 +1,5 @@
-"""Expert parallelism + FSDP2 for the native Qwen3.5-MoE models, applied from outside the model files.
+"""Expert parallelism, context parallelism and FSDP2 for the native models (both families), applied from outside
+the model files.
 
 - `expert_parallel`: in-place EP conversion of `GroupedExperts` / `LoRAGroupedExperts` (E/ep local experts,
   all-to-all token dispatch, exact against one process).

@@ -2,7 +2,8 @@
 and the (token, slot) pairs travel to the rank owning their expert with two autograd all-to-alls.
 
 Why here and not in the model: the model files never touch collectives. The experts module computes as it always
-does (`GroupedExperts.forward`: sort by expert, dispatch, `swiglu` on the local rows, combine, weight, scatter); EP
+does (`GroupedExperts.forward`: sort by expert, dispatch, `swiglu` on the local rows, combine, then each token's k
+weighted rows gathered back and summed); EP
 only replaces its `dispatcher` with an `AllToAllDispatcher`. `shard_experts_` does that IN PLACE and keeps the
 rank's contiguous slice [r*E/ep, (r+1)*E/ep) of every expert-dim parameter (base weights and, for LoRA, the
 per-expert A/B adapters, all with the expert on dim 0) as plain local Parameters. Parameter NAMES do not change
@@ -17,7 +18,8 @@ Forward on one rank (N tokens, top-k; the maths is the single-process one row fo
      received rows (grouped by source rank, then local expert) permuted to local-expert order;
   4. (GroupedExperts.swiglu) the grouped GEMMs (plus LoRA) on E/ep experts;
   5. combine: unpermute, and the reverse autograd all_to_all brings every row back to the rank and position it
-     came from; (GroupedExperts) routing weight times row, `index_add_` into the token, as on one process.
+     came from; (GroupedExperts) each row times its routing weight, gathered back to pair order and the token's k
+     slots summed (`_slot_sums`), as on one process.
 Backward of the all-to-alls is the opposite exchange (torch.distributed.nn.functional), so router, input and expert
 gradients are exact. An expert weight's gradient sums the contributions of all ranks' tokens: under a data-parallel
 mean objective it is ep-times (dp-times with expert-FSDP) too large unless divided; `parallelize.py` sets that

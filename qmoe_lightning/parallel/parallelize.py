@@ -1,5 +1,5 @@
-"""`parallelize_model`: expert parallelism, activation checkpointing and FSDP2 applied to a native Qwen3.5-MoE model
-from outside the model files, in a fixed order.
+"""`parallelize_model`: expert parallelism, activation checkpointing and FSDP2 applied to a native model (either
+family) from outside the model files, in a fixed order.
 
 Mesh (see `build_mesh`): dims ("replicate", "efsdp", "ep"), `ep` innermost so an EP group is consecutive ranks
 (one node). Flattened views: "dp_shard" = efsdp x ep (dense FSDP shards over it), "data_parallel" = all three (the
@@ -99,7 +99,7 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
 def _text_model(model: nn.Module) -> nn.Module:
     tm = getattr(model, "text_model", None)
     if tm is None or not hasattr(tm, "layers"):
-        raise TypeError(f"{type(model).__name__}: expected a native Qwen3.5-MoE model with `.text_model.layers`")
+        raise TypeError(f"{type(model).__name__}: expected a native Qwen3.5-MoE / Qwen3-VL-MoE model with `.text_model.layers`")
     return tm
 
 
