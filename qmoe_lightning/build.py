@@ -111,7 +111,7 @@ def build_model(
                 torch.manual_seed(init_seed)
                 model.init_weights()
     model.text_model.gradient_checkpointing = bool(activation_checkpointing)
-    if getattr(model, "mtp", None) is not None:
+    if model.mtp is not None:
         for block in model.mtp.layers:
             block.checkpointing = bool(activation_checkpointing)
     lora_report = None

@@ -64,7 +64,6 @@ val/text_acc). One process only: a model sharded over several processes is expor
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -77,7 +76,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from .evaluation import document_answer_correct
+from .evaluation import document_answer_correct, evaluation_metrics, evaluation_sums
+from .global_sums import GlobalSums
 from .export_dir import NonFiniteError
 from .generation import GenerationOptions
 from .lora import LoraConfig
@@ -264,7 +264,7 @@ class QMoELightningModule(pl.LightningModule):
         # (`needs_router_stats = True`), decided at fit start
         self._collect_router_stats = False
         self._t_prev: float | None = None
-        self._eval_sums: torch.Tensor | None = None
+        self._eval_sums: GlobalSums | None = None
         self._verdict: _StepVerdict | None = None  # the step between on_before_optimizer_step and the optimizer
         self._hold_schedule = False  # the last step was skipped: the LR schedule does not advance
         self.nonfinite_skips = 0  # steps skipped for a NaN / inf loss or gradient (whole run, checkpointed)
@@ -288,13 +288,14 @@ class QMoELightningModule(pl.LightningModule):
             config = load_config(checkpoint)
         else:
             config = config_from(hp.model_config)
-        model_class = family_of(config.model_type).model_class(text_only=hp.text_only)
+        family = family_of(config.model_type)
+        model_class = family.model_class(text_only=hp.text_only)
         mtp = MtpConfig.from_any(hp.mtp)
         model_kwargs = {}
         if mtp is not None and mtp.enabled:
-            if "mtp_layers" not in inspect.signature(model_class.__init__).parameters:
-                raise ValueError(f"mtp.enabled: {model_class.__name__} has no multi-token prediction module (its "
-                                 "checkpoints carry none); disable model.mtp")
+            if not family.supports_mtp:
+                raise ValueError(f"mtp.enabled: {family.name} has no multi-token prediction module (its checkpoints "
+                                 "carry none); disable model.mtp")
             model_kwargs = dict(mtp_layers=mtp.depths(getattr(config, "text_config", config)),
                                 mtp_loss_scale=mtp.loss_scale)
         built = build_model(
@@ -439,33 +440,31 @@ class QMoELightningModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Normalise the accumulated gradients by the global target-token count of the step (see module doc)."""
         win, self._window = self._window, None
-        dev = self.device
-        sums = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(())
-                            for v in (win.n_targets, win.ce_sum, win.aux_sum, win.tokens, win.micro_batches)])
-        mtp = getattr(self.model, "mtp", None)
+        sums = GlobalSums(self.device, n_targets=win.n_targets, ce=win.ce_sum, aux=win.aux_sum, tokens=win.tokens,
+                          micro_batches=win.micro_batches)
+        mtp = self.model.mtp
         depths = mtp.num_depths if mtp is not None else 0
         if depths:  # per-depth MTP CE sums and targets ride along in the same all-reduce
-            sums = torch.cat([sums] + [torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(-1).expand(depths)
-                                       for v in (win.mtp_ce, win.mtp_n)])
+            sums.add("mtp_ce", win.mtp_ce, (depths,))
+            sums.add("mtp_n", win.mtp_n, (depths,))
         routers = self._routers() if self.balances_by_bias else []
         if routers:  # the window's pick counts ride along in the same all-reduce (integers: exact in float64)
-            counts = torch.as_tensor(win.expert_counts, dtype=torch.float64, device=dev)
-            if counts.dim() and counts.shape != (len(routers), routers[0].expert_bias.numel()):
+            shape = (len(routers), routers[0].expert_bias.numel())
+            counts = torch.as_tensor(win.expert_counts)
+            if counts.dim() and tuple(counts.shape) != shape:
                 raise RuntimeError(f"expert counts of shape {tuple(counts.shape)} for {len(routers)} routers of "
-                                   f"{routers[0].expert_bias.numel()} experts: the model's count rows must be its "
-                                   "MoE decoder layers, in order")
-            counts = counts.expand(len(routers), routers[0].expert_bias.numel())  # a window without micro-batch: 0
-            sums = torch.cat([sums, counts.reshape(-1)])
-        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        n_global, ce_global, aux_global, tokens_global, micro_global = sums[:5].tolist()
+                                   f"{shape[1]} experts: the model's count rows must be its MoE decoder layers, in "
+                                   "order")
+            sums.add("expert_counts", counts, shape)  # a window without micro-batch: 0
+        sums = sums.reduced(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+        n_global, ce_global, aux_global = sums.value("n_targets"), sums.value("ce"), sums.value("aux")
         # global values: every rank reaches the same verdict (see the module doc)
         bad_loss = [f"{what} {value}" for what, value in (("loss", ce_global), ("aux loss", aux_global))
                     if not math.isfinite(value)]
-        if depths and not bool(torch.isfinite(sums[5:5 + 2 * depths]).all()):
-            bad_loss.append("mtp loss " + ", ".join(f"{v:g}" for v in sums[5:5 + depths].tolist()))
-        self._verdict = _StepVerdict(
-            self.trainer.global_step + 1, empty=n_global == 0, bad_loss=bad_loss,
-            bias_update=(routers, sums[5 + 2 * depths:].reshape(len(routers), -1)) if routers else None)
+        if depths and not bool(torch.isfinite(torch.cat([sums["mtp_ce"], sums["mtp_n"]])).all()):
+            bad_loss.append("mtp loss " + ", ".join(f"{v:g}" for v in sums["mtp_ce"].tolist()))
+        self._verdict = _StepVerdict(self.trainer.global_step + 1, empty=n_global == 0, bad_loss=bad_loss,
+                                     bias_update=(routers, sums["expert_counts"]) if routers else None)
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(n_global, 1.0)
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -477,14 +476,13 @@ class QMoELightningModule(pl.LightningModule):
         dt = now - (self._t_prev or now)
         self._t_prev = now
         self.log("train/loss", self.last_step.loss, prog_bar=True)
-        self.log("train/aux_loss", aux_global / max(micro_global, 1.0))
+        self.log("train/aux_loss", aux_global / max(sums.value("micro_batches"), 1.0))
         self.log("train/lr", optimizer.param_groups[0]["lr"], prog_bar=True)
         self.log("train/target_tokens", n_global)
         if dt > 0:
-            self.log("train/tokens_per_s", tokens_global / dt, prog_bar=True)
+            self.log("train/tokens_per_s", sums.value("tokens") / dt, prog_bar=True)
         if depths:
-            mtp_ce, mtp_n = sums[5:5 + depths], sums[5 + depths:5 + 2 * depths]
-            per_depth = (mtp_ce / mtp_n.clamp_min(1.0)).tolist()
+            per_depth = (sums["mtp_ce"] / sums["mtp_n"].clamp_min(1.0)).tolist()
             self.log("train/mtp_loss", sum(per_depth) / len(per_depth), prog_bar=True)
             if len(per_depth) > 1:
                 for d, value in enumerate(per_depth, 1):
@@ -665,13 +663,9 @@ class QMoELightningModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: PackedBatch) -> None:
         batch = _packed(batch)
-        mtp = getattr(self.model, "mtp", None)
+        mtp = self.model.mtp
         out = self(batch, num_items_in_batch=1, label_logits_only=True, output_router_logits=False,
                    mtp_metrics=mtp is not None)
-        depths = mtp.num_depths if mtp is not None else 0
-        sums = torch.zeros(6 + (3 * depths + 2 if depths else 0), dtype=torch.float64, device=self.device)
-        sums[0] = out.ce_loss.detach().double()
-        sums[1] = out.num_label_tokens.double()
         cp = self.context_parallel_group
         guesses = out.logits.argmax(-1) if out.logits is not None else None
         if cp is not None and guesses is not None:
@@ -679,38 +673,20 @@ class QMoELightningModule(pl.LightningModule):
             # one rank of the group counts
             guesses = cp.gather_rows(guesses)
             guesses = guesses if cp.rank == 0 else guesses[:0]
+        correct = visual = None
         if guesses is not None and guesses.shape[0] > 0 and batch.get("cu_seqlens") is not None:
             correct, visual = document_answer_correct(guesses, batch["labels"], batch["cu_seqlens"],
                                                       batch.get("mm_token_type_ids"))
-            sums[2] = (correct & visual).sum()
-            sums[3] = visual.sum()
-            sums[4] = (correct & ~visual).sum()
-            sums[5] = (~visual).sum()
-        if out.mtp is not None:  # per depth: CE sum, targets, top-1 hits; then depth-1 acceptance hits / positions
-            sums[6:6 + 3 * depths] = torch.stack([out.mtp.ce, out.mtp.num_targets, out.mtp.correct], 1) \
-                .reshape(-1).double()
-            sums[-2:] = torch.stack([out.mtp.accepted, out.mtp.accept_total]).double()
+        sums = evaluation_sums(self.device, out.ce_loss.detach(), out.num_label_tokens, correct, visual,
+                               out.mtp, mtp.num_depths if mtp is not None else 0)
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
 
     def _eval_epoch_end(self, prefix: str) -> None:
         if self._eval_sums is None:
             return
-        sums = self.trainer.strategy.reduce(self._eval_sums, reduce_op="sum").tolist()
+        sums = self._eval_sums.reduced(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
         self._eval_sums = None
-        metrics = {f"{prefix}/loss": sums[0] / max(sums[1], 1.0)}
-        if sums[3] > 0:
-            metrics[f"{prefix}/image_acc"] = sums[2] / sums[3]
-        if sums[5] > 0:
-            metrics[f"{prefix}/text_acc"] = sums[4] / sums[5]
-        metrics[f"{prefix}/answer_acc"] = (sums[2] + sums[4]) / max(sums[3] + sums[5], 1.0)
-        if len(sums) > 6:
-            per_depth = [sums[6 + 3 * d: 9 + 3 * d] for d in range((len(sums) - 8) // 3)]
-            metrics[f"{prefix}/mtp_loss"] = sum(ce / max(n, 1.0) for ce, n, _ in per_depth) / len(per_depth)
-            for d, (_, n, hits) in enumerate(per_depth, 1):
-                metrics[f"{prefix}/mtp_acc_depth{d}"] = hits / max(n, 1.0)
-            metrics[f"{prefix}/mtp_acceptance"] = sums[-2] / max(sums[-1], 1.0)
-        # values are already global: no further sync
-        self.log_dict(metrics, prog_bar=True)
+        self.log_dict(evaluation_metrics(sums, prefix), prog_bar=True)  # already global: no further sync
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)

@@ -251,7 +251,7 @@ def test_qwen3_vl_moe_refuses_mtp_with_a_reason():
     from qmoe_lightning.lightning_module import QMoELightningModule
 
     module = QMoELightningModule(pretrained="embedded:qwen3_vl_moe", mtp={"enabled": True})
-    with pytest.raises(ValueError, match="Qwen3VLMoeForConditionalGeneration has no multi-token prediction module"):
+    with pytest.raises(ValueError, match="Qwen3-VL-MoE has no multi-token prediction module"):
         module.configure_model()
 
 

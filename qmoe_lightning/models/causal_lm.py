@@ -29,7 +29,7 @@ from .context_parallel import check_same_row, split_row
 from .decoder import DecoderBackend, Deepstack
 from .lm_loss import future_token_targets, linear_cross_entropy, masked_rows, next_token_targets
 from .moe import GroupedExperts, TopKRouter
-from .mtp import MtpOutput, shifted_embeddings
+from .mtp import MtpOutput, MultiTokenPredictor, shifted_embeddings
 from .packing import SequenceInfo
 from .rotary import Fp32SafeTextRotaryEmbedding, Fp32SafeVisionRotaryEmbedding
 
@@ -113,6 +113,15 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
         return self.forward(**batch.model_inputs(), **options, **arguments.get("unused", {}))
 
     text_config: object
+    # the multi-token prediction module, in families whose checkpoints carry one and only when asked for
+    # (`ModelFamily.supports_mtp`; the subclass builds it after this __init__); None everywhere else. Set on the
+    # instance, never as a class default: nn.Module keeps submodules in `_modules`, so a class attribute `mtp = None`
+    # would shadow the module a subclass registers.
+    mtp: MultiTokenPredictor | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mtp = None
 
     @property
     def text_model(self) -> DecoderBackend:
@@ -218,7 +227,7 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
             h = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             logits = self.lm_head(h)
         mtp = None
-        if labels is not None and getattr(self, "mtp", None) is not None:
+        if labels is not None and self.mtp is not None:
             mtp = self._multi_token_prediction(whole, hidden, rope, info, labels, normaliser,
                                                fused=not return_logits, metrics=mtp_metrics)
         loss = None

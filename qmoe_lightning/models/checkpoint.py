@@ -166,6 +166,7 @@ class HFCheckpointMixin:
     MODEL_TYPES: ClassVar[tuple[str, ...]]  # config.json model_types it loads
     TEXT_ONLY: ClassVar[bool]  # no vision tower
     STATE_DICT_ADAPTER: ClassVar[type]  # HF <-> native tensor names and layouts: (config, text_only) -> adapter
+    mtp: torch.nn.Module | None  # the multi-token prediction module or None (declared by the model base)
 
     # set by from_pretrained (None otherwise): what save_pretrained copies through when not given a source
     checkpoint_source: CheckpointSource | None = None
@@ -177,7 +178,7 @@ class HFCheckpointMixin:
         return cls.HF_ARCHITECTURE
 
     def state_dict_adapter(self):
-        mtp = getattr(self, "mtp", None)
+        mtp = self.mtp
         return self.STATE_DICT_ADAPTER(self.config, text_only=self.TEXT_ONLY,
                                        mtp_layers=mtp.num_depths if mtp is not None else 0)
 
@@ -404,7 +405,7 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
 
         config = model.config
         config.architectures = [model.hf_architecture()]
-        mtp = getattr(model, "mtp", None)
+        mtp = model.mtp
         if mtp is not None:  # what vLLM / SGLang read to build the draft module
             getattr(config, "text_config", config).mtp_num_hidden_layers = mtp.num_depths
         written_dtype = dtype_numel.most_common(1)[0][0]  # the dtype most of the written weights have

@@ -33,6 +33,7 @@ class ModelFamily:
     text_only: type[nn.Module] | None  # None: the family has no text-only model (its VL model trains on text)
     config_class: str  # transformers config class of `model_type` (by name: transformers imports lazily)
     lora_targets: tuple[str, ...]  # what LoRA's `default` target means here (aliases of lora.config.ALIASES)
+    supports_mtp: bool = False  # the checkpoints carry a multi-token prediction module (`mtp.*`) the models build
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -125,6 +126,7 @@ QWEN3_5_MOE = register(ModelFamily(
     text_only=Qwen3_5MoeForCausalLM,
     config_class="Qwen3_5MoeConfig",
     lora_targets=("attention", "linear_attention", "shared_expert", "experts"),
+    supports_mtp=True,
 ))
 
 QWEN3_VL_MOE = register(ModelFamily(

@@ -42,6 +42,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from qmoe_lightning.models.causal_lm import MoeCausalLM
 from qmoe_lightning.models.moe import GroupedExperts
 
 from .expert_parallel import is_expert_parallel, shard_experts_
@@ -96,18 +97,12 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- model
-def _text_model(model: nn.Module) -> nn.Module:
-    tm = getattr(model, "text_model", None)
-    if tm is None or not hasattr(tm, "layers"):
-        raise TypeError(f"{type(model).__name__}: expected a native Qwen3.5-MoE / Qwen3-VL-MoE model with `.text_model.layers`")
-    return tm
-
-
-def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+def decoder_blocks(model: MoeCausalLM) -> list[nn.Module]:
     """The decoder blocks of the main model, then those of its multi-token prediction module (if any): each is
     parallelised the same way (its experts sharded, itself one FSDP2 unit, checkpointed)."""
-    mtp = getattr(model, "mtp", None)
-    return list(_text_model(model).layers) + (list(mtp.layers) if mtp is not None else [])
+    if not isinstance(model, MoeCausalLM):
+        raise TypeError(f"{type(model).__name__}: expected a native model (a MoeCausalLM: Qwen3.5-MoE, Qwen3-VL-MoE)")
+    return list(model.text_model.layers) + (list(model.mtp.layers) if model.mtp is not None else [])
 
 
 def _is_gloo(mesh: DeviceMesh) -> bool:
