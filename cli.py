@@ -47,6 +47,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from callbacks import RunCheckpoint, StepProgressBar
+from callbacks.predictions import PredictionWriter
 from callbacks.preemption import Preempted, PreemptionCheckpoint
 from qmoe_lightning.export_dir import NonFiniteError
 from data_modules.datamodule import MultimodalPackingDataModule
@@ -106,8 +107,9 @@ class QMoECLI(LightningCLI):
     def _instantiate_trainer(self, config, callbacks):
         """Lightning's, plus `StepProgressBar` as the progress bar ("Epoch N", not "Epoch N/-2") when the config
         shows one and names none of its own (added here, not to the saved config: a rerun with
-        `--trainer.enable_progress_bar false` must not meet a progress bar callback it refuses)."""
-        from lightning.pytorch.callbacks import ProgressBar
+        `--trainer.enable_progress_bar false` must not meet a progress bar callback it refuses), plus
+        `PreemptionCheckpoint` and `PredictionWriter` unless the config names its own."""
+        from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
@@ -116,6 +118,8 @@ class QMoECLI(LightningCLI):
             callbacks = [*callbacks, StepProgressBar()]
         if not any(isinstance(c, PreemptionCheckpoint) for c in [*configured, *callbacks]):
             callbacks = [*callbacks, PreemptionCheckpoint()]  # SIGTERM: finish the step, checkpoint, exit 143
+        if not any(isinstance(c, BasePredictionWriter) for c in [*configured, *callbacks]):
+            callbacks = [*callbacks, PredictionWriter()]  # predict: predictions.jsonl and the exact match
         return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:

@@ -1,14 +1,15 @@
 """Lightning callbacks for MoE fine-tuning: aux-loss logging, expert-load statistics, run summary figure, Hugging
-Face export (merged, or the PEFT adapter of a LoRA run), a checkpoint on SIGTERM."""
+Face export (merged, or the PEFT adapter of a LoRA run), a checkpoint on SIGTERM, predictions.jsonl."""
 
 from .expert_load import ExpertLoadStats
 from .hf_export import HFExport
 from .lora_export import LoraExport
 from .moe_aux_loss import MoEAuxLossLogger
+from .predictions import PredictionWriter
 from .preemption import PreemptionCheckpoint
 from .run_checkpoint import RunCheckpoint
 from .run_report import RunReport, StepProgressBar
 from .run_summary import RunSummaryPlot
 
-__all__ = ["ExpertLoadStats", "HFExport", "LoraExport", "MoEAuxLossLogger", "PreemptionCheckpoint", "RunCheckpoint",
+__all__ = ["ExpertLoadStats", "HFExport", "LoraExport", "MoEAuxLossLogger", "PredictionWriter", "PreemptionCheckpoint", "RunCheckpoint",
            "RunReport", "RunSummaryPlot", "StepProgressBar"]

@@ -64,7 +64,6 @@ val/text_acc). One process only: a model sharded over several processes is expor
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -713,11 +712,11 @@ class QMoELightningModule(pl.LightningModule):
         options = GenerationOptions.from_any(self.hparams.generation)
         tokenizer = trainer.datamodule.encoder.processor.tokenizer
         self._predictor = Predictor(transformers_model(self.model, fetch), tokenizer, options)
-        self._predictions = []
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """One predictions.jsonl row: prompt_id, source, kind, answer, reference, correct (None without a
-        reference), finished, new_tokens, error (why a row could not be answered; None otherwise)."""
+        """One predictions.jsonl row (`callbacks.PredictionWriter` writes them): prompt_id, source, kind, answer,
+        reference, correct (None without a reference), finished, new_tokens, error (why a row could not be
+        answered; None otherwise)."""
         row = {k: batch[k] for k in ("prompt_id", "source", "kind")}
         if batch.get("error") is not None:
             row.update(answer=None, reference=batch["reference"], correct=None, finished=None, new_tokens=0,
@@ -726,50 +725,16 @@ class QMoELightningModule(pl.LightningModule):
             result = self._predictor.answer(batch, batch["index"])
             row.update(answer=result["answer"], reference=batch["reference"], correct=result["correct"],
                        finished=result["finished"], new_tokens=result["new_tokens"], error=None)
-        self._predictions.append(row)
         return row
 
     def on_predict_epoch_end(self) -> None:
-        from .export_dir import write_text_atomic
-
-        rows, self._predictions = self._predictions, []
         self._predictor = None  # frees the transformers model's cache and merged tensors
-        path = Path(self.trainer.default_root_dir) / "predictions.jsonl"
-        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        self.predict_summary = summary = prediction_summary(rows)
-        parts = [f"predict: {len(rows)} prompts -> {path}"]
-        if summary["failed"]:
-            parts.append(f"{summary['failed']} could not be answered (the reason is in their rows' error)")
-        if summary["judged"]:
-            by_kind = ", ".join(f"{k} {v['correct']}/{v['judged']} = {v['acc']:.4f}"
-                                for k, v in summary["kinds"].items())
-            parts.append(f"exact match {summary['correct']}/{summary['judged']} = {summary['acc']:.4f} ({by_kind})")
-        if summary["unfinished"]:
-            parts.append(f"{summary['unfinished']} answers hit max_new_tokens before an end token")
-        rank_zero_info("; ".join(parts))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
-
-
-def prediction_summary(rows: list[dict]) -> dict:
-    """Exact-match counts of predictions.jsonl rows: overall and per kind as validation groups them ("image":
-    image or video in the prompt, as val/image_acc; "text": as val/text_acc)."""
-    judged = [r for r in rows if r.get("correct") is not None]
-    kinds = {}
-    for name in ("image", "text"):
-        mine = [r for r in judged if (r["kind"] == "text") == (name == "text")]
-        if mine:
-            correct = sum(r["correct"] for r in mine)
-            kinds[name] = {"correct": correct, "judged": len(mine), "acc": correct / len(mine)}
-    correct = sum(r["correct"] for r in judged)
-    return {"prompts": len(rows), "judged": len(judged), "correct": correct,
-            "acc": correct / len(judged) if judged else None, "kinds": kinds,
-            "failed": sum(1 for r in rows if r.get("error")),
-            "unfinished": sum(1 for r in rows if r.get("finished") is False)}
 
 
 def _packed(batch: PackedBatch | dict) -> PackedBatch:

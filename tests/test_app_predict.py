@@ -188,7 +188,7 @@ def test_predict_exact_match_equals_validation_document_by_document(tmp_path):
     right = [r for r in rows if r["correct"]]
     assert 0 < len(right) < len(rows), "the check needs right and wrong answers"
     assert any(len(r["answer"].split()) >= 2 for r in right), "and a right answer of several tokens"
-    summary = pred.model.predict_summary
+    summary = _summary(pred)
     assert summary["kinds"]["image"]["acc"] == pytest.approx(metrics["val/image_acc"], abs=1e-9)
     assert summary["kinds"]["text"]["acc"] == pytest.approx(metrics["val/text_acc"], abs=1e-9)
 
@@ -229,14 +229,14 @@ def test_predict_without_references_and_with_a_bad_row(tmp_path, small_data):
     assert out[5]["answer"] is None and out[5]["error"].startswith("missing_image: ")
     assert out[5]["source"] == f"{prompts}:6"
     assert app.datamodule.stats["predict"] == {"missing_image": 1, "ok": 5}
-    assert app.model.predict_summary["judged"] == 0 and app.model.predict_summary["failed"] == 1
+    assert _summary(app)["judged"] == 0 and _summary(app)["failed"] == 1
     # sampling is seeded per prompt: the same answers again
     again = cli.main(["predict", "--config", TINY, "--trainer.default_root_dir", str(root),
                       "--trainer.enable_progress_bar", "false", "--data.predict_path", str(prompts),
                       "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache"),
                       "--model.generation.max_new_tokens", "3", "--model.generation.temperature", "1.0"])
     assert [json.loads(line) for line in open(root / "predictions.jsonl")] == out
-    assert again.model.predict_summary["prompts"] == 6
+    assert _summary(again)["prompts"] == 6
 
 
 @pytest.mark.slow
@@ -258,7 +258,7 @@ def test_text_only_model_trains_and_predicts_and_refuses_images(tmp_path, small_
                      "--model.generation.max_new_tokens", "4"])
     rows = [json.loads(line) for line in open(root / "predictions.jsonl")]
     assert len(rows) == 8 and all(r["kind"] == "text" and r["error"] is None for r in rows)
-    assert pred.model.predict_summary["judged"] == 8
+    assert _summary(pred)["judged"] == 8
     # ... one that shapes the model does
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["predict", *common, "--data.predict_path", str(text), "--ckpt_path", ckpt,
@@ -267,3 +267,12 @@ def test_text_only_model_trains_and_predicts_and_refuses_images(tmp_path, small_
     # image rows on a text-only model: an error, never pixels silently dropped
     with pytest.raises(ValueError, match="Qwen3_5MoeForCausalLM is text-only, but the batch holds images"):
         cli.main([*fit, "--data.train_path", str(small_data), "--trainer.default_root_dir", str(tmp_path / "r2")])
+
+
+def _summary(app) -> dict:
+    """What the CLI's PredictionWriter counted in the last predict of `app` (a cli.main result)."""
+    from callbacks.predictions import PredictionWriter
+
+    writers = [c for c in app.trainer.callbacks if isinstance(c, PredictionWriter)]
+    assert len(writers) == 1, app.trainer.callbacks
+    return writers[0].summary
