@@ -19,19 +19,8 @@ optimizer. (The aux term is weighted by each micro-batch's target tokens so the 
 too.) Callbacks' `on_before_optimizer_step` run BEFORE this rescale (Lightning calls callbacks first); read
 gradients in `configure_gradient_clipping` or later.
 
-Non-finite steps (`nonfinite`): a step whose loss (all ranks) or gradient norm (all ranks, before clipping) is
-NaN / inf never reaches the weights. Both values are already global (the loss sums ride in the step's all-reduce,
-the norm is all-reduced by the clip), so every rank takes the same decision with no extra collective; only then one
-more all-reduce finds which parameter groups (router, routed_experts, attention, lora, embeddings, ...) hold
-non-finite gradients, for the message. `stop` (default) raises `NonFiniteTrainingError` from the step on every rank:
-nothing of that step is saved (no checkpoint, no export; the last checkpoint and export of a good step stay as
-they were) and `cli.py` exits non-zero with the message. `skip` drops the step's gradients instead: the optimizer
-steps nothing (weights and AdamW moments unchanged), the LR schedule is not advanced (as transformers' Trainer does
-for an overflow step), the trainer's step count still is (`max_steps` counts skipped steps), the routers' balancing
-bias is not moved, and `train/nonfinite_skips` counts them; more than `nonfinite_max_skips` in a row stop the run as
-`stop` does. A step window without a single target token on any rank (every document of the window dropped at
-decode time) is skipped the same way and counted as `train/empty_steps` (it is not an error: its gradient is zero,
-but AdamW's momentum would still move the weights). Both counters are kept in checkpoints.
+Non-finite steps (`nonfinite`: stop / skip) and steps without any target token: `step_guard.py`; every rank takes
+the same decision from global values.
 
 Multi-token prediction (`mtp: {enabled: true}`, Qwen3.5-MoE): the checkpoint's `mtp.*` module trains beside the
 model and each micro-batch adds `mtp.loss_scale * mean over depths of its MTP CE sum`, normalised by the same
@@ -64,7 +53,6 @@ val/text_acc). One process only: a model sharded over several processes is expor
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -77,52 +65,15 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .evaluation import document_answer_correct, evaluation_metrics, evaluation_sums
 from .global_sums import GlobalSums
-from .export_dir import NonFiniteError
 from .generation import GenerationOptions
 from .lora import LoraConfig
 from .models.batch import PackedBatch
 from .models.mtp import MtpConfig
 from .optim import build_adamw, warmup_cosine_scheduler
 from .router_stats import RouterStats
+from .step_guard import (NonFiniteTrainingError, SkippedSteps, StepGuard, StepVerdict,  # noqa: F401  (re-exported)
+                         nonfinite_gradient_groups, parameter_group)
 
-log = logging.getLogger(__name__)
-
-
-class NonFiniteTrainingError(NonFiniteError):
-    """A training step's loss or gradients went NaN / inf (model.nonfinite: stop, or too many skips in a row)."""
-
-
-# parameter groups named in non-finite messages, in the order they are reported
-NONFINITE_GROUPS = ("lora", "router", "routed_experts", "shared_expert", "attention", "linear_attention", "dense_mlp",
-                    "embeddings", "lm_head", "vision", "mtp", "other")
-
-
-def parameter_group(name: str) -> str:
-    """The group of a native parameter name, as in the LoRA table (`lora.group_of`) with the routers, embeddings,
-    LM head and MTP module apart and every adapter tensor under "lora"."""
-    from .lora import group_of, is_adapter_key
-
-    if is_adapter_key(name):
-        return "lora"
-    if name == "mtp" or name.startswith("mtp.") or ".mtp." in name:
-        return "mtp"
-    if name.endswith("mlp.gate.weight") or name.endswith("mlp.gate.bias"):
-        return "router"
-    if "embed_tokens" in name:
-        return "embeddings"
-    if name.startswith("lm_head") or ".lm_head." in name:
-        return "lm_head"
-    return group_of(name)
-
-
-@dataclass
-class _StepVerdict:
-    """What the step in progress is, decided in `on_before_optimizer_step` from global sums (same on every rank)."""
-
-    index: int  # the step's number (global step after it)
-    empty: bool  # no target token in the window on any rank
-    bad_loss: list[str]  # loss terms that are NaN / inf ("loss nan", ...)
-    bias_update: tuple | None = None  # (routers, global (L, E) counts): applied only if the step is taken
 
 
 @dataclass
@@ -249,10 +200,7 @@ class QMoELightningModule(pl.LightningModule):
             raise ValueError(f"router_balancing must be 'aux_loss', 'bias' or 'both', got {router_balancing!r}")
         if not balancing_bias_rate >= 0.0:
             raise ValueError(f"balancing_bias_rate must be >= 0, got {balancing_bias_rate}")
-        if nonfinite not in ("stop", "skip"):
-            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
-        if not (isinstance(nonfinite_max_skips, int) and nonfinite_max_skips >= 0):
-            raise ValueError(f"nonfinite_max_skips must be an integer >= 0, got {nonfinite_max_skips!r}")
+        self.step_guard = StepGuard(nonfinite, nonfinite_max_skips, lr)  # checks both values
         self.save_hyperparameters()
         self.model = None
         self.checkpoint_source = None  # where the weights came from (companion files, mtp.* passthrough): exports
@@ -264,11 +212,8 @@ class QMoELightningModule(pl.LightningModule):
         self._collect_router_stats = False
         self._t_prev: float | None = None
         self._eval_sums: GlobalSums | None = None
-        self._verdict: _StepVerdict | None = None  # the step between on_before_optimizer_step and the optimizer
+        self._verdict: StepVerdict | None = None  # the step between on_before_optimizer_step and the optimizer
         self._hold_schedule = False  # the last step was skipped: the LR schedule does not advance
-        self.nonfinite_skips = 0  # steps skipped for a NaN / inf loss or gradient (whole run, checkpointed)
-        self.nonfinite_in_row = 0
-        self.empty_steps = 0  # steps skipped for having no target token
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -462,7 +407,7 @@ class QMoELightningModule(pl.LightningModule):
                     if not math.isfinite(value)]
         if depths and not bool(torch.isfinite(torch.cat([sums["mtp_ce"], sums["mtp_n"]])).all()):
             bad_loss.append("mtp loss " + ", ".join(f"{v:g}" for v in sums["mtp_ce"].tolist()))
-        self._verdict = _StepVerdict(self.trainer.global_step + 1, empty=n_global == 0, bad_loss=bad_loss,
+        self._verdict = StepVerdict(self.trainer.global_step + 1, empty=n_global == 0, bad_loss=bad_loss,
                                      bias_update=(routers, sums["expert_counts"]) if routers else None)
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(n_global, 1.0)
         for group in optimizer.param_groups:
@@ -502,17 +447,20 @@ class QMoELightningModule(pl.LightningModule):
         self.log("experts/bias_abs_mean", bias.mean())
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip (and log the norm), then decide whether the step is taken (`_guard_step`)."""
+        """Clip (and log the norm), then take the step (applying the deferred balancing-bias update) or skip it, or
+        stop the run (`step_guard.py`: the same decision on every rank)."""
         verdict, self._verdict = self._verdict, None
         if verdict is not None and verdict.empty:  # nothing to learn from: no norm, no optimizer step
+            self.step_guard.empty_step(verdict)
             self._skip_step(optimizer)
-            self.empty_steps += 1
-            log.warning("step %d has no target token on any rank (every document of its window was dropped or has "
-                        "no answer): skipped, %d so far", verdict.index, self.empty_steps)
-            self._log_skip_counters()
             return
         norm = self._clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        self._guard_step(optimizer, verdict, norm)
+        groups = lambda: nonfinite_gradient_groups(  # noqa: E731
+            self.model, optimizer, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), self.device)
+        if not self.step_guard.take(verdict, norm, groups):
+            self._skip_step(optimizer)
+        elif verdict is not None and verdict.bias_update is not None:
+            self._update_balancing_bias(*verdict.bias_update)
 
     def _clip(self, optimizer, gradient_clip_val, gradient_clip_algorithm) -> torch.Tensor | None:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -522,7 +470,7 @@ class QMoELightningModule(pl.LightningModule):
         max_norm = gradient_clip_val if gradient_clip_val and not by_value else float("inf")
         # the total norm (before clipping) is returned and logged; clipping happens when max_norm < inf and the norm
         # is finite (scaling by a NaN coefficient would spread one group's NaN to every gradient, and such a step
-        # is never taken: `_guard_step`)
+        # is never taken: `step_guard`)
         if self._parallelized:  # mixed EP / FSDP meshes: torch's clip cannot stack them (a NaN norm scales nothing)
             from .parallel.clip import clip_grad_norm_
 
@@ -536,70 +484,6 @@ class QMoELightningModule(pl.LightningModule):
         self.log("train/grad_norm", norm.float())
         return norm
 
-    def _guard_step(self, optimizer, verdict: _StepVerdict | None, norm: torch.Tensor | None) -> None:
-        """Take the step (apply the deferred balancing-bias update), or skip it / stop the run when its loss or
-        gradient norm is not finite (module doc). `norm` and `verdict` are global: the same branch on every rank."""
-        bad_norm = norm is not None and not bool(torch.isfinite(norm))
-        if verdict is None or (not verdict.bad_loss and not bad_norm):
-            self.nonfinite_in_row = 0
-            if verdict is not None and verdict.bias_update is not None:
-                self._update_balancing_bias(*verdict.bias_update)
-            return
-        what = list(verdict.bad_loss)
-        if bad_norm:
-            what.append(f"gradient norm {float(norm)}")
-        groups, names = self._nonfinite_gradients(optimizer)
-        if groups:
-            what.append(f"non-finite gradients in {', '.join(groups)} (e.g. {', '.join(names)})")
-        elif bad_norm:
-            what.append("every gradient is finite: their norm overflowed")
-        hp = self.hparams
-        if hp.get("nonfinite", "stop") == "skip" and self.nonfinite_in_row < hp.get("nonfinite_max_skips", 5):
-            self._skip_step(optimizer)
-            self.nonfinite_skips += 1
-            self.nonfinite_in_row += 1
-            log.warning("step %d skipped (model.nonfinite=skip, %d in a row, %d in all): %s", verdict.index,
-                        self.nonfinite_in_row, self.nonfinite_skips, "; ".join(what))
-            self._log_skip_counters()
-            return
-        why = ("model.nonfinite=stop" if hp.get("nonfinite", "stop") != "skip" else
-               f"{self.nonfinite_in_row + 1} non-finite steps in a row, more than model.nonfinite_max_skips="
-               f"{hp.get('nonfinite_max_skips', 5)}")
-        raise NonFiniteTrainingError(
-            f"training stopped at step {verdict.index} ({why}): {'; '.join(what)}. Nothing of this step was applied "
-            "or saved: the last checkpoint and export written by an earlier step are unchanged. Usual causes: a "
-            f"learning rate too high (model.lr is {hp.lr:g}), no gradient clipping (trainer.gradient_clip_val), "
-            "fp16 overflow. To skip such steps instead: --model.nonfinite skip (at most "
-            "model.nonfinite_max_skips in a row).")
-
-    @torch.no_grad()
-    def _nonfinite_gradients(self, optimizer) -> tuple[list[str], list[str]]:
-        """The parameter groups with a NaN / inf gradient on ANY rank, and up to 3 parameter names. A collective:
-        only called when every rank has found the step non-finite."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        flags = torch.zeros(len(NONFINITE_GROUPS), dtype=torch.float32, device=self.device)
-        local = []
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                if g.numel() and not bool(torch.isfinite(g).all()):
-                    name = names.get(id(p), "?")
-                    k = NONFINITE_GROUPS.index(parameter_group(name))
-                    if not flags[k]:  # one example per group
-                        local.append((k, name))
-                    flags[k] = 1.0
-        flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            every = [None] * dist.get_world_size()
-            dist.all_gather_object(every, local)
-            local = sorted({example for examples in every for example in examples})
-        examples = list({k: name for k, name in reversed(local)}.values())[::-1]  # first per group, group order
-        return [g for g, f in zip(NONFINITE_GROUPS, flags.tolist()) if f > 0], examples[:3]
-
     def _skip_step(self, optimizer) -> None:
         """No optimizer step: AdamW updates (and decays) only parameters with a gradient, so without any it
         changes neither the weights nor its state; the LR schedule is held for this step (`lr_scheduler_step`)."""
@@ -607,10 +491,8 @@ class QMoELightningModule(pl.LightningModule):
             for p in group["params"]:
                 p.grad = None
         self._hold_schedule = True
-
-    def _log_skip_counters(self) -> None:
-        self.log("train/nonfinite_skips", float(self.nonfinite_skips))
-        self.log("train/empty_steps", float(self.empty_steps))
+        self.log("train/nonfinite_skips", float(self.step_guard.skipped.nonfinite))
+        self.log("train/empty_steps", float(self.step_guard.skipped.empty))
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         if self._hold_schedule:  # the optimizer step was skipped: the schedule stays where it was
@@ -629,8 +511,7 @@ class QMoELightningModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["qmoe_skipped_steps"] = {"nonfinite": self.nonfinite_skips, "empty": self.empty_steps,
-                                            "nonfinite_in_row": self.nonfinite_in_row}
+        checkpoint["qmoe_skipped_steps"] = self.step_guard.skipped.state()
         # with LoRA the frozen base is `pretrained` itself: storing it in every checkpoint would only cost disk
         if self.hparams.lora is not None and self.model is not None:
             from .lora import keep_adapters_only
@@ -638,10 +519,7 @@ class QMoELightningModule(pl.LightningModule):
             keep_adapters_only(checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        skipped = checkpoint.get("qmoe_skipped_steps") or {}
-        self.nonfinite_skips = int(skipped.get("nonfinite", 0))
-        self.nonfinite_in_row = int(skipped.get("nonfinite_in_row", 0))
-        self.empty_steps = int(skipped.get("empty", 0))
+        self.step_guard.skipped = SkippedSteps.from_state(checkpoint.get("qmoe_skipped_steps"))
         # distributed checkpoints (ExpertParallelStrategy) hold no "state_dict" here: the strategy has loaded the
         # tensors itself and checked them against the model (missing trainable / unexpected tensors raise there)
         if self.hparams.lora is not None and self.model is not None and "state_dict" in checkpoint:

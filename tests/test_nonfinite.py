@@ -105,7 +105,7 @@ def test_skip_leaves_weights_optimizer_and_schedule_alone_then_stops_after_max_s
                 adam_steps={id(p): float(opt.state[p]["step"]) for p in opt.state},
                 exp_avg={id(p): opt.state[p]["exp_avg"].clone() for p in opt.state},
                 sched=trainer.lr_scheduler_configs[0].scheduler.last_epoch,
-                skips=pl_module.nonfinite_skips, in_row=pl_module.nonfinite_in_row)
+                skips=pl_module.step_guard.skipped.nonfinite, in_row=pl_module.step_guard.skipped.nonfinite_in_row)
 
     poison = PoisonGradient({2, 4, 5, 6, 7})
     module = QMoELightningModule(pretrained="embedded", lr=1e-3, warmup_steps=3, nonfinite="skip",
@@ -143,7 +143,7 @@ def test_window_without_targets_is_an_empty_step(tmp_path, data):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             opt = trainer.optimizers[0]
             seen[trainer.global_step] = (_params(pl_module), {id(p): float(opt.state[p]["step"]) for p in opt.state},
-                                         pl_module.empty_steps)
+                                         pl_module.step_guard.skipped.empty)
 
     module = QMoELightningModule(pretrained="embedded", lr=1e-2)
     trainer = make_trainer(tmp_path, max_steps=3, callbacks=[Record()])
