@@ -1,4 +1,4 @@
-"""`QMoELightningModule`: fine-tunes a native Qwen3.5-MoE model on packed micro-batches.
+"""`QMoELightningModule`: fine-tunes a native model (Qwen3.5-MoE, Qwen3-VL-MoE) on packed micro-batches.
 
 Model construction (`configure_model`, so Lightning runs it under the strategy's init context): the model is built
 on the meta device, materialised empty on the target device (bf16 directly under `bf16-true`, so a large model is
@@ -75,7 +75,6 @@ from .step_guard import (NonFiniteTrainingError, SkippedSteps, StepGuard, StepVe
                          nonfinite_gradient_groups, parameter_group)
 
 
-
 @dataclass
 class _StepWindow:
     """Sums over the micro-batches of the optimizer step in progress (this rank); the module's own."""
@@ -107,7 +106,8 @@ class StepSummary:
 
 
 class QMoELightningModule(pl.LightningModule):
-    """Fine-tuning of a Qwen3.5-MoE vision-language model (native implementation) on packed micro-batches."""
+    """Fine-tuning of a native vision-language MoE model (either family; text-only Qwen3.5-MoE too) on packed
+    micro-batches."""
 
     def __init__(
         self,
