@@ -64,8 +64,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from .evaluation import document_answer_correct, evaluation_metrics, evaluation_sums
-from .global_sums import GlobalSums
 from .generation import GenerationOptions
+from .global_sums import GlobalSums
 from .lora import LoraConfig
 from .models.batch import PackedBatch
 from .models.mtp import MtpConfig
