@@ -49,6 +49,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from callbacks import RunCheckpoint, StepProgressBar
 from callbacks.predictions import PredictionWriter
 from callbacks.preemption import Preempted, PreemptionCheckpoint
+from callbacks.run_report import output_line
 from qmoe_lightning.export_dir import NonFiniteError
 from data_modules.datamodule import MultimodalPackingDataModule
 from qmoe_lightning.lightning_module import QMoELightningModule
@@ -67,6 +68,11 @@ MODEL_SHAPE_SETTINGS = {"pretrained", "model_config", "text_only", "lora", "proc
 
 class SaveConfigBesideCheckpoints(SaveConfigCallback):
     """Writes the run's config next to its checkpoints (`config.yaml` + a timestamped copy), overwriting safely."""
+
+    saved_to: str | None = None
+
+    def output_lines(self) -> list[str]:
+        return [output_line("config", self.saved_to)] if self.saved_to else []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.already_saved:

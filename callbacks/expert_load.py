@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from qmoe_lightning.router_stats import RouterStats, moe_layer_indices
 
 from .heatmap import load_heatmap_figure, save_figure
+from .run_report import output_line
 
 
 class ExpertLoadStats(pl.Callback):
@@ -73,6 +74,9 @@ class ExpertLoadStats(pl.Callback):
         self._steps_in_window += 1
         if self._steps_in_window >= self.window_steps:
             self._flush(trainer, pl_module)
+
+    def output_lines(self) -> list[str]:
+        return [output_line("heatmaps", f"{self.heatmaps[-1].parent} ({len(self.heatmaps)})")] if self.heatmaps else []
 
     def on_train_end(self, trainer, pl_module) -> None:
         # a partial last window still says something: report it rather than drop it (collective on all ranks)

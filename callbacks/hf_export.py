@@ -44,6 +44,8 @@ from qmoe_lightning.hub import PushResult, push_folder_to_hub, retry_command
 from qmoe_lightning.lora import save_merged_pretrained
 from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
 
+from .run_report import output_line
+
 log = logging.getLogger(__name__)
 
 
@@ -95,6 +97,9 @@ class HFExport(pl.Callback):
 
     def export_dir(self, trainer) -> Path:
         return Path(self.dirpath or os.path.join(trainer.default_root_dir, "hf_export"))
+
+    def output_lines(self) -> list[str]:
+        return [output_line("HF export", self.last_export)] if self.last_export is not None else []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Before any training: the target may only be a previous export; debris of killed exports goes."""

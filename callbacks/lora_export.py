@@ -28,6 +28,8 @@ from qmoe_lightning.export_dir import prepare_target, refuse_nonfinite_model
 from qmoe_lightning.lora import LoraConfig, has_lora, save_peft_adapter
 from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
 
+from .run_report import output_line
+
 
 class LoraExport(pl.Callback):
     def __init__(self, dirpath: str | None = None, base_model_name_or_path: str | None = None):
@@ -53,6 +55,9 @@ class LoraExport(pl.Callback):
         if embedded_model_name(pretrained) is not None:
             return str(resolve_path(pretrained, "model", getattr(hp, "embedded_cache_dir", None)))
         return None if pretrained is None else str(pretrained)
+
+    def output_lines(self) -> list[str]:
+        return [output_line("PEFT adapter", self.last_export)] if self.last_export is not None else []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Before any training: the target may only be a previous adapter export (see qmoe_lightning.export_dir)."""

@@ -17,16 +17,27 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from typing import Protocol, runtime_checkable
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
-
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 from qmoe_lightning.lora.apply import group_of
 
 _BASE = RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar  # what Lightning itself would pick
+
+
+@runtime_checkable
+class ReportsOutputs(Protocol):
+    """A callback that writes files says where in the end-of-run block (`output_line` formats a line)."""
+
+    def output_lines(self) -> list[str]: ...
+
+
+def output_line(what: str, where) -> str:
+    return f"  {what:<13} {where}"
 
 
 class StepProgressBar(_BASE):
@@ -73,31 +84,34 @@ class RunReport(pl.Callback):
 
     @staticmethod
     def start_block(trainer, pl_module) -> str:
+        from data_modules.datamodule import MultimodalPackingDataModule
+        from qmoe_lightning.parallel.strategy import ExpertParallelStrategy
+
         model = pl_module.model
         hp = pl_module.hparams
-        arch = model.hf_architecture() if hasattr(model, "hf_architecture") else type(model).__name__
+        arch = model.hf_architecture()
         runtime = type(model).__name__  # e.g. FSDPQwen3_5Moe... once FSDP2 has wrapped it
         lines = [f"== run: {arch} from {hp.get('pretrained') or hp.get('model_config')}"
                  + (f" (as {runtime})" if runtime != arch else "")]
         total, trainable = parameter_groups(model)
-        note = " (expert parallel: this rank's expert slices)" if getattr(pl_module, "_parallelized", False) else ""
+        note = " (expert parallel: this rank's expert slices)" if pl_module.parallelized else ""
         lines.append(f"parameters: {_m(sum(total.values()))} total, {_m(sum(trainable.values()))} trainable{note}")
         for group in sorted(total, key=lambda g: -total[g]):
             lines.append(f"  {group:<22}{_m(total[group]):>12} {_m(trainable[group]):>12} trainable")
         strategy = trainer.strategy
         layout = f"{type(strategy).__name__}"
-        if hasattr(strategy, "ep_size"):
-            layout += f" (ep {strategy.ep_size}, replicate {getattr(strategy, 'replicate', 1)})"
+        if isinstance(strategy, ExpertParallelStrategy):
+            layout += f" (ep {strategy.ep_size}, replicate {strategy.replicate})"
         lines.append(f"precision {trainer.precision}; {trainer.num_nodes} node(s) x {trainer.num_devices} "
                      f"{type(trainer.accelerator).__name__.replace('Accelerator', '').lower()} device(s); {layout}")
         lines.append(f"optimizer: AdamW lr {hp.get('lr')}, warmup {hp.get('warmup_steps')} steps, "
                      f"max_steps {trainer.max_steps}, accumulate {trainer.accumulate_grad_batches}")
-        dm = getattr(trainer, "datamodule", None)
+        dm = trainer.datamodule
         for split in ("train", "val"):
-            ds = getattr(dm, f"{split}_dataset", None)
-            stats = dict(getattr(dm, "stats", {}).get(split, {}))
+            ds = getattr(dm, f"{split}_dataset") if isinstance(dm, MultimodalPackingDataModule) else None
             if ds is None:
                 continue
+            stats = dict(dm.stats.get(split, {}))
             skipped = {k: v for k, v in stats.items() if k not in ("ok", "truncated", "from_train_fraction")}
             lines.append(f"{split} data: {stats.get('ok', 0)} samples, {ds.num_tokens:,} tokens, {len(ds)} packs of "
                          f"{dm.max_tokens} (non-pad {ds.fill:.3f}); skipped {sum(skipped.values())}"
@@ -108,20 +122,12 @@ class RunReport(pl.Callback):
     def end_block(trainer) -> str:
         lines = [f"== run finished at step {trainer.global_step}; outputs:"]
         for cb in trainer.checkpoint_callbacks:
-            if getattr(cb, "dirpath", None):
-                last = getattr(cb, "last_model_path", "") or ""
-                lines.append(f"  checkpoints   {cb.dirpath}{'  (last: ' + os.path.basename(last) + ')' if last else ''}")
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+                last = f"  (last: {os.path.basename(cb.last_model_path)})" if cb.last_model_path else ""
+                lines.append(output_line("checkpoints", f"{cb.dirpath}{last}"))
         for cb in trainer.callbacks:
-            name = type(cb).__name__
-            if getattr(cb, "last_export", None) is not None:
-                what = "PEFT adapter" if name == "LoraExport" else "HF export"
-                lines.append(f"  {what:<13} {cb.last_export}")
-            if getattr(cb, "heatmaps", None):
-                lines.append(f"  heatmaps      {cb.heatmaps[-1].parent} ({len(cb.heatmaps)})")
-            if getattr(cb, "path", None) is not None and name == "RunSummaryPlot":
-                lines.append(f"  summary       {cb.path}")
-            if getattr(cb, "saved_to", None):
-                lines.append(f"  config        {cb.saved_to}")
+            if isinstance(cb, ReportsOutputs):
+                lines += cb.output_lines()
         # the logger's own directory: `trainer.log_dir` broadcasts (a collective), and only rank 0 is here
         log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
         if log_dir:

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .heatmap import save_figure, summary_figure
+from .run_report import output_line
 
 TRAIN_KEYS = ("train/loss", "moe/aux_loss", "train/aux_loss", "experts/cv", "experts/dead")
 
@@ -47,6 +48,9 @@ class RunSummaryPlot(pl.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
             self._record("val/loss", trainer.global_step, trainer.callback_metrics["val/loss"])
+
+    def output_lines(self) -> list[str]:
+        return [output_line("summary", self.path)] if self.path is not None else []
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or not self.history:

@@ -204,7 +204,7 @@ class QMoELightningModule(pl.LightningModule):
         self.save_hyperparameters()
         self.model = None
         self.checkpoint_source = None  # where the weights came from (companion files, mtp.* passthrough): exports
-        self._parallelized = False
+        self.parallelized = False  # the model is EP / FSDP2-parallelised (set by configure_model; read by callbacks)
         self.last_step: StepSummary | None = None  # the last optimizer step taken (callbacks read it)
         self._window: _StepWindow | None = None  # the optimizer step in progress
         # router statistics cost output_router_logits: collected when a callback says it reads them
@@ -253,7 +253,7 @@ class QMoELightningModule(pl.LightningModule):
             # ExpertParallelStrategy's plan (EP + activation checkpointing + FSDP2); other strategies have none
             parallelize=getattr(trainer.strategy, "parallelize", None) if trainer is not None else None,
             activation_checkpointing=hp.activation_checkpointing, init_seed=hp.init_seed)
-        self.model, self.checkpoint_source, self._parallelized = built.model, built.source, built.parallelized
+        self.model, self.checkpoint_source, self.parallelized = built.model, built.source, built.parallelized
         if self.balances_by_bias:
             # after loading: an HF checkpoint has no bias (it starts at 0); a Lightning / distributed checkpoint
             # restores it later like any buffer. Not sharded by FSDP2 (a buffer): a plain replica on every rank
@@ -471,7 +471,7 @@ class QMoELightningModule(pl.LightningModule):
         # the total norm (before clipping) is returned and logged; clipping happens when max_norm < inf and the norm
         # is finite (scaling by a NaN coefficient would spread one group's NaN to every gradient, and such a step
         # is never taken: `step_guard`)
-        if self._parallelized:  # mixed EP / FSDP meshes: torch's clip cannot stack them (a NaN norm scales nothing)
+        if self.parallelized:  # mixed EP / FSDP meshes: torch's clip cannot stack them (a NaN norm scales nothing)
             from .parallel.clip import clip_grad_norm_
 
             norm = clip_grad_norm_(self.model, max_norm)
@@ -583,7 +583,7 @@ class QMoELightningModule(pl.LightningModule):
                 "(--model.pretrained <default_root_dir>/hf_export), or serve the export with vLLM / transformers.")
         self._check_data_processor()
         fetch = None
-        if self._parallelized:  # FSDP2 / expert-parallel on one process: full tensors
+        if self.parallelized:  # FSDP2 / expert-parallel on one process: full tensors
             from .parallel.state import full_tensor_fetcher
 
             fetch = full_tensor_fetcher(self.model)

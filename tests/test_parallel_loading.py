@@ -320,7 +320,7 @@ MODULE_SCRIPT = textwrap.dedent('''
             local = {{k: (v.to_local() if hasattr(v, "to_local") else v).dtype for k, v in module.model.state_dict().items()}}
             result = dict(after_configure=module.after_configure, at_fit_start=gathered(module.model), local_dtypes=local,
                           report=dataclasses.asdict(module.checkpoint_source.report), strict_loading=module.strict_loading,
-                          parallelized=module._parallelized, local_experts=experts.num_local_experts)
+                          parallelized=module.parallelized, local_experts=experts.num_local_experts)
             torch.save(result, os.path.join({out!r}, f"rank{{trainer.global_rank}}.pt"))
 
     if __name__ == "__main__":
