@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from qmoe_lightning.router_stats import RouterStats, moe_layer_indices
 
 from .heatmap import load_heatmap_figure, save_figure
+from .module_contract import require_qmoe_module
 from .run_report import output_line
 
 
@@ -64,8 +65,11 @@ class ExpertLoadStats(pl.Callback):
     def _dir(self, trainer) -> Path:
         return Path(self.dirpath or os.path.join(trainer.default_root_dir, "expert_load"))
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        require_qmoe_module(pl_module, self)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = getattr(pl_module, "last_step", None)
+        step = pl_module.last_step
         if step is None or step.index <= self._last_index:  # no new optimizer step since the last batch
             return
         self._last_index = step.index

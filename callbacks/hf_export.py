@@ -44,6 +44,7 @@ from qmoe_lightning.hub import PushResult, push_folder_to_hub, retry_command
 from qmoe_lightning.lora import save_merged_pretrained
 from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
 
+from .module_contract import require_qmoe_module
 from .run_report import output_line
 
 log = logging.getLogger(__name__)
@@ -103,12 +104,13 @@ class HFExport(pl.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Before any training: the target may only be a previous export; debris of killed exports goes."""
+        require_qmoe_module(pl_module, self)
         if stage == "fit":
             prepare_target(self.export_dir(trainer), trainer.default_root_dir, repair=trainer.is_global_zero)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        step_done = not getattr(pl_module, "step_in_progress", False)  # not between accumulated micro-batches
+        step_done = not pl_module.step_in_progress  # not between accumulated micro-batches
         if (self.every_n_steps and step_done and step > 0 and step % self.every_n_steps == 0
                 and step != self._last_step_exported):
             self.export(trainer, pl_module, push=self.push_on_every_export)
@@ -124,7 +126,7 @@ class HFExport(pl.Callback):
         out = self.export_dir(trainer)
         self._last_step_exported = trainer.global_step
         model = pl_module.model
-        source = getattr(pl_module, "checkpoint_source", None)  # companion files, mtp.* passthrough (build_model)
+        source = pl_module.checkpoint_source  # companion files, mtp.* passthrough (build_model)
         refuse_nonfinite_model(model, f"the HF export {out} (step {trainer.global_step})")
         t0 = time.perf_counter()
         # LoRA adapters are merged into the exported weights; a plain model is saved as is

@@ -28,6 +28,7 @@ from qmoe_lightning.export_dir import prepare_target, refuse_nonfinite_model
 from qmoe_lightning.lora import LoraConfig, has_lora, save_peft_adapter
 from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
 
+from .module_contract import require_qmoe_module
 from .run_report import output_line
 
 
@@ -48,12 +49,12 @@ class LoraExport(pl.Callback):
     def base_path(self, pl_module) -> str | None:
         if self.base_model_name_or_path:
             return self.base_model_name_or_path
-        hp = getattr(pl_module, "hparams", None)
-        pretrained = getattr(hp, "pretrained", None) if hp is not None else None
         from qmoe_lightning.embedded import embedded_model_name, resolve_path
 
+        hp = pl_module.hparams
+        pretrained = hp.pretrained
         if embedded_model_name(pretrained) is not None:
-            return str(resolve_path(pretrained, "model", getattr(hp, "embedded_cache_dir", None)))
+            return str(resolve_path(pretrained, "model", hp.embedded_cache_dir))
         return None if pretrained is None else str(pretrained)
 
     def output_lines(self) -> list[str]:
@@ -61,6 +62,7 @@ class LoraExport(pl.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Before any training: the target may only be a previous adapter export (see qmoe_lightning.export_dir)."""
+        require_qmoe_module(pl_module, self)
         if stage == "fit":
             prepare_target(self.export_dir(trainer), trainer.default_root_dir, repair=trainer.is_global_zero)
 
@@ -74,7 +76,7 @@ class LoraExport(pl.Callback):
     def export(self, trainer, pl_module) -> Path:
         out = self.export_dir(trainer)
         model = pl_module.model
-        config = LoraConfig.from_any(getattr(getattr(pl_module, "hparams", None), "lora", None))
+        config = LoraConfig.from_any(pl_module.hparams.lora)
         refuse_nonfinite_model(model, f"the PEFT adapter export {out}")
         t0 = time.perf_counter()
         if is_sharded_model(model):  # all ranks gather the adapters in the same order, rank 0 writes

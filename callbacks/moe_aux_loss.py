@@ -19,6 +19,8 @@ import torch
 
 from qmoe_lightning.router_stats import moe_layer_indices
 
+from .module_contract import require_qmoe_module
+
 
 class MoEAuxLossLogger(pl.Callback):
     def __init__(self, per_layer: bool = True, log_every_n_steps: int = 1):
@@ -35,8 +37,11 @@ class MoEAuxLossLogger(pl.Callback):
     def needs_router_stats(self) -> bool:  # the module collects them for the steps' summaries
         return self.per_layer
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        require_qmoe_module(pl_module, self)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        win = getattr(pl_module, "last_step", None)
+        win = pl_module.last_step
         if win is None or win.index <= self._last_index:  # no new optimizer step since the last batch
             return
         self._last_index = win.index

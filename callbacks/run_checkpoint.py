@@ -17,6 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from qmoe_lightning.export_dir import NonFiniteError, refuse_nonfinite_model
 
+from .module_contract import require_qmoe_module
+
 
 class RunCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str | None = None, save_last: bool | None = True, **kwargs):
@@ -35,6 +37,7 @@ class RunCheckpoint(ModelCheckpoint):
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        require_qmoe_module(pl_module, self)
         self.resolve_dirpath(trainer)
         with warnings.catch_warnings():
             if _only_configs(self.dirpath):  # the CLI's config.yaml is written here first: a fresh run is no warning
@@ -47,7 +50,7 @@ class RunCheckpoint(ModelCheckpoint):
         return super()._find_last_checkpoints(trainer)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
-        model = getattr(trainer.lightning_module, "model", None)
+        model = trainer.lightning_module.model
         if model is not None:  # before anything is written or rotated out
             refuse_nonfinite_model(model, f"the checkpoint {filepath}")
         super()._save_checkpoint(trainer, filepath)

@@ -169,3 +169,28 @@ def test_aux_loss_logger_per_layer_matches_router_outputs(tmp_path, small_data):
     assert logged["moe/aux_loss_layer_max"] == pytest.approx(float(expected_layers.max()), rel=1e-5)
     assert logged["moe/aux_loss"] == pytest.approx(float(torch.stack(totals).mean()), rel=1e-5)
     assert logged["train/aux_loss"] == pytest.approx(logged["moe/aux_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["MoEAuxLossLogger", "ExpertLoadStats", "HFExport", "LoraExport", "RunCheckpoint"])
+def test_callbacks_refuse_another_module_at_setup_naming_themselves(tmp_path, name):
+    """They read a QMoELightningModule's typed state: on another module they stop at setup, not mid-run."""
+    import lightning.pytorch as pl
+
+    import callbacks
+
+    class Other(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path),
+                         callbacks=[getattr(callbacks, name)()], enable_checkpointing=name == "RunCheckpoint")
+    with pytest.raises(TypeError, match=f"{name} reads the state of a QMoELightningModule.*Other"):
+        trainer.fit(Other(), torch.utils.data.DataLoader(torch.ones(4, 2), batch_size=2))
