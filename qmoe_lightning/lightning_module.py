@@ -70,6 +70,7 @@ from .lora import LoraConfig
 from .models.batch import PackedBatch
 from .models.mtp import MtpConfig
 from .optim import build_adamw, warmup_cosine_scheduler
+from .parallel.strategy import ExpertParallelStrategy
 from .router_stats import RouterStats
 from .step_guard import (NonFiniteTrainingError, SkippedSteps, StepGuard, StepVerdict,  # noqa: F401  (re-exported)
                          nonfinite_gradient_groups, parameter_group)
@@ -210,7 +211,8 @@ class QMoELightningModule(pl.LightningModule):
         # router statistics cost output_router_logits: collected when a callback says it reads them
         # (`needs_router_stats = True`), decided at fit start
         self._collect_router_stats = False
-        self._t_prev: float | None = None
+        self._t_prev: float | None = None  # end of the last optimizer step (tokens/s)
+        self._t_pause: float | None = None  # start of an in-fit validation (not training time)
         self._eval_sums: GlobalSums | None = None
         self._verdict: StepVerdict | None = None  # the step between on_before_optimizer_step and the optimizer
         self._hold_schedule = False  # the last step was skipped: the LR schedule does not advance
@@ -251,7 +253,8 @@ class QMoELightningModule(pl.LightningModule):
             device=trainer.strategy.root_device if trainer is not None else torch.device("cpu"),
             lora=hp.lora, freeze=self._apply_freezing,
             # ExpertParallelStrategy's plan (EP + activation checkpointing + FSDP2); other strategies have none
-            parallelize=getattr(trainer.strategy, "parallelize", None) if trainer is not None else None,
+            parallelize=(trainer.strategy.parallelize if trainer is not None
+                         and isinstance(trainer.strategy, ExpertParallelStrategy) else None),
             activation_checkpointing=hp.activation_checkpointing, init_seed=hp.init_seed)
         self.model, self.checkpoint_source, self.parallelized = built.model, built.source, built.parallelized
         if self.balances_by_bias:
@@ -506,7 +509,7 @@ class QMoELightningModule(pl.LightningModule):
 
     def on_validation_end(self) -> None:
         # validation inside an epoch must not count as training time in tokens/s
-        if self._t_prev is not None and getattr(self, "_t_pause", None) is not None:
+        if self._t_prev is not None and self._t_pause is not None:
             self._t_prev += time.perf_counter() - self._t_pause
 
     # ------------------------------------------------------------------ checkpoints
