@@ -34,6 +34,7 @@ An export (HF model directory, PEFT adapter) is written into a temporary sibling
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -41,6 +42,7 @@ import logging
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -327,6 +329,26 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (22, 38, 95):  # EINVAL / ENOSYS / EOPNOTSUPP: this file system or kernel cannot exchange
         return False
     raise OSError(err, f"exchanging {a} and {b}: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def staged_export(out_dir: str | os.PathLike, kind: str) -> Iterator[tuple[Path, Path]]:
+    """Write an export of `kind` into a staging directory beside `out_dir` (yields (staging, out_dir)); when the block
+    ends without an exception the staging is swapped into place (`swap_into_place`), on any exception it is removed
+    and the previous export stays. Refuses an `out_dir` that is not a previous export; clears a killed export's
+    debris first (`recover`)."""
+    out_dir = check_export_target(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    recover(out_dir)
+    tmp = temp_dir(out_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp, out_dir
+        swap_into_place(tmp, out_dir, kind)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def swap_into_place(tmp: Path, out_dir: Path, kind: str) -> None:

@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qmoe_lightning.export_dir import check_export_target, check_finite, recover, swap_into_place, temp_dir
+from qmoe_lightning.export_dir import check_finite, staged_export
 from qmoe_lightning.models.checkpoint import full_cpu_tensor
 from qmoe_lightning.models.moe import GroupedExperts
 
@@ -185,21 +184,11 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_n
         config["peft_version"] = peft.__version__
     except ImportError:
         pass
-    out_dir = check_export_target(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    recover(out_dir)
-    tmp = temp_dir(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_export(out_dir, "peft_adapter") as (tmp, out_dir):
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if lora_config is not None:  # provenance: settings PEFT has no field for (its LoraConfig rejects them)
             (tmp / "qmoe_lora.json").write_text(json.dumps(dict(vars(lora_config)), indent=2))
-        swap_into_place(tmp, out_dir, "peft_adapter")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..export_dir import check_export_target, check_finite, recover, swap_into_place, temp_dir
+from ..export_dir import check_finite, staged_export
 from .conversion import Skip, is_native_only_key
 
 # copied from the source checkpoint so that an export is a complete, servable model directory
@@ -355,13 +355,7 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
     adapter = model.state_dict_adapter()
     if source is not None and source.report is not None and source.report.mtp_expert_layout:
         adapter.mtp_expert_layout = source.report.mtp_expert_layout  # write MTP experts back as they were read
-    out_dir = check_export_target(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    recover(out_dir)
-    tmp = temp_dir(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_export(out_dir, "hf_model") as (tmp, out_dir):
         shards: list[dict[str, str]] = []
         current: dict[str, torch.Tensor] = {}
         size = total = 0
@@ -417,8 +411,4 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
             for name in COMPANION_FILES:
                 if (Path(source.directory) / name).is_file():
                     shutil.copy2(Path(source.directory) / name, tmp / name)
-        swap_into_place(tmp, out_dir, "hf_model")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
