@@ -12,6 +12,8 @@ Footguns, handled by the users of this context:
 - The server's stdout / stderr are whatever pytest's capture held at that moment: a child sends its output to
   files of its own (fd level, so a faulthandler stack lands there too).
 - A child inherits "forkserver" as its start method: `enter_child` puts the platform default back.
+
+`run_to_end` starts a group of children and ends it as torchrun ends a failed one.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import time
 
 import torch.multiprocessing as mp
 
 _PRELOAD = ["test_parallel_common", "tiny_configs", "rank_launcher", "cli", "qmoe_lightning.models",
             "qmoe_lightning.parallel.strategy", "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
             "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe"]
+
+
+GRACE_S = 60.0  # after a child failed, how long the others may take to fail or finish on their own
 
 
 def context():
@@ -46,3 +52,23 @@ def enter_child(stdout: str, stderr: str | None = None) -> None:
         os.dup2(fd, target)
         os.close(fd)
     multiprocessing.set_start_method(None, force=True)
+
+
+def run_to_end(procs: list, timeout: float) -> list[int]:
+    """Start `procs` and wait until every one has ended, `timeout` s at most; once one has failed the others get
+    GRACE_S to end on their own (a test that fails on every rank), then are killed, as torchrun ends a failed group.
+    -> the indices of the children still running at the end, which were killed."""
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(p.is_alive() for p in procs):
+            if any(p.exitcode not in (None, 0) for p in procs):
+                deadline = min(deadline, time.monotonic() + GRACE_S)
+            time.sleep(0.1)
+    finally:
+        hung = [i for i, p in enumerate(procs) if p.is_alive()]
+        for i in hung:
+            procs[i].kill()
+            procs[i].join(10)
+    return hung

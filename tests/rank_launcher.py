@@ -25,7 +25,6 @@ import runpy
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 import warnings
 from pathlib import Path
@@ -36,7 +35,6 @@ import torch.distributed as dist
 import preloaded_processes
 
 ROOT = Path(__file__).resolve().parents[1]
-GRACE_S = 60.0  # after a rank failed, how long the others may take to fail or finish on their own
 
 
 def launch_ranks(cli_args: list[str], world: int, env: dict | None = None, timeout: float = 600.0,
@@ -56,14 +54,8 @@ def launch_ranks(cli_args: list[str], world: int, env: dict | None = None, timeo
             procs.append(ctx.Process(target=_run_rank, args=(cli_args, rank_env, str(cwd), f"{logs}/{r}.out",
                                                              f"{logs}/{r}.err")))
         try:
-            for p in procs:
-                p.start()
-            _wait(procs, timeout)
+            preloaded_processes.run_to_end(procs, timeout)  # a killed rank's exit code says so (-9)
         finally:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                    p.join(10)
             del store
         stdout, stderr = [], []
         for r, p in enumerate(procs):
@@ -88,11 +80,3 @@ def _run_rank(cli_args: list[str], env: dict, cwd: str, out: str, err: str) -> N
     sys.argv = ["cli.py", *cli_args]
     sys.path[:0] = [cwd, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     runpy.run_path("cli.py", run_name="__main__")  # SystemExit / an exception: the process's exit code
-
-
-def _wait(procs: list, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(p.is_alive() for p in procs):
-        if any(p.exitcode not in (None, 0) for p in procs):
-            deadline = min(deadline, time.monotonic() + GRACE_S)
-        time.sleep(0.1)

@@ -60,20 +60,14 @@ def run_workers(fn, world: int, out_dir, *args, timeout: float = 120.0) -> list:
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # the OS picks the port, held
     procs = [ctx.Process(target=_entry, args=(r, world, store.port, str(out_dir), fn, args)) for r in range(world)]
     try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout)
+        hung = preloaded_processes.run_to_end(procs, timeout)
     finally:
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for r in hung:
-            procs[r].kill()
-            procs[r].join(10)
         del store
     errors = "\n".join(f"rank {r} (exit {p.exitcode}):\n{_tail(out_dir / f'rank{r}.log')}"
                        for r, p in enumerate(procs) if p.exitcode != 0)
     if hung:
-        raise TimeoutError(f"ranks {hung} still running after {timeout}s (killed)\n{errors}")
+        raise TimeoutError(f"ranks {hung} killed: still running {timeout}s in, or {preloaded_processes.GRACE_S:.0f}s "
+                           f"after another rank failed\n{errors}")
     if errors:
         raise RuntimeError(f"worker failure, exit codes {[p.exitcode for p in procs]}\n{errors}")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
