@@ -17,6 +17,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
+from qmoe_lightning.global_sums import GlobalSums
 from qmoe_lightning.router_stats import moe_layer_indices
 
 from .module_contract import require_qmoe_module
@@ -48,9 +49,8 @@ class MoEAuxLossLogger(pl.Callback):
         if trainer.global_step % self.log_every_n_steps:
             return
         metrics = {}
-        dev = pl_module.device
-        values = [torch.stack(win.aux_values).double().sum().reshape(1),
-                  torch.tensor([float(len(win.aux_values))], dtype=torch.float64, device=dev)]
+        sums = GlobalSums(pl_module.device, aux=torch.stack(win.aux_values).double().sum(),
+                          micro_batches=len(win.aux_values))
         if self.per_layer and win.router_stats:
             stats = win.router_stats
             cp = pl_module.context_parallel_group
@@ -60,12 +60,12 @@ class MoEAuxLossLogger(pl.Callback):
                 # the aux values above)
                 flat = cp.all_reduce_sum(torch.stack([s.flat() for s in stats]))
                 stats = [s.unflat(f) for s, f in zip(stats, flat)]
-            values.append(torch.stack([s.per_layer_aux_loss() for s in stats]).sum(0).to(dev))
-        sums = trainer.strategy.reduce(torch.cat([v.to(dev) for v in values]), reduce_op="sum")
-        n = sums[1].clamp_min(1)
-        metrics["moe/aux_loss"] = sums[0] / n
-        if len(values) > 2:
-            layers = sums[2:] / n
+            sums.add("layers", torch.stack([s.per_layer_aux_loss() for s in stats]).sum(0))
+        sums = sums.reduced(lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
+        n = sums["micro_batches"].clamp_min(1)
+        metrics["moe/aux_loss"] = sums["aux"] / n
+        if "layers" in sums:
+            layers = sums["layers"] / n
             for layer, v in zip(moe_layer_indices(pl_module, len(layers)), layers.tolist()):
                 metrics[f"moe/aux_loss_layer_{layer}"] = v
             metrics["moe/aux_loss_layer_max"] = float(layers.max())

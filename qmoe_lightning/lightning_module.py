@@ -53,6 +53,7 @@ val/text_acc). One process only: a model sharded over several processes is expor
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -384,6 +385,9 @@ class QMoELightningModule(pl.LightningModule):
                              f"{self.hparams.pretrained}: {'; '.join(problems)}. Leave data.model_path unset (it then "
                              "follows the model) or point it at the model's own processor.")
 
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(t, reduce_op="sum")
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """Normalise the accumulated gradients by the global target-token count of the step (see module doc)."""
         win, self._window = self._window, None
@@ -403,7 +407,7 @@ class QMoELightningModule(pl.LightningModule):
                                    f"{shape[1]} experts: the model's count rows must be its MoE decoder layers, in "
                                    "order")
             sums.add("expert_counts", counts, shape)  # a window without micro-batch: 0
-        sums = sums.reduced(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+        sums = sums.reduced(self._sum_over_ranks)
         n_global, ce_global, aux_global = sums.value("n_targets"), sums.value("ce"), sums.value("aux")
         # global values: every rank reaches the same verdict (see the module doc)
         bad_loss = [f"{what} {value}" for what, value in (("loss", ce_global), ("aux loss", aux_global))
@@ -458,8 +462,8 @@ class QMoELightningModule(pl.LightningModule):
             self._skip_step(optimizer)
             return
         norm = self._clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        groups = lambda: nonfinite_gradient_groups(  # noqa: E731
-            self.model, optimizer, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), self.device)
+        groups = functools.partial(nonfinite_gradient_groups, self.model, optimizer, self._sum_over_ranks,
+                                   self.device)
         if not self.step_guard.take(verdict, norm, groups):
             self._skip_step(optimizer)
         elif verdict is not None and verdict.bias_update is not None:
@@ -564,7 +568,7 @@ class QMoELightningModule(pl.LightningModule):
     def _eval_epoch_end(self, prefix: str) -> None:
         if self._eval_sums is None:
             return
-        sums = self._eval_sums.reduced(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+        sums = self._eval_sums.reduced(self._sum_over_ranks)
         self._eval_sums = None
         self.log_dict(evaluation_metrics(sums, prefix), prog_bar=True)  # already global: no further sync
 
