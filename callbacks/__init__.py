@@ -11,5 +11,5 @@ from .run_checkpoint import RunCheckpoint
 from .run_report import RunReport, StepProgressBar
 from .run_summary import RunSummaryPlot
 
-__all__ = ["ExpertLoadStats", "HFExport", "LoraExport", "MoEAuxLossLogger", "PredictionWriter", "PreemptionCheckpoint", "RunCheckpoint",
-           "RunReport", "RunSummaryPlot", "StepProgressBar"]
+__all__ = ["ExpertLoadStats", "HFExport", "LoraExport", "MoEAuxLossLogger", "PredictionWriter", "PreemptionCheckpoint",
+           "RunCheckpoint", "RunReport", "RunSummaryPlot", "StepProgressBar"]

@@ -6,7 +6,7 @@
 | causal conv1d      | `causal_conv1d_fn(seq_idx=...)`                          | `delta_rule.causal_depthwise_conv_packed`  |
 | packed attention   | `torch.nn.attention.varlen.varlen_attn` (bf16/fp16)      | SDPA per document                          |
 | (context parallel) | the same, queries of the slice vs gathered keys          | SDPA per segment, lower-right causal mask  |
-| grouped experts    | `torch._grouped_mm` (bf16; fp32: per-expert segment loop) | `torch._grouped_mm` (fp32 and bf16)       |
+| grouped experts    | `torch._grouped_mm` (bf16; fp32: the per-expert segments) | `torch._grouped_mm` (fp32 and bf16)       |
 
 A row split over context-parallel ranks (`info.cp`) runs the same kernels on its slice, with what crosses the slice
 boundary exchanged around them (`context_parallel.py`: gathered keys / values, the conv halo, the carried state).
