@@ -14,7 +14,7 @@ A LightningCLI (jsonargparse) over `QMoELightningModule` and `MultimodalPackingD
   (`--model.generation.*`: greedy by default) and writes `<default_root_dir>/predictions.jsonl`;
 - `data.model_path` (the processor the data is tokenised with) follows `model.pretrained` unless given: training a
   real model on the embedded tokenizer's ids cannot happen by omission (and a processor whose vocabulary does not
-  fit the model's embedding stops the run, see `QMoELightningModule.on_fit_start`);
+  fit the model's embedding stops the run, see `callbacks.DataMatchesModel`);
 - `--ckpt_path last` resumes from the newest `last*.ckpt` of `<default_root_dir>/checkpoints` when the config uses
   `RunCheckpoint` (`last.ckpt`; `last-v1.ckpt` after a second fresh fit into the same directory, which Lightning
   versions instead of overwriting the first run's), resolved once, by Lightning's own code, and then both checked
@@ -46,7 +46,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from callbacks import RunCheckpoint, StepProgressBar
+from callbacks import DataMatchesModel, RunCheckpoint, StepProgressBar, TokensPerSecond
 from callbacks.predictions import PredictionWriter
 from callbacks.preemption import Preempted, PreemptionCheckpoint
 from callbacks.run_report import output_line
@@ -114,7 +114,8 @@ class QMoECLI(LightningCLI):
         """Lightning's, plus `StepProgressBar` as the progress bar ("Epoch N", not "Epoch N/-2") when the config
         shows one and names none of its own (added here, not to the saved config: a rerun with
         `--trainer.enable_progress_bar false` must not meet a progress bar callback it refuses), plus
-        `PreemptionCheckpoint` and `PredictionWriter` unless the config names its own."""
+        `PreemptionCheckpoint`, `PredictionWriter`, `TokensPerSecond` and `DataMatchesModel` unless the config names
+        its own."""
         from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 
         configured = config.get("callbacks") or []
@@ -126,6 +127,9 @@ class QMoECLI(LightningCLI):
             callbacks = [*callbacks, PreemptionCheckpoint()]  # SIGTERM: finish the step, checkpoint, exit 143
         if not any(isinstance(c, BasePredictionWriter) for c in [*configured, *callbacks]):
             callbacks = [*callbacks, PredictionWriter()]  # predict: predictions.jsonl and the exact match
+        for kind in (TokensPerSecond, DataMatchesModel):  # train/tokens_per_s; the tokenizer fits the model
+            if not any(isinstance(c, kind) for c in [*configured, *callbacks]):
+                callbacks = [*callbacks, kind()]
         return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:

@@ -1,6 +1,8 @@
 """Lightning callbacks for MoE fine-tuning: aux-loss logging, expert-load statistics, run summary figure, Hugging
-Face export (merged, or the PEFT adapter of a LoRA run), a checkpoint on SIGTERM, predictions.jsonl."""
+Face export (merged, or the PEFT adapter of a LoRA run), a checkpoint on SIGTERM, predictions.jsonl, tokens per
+second, the data / model match."""
 
+from .data_check import DataMatchesModel
 from .expert_load import ExpertLoadStats
 from .hf_export import HFExport
 from .lora_export import LoraExport
@@ -10,6 +12,7 @@ from .preemption import PreemptionCheckpoint
 from .run_checkpoint import RunCheckpoint
 from .run_report import RunReport, StepProgressBar
 from .run_summary import RunSummaryPlot
+from .throughput import TokensPerSecond
 
-__all__ = ["ExpertLoadStats", "HFExport", "LoraExport", "MoEAuxLossLogger", "PredictionWriter", "PreemptionCheckpoint",
-           "RunCheckpoint", "RunReport", "RunSummaryPlot", "StepProgressBar"]
+__all__ = ["DataMatchesModel", "ExpertLoadStats", "HFExport", "LoraExport", "MoEAuxLossLogger", "PredictionWriter",
+           "PreemptionCheckpoint", "RunCheckpoint", "RunReport", "RunSummaryPlot", "StepProgressBar", "TokensPerSecond"]

@@ -29,14 +29,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from qmoe_lightning.router_stats import RouterStats, moe_layer_indices
+from qmoe_lightning.router_stats import ReadsRouterStats, RouterStats, moe_layer_indices
 
 from .heatmap import load_heatmap_figure, save_figure
 from .module_contract import require_qmoe_module
 from .run_report import output_line
 
 
-class ExpertLoadStats(pl.Callback):
+class ExpertLoadStats(ReadsRouterStats, pl.Callback):
     def __init__(self, window_steps: int = 10, heatmap_every_n_steps: int | None = 100, dirpath: str | None = None,
                  per_layer: bool = False):
         """
@@ -59,8 +59,6 @@ class ExpertLoadStats(pl.Callback):
         self.last_counts: torch.Tensor | None = None
         self.last_summary: dict[str, float] = {}
         self.heatmaps: list[Path] = []
-
-    needs_router_stats = True  # the module collects them for the steps' summaries (output_router_logits)
 
     def _dir(self, trainer) -> Path:
         return Path(self.dirpath or os.path.join(trainer.default_root_dir, "expert_load"))

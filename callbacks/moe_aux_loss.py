@@ -7,7 +7,7 @@
   micro-batches of the step on all ranks. A single layer's value is 1.0 for a perfectly uniform router and grows
   to num_experts / top_k when every token goes to the same experts.
 
-The module only collects router statistics when a callback says it reads them (`needs_router_stats`), because it
+The module only collects router statistics when a callback says it reads them (`ReadsRouterStats.needs_router_stats`), because it
 means returning the router logits from the forward. The values come from the module's read-only summary of the
 last optimizer step (`last_step`), logged once per step at the end of its last micro-batch.
 """
@@ -18,12 +18,12 @@ import lightning.pytorch as pl
 import torch
 
 from qmoe_lightning.global_sums import GlobalSums
-from qmoe_lightning.router_stats import moe_layer_indices
+from qmoe_lightning.router_stats import ReadsRouterStats, moe_layer_indices
 
 from .module_contract import require_qmoe_module
 
 
-class MoEAuxLossLogger(pl.Callback):
+class MoEAuxLossLogger(ReadsRouterStats, pl.Callback):
     def __init__(self, per_layer: bool = True, log_every_n_steps: int = 1):
         """
         Args:

@@ -14,6 +14,9 @@ Which of the two weight steps runs is decided once, from what is given:
 The result carries where the weights came from (`CheckpointSource`: the directory of the companion files and the
 typed load report with the `mtp.*` tensors to copy through), which exporters receive as an argument, and the
 parameter counts taken before parallelisation (global sizes).
+
+`build_for_run` is what `QMoELightningModule.configure_model` calls: the module's hyperparameters and the trainer's
+precision, device and strategy turned into `build_model`'s arguments.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 
 from .lora import LoraConfig, LoraReport, apply_lora
 from .models.checkpoint import CheckpointSource, load_hf_weights
+from .models.mtp import MtpConfig
 from .parallel.loading import init_lora_parallel, init_mtp_parallel, load_hf_weights_parallel
 
 
@@ -150,3 +154,61 @@ def _init_mtp_if_missing(model: nn.Module, report, cuda: list, seed: int) -> Non
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         model.init_weights(model.mtp)
+
+
+def build_for_run(hparams, trainer) -> BuiltModel:
+    """The model of a `QMoELightningModule` with these hyperparameters (see its docstring) under `trainer` (None:
+    fp32 on the CPU, one device): the checkpoint of `pretrained` (or a random init from `model_config`), the
+    family's vision-language or text-only class, MTP when enabled, LoRA, freezing, and the strategy's parallel plan
+    when it has one (`ExpertParallelStrategy.parallelize`)."""
+    from .embedded import resolve_path
+    from .models.checkpoint import resolve_checkpoint_dir
+    from .models.registry import config_from, family_of, load_config
+    from .parallel.strategy import ExpertParallelStrategy
+
+    hp = hparams
+    checkpoint = None
+    if hp.pretrained is not None:
+        checkpoint = resolve_checkpoint_dir(resolve_path(hp.pretrained, "model", hp.embedded_cache_dir))
+        config = load_config(checkpoint)
+    else:
+        config = config_from(hp.model_config)
+    family = family_of(config.model_type)
+    mtp = MtpConfig.from_any(hp.mtp)
+    mtp_on = mtp is not None and mtp.enabled
+    model_kwargs = {}
+    if mtp_on:
+        if not family.supports_mtp:
+            raise ValueError(f"mtp.enabled: {family.name} has no multi-token prediction module (its checkpoints "
+                             "carry none); disable model.mtp")
+        model_kwargs = dict(mtp_layers=mtp.depths(config.get_text_config()), mtp_loss_scale=mtp.loss_scale)
+    strategy = trainer.strategy if trainer is not None else None
+    precision = str(trainer.precision) if trainer is not None else "32-true"
+    processor = resolve_path(hp.processor_source, "model", hp.embedded_cache_dir) if hp.processor_source else None
+    return build_model(
+        family.model_class(text_only=hp.text_only), config, model_kwargs=model_kwargs,
+        mtp_random_init=mtp_on and mtp.init == "random",
+        checkpoint=checkpoint, processor_dir=Path(processor) if processor else None,
+        dtype={"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision),
+        device=strategy.root_device if strategy is not None else torch.device("cpu"),
+        lora=hp.lora,
+        freeze=lambda model: freeze_parameters(model, vision_tower=hp.freeze_vision_tower, router=hp.freeze_router,
+                                               embeddings=hp.freeze_embeddings),
+        # ExpertParallelStrategy's plan (EP + activation checkpointing + FSDP2); other strategies have none
+        parallelize=strategy.parallelize if isinstance(strategy, ExpertParallelStrategy) else None,
+        activation_checkpointing=hp.activation_checkpointing, init_seed=hp.init_seed)
+
+
+def freeze_parameters(model: nn.Module, *, vision_tower: bool, router: bool, embeddings: bool) -> None:
+    """requires_grad off for the vision tower (`model.visual.*`), the routers (`*.mlp.gate.weight`) and / or the input
+    embeddings (and the LM head when tied)."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    frozen = 0
+    for name, p in model.named_parameters():
+        if ((vision_tower and name.startswith("model.visual.")) or (router and name.endswith("mlp.gate.weight"))
+                or (embeddings and name.endswith("embed_tokens.weight"))):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    if frozen:
+        rank_zero_info(f"frozen: {frozen / 1e6:.2f}M parameters")

@@ -11,11 +11,14 @@ from the text tasks.
 
 Targets follow the model: labels shifted left by one, the last token of every document has no target.
 
-`evaluation_sums` / `evaluation_metrics`: what validation and test add up per micro-batch (named fields, one
-all-reduce at the end of the epoch) and the metrics logged from the global sums.
+`EvaluationAccumulator` (what the LightningModule's validation / test steps feed), built on `evaluation_sums` /
+`evaluation_metrics`: what validation and test add up per micro-batch (named fields, one all-reduce at the end of
+the epoch) and the metrics logged from the global sums.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -98,3 +101,34 @@ def evaluation_metrics(sums: GlobalSums, prefix: str) -> dict[str, float]:
             metrics[f"{prefix}/mtp_acc_depth{d}"] = hits / max(n, 1.0)
         metrics[f"{prefix}/mtp_acceptance"] = v("mtp_accepted") / max(v("mtp_accept_total"), 1.0)
     return metrics
+
+
+class EvaluationAccumulator:
+    """One evaluation epoch's sums on this rank: `add` per micro-batch, `metrics` once at the end (one all-reduce)."""
+
+    def __init__(self) -> None:
+        self._sums: GlobalSums | None = None
+
+    def add(self, out, batch, device, mtp_depths: int, cp=None) -> None:
+        """`out`: the model's output on `batch` (a PackedBatch) with `label_logits_only` (and `mtp_metrics` when the
+        model has MTP depths). `cp`: the context-parallel group the row was split over, if any."""
+        guesses = out.logits.argmax(-1) if out.logits is not None else None
+        if cp is not None and guesses is not None:
+            # every rank holds the greedy answers of its slice's targets; in rank order they are the row's, which
+            # one rank of the group counts
+            guesses = cp.gather_rows(guesses)
+            guesses = guesses if cp.rank == 0 else guesses[:0]
+        correct = visual = None
+        if guesses is not None and guesses.shape[0] > 0 and batch.get("cu_seqlens") is not None:
+            correct, visual = document_answer_correct(guesses, batch["labels"], batch["cu_seqlens"],
+                                                      batch.get("mm_token_type_ids"))
+        sums = evaluation_sums(device, out.ce_loss.detach(), out.num_label_tokens, correct, visual, out.mtp,
+                               mtp_depths)
+        self._sums = sums if self._sums is None else self._sums + sums
+
+    def metrics(self, prefix: str, sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """The epoch's metrics (global: every rank gets the same values) and a fresh start; {} without any batch."""
+        if self._sums is None:
+            return {}
+        sums, self._sums = self._sums.reduced(sum_over_ranks), None
+        return evaluation_metrics(sums, prefix)

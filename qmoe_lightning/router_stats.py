@@ -85,9 +85,15 @@ class RouterStats:
         }
 
 
+class ReadsRouterStats:
+    """Base of a callback that reads `last_step.router_stats`: the LightningModule collects router statistics (they
+    cost `output_router_logits`) only when a callback of the run is one and `needs_router_stats` is true."""
+
+    needs_router_stats: bool = True
+
+
 def moe_layer_indices(pl_module, rows: int) -> list[int]:
     """The decoder-layer index of each of `rows` router-statistics rows: only MoE layers route (a Qwen3-VL-MoE with
     dense layers has fewer rows than layers), so row i is layer `text_model.moe_layers[i]`."""
-    text_model = getattr(getattr(pl_module, "model", None), "text_model", None)
-    layers = list(getattr(text_model, "moe_layers", None) or [])
+    layers = list(pl_module.model.text_model.moe_layers)
     return layers if len(layers) == rows else list(range(rows))

@@ -69,7 +69,7 @@ class DumpBalancingBias(pl.Callback):
         import torch
         from torch.distributed.tensor import DTensor
 
-        biases = [r.expert_bias for r in pl_module._routers()]
+        biases = [r.expert_bias for r in pl_module.model.routers()]
         assert all(not isinstance(b, DTensor) and b.dtype == torch.float32 for b in biases), biases
         torch.save(torch.stack([b.detach().cpu() for b in biases]),
                    os.path.join(trainer.default_root_dir, f"bias_rank{trainer.global_rank}.pt"))

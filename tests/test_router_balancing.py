@@ -159,7 +159,7 @@ def test_bias_mode_leaves_the_aux_term_out_of_the_loss(tmp_path, small_data):
     for mode in ("aux_loss", "bias"):
         module = QMoELightningModule(pretrained="embedded", aux_loss_coef=0.5, router_balancing=mode)
         module.configure_model()
-        assert (module._routers()[0].expert_bias is not None) == (mode == "bias")
+        assert (module.model.routers()[0].expert_bias is not None) == (mode == "bias")
         with torch.no_grad():
             loss = module.training_step(batch, 0)
         win = module._window  # what the micro-batch's forward gave (detached)
@@ -170,7 +170,7 @@ def test_bias_mode_leaves_the_aux_term_out_of_the_loss(tmp_path, small_data):
             assert torch.equal(loss, ce) and aux > 0
             # the window's picks for the update: top-k per real token in every MoE layer
             k = module.model.text_config.num_experts_per_tok
-            assert win.expert_counts.shape == (len(module._routers()), 8)
+            assert win.expert_counts.shape == (len(module.model.routers()), 8)
             assert (win.expert_counts.sum(-1) == k * win.tokens).all()
 
 
@@ -238,7 +238,7 @@ def _clean_argv(monkeypatch):
 
 
 def _biases(module) -> torch.Tensor:
-    return torch.stack([r.expert_bias.detach().clone() for r in module._routers()])
+    return torch.stack([r.expert_bias.detach().clone() for r in module.model.routers()])
 
 
 def test_app_bias_run_moves_checkpoints_resumes_and_exports(tmp_path, small_data, _clean_argv):

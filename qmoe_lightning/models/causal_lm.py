@@ -127,6 +127,11 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
     def text_model(self) -> DecoderBackend:
         raise NotImplementedError
 
+    def routers(self) -> list[TopKRouter]:
+        """The routers of the MoE decoder layers, in layer order: row i of `expert_token_counts` is routers()[i]."""
+        text = self.text_model
+        return [text.layers[i].mlp.gate for i in text.moe_layers]
+
     def init_weights(self, root: nn.Module | None = None) -> None:
         """Initialise every parameter and buffer of `root` (default the whole model) in place (after meta-device
         construction + `to_empty`)."""

@@ -68,6 +68,18 @@ def balancing_bias_delta(counts: torch.Tensor, rate: float) -> torch.Tensor:
     return rate * torch.sign(counts.mean(-1, keepdim=True) - counts)
 
 
+@torch.no_grad()
+def update_balancing_bias_(routers: list[TopKRouter], counts: torch.Tensor, rate: float) -> torch.Tensor:
+    """bias += rate * sign(mean load - load) for every router (row i of the (L, E) `counts` is routers[i]); returns
+    the (L, E) |bias| after the update. Every data-parallel rank holds the same (all-reduced) counts and the same
+    replicated fp32 bias, so every rank computes the same result: the replicas never drift. Applied before the
+    optimizer step, which does not read the bias: the next forward is the first to see it."""
+    delta = balancing_bias_delta(counts, rate)
+    for router, d in zip(routers, delta):
+        router.expert_bias.add_(d.to(router.expert_bias))
+    return torch.stack([r.expert_bias for r in routers]).abs()
+
+
 class RoutingReplay:
     """Top-k choices of one checkpointed block: recorded by its forward, replayed (in order) by its recompute.
 

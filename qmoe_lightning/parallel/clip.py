@@ -83,3 +83,27 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0,
                 g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
                 g.mul_(coef.to(g.dtype))
     return norm
+
+
+def clip_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool, gradient_clip_val=None,
+                   gradient_clip_algorithm=None) -> torch.Tensor | None:
+    """Clip the optimizer's gradients as the Trainer's `gradient_clip_val` / `gradient_clip_algorithm` say, and return
+    the total gradient norm BEFORE clipping (None without any gradient). `sharded`: the model was parallelised
+    (mixed EP / FSDP meshes: `clip_grad_norm_` above; torch's cannot stack them).
+
+    Clipping by norm happens only for a finite norm: scaling by a NaN coefficient would spread one group's NaN to
+    every gradient, and such a step is never taken anyway (`step_guard`)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not params:
+        return None
+    by_value = str(gradient_clip_algorithm or "norm").lower().endswith("value")
+    max_norm = gradient_clip_val if gradient_clip_val and not by_value else float("inf")
+    if sharded:  # a NaN norm scales nothing there
+        norm = clip_grad_norm_(model, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if math.isfinite(max_norm) and bool(torch.isfinite(norm)):
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    if by_value and gradient_clip_val and bool(torch.isfinite(norm)):
+        torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+    return norm
