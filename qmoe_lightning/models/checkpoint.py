@@ -92,23 +92,6 @@ def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
             f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
-def read_config(path: Path, model_types: tuple[str, ...] | None = None, model_name: str = ""):
-    """transformers' config of the HF directory `path`; with `model_types`, any other model_type is an error naming
-    the file (the app checks against the registry: `registry.load_config`)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: not a Hugging Face model directory")
-    if model_types is not None:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-        if model_type not in model_types:
-            raise ValueError(f"{config_file}: model_type {model_type!r} cannot be loaded by {model_name}; expected "
-                             f"one of {model_types} (a text-only checkpoint has no vision tower: load it with the "
-                             "family's text-only model class)")
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path)
-
-
 def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -211,8 +194,10 @@ class HFCheckpointMixin:
         or a torch dtype. device "meta": the model's structure only; the checkpoint is still checked key by key
         and shape by shape from the file headers, but no tensor data is read. model_kwargs: the class's own options
         (e.g. `mtp_layers=1` loads and trains the checkpoint's `mtp.*` module)."""
+        from .registry import load_config  # the registry imports the model classes, which import this module
+
         path = resolve_checkpoint_dir(path_or_hub_id)
-        config = read_config(path, cls.MODEL_TYPES, cls.HF_ARCHITECTURE)
+        config = load_config(path, cls.MODEL_TYPES, cls.HF_ARCHITECTURE)
         if dtype == "auto":
             dtype = checkpoint_dtype(config)
         elif isinstance(dtype, str):
