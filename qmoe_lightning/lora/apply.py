@@ -222,11 +222,6 @@ def summarize(model: nn.Module) -> LoraReport:
 
 
 # ---------------------------------------------------------------------- Lightning checkpoints
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors of `model` (`lora_*` keys only), detached."""
-    return {k: v.detach() for k, v in model.state_dict().items() if is_adapter_key(k)}
-
-
 def kept_with_adapters(key: str) -> bool:
     """What an adapter-only checkpoint holds: the adapters and the routers' balancing bias (module doc)."""
     return is_adapter_key(key) or is_balancing_bias_key(key)
