@@ -130,13 +130,19 @@ def read_tensor(f, file: Path, key: str, meta: bool = False) -> torch.Tensor:
                          "truncated: fetch or export it again") from None
 
 
+def torch_dtype_named(name) -> torch.dtype | None:
+    """The torch dtype named `name` ("float32", "bfloat16"), None if torch has no dtype of that name."""
+    value = getattr(torch, str(name), None)
+    return value if isinstance(value, torch.dtype) else None
+
+
 def checkpoint_dtype(config) -> torch.dtype | None:
     """The dtype config.json declares (`dtype`; transformers maps the older `torch_dtype` onto it), top level or
     text config."""
-    for c in (config, getattr(config, "text_config", None)):
-        value = getattr(c, "dtype", None) if c is not None else None
+    for c in (config, config.get_text_config()):  # a text config is its own text config: read twice, same answer
+        value = c.dtype  # declared by every transformers config (None: not in config.json)
         if isinstance(value, str):
-            value = getattr(torch, value, None)
+            value = torch_dtype_named(value)
         if isinstance(value, torch.dtype):
             return value
     return None
@@ -386,9 +392,10 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
         config.architectures = [model.hf_architecture()]
         mtp = model.mtp
         if mtp is not None:  # what vLLM / SGLang read to build the draft module
-            getattr(config, "text_config", config).mtp_num_hidden_layers = mtp.num_depths
+            config.get_text_config().mtp_num_hidden_layers = mtp.num_depths
         written_dtype = dtype_numel.most_common(1)[0][0]  # the dtype most of the written weights have
-        for c in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+        # a text-only model's config is its text config (no vision_config): then the first two are the same object
+        for c in (config, config.get_text_config(), getattr(config, "vision_config", None)):
             if c is not None:  # sub-configs loaded from a bf16 checkpoint would otherwise still say bf16
                 c.dtype = written_dtype
         config.save_pretrained(tmp)
