@@ -180,7 +180,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | dict) -> LoraReport:
         for name in selected:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            base = getattr(parent, child)
+            base = parent.get_submodule(child)
             if isinstance(base, GroupedExperts):
                 dtype = cfg.adapter_dtype_for(base.gate_and_up_projs.dtype)
                 new = LoRAGroupedExperts(base, cfg.r_experts, cfg.alpha_experts, cfg.expert_projections, dtype)
