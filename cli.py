@@ -43,6 +43,7 @@ import sys
 import time
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -176,7 +177,7 @@ class QMoECLI(LightningCLI):
         init["ckpt_path"] = str(path)
         cfg = self.config[sub]
         saved = _checkpoint_hparams(path, self.trainer.strategy)
-        given = cfg["model"].as_dict() if hasattr(cfg["model"], "as_dict") else dict(cfg["model"])
+        given = cfg["model"].as_dict() if isinstance(cfg["model"], Namespace) else dict(cfg["model"])
         # fit resumes the run: every setting counts; validate / test / predict only read weights from it, so only
         # what shapes the model does (a different lr cannot change an evaluation)
         keys = set(saved) & set(given) - NOT_TRAINING_SETTINGS
@@ -323,7 +324,7 @@ def _checkpoint_hparams(path: Path, strategy=None) -> dict:
 
 
 def _canonical(value) -> str:
-    if hasattr(value, "as_dict"):
+    if isinstance(value, Namespace):  # jsonargparse's section of the config
         value = value.as_dict()
     return json.dumps(value, sort_keys=True, default=str)  # tuples and lists both become JSON arrays
 

@@ -201,7 +201,7 @@ class MultimodalPackingDataModule(LightningDataModule):
     def _coords(self) -> tuple[int, int]:
         if self._rank is not None or self._world_size is not None:
             return int(self._rank or 0), int(self._world_size or 1)
-        trainer = getattr(self, "trainer", None)
+        trainer = self.trainer  # LightningDataModule declares it: None until a Trainer attaches the module
         if trainer is not None:
             kwargs = trainer.distributed_sampler_kwargs or {}
             return int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1))
@@ -310,7 +310,7 @@ class MultimodalPackingDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ resume
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        trainer = getattr(self, "trainer", None)
+        trainer = self.trainer
         training = trainer is None or trainer.training
         if self.train_sampler is not None and training:
             self.train_sampler.mark_consumed()

@@ -9,12 +9,13 @@ from unittest import mock
 
 import pytest
 import torch
+from lora_helpers import adapter_state_dict, load_peft_adapter
 from tiny_configs import make_config
 from torch import nn
 
-from qmoe_lightning.lora import (LoRAGroupedExperts, LoraConfig, adapter_state_dict, apply_lora,
-                                 check_adapter_state_dict, is_adapter_key, keep_adapters_only, load_peft_adapter,
-                                 lora_modules, merge_lora_, reset_lora_parameters, save_peft_adapter, summarize)
+from qmoe_lightning.lora import (LoRAGroupedExperts, LoraConfig, apply_lora, check_adapter_state_dict, is_adapter_key,
+                                 keep_adapters_only, lora_modules, merge_lora_, reset_lora_parameters,
+                                 save_peft_adapter, summarize)
 from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration
 from qmoe_lightning.models.moe import GroupedExperts
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from delta_rule_helpers import chunk_gated_delta_rule_packed
 from tiny_configs import make_config
 
 from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration, kernels
 from qmoe_lightning.models.delta_rule import (
     causal_depthwise_conv_packed,
-    chunk_gated_delta_rule_packed,
     chunk_gated_delta_rule_with_state,
     recurrent_gated_delta_rule_reference,
     unit_lower_solve,

@@ -7,19 +7,17 @@ PEFT-format exports.
     save_merged_pretrained(model, "hf_export")    # merged weights, transformers / our from_pretrained
 """
 
-from .apply import (GROUPS, LoraReport, adapter_state_dict, apply_lora, check_adapter_state_dict, group_of,
-                    has_lora, is_adapter_key, keep_adapters_only, lora_modules, reset_lora_parameters, resolve_targets, summarize)
+from .apply import (GROUPS, LoraReport, apply_lora, check_adapter_state_dict, group_of, has_lora, is_adapter_key,
+                    keep_adapters_only, lora_modules, reset_lora_parameters, resolve_targets, summarize)
 from .config import ALIASES, DEFAULT_TARGETS, LoraConfig
 from .experts import LoRAGroupedExperts
 from .linear import LoRALinear
 from .merge import MergedStateDict, merge_lora_, save_merged_pretrained
-from .peft_export import experts_from_peft, experts_to_peft, load_peft_adapter, peft_adapter_state, save_peft_adapter
+from .peft_export import experts_from_peft, experts_to_peft, peft_adapter_state, save_peft_adapter
 
 __all__ = [
     "ALIASES", "DEFAULT_TARGETS", "GROUPS", "LoRAGroupedExperts", "LoRALinear", "LoraConfig", "LoraReport",
-    "MergedStateDict",
-    "adapter_state_dict", "apply_lora", "check_adapter_state_dict", "experts_from_peft", "experts_to_peft",
-    "group_of", "has_lora", "is_adapter_key", "keep_adapters_only", "load_peft_adapter", "lora_modules",
-    "merge_lora_", "peft_adapter_state", "reset_lora_parameters", "resolve_targets", "save_merged_pretrained", "save_peft_adapter",
-    "summarize",
+    "MergedStateDict", "apply_lora", "check_adapter_state_dict", "experts_from_peft", "experts_to_peft", "group_of",
+    "has_lora", "is_adapter_key", "keep_adapters_only", "lora_modules", "merge_lora_", "peft_adapter_state",
+    "reset_lora_parameters", "resolve_targets", "save_merged_pretrained", "save_peft_adapter", "summarize",
 ]

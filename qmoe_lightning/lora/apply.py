@@ -180,7 +180,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig | dict) -> LoraReport:
         for name in selected:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            base = getattr(parent, child)
+            base = parent.get_submodule(child)
             if isinstance(base, GroupedExperts):
                 dtype = cfg.adapter_dtype_for(base.gate_and_up_projs.dtype)
                 new = LoRAGroupedExperts(base, cfg.r_experts, cfg.alpha_experts, cfg.expert_projections, dtype)
@@ -222,11 +222,6 @@ def summarize(model: nn.Module) -> LoraReport:
 
 
 # ---------------------------------------------------------------------- Lightning checkpoints
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors of `model` (`lora_*` keys only), detached."""
-    return {k: v.detach() for k, v in model.state_dict().items() if is_adapter_key(k)}
-
-
 def kept_with_adapters(key: str) -> bool:
     """What an adapter-only checkpoint holds: the adapters and the routers' balancing bias (module doc)."""
     return is_adapter_key(key) or is_balancing_bias_key(key)

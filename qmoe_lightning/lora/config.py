@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qmoe_lightning.models.checkpoint import torch_dtype_named
 from qmoe_lightning.models.settings import section_from
 
 # the model family's defaults (`ModelFamily.lora_targets`), resolved against the model by apply_lora
@@ -103,8 +104,7 @@ class LoraConfig:
         if bad or not self.expert_projections:
             raise ValueError(f"lora.expert_projections must be a non-empty subset of {EXPERT_PROJECTIONS}, got "
                              f"{self.expert_projections}")
-        if self.adapter_dtype is not None and not isinstance(getattr(torch, str(self.adapter_dtype), None),
-                                                              torch.dtype):
+        if self.adapter_dtype is not None and torch_dtype_named(self.adapter_dtype) is None:
             raise ValueError(f"lora.adapter_dtype must be a torch dtype name (float32, bfloat16) or null, got "
                              f"{self.adapter_dtype!r}")
         for spec in self.targets + self.exclude:
@@ -118,7 +118,7 @@ class LoraConfig:
         """The adapters' dtype for a base of `base_dtype`: widened only when the base is 16-bit."""
         if self.adapter_dtype is None or base_dtype not in (torch.float16, torch.bfloat16):
             return base_dtype
-        return getattr(torch, self.adapter_dtype)
+        return torch_dtype_named(self.adapter_dtype)
 
     @property
     def r_experts(self) -> int:

@@ -74,8 +74,7 @@ class LoRAGroupedExperts(KeepFp32Mixin, GroupedExperts):
 
     def reset_parameters(self, std: float = 0.02) -> None:  # meta-device init: base and adapters
         super().reset_parameters(std)
-        if hasattr(self, "projections"):  # GroupedExperts.__init__ is never run on this class, but be safe
-            self.reset_lora_parameters()
+        self.reset_lora_parameters()
 
     def adapter_pairs(self) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
         """projection -> (A, B) for the adapted projections."""
@@ -118,8 +117,7 @@ class LoRAGroupedExperts(KeepFp32Mixin, GroupedExperts):
         """A plain GroupedExperts holding this module's base Parameters (or, per name, the given tensors)."""
         with torch.device("meta"):
             base = GroupedExperts(self.num_experts, self.gate_and_up_projs.shape[1], self.intermediate_size)
-        for name in ("gate_and_up_projs", "down_projs"):
-            old = getattr(self, name)
+        for name, old in (("gate_and_up_projs", self.gate_and_up_projs), ("down_projs", self.down_projs)):
             new = (merged or {}).get(name)
             setattr(base, name, old if new is None else nn.Parameter(new, requires_grad=old.requires_grad))
         return base

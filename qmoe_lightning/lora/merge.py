@@ -36,8 +36,10 @@ def _merged(module: nn.Module, param_name: str, get) -> torch.Tensor | None:
     if isinstance(module, LoRALinear) and param_name == "weight":
         return merge_linear_weight(get("weight"), get("lora_A"), get("lora_B"), module.scaling)
     if isinstance(module, LoRAGroupedExperts):
-        for base, prefix in (("gate_and_up_projs", "gate_and_up_lora"), ("down_projs", "down_lora")):
-            if param_name == base and getattr(module, f"{prefix}_A") is not None:
+        adapted = module.adapter_pairs()
+        for proj, base, prefix in (("gate_up", "gate_and_up_projs", "gate_and_up_lora"),
+                                   ("down", "down_projs", "down_lora")):
+            if param_name == base and proj in adapted:
                 return merge_expert_weights(get(base), get(f"{prefix}_A"), get(f"{prefix}_B"), module.scaling)
     return None
 
@@ -93,7 +95,7 @@ def save_merged_pretrained(model: nn.Module, out_dir: str | os.PathLike, max_sha
                 view.drain()
             return None
         if source is None:  # a model used alone: what its from_pretrained recorded
-            source = getattr(model, "checkpoint_source", None)
+            source = model.checkpoint_source  # declared by HFCheckpointMixin, which every native model is
         return save_hf_checkpoint(model, Path(out_dir), parse_size(max_shard_size), state_dict=view, source=source)
 
 

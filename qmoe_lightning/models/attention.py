@@ -22,7 +22,7 @@ from .rotary import apply_partial_rotary
 class Attention(nn.Module):
     def __init__(self, config, *, output_gate: bool, norm: type[nn.Module]):
         super().__init__()
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = config.head_dim  # both text configs declare it (Qwen3-VL's: hidden_size / heads if unset)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.output_gate = output_gate

@@ -55,7 +55,8 @@ class PackedBatch:
 
     def model_inputs(self) -> dict:
         """The forward's keyword arguments, None ones left out."""
-        return {k: getattr(self, k) for k in self.MODEL_INPUTS if getattr(self, k) is not None}
+        values = vars(self)
+        return {k: values[k] for k in self.MODEL_INPUTS if values[k] is not None}
 
     @property
     def real_tokens(self) -> int:
@@ -72,17 +73,18 @@ class PackedBatch:
             raise KeyError(f"a packed micro-batch has no {unknown}; its keys are {sorted(names)}")
         return cls(**data)
 
-    # dict-style access
+    # dict-style access: the fields only (an attribute set beside them, e.g. the loader's `decode_skips`, is not a key)
     def keys(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self)]
 
     def items(self):
-        return [(k, getattr(self, k)) for k in self.keys()]
+        values = vars(self)
+        return [(k, values[k]) for k in self.keys()]
 
     def __getitem__(self, key: str):
         if key not in self.keys():
             raise KeyError(key)
-        return getattr(self, key)
+        return vars(self)[key]
 
     def __setitem__(self, key: str, value) -> None:
         if key not in self.keys():
@@ -93,4 +95,4 @@ class PackedBatch:
         return key in self.keys()
 
     def get(self, key: str, default=None):
-        return getattr(self, key, default) if key in self.keys() else default
+        return vars(self)[key] if key in self.keys() else default

@@ -92,23 +92,6 @@ def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
             f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
 
 
-def read_config(path: Path, model_types: tuple[str, ...] | None = None, model_name: str = ""):
-    """transformers' config of the HF directory `path`; with `model_types`, any other model_type is an error naming
-    the file (the app checks against the registry: `registry.load_config`)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: not a Hugging Face model directory")
-    if model_types is not None:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-        if model_type not in model_types:
-            raise ValueError(f"{config_file}: model_type {model_type!r} cannot be loaded by {model_name}; expected "
-                             f"one of {model_types} (a text-only checkpoint has no vision tower: load it with the "
-                             "family's text-only model class)")
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(path)
-
-
 def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -147,13 +130,19 @@ def read_tensor(f, file: Path, key: str, meta: bool = False) -> torch.Tensor:
                          "truncated: fetch or export it again") from None
 
 
+def torch_dtype_named(name) -> torch.dtype | None:
+    """The torch dtype named `name` ("float32", "bfloat16"), None if torch has no dtype of that name."""
+    value = getattr(torch, str(name), None)
+    return value if isinstance(value, torch.dtype) else None
+
+
 def checkpoint_dtype(config) -> torch.dtype | None:
     """The dtype config.json declares (`dtype`; transformers maps the older `torch_dtype` onto it), top level or
     text config."""
-    for c in (config, getattr(config, "text_config", None)):
-        value = getattr(c, "dtype", None) if c is not None else None
+    for c in (config, config.get_text_config()):  # a text config is its own text config: read twice, same answer
+        value = c.dtype  # declared by every transformers config (None: not in config.json)
         if isinstance(value, str):
-            value = getattr(torch, value, None)
+            value = torch_dtype_named(value)
         if isinstance(value, torch.dtype):
             return value
     return None
@@ -211,8 +200,10 @@ class HFCheckpointMixin:
         or a torch dtype. device "meta": the model's structure only; the checkpoint is still checked key by key
         and shape by shape from the file headers, but no tensor data is read. model_kwargs: the class's own options
         (e.g. `mtp_layers=1` loads and trains the checkpoint's `mtp.*` module)."""
+        from .registry import load_config  # the registry imports the model classes, which import this module
+
         path = resolve_checkpoint_dir(path_or_hub_id)
-        config = read_config(path, cls.MODEL_TYPES, cls.HF_ARCHITECTURE)
+        config = load_config(path, cls.MODEL_TYPES, cls.HF_ARCHITECTURE)
         if dtype == "auto":
             dtype = checkpoint_dtype(config)
         elif isinstance(dtype, str):
@@ -401,9 +392,10 @@ def save_hf_checkpoint(model, out_dir: Path, max_shard_size: int, state_dict=Non
         config.architectures = [model.hf_architecture()]
         mtp = model.mtp
         if mtp is not None:  # what vLLM / SGLang read to build the draft module
-            getattr(config, "text_config", config).mtp_num_hidden_layers = mtp.num_depths
+            config.get_text_config().mtp_num_hidden_layers = mtp.num_depths
         written_dtype = dtype_numel.most_common(1)[0][0]  # the dtype most of the written weights have
-        for c in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+        # a text-only model's config is its text config (no vision_config): then the first two are the same object
+        for c in (config, config.get_text_config(), getattr(config, "vision_config", None)):
             if c is not None:  # sub-configs loaded from a bf16 checkpoint would otherwise still say bf16
                 c.dtype = written_dtype
         config.save_pretrained(tmp)

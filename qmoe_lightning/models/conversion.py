@@ -82,11 +82,11 @@ class MoeStateDictAdapter:
         self.text_only = text_only
         self.mtp_layers = mtp_layers
         self.mtp_expert_layout = "fused"  # how `to_hf` writes MTP experts: "fused" (the family's layout), "per_expert"
-        text = getattr(config, "text_config", config)
+        text = config.get_text_config()  # transformers': the VL config's text_config, a text config itself
         self.num_experts = text.num_experts
         self.intermediate = text.moe_intermediate_size
         self.hidden = text.hidden_size
-        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.tied = bool(config.tie_word_embeddings)  # declared by both families' VL and text configs
         self._decoder = "model." if text_only else "model.language_model."
 
     def _shapes(self, proj: str) -> dict[str, tuple[int, int, int]]:

@@ -4,7 +4,7 @@ Recurrence per value head, state S (dk, dv) starting at 0 for every document:
     S = exp(g_t) S;   S = S + k_t (beta_t (v_t - k_t^T S))^T;   o_t = q_t^T S
 with q, k l2-normalised in fp32 and q scaled by dk^-0.5 (transformers' `use_qk_l2norm_in_kernel=True`).
 
-`chunk_gated_delta_rule_packed` is transformers' chunked algorithm (UT transform inside chunks of C, a scan over
+`chunk_gated_delta_rule_with_state` is transformers' chunked algorithm (UT transform inside chunks of C, a scan over
 chunks) with one change: the chunks are laid out per document (see `packing.ChunkLayout`), so every document
 starts from a zero state at a chunk boundary of its own, and the chunks of all documents are scanned together.
 A single document therefore runs the same algorithm transformers runs on it alone; the sums differ only in float
@@ -18,7 +18,8 @@ chunk), and its bf16 matmul results met the fp32 inverse in `_UnitLowerSolve`'s 
 have the same dtype"). fla's kernels keep the state and the UT transform in fp32 likewise; the output is cast to
 q's dtype, the dtype the surrounding (autocast) projections produced.
 
-`recurrent_gated_delta_rule_reference` is the token-by-token loop, kept for tests only.
+`recurrent_gated_delta_rule_reference` is the token-by-token loop, the readable reference the tests and
+`bench/gpu/check.py` compare the fast paths against.
 """
 
 from __future__ import annotations
@@ -83,22 +84,11 @@ def unit_lower_solve(A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     return _UnitLowerSolve.apply(A, R)
 
 
-def chunk_gated_delta_rule_packed(
-    q: torch.Tensor,  # (B, T, Hk, dk)
-    k: torch.Tensor,  # (B, T, Hk, dk)
-    v: torch.Tensor,  # (B, T, Hv, dv)
-    g: torch.Tensor,  # (B, T, Hv) log decay, <= 0
-    beta: torch.Tensor,  # (B, T, Hv)
-    layout: ChunkLayout,
-) -> torch.Tensor:
-    """-> (B, T, Hv, dv) in q's dtype."""
-    return chunk_gated_delta_rule_with_state(q, k, v, g, beta, layout)[0]
-
-
 def chunk_gated_delta_rule_with_state(q, k, v, g, beta, layout: ChunkLayout, initial_state: torch.Tensor | None = None,
                                       output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`chunk_gated_delta_rule_packed` from a given state: initial_state (N, Hv, dk, dv) per document of the layout
-    (None: zeros) -> (out, final states (N, Hv, dk, dv) in fp32, or None). fla's `initial_state` /
+    """q, k (B, T, Hk, dk), v (B, T, Hv, dv), g (log decay, <= 0) and beta (B, T, Hv), from a given state:
+    initial_state (N, Hv, dk, dv) per document of the layout (None: zeros) -> (out (B, T, Hv, dv) in q's dtype,
+    final states (N, Hv, dk, dv) in fp32, or None). fla's `initial_state` /
     `output_final_state` semantics; context parallelism carries a document's state from one rank's slice to the
     next with it. Runs in fp32 with autocast off (module doc)."""
     with torch.autocast(q.device.type, enabled=False):
@@ -172,7 +162,7 @@ def _chunk_gated_delta_rule(q, k, v, g, beta, layout: ChunkLayout, initial_state
 def recurrent_gated_delta_rule_reference(q, k, v, g, beta, cu_seqlens: torch.Tensor | None = None,
                                          initial_state: torch.Tensor | None = None, finals: list | None = None):
     """Token-by-token loop with a state reset at every document start (to `initial_state[d]` (N, H, dk, dv) when
-    given; `finals` collects each document's last state). Slow; tests only."""
+    given; `finals` collects each document's last state). Slow; the reference of tests and bench/gpu/check.py."""
     with torch.autocast(q.device.type, enabled=False):
         return _recurrent_reference(q, k, v, g, beta, cu_seqlens, initial_state, finals)
 

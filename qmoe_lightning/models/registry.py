@@ -19,7 +19,6 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import read_config
 from .qwen3_5_moe import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
 from .qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 
@@ -91,8 +90,10 @@ def family_of_model(model: nn.Module) -> ModelFamily:
     raise TypeError(f"{type(model).__name__} is not a registered native model class")
 
 
-def load_config(path: Path):
-    """The transformers config of the HF model directory `path`; an unknown model_type is an error naming the file."""
+def load_config(path: Path, model_types: tuple[str, ...] | None = None, model_name: str = ""):
+    """transformers' config of the HF model directory `path`, the one reader of a config.json. Its model_type must
+    be a registered family's or, given `model_types` (a model class's MODEL_TYPES, `model_name` the class), one of
+    those; an error names the file."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: not a Hugging Face model directory")
@@ -100,8 +101,15 @@ def load_config(path: Path):
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
         raise ValueError(f"{config_file} is not a JSON object: {err}") from None
-    family_of(model_type, str(config_file))
-    return read_config(path)
+    if model_types is None:
+        family_of(model_type, str(config_file))
+    elif model_type not in model_types:  # a class's types are a registered family's: this check includes that one
+        raise ValueError(f"{config_file}: model_type {model_type!r} cannot be loaded by {model_name}; expected "
+                         f"one of {model_types} (a text-only checkpoint has no vision tower: load it with the "
+                         "family's text-only model class)")
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
 
 
 def config_from(spec: dict | str | Path, where: str = "model_config"):

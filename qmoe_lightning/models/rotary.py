@@ -24,8 +24,8 @@ def text_rope_inv_freq(config) -> tuple[torch.Tensor, float]:
     params = config.rope_parameters
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        # both text configs declare head_dim (Qwen3-VL's: hidden_size / heads if unset)
+        dim = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
         inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         return inv_freq, 1.0
     if rope_type.startswith("dynamic"):
