@@ -5,9 +5,9 @@ Covers: three tiny configs per family (layer patterns, head counts, GQA ratios, 
 dense layers, deepstack indexes, mRoPE sections), text, a padded batch of rows, one image, two images of different
 sizes, a video, an image beside a video in both orders; loss, aux loss, expert counts, positions and every parameter's
 gradient; the loss options (label_logits_only, num_items_in_batch, fused loss) and the errors of bad inputs; the
-text-only model of a family that has one. What only one family has is tested in test_model_qwen3_vl_moe.py
-(deepstack, dense layers, packed vision rows), test_model_packing.py and test_model_mtp.py (Qwen3.5's Gated DeltaNet
-and MTP).
+text-only model of a family that has one. Packed rows are tested in test_model_packing.py; what only one family has
+in test_model_qwen3_vl_moe.py (deepstack, dense layers), test_model_packing.py (Qwen3.5's Gated DeltaNet state) and
+test_model_mtp.py (Qwen3.5's MTP).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """What only Qwen3-VL-MoE has, native == transformers' Qwen3VLMoeForConditionalGeneration (fp32, eager experts) on
 its three tiny configs: dense MLP layers (sparse step / mlp_only_layers) and the deepstack visual features (a negative
-control without them, the mergers' gradients, the features following their document in packed rows of text, image and
-video documents), and the FSDP2 path that runs the vision tower once. The properties every family shares (logits,
-loss, aux loss, positions, gradients of every parameter, ...) are tested in test_model_parity.py.
+control without them, the mergers' gradients, the features following their document when the documents of a packed
+row change places). The properties every family shares (logits, loss, aux loss, positions, gradients of every
+parameter, packed rows, ...) are tested in test_model_parity.py and test_model_packing.py.
 """
 
 from __future__ import annotations
@@ -12,16 +12,12 @@ import copy
 import pytest
 import torch
 from families import FAMILIES, reference_pair
-from tiny_configs import VL_MOE_VARIANTS, pack, vision_doc
+from tiny_configs import PACKED_DOCS, VL_MOE_VARIANTS, pack, vision_doc
 
 TOL = 1e-4
 FAMILY = FAMILIES["qwen3_vl_moe"]
 
-CASES = {
-    "text": [37],
-    "two_images": [3, ("image", (1, 4, 4)), 4, ("image", (1, 6, 8)), 6],
-    "video_then_image": [2, ("video", (2, 2, 2)), 3, ("image", (1, 2, 4)), 3],
-}
+TWO_IMAGES = [3, ("image", (1, 4, 4)), 4, ("image", (1, 6, 8)), 6]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +38,7 @@ def test_tiny_configs_cover_dense_layers_and_deepstack(pairs):
 def test_without_deepstack_the_logits_differ(pairs, monkeypatch):
     """Negative control: the visual features injected after the first decoder layers are what makes the match."""
     hf, nat = pairs["base"]
-    batch = vision_doc(CASES["two_images"], seed=3)
+    batch = vision_doc(TWO_IMAGES, seed=3)
     with torch.no_grad():
         ref = hf(**batch).logits
         real = nat._vision_embeds
@@ -63,41 +59,10 @@ def test_deepstack_mergers_get_gradients(pairs, variant):
     assert any("deepstack_merger_list" in n and p.grad.abs().max() > 0 for n, p in nat.named_parameters())
 
 
-# text, image and video documents in one row; lengths not multiples of 64; an image right at a boundary
-PACKED_DOCS = [
-    [5, ("image", (1, 4, 6)), 60],
-    [71],
-    [2, ("video", (2, 4, 4)), 9],
-    [("image", (1, 6, 8)), 3, ("image", (1, 2, 2)), 14],
-    [45],
-]
-
-
-@pytest.mark.parametrize("variant", ["base", "wide"])
-def test_packed_row_gives_each_document_its_alone_logits(pairs, variant):
-    hf, nat = pairs[variant]
-    docs = [vision_doc(p, seed=40 + i) for i, p in enumerate(PACKED_DOCS)]
-    row = pack(docs)
-    labels = row["input_ids"].clone()
-    with torch.no_grad():
-        packed = nat(**row, labels=labels)
-        cu = row["cu_seqlens"].tolist()
-        ce_sum, n_sum = 0.0, 0
-        for i, doc in enumerate(docs):
-            piece = packed.logits[:, cu[i]: cu[i + 1]]
-            alone = nat(**doc, labels=doc["input_ids"])
-            assert (piece - alone.logits).abs().max() <= TOL, f"document {i} differs from its solo forward"
-            assert (piece - hf(**doc).logits).abs().max() <= TOL, f"document {i} differs from transformers alone"
-            ce_sum += alone.ce_loss * alone.num_label_tokens
-            n_sum += int(alone.num_label_tokens)
-    assert int(packed.num_label_tokens) == n_sum
-    assert torch.allclose(packed.ce_loss * packed.num_label_tokens, ce_sum, rtol=1e-5)
-
-
 def test_packed_row_with_documents_reordered_still_matches(pairs):
     """The deepstack features follow their own document when the image / video documents change places."""
     _, nat = pairs["alt"]
-    docs = [vision_doc(p, seed=60 + i) for i, p in enumerate(PACKED_DOCS)]
+    docs = [vision_doc(p, seed=60 + i) for i, p in enumerate(PACKED_DOCS["image_at_boundary"])]
     order = [3, 2, 0, 4, 1]
     row = pack([docs[i] for i in order])
     with torch.no_grad():
@@ -105,16 +70,3 @@ def test_packed_row_with_documents_reordered_still_matches(pairs):
         cu = row["cu_seqlens"].tolist()
         for j, i in enumerate(order):
             assert (packed[:, cu[j]: cu[j + 1]] - nat(**docs[i]).logits).abs().max() <= TOL
-
-
-def test_always_run_vision_path_equals_two_calls(pairs, monkeypatch):
-    """The FSDP2 path (images and videos in one tower call, a placeholder when there are none) changes nothing."""
-    _, nat = pairs["base"]
-    for case in ("text", "video_then_image", "two_images"):
-        batch = vision_doc(CASES[case], seed=5)
-        with torch.no_grad():
-            two = nat(**batch).logits
-            monkeypatch.setattr(nat, "always_run_vision", True)
-            one = nat(**batch).logits
-            monkeypatch.setattr(nat, "always_run_vision", False)
-        assert (one - two).abs().max() <= 1e-6, case
