@@ -1,56 +1,77 @@
-"""Packed rows (cu_seqlens): every document gets exactly the logits it gets alone; nothing leaks across boundaries."""
+"""Packed rows (cu_seqlens): every document gets exactly the logits it gets alone; nothing leaks across boundaries.
+
+The first section runs on every registered family (families.py; ids name the family and the tiny config): each
+document of a packed row of text, image and video documents == itself alone == transformers alone, the loss and expert
+counts are per-document sums, and the path FSDP2 uses (one vision tower call) changes nothing. The rest runs on
+Qwen3.5-MoE, whose Gated DeltaNet carries a state that must not pass a boundary; Qwen3-VL-MoE's deepstack features
+following their document in a reordered row are tested in test_model_qwen3_vl_moe.py.
+"""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from tiny_configs import make_config, make_hf_model, pack, vision_doc
+from families import each_family, each_family_variant, reference_pair
+from tiny_configs import PACKED_DOCS, make_config, make_hf_model, pack, vision_doc
 
 from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration
 from qmoe_lightning.models.mrope_positions import mrope_position_ids_packed
 
 TOL = 1e-4
-
-# text-only and image documents; lengths not multiples of 64, one spanning three delta-rule chunks
-DOCS = [
-    [5, ("image", (1, 4, 6)), 60],
-    [131],
-    [3, ("image", (1, 4, 4)), 11, ("image", (1, 6, 8)), 14],
-    [45],
-    [2, ("video", (2, 4, 4)), 9],
-]
+DOC_SEEDS = {"long_text": 20, "image_at_boundary": 40}
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    hf = make_hf_model(make_config("base"), seed=11)
-    path = tmp_path_factory.mktemp("packed")
-    hf.save_pretrained(path)
-    return hf, Qwen3_5MoeForConditionalGeneration.from_pretrained(path).eval()
+def pairs(tmp_path_factory):
+    """(family, variant) -> (transformers model, native model loaded from its save_pretrained directory), each built on
+    first use."""
+    built = {}
+
+    def get(family, variant):
+        if (family.model_type, variant) not in built:
+            built[family.model_type, variant] = reference_pair(family, variant,
+                                                               tmp_path_factory.mktemp(f"{family}_{variant}"))
+        return built[family.model_type, variant]
+
+    return get
 
 
-@pytest.fixture(scope="module")
-def docs():
-    return [vision_doc(p, seed=20 + i) for i, p in enumerate(DOCS)]
+def _docs(name: str) -> list[dict]:
+    return [vision_doc(p, seed=DOC_SEEDS[name] + i) for i, p in enumerate(PACKED_DOCS[name])]
 
 
-def test_each_document_gets_its_alone_logits(models, docs):
-    hf, nat = models
+# ---- every family ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("docs_name", list(PACKED_DOCS))
+@pytest.mark.parametrize("family,variant", each_family_variant(lambda f: ("base", "wide")))
+def test_each_document_gets_its_alone_logits(pairs, family, variant, docs_name):
+    hf, nat = pairs(family, variant)
+    docs = _docs(docs_name)
     row = pack(docs)
     assert all(int(n) % 64 for n in row["cu_seqlens"][1:] - row["cu_seqlens"][:-1])
     with torch.no_grad():
-        packed = nat(**row)
+        packed = nat(**row, labels=row["input_ids"].clone())
         cu = row["cu_seqlens"].tolist()
+        ce_sum, n_sum = 0.0, 0
         for i, doc in enumerate(docs):
-            alone = nat(**doc)
-            ref = hf(**doc)
-            piece = packed.logits[:, cu[i] : cu[i + 1]]
+            piece = packed.logits[:, cu[i]: cu[i + 1]]
+            alone = nat(**doc, labels=doc["input_ids"])
             assert (piece - alone.logits).abs().max() <= TOL, f"document {i} differs from its solo forward"
-            assert (piece - ref.logits).abs().max() <= TOL, f"document {i} differs from transformers alone"
+            assert (piece - hf(**doc).logits).abs().max() <= TOL, f"document {i} differs from transformers alone"
+            ce_sum += alone.ce_loss * alone.num_label_tokens
+            n_sum += int(alone.num_label_tokens)
+    # the last token of a document never predicts the first token of the next
+    assert int(packed.num_label_tokens) == n_sum
+    assert torch.allclose(packed.ce_loss * packed.num_label_tokens, ce_sum, rtol=1e-5)
 
 
-def test_packed_loss_and_expert_counts_are_per_document_sums(models, docs):
-    _, nat = models
+@pytest.mark.parametrize("family", each_family())
+def test_packed_loss_and_expert_counts_are_per_document_sums(pairs, family):
+    _, nat = pairs(family, "base")
+    docs = _docs("long_text")
     row = pack(docs)
     labels = row["input_ids"].clone()
     labels[row["mm_token_type_ids"] != 0] = -100
@@ -63,10 +84,63 @@ def test_packed_loss_and_expert_counts_are_per_document_sums(models, docs):
             ce_sum += alone.ce_loss * alone.num_label_tokens
             n_sum += int(alone.num_label_tokens)
             counts = counts + alone.expert_token_counts
-    # the last token of a document never predicts the first token of the next
     assert int(packed.num_label_tokens) == n_sum
     assert torch.allclose(packed.ce_loss, ce_sum / n_sum, atol=1e-5)
     assert torch.equal(packed.expert_token_counts, counts)
+
+
+@pytest.mark.parametrize("family", each_family())
+def test_always_run_vision_changes_nothing(pairs, family, monkeypatch):
+    """`always_run_vision` (set under FSDP so every rank runs the same modules): images + video in one tower call,
+    a zero placeholder when there is no image; logits equal the default path, and the tower gets (zero) gradients
+    from a text-only batch."""
+    torch.manual_seed(0)
+    model = family.native.from_config(family.make_config())
+    both = copy.deepcopy(model)
+    both.always_run_vision = True
+    cfg = model.config
+    merge, row = cfg.vision_config.spatial_merge_size, 3 * 2 * 16 * 16
+    img_grid, vid_grid = torch.tensor([[1, 4, 4]]), torch.tensor([[2, 2, 4]])
+    n_img, n_vid = 16 // merge ** 2, 16 // merge ** 2
+    ids = torch.randint(10, 400, (1, 40))
+    ids[0, 3:3 + n_img] = cfg.image_token_id
+    ids[0, 20:20 + n_vid] = cfg.video_token_id
+    kw = dict(input_ids=ids, pixel_values=torch.randn(16, row), image_grid_thw=img_grid,
+              pixel_values_videos=torch.randn(16, row), video_grid_thw=vid_grid)
+    torch.testing.assert_close(both(**kw).logits, model(**kw).logits, rtol=0, atol=1e-5)
+    text = torch.randint(10, 400, (1, 24))
+    out_a, out_b = model(input_ids=text, labels=text), both(input_ids=text, labels=text)
+    assert torch.equal(out_a.logits, out_b.logits)
+    out_b.loss.backward()
+    grads = [p.grad for p in both.model.visual.parameters()]
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+    # and on the loaded model, documents with mm_token_type_ids: text, a video before an image, two images
+    _, nat = pairs(family, "base")
+    for case in ([37], [2, ("video", (2, 2, 2)), 3, ("image", (1, 2, 4)), 3],
+                 [3, ("image", (1, 4, 4)), 4, ("image", (1, 6, 8)), 6]):
+        batch = vision_doc(case, seed=5)
+        with torch.no_grad():
+            two = nat(**batch).logits
+            monkeypatch.setattr(nat, "always_run_vision", True)
+            one = nat(**batch).logits
+            monkeypatch.setattr(nat, "always_run_vision", False)
+        assert (one - two).abs().max() <= 1e-6, case
+
+
+# ---- Qwen3.5-MoE: the Gated DeltaNet state ends at a boundary ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    hf = make_hf_model(make_config("base"), seed=11)
+    path = tmp_path_factory.mktemp("packed")
+    hf.save_pretrained(path)
+    return hf, Qwen3_5MoeForConditionalGeneration.from_pretrained(path).eval()
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return _docs("long_text")
 
 
 def test_resetting_positions_alone_would_leak(models, docs):
@@ -122,37 +196,6 @@ def test_tail_padding_is_left_out_of_aux_loss_and_expert_counts(models, docs):
     assert torch.equal(masked.expert_token_counts, plain.expert_token_counts)
     assert torch.allclose(masked.aux_loss, plain.aux_loss, atol=1e-6)
     assert (masked.logits[:, :n] - plain.logits).abs().max() <= TOL
-
-
-def test_always_run_vision_changes_nothing():
-    """`always_run_vision` (set under FSDP so every rank runs the same modules): images + video in one tower call,
-    a zero placeholder when there is no image; logits equal the default path, and the tower gets (zero) gradients
-    from a text-only batch."""
-    import copy
-
-    from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration
-    from tiny_configs import make_config
-
-    torch.manual_seed(0)
-    model = Qwen3_5MoeForConditionalGeneration.from_config(make_config())
-    both = copy.deepcopy(model)
-    both.always_run_vision = True
-    cfg = model.config
-    merge, row = cfg.vision_config.spatial_merge_size, 3 * 2 * 16 * 16
-    img_grid, vid_grid = torch.tensor([[1, 4, 4]]), torch.tensor([[2, 2, 4]])
-    n_img, n_vid = 16 // merge ** 2, 16 // merge ** 2
-    ids = torch.randint(10, 400, (1, 40))
-    ids[0, 3:3 + n_img] = cfg.image_token_id
-    ids[0, 20:20 + n_vid] = cfg.video_token_id
-    kw = dict(input_ids=ids, pixel_values=torch.randn(16, row), image_grid_thw=img_grid,
-              pixel_values_videos=torch.randn(16, row), video_grid_thw=vid_grid)
-    torch.testing.assert_close(both(**kw).logits, model(**kw).logits, rtol=0, atol=1e-5)
-    text = torch.randint(10, 400, (1, 24))
-    out_a, out_b = model(input_ids=text, labels=text), both(input_ids=text, labels=text)
-    assert torch.equal(out_a.logits, out_b.logits)
-    out_b.loss.backward()
-    grads = [p.grad for p in both.model.visual.parameters()]
-    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
 
 
 def test_restarting_position_ids_without_cu_seqlens_pack_like_transformers(models):

@@ -1,7 +1,13 @@
-"""Native model == transformers (fp32, torch fallbacks, eager experts) on tiny configs.
+"""Native model == transformers (fp32, torch fallbacks, eager experts) on the tiny configs of every registered family
+(families.py; ids name the family and the tiny config: `[qwen3_vl_moe-alt-video]`).
 
-Covers: three text configs (layer patterns, head counts, GQA ratios, partial rotary, experts/top-k), padded
-batches, one image, two images of different sizes, a video; loss, aux loss and every parameter's gradient.
+Covers: three tiny configs per family (layer patterns, head counts, GQA ratios, partial rotary, experts / top-k,
+dense layers, deepstack indexes, mRoPE sections), text, a padded batch of rows, one image, two images of different
+sizes, a video, an image beside a video in both orders; loss, aux loss, expert counts, positions and every parameter's
+gradient; the loss options (label_logits_only, num_items_in_batch, fused loss) and the errors of bad inputs; the
+text-only model of a family that has one. Packed rows are tested in test_model_packing.py; what only one family has
+in test_model_qwen3_vl_moe.py (deepstack, dense layers), test_model_packing.py (Qwen3.5's Gated DeltaNet state) and
+test_model_mtp.py (Qwen3.5's MTP).
 """
 
 from __future__ import annotations
@@ -10,42 +16,85 @@ import copy
 
 import pytest
 import torch
-from tiny_configs import TEXT_VARIANTS, assert_gradients_match, make_config, make_hf_model, vision_doc
+from families import FAMILIES, each_family, each_family_variant, reference_pair
+from tiny_configs import assert_gradients_match, vision_doc
 
-from qmoe_lightning.models import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
+from qmoe_lightning.models.registry import family_of, supported_model_types
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    """variant -> (transformers model, native model loaded from its save_pretrained directory)."""
-    out = {}
-    for variant in TEXT_VARIANTS:
-        hf = make_hf_model(make_config(variant), seed=len(out))
-        path = tmp_path_factory.mktemp(variant)
-        hf.save_pretrained(path)
-        out[variant] = (hf, Qwen3_5MoeForConditionalGeneration.from_pretrained(path).eval(), path)
-    return out
+    """(family, variant) -> (transformers model, native model loaded from its save_pretrained directory, directory),
+    each built on first use (a run of one family's tests builds no other family's models)."""
+    built = {}
+
+    def get(family, variant):
+        if (family.model_type, variant) not in built:
+            path = tmp_path_factory.mktemp(f"{family}_{variant}")
+            built[family.model_type, variant] = (*reference_pair(family, variant, path), path)
+        return built[family.model_type, variant]
+
+    return get
 
 
-@pytest.mark.parametrize("variant", list(TEXT_VARIANTS))
-def test_text_logits_loss_aux_match(pairs, variant):
-    hf, nat, _ = pairs[variant]
+def test_every_registered_family_has_a_tiny_family():
+    """A family added to the registry gets every shared test only through an entry in families.py."""
+    assert {family_of(t).model_type for t in supported_model_types()} == set(FAMILIES)
+
+
+def _text_batch():
+    """Two rows of text, the first one's targets starting at position 9."""
     torch.manual_seed(1)
     ids = torch.randint(0, 400, (2, 53))
     labels = ids.clone()
     labels[0, :9] = -100
+    return dict(input_ids=ids), labels
+
+
+CASES = {
+    "text": [37],
+    "one_image": [5, ("image", (1, 4, 6)), 9],
+    "two_images": [3, ("image", (1, 4, 4)), 4, ("image", (1, 6, 8)), 6],
+    "video": [4, ("video", (2, 4, 4)), 5],
+    "image_and_video": [2, ("image", (1, 2, 4)), 3, ("video", (2, 2, 2)), 3],
+    "video_then_image": [2, ("video", (2, 2, 2)), 3, ("image", (1, 2, 4)), 3],
+}
+
+
+@pytest.mark.parametrize("case", ["text_batch", *CASES])
+@pytest.mark.parametrize("family,variant", each_family_variant())
+def test_logits_loss_aux_and_positions_match(pairs, family, variant, case):
+    hf, nat, _ = pairs(family, variant)
+    if case == "text_batch":
+        batch, labels = _text_batch()
+    else:
+        batch = vision_doc(CASES[case], seed=3)
+        labels = batch["input_ids"].clone()
+        labels[0, :3] = -100
     with torch.no_grad():
-        ref = hf(input_ids=ids, labels=labels, output_router_logits=True)
-        out = nat(input_ids=ids, labels=labels, output_router_logits=True)
+        ref = hf(**batch, labels=labels, output_router_logits=True)
+        out = nat(**batch, labels=labels, output_router_logits=True)
     assert (ref.logits - out.logits).abs().max() <= TOL
-    assert torch.allclose(ref.aux_loss, out.aux_loss, atol=1e-5, rtol=0)
     assert torch.allclose(ref.loss, out.loss, atol=1e-5, rtol=0)
+    assert torch.allclose(ref.aux_loss, out.aux_loss, atol=1e-5, rtol=0)
+    cfg = nat.text_config
+    # one row per MoE layer (dense layers have none); every token picks top_k experts in each
+    assert out.expert_token_counts.shape == (len(nat.text_model.moe_layers), cfg.num_experts)
+    assert (out.expert_token_counts.sum(1) == batch["input_ids"].numel() * cfg.num_experts_per_tok).all()
+    if "mm_token_type_ids" in batch and (batch["mm_token_type_ids"] != 0).any():
+        # positions computed by the native model equal transformers' get_rope_index
+        video = batch.get("video_grid_thw")
+        ref_pos, _ = hf.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                             batch.get("image_grid_thw"), None if video is None else video.clone())
+        with torch.no_grad():
+            assert torch.equal(nat(**batch, position_ids=ref_pos).logits, out.logits)
 
 
-def test_padded_batch_matches(pairs):
-    hf, nat, _ = pairs["base"]
+@pytest.mark.parametrize("family", each_family())
+def test_padded_batch_matches(pairs, family):
+    hf, nat, _ = pairs(family, "base")
     torch.manual_seed(2)
     ids = torch.randint(0, 400, (3, 40))
     mask = torch.ones_like(ids)
@@ -57,46 +106,24 @@ def test_padded_batch_matches(pairs):
     real = mask.bool()
     assert (ref.logits[real] - out.logits[real]).abs().max() <= TOL
     assert torch.allclose(ref.aux_loss, out.aux_loss, atol=1e-5, rtol=0)
-    # padding is excluded from the expert counts: every real token picks top_k experts in every layer
+    # padding is excluded from the expert counts: every real token picks top_k experts in every MoE layer
     cfg = nat.text_config
-    assert out.expert_token_counts.shape == (cfg.num_hidden_layers, cfg.num_experts)
+    assert out.expert_token_counts.shape == (len(nat.text_model.moe_layers), cfg.num_experts)
     assert (out.expert_token_counts.sum(1) == int(real.sum()) * cfg.num_experts_per_tok).all()
 
 
-MULTIMODAL_CASES = {
-    "one_image": [5, ("image", (1, 4, 6)), 9],
-    "two_images": [3, ("image", (1, 4, 4)), 4, ("image", (1, 6, 8)), 6],
-    "video": [4, ("video", (2, 4, 4)), 5],
-    "image_and_video": [2, ("image", (1, 2, 4)), 3, ("video", (2, 2, 2)), 3],
+GRADIENT_DOCS = {
+    "two_images": [6, ("image", (1, 4, 6)), 20, ("image", (1, 2, 2)), 11],
+    "image_and_video": [6, ("image", (1, 4, 6)), 20, ("video", (2, 2, 4)), 11],
 }
 
 
-@pytest.mark.parametrize("case", list(MULTIMODAL_CASES))
-@pytest.mark.parametrize("variant", ["base", "alt"])
-def test_multimodal_logits_match(pairs, case, variant):
-    hf, nat, _ = pairs[variant]
-    batch = vision_doc(MULTIMODAL_CASES[case], seed=3)
-    labels = batch["input_ids"].clone()
-    with torch.no_grad():
-        ref = hf(**batch, labels=labels, output_router_logits=True)
-        out = nat(**batch, labels=labels, output_router_logits=True)
-        # positions computed by the native model equal transformers' get_rope_index
-        ref_pos, _ = hf.model.get_rope_index(
-            batch["input_ids"], batch["mm_token_type_ids"], batch.get("image_grid_thw"),
-            None if "video_grid_thw" not in batch else batch["video_grid_thw"].clone(),
-        )
-        out_pos = nat(**batch, position_ids=ref_pos)
-    assert (ref.logits - out.logits).abs().max() <= TOL
-    assert (out_pos.logits - out.logits).abs().max() == 0
-    assert torch.allclose(ref.loss, out.loss, atol=1e-5, rtol=0)
-    assert torch.allclose(ref.aux_loss, out.aux_loss, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("variant", ["base", "wide"])
-def test_every_parameter_gradient_matches(pairs, variant):
-    hf, nat, _ = pairs[variant]
+@pytest.mark.parametrize("doc", list(GRADIENT_DOCS))
+@pytest.mark.parametrize("family,variant", each_family_variant(lambda f: f.gradient_variants))
+def test_every_parameter_gradient_matches(pairs, family, variant, doc):
+    hf, nat, _ = pairs(family, variant)
     hf, nat = copy.deepcopy(hf).train(), copy.deepcopy(nat).train()
-    batch = vision_doc([6, ("image", (1, 4, 6)), 20, ("image", (1, 2, 2)), 11], seed=4)
+    batch = vision_doc(GRADIENT_DOCS[doc], seed=4)
     labels = batch["input_ids"].clone()
     labels[0, :4] = -100
     ref = hf(**batch, labels=labels, output_router_logits=True)
@@ -106,9 +133,10 @@ def test_every_parameter_gradient_matches(pairs, variant):
     assert assert_gradients_match(hf, nat, TOL) == len(list(nat.parameters()))
 
 
-def test_causal_lm_matches_vl_text_path_and_loads_vl_checkpoint(pairs):
-    hf, nat, path = pairs["alt"]
-    text = Qwen3_5MoeForCausalLM.from_pretrained(path).eval()
+@pytest.mark.parametrize("family", each_family(lambda f: f.native_text is not None))
+def test_text_only_model_matches_vl_text_path_and_loads_vl_checkpoint(pairs, family):
+    hf, nat, path = pairs(family, "alt")
+    text = family.native_text.from_pretrained(path).eval()
     assert text.checkpoint_source.report.skipped.get("vision", 0) > 0  # vision tower counted, not silently dropped
     assert not any(n.startswith("model.visual") for n, _ in text.named_parameters())
     ids = torch.randint(0, 400, (2, 30))
@@ -118,8 +146,9 @@ def test_causal_lm_matches_vl_text_path_and_loads_vl_checkpoint(pairs):
     assert (ref.logits - out.logits).abs().max() <= TOL
 
 
-def test_label_logits_only_and_num_items_in_batch(pairs):
-    _, nat, _ = pairs["base"]
+@pytest.mark.parametrize("family", each_family())
+def test_label_logits_only_and_num_items_in_batch(pairs, family):
+    _, nat, _ = pairs(family, "base")
     ids = torch.randint(0, 400, (1, 70))
     labels = ids.clone()
     labels[0, :30] = -100
@@ -134,16 +163,18 @@ def test_label_logits_only_and_num_items_in_batch(pairs):
     assert torch.allclose(summed.loss, full.loss * 40 / 100, atol=1e-6)
 
 
-def test_no_target_gives_zero_loss_not_nan(pairs):
-    _, nat = pairs["base"][:2]
+@pytest.mark.parametrize("family", each_family())
+def test_no_target_gives_zero_loss_not_nan(pairs, family):
+    _, nat, _ = pairs(family, "base")
     ids = torch.randint(0, 400, (1, 12))
     for kw in ({}, {"label_logits_only": True}, {"return_logits": False}):
         out = nat(input_ids=ids, labels=torch.full_like(ids, -100), **kw)
         assert out.ce_loss.item() == 0.0 and int(out.num_label_tokens) == 0
 
 
-def test_fused_lm_loss_matches_logits_path_with_gradients(pairs):
-    _, nat, _ = pairs["base"]
+@pytest.mark.parametrize("family", each_family())
+def test_fused_lm_loss_matches_logits_path_with_gradients(pairs, family):
+    _, nat, _ = pairs(family, "base")
     nat = copy.deepcopy(nat).train()
     ids = torch.randint(0, 400, (1, 90))
     labels = ids.clone()
@@ -162,8 +193,9 @@ def test_fused_lm_loss_matches_logits_path_with_gradients(pairs):
             assert (p.grad - ref_grads[n]).abs().max() <= 1e-4 * ref_grads[n].abs().max().clamp_min(1e-6), n
 
 
-def test_bad_forward_inputs_raise_clear_errors(pairs):
-    _, nat, _ = pairs["base"]
+@pytest.mark.parametrize("family", each_family())
+def test_bad_forward_inputs_raise_clear_errors(pairs, family):
+    _, nat, _ = pairs(family, "base")
     batch = vision_doc([3, ("image", (1, 4, 4)), 3])
     bad = dict(batch, image_grid_thw=torch.tensor([[1, 4, 8]]), pixel_values=torch.randn(32, 1536))
     with pytest.raises(ValueError, match="placeholder tokens"):

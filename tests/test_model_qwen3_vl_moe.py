@@ -1,8 +1,8 @@
-"""Qwen3-VL-MoE, the second family on the shared core: native == transformers' Qwen3VLMoeForConditionalGeneration
-(fp32, eager experts) on three tiny configs (deepstack indexes, sparse step / mlp_only_layers, GQA, experts / top-k,
-mRoPE sections), for text, one image, two images of different sizes, a video, and an image beside a video; aux
-loss; every parameter's gradient; packed rows of text, image and video documents; a negative control without the
-deepstack features.
+"""What only Qwen3-VL-MoE has, native == transformers' Qwen3VLMoeForConditionalGeneration (fp32, eager experts) on
+its three tiny configs: dense MLP layers (sparse step / mlp_only_layers) and the deepstack visual features (a negative
+control without them, the mergers' gradients, the features following their document when the documents of a packed
+row change places). The properties every family shares (logits, loss, aux loss, positions, gradients of every
+parameter, packed rows, ...) are tested in test_model_parity.py and test_model_packing.py.
 """
 
 from __future__ import annotations
@@ -11,32 +11,19 @@ import copy
 
 import pytest
 import torch
-from tiny_configs import (VL_MOE_VARIANTS, assert_gradients_match, make_hf_vl_moe_model, make_vl_moe_config, pack,
-                          vision_doc)
-
-from qmoe_lightning.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
+from families import FAMILIES, reference_pair
+from tiny_configs import PACKED_DOCS, VL_MOE_VARIANTS, pack, vision_doc
 
 TOL = 1e-4
+FAMILY = FAMILIES["qwen3_vl_moe"]
 
-CASES = {
-    "text": [37],
-    "one_image": [5, ("image", (1, 4, 6)), 9],
-    "two_images": [3, ("image", (1, 4, 4)), 4, ("image", (1, 6, 8)), 6],
-    "video": [4, ("video", (2, 4, 4)), 5],
-    "video_then_image": [2, ("video", (2, 2, 2)), 3, ("image", (1, 2, 4)), 3],
-}
+TWO_IMAGES = [3, ("image", (1, 4, 4)), 4, ("image", (1, 6, 8)), 6]
 
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """variant -> (transformers model, native model loaded from transformers' save_pretrained directory)."""
-    out = {}
-    for i, variant in enumerate(VL_MOE_VARIANTS):
-        hf = make_hf_vl_moe_model(make_vl_moe_config(variant), seed=10 + i)
-        path = tmp_path_factory.mktemp(f"vl_{variant}")
-        hf.save_pretrained(path)
-        out[variant] = (hf, Qwen3VLMoeForConditionalGeneration.from_pretrained(path).eval())
-    return out
+    return {v: reference_pair(FAMILY, v, tmp_path_factory.mktemp(f"vl_{v}")) for v in VL_MOE_VARIANTS}
 
 
 def test_tiny_configs_cover_dense_layers_and_deepstack(pairs):
@@ -48,35 +35,10 @@ def test_tiny_configs_cover_dense_layers_and_deepstack(pairs):
     assert [len(nat.model.visual.deepstack_merger_list) for _, nat in pairs.values()] == [2, 1, 3]
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("variant", list(VL_MOE_VARIANTS))
-def test_logits_loss_aux_and_positions_match(pairs, variant, case):
-    hf, nat = pairs[variant]
-    batch = vision_doc(CASES[case], seed=3)
-    labels = batch["input_ids"].clone()
-    labels[0, :3] = -100
-    with torch.no_grad():
-        ref = hf(**batch, labels=labels, output_router_logits=True)
-        out = nat(**batch, labels=labels, output_router_logits=True)
-    assert (ref.logits - out.logits).abs().max() <= TOL
-    assert torch.allclose(ref.loss, out.loss, atol=1e-5, rtol=0)
-    assert torch.allclose(ref.aux_loss, out.aux_loss, atol=1e-5, rtol=0)
-    cfg = nat.text_config
-    moe = nat.text_model.moe_layers
-    assert out.expert_token_counts.shape == (len(moe), cfg.num_experts)  # dense layers have no row
-    assert (out.expert_token_counts.sum(1) == batch["input_ids"].numel() * cfg.num_experts_per_tok).all()
-    if case != "text":
-        video = batch.get("video_grid_thw")
-        ref_pos, _ = hf.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
-                                             batch.get("image_grid_thw"), None if video is None else video.clone())
-        with torch.no_grad():
-            assert torch.equal(nat(**batch, position_ids=ref_pos).logits, out.logits)
-
-
 def test_without_deepstack_the_logits_differ(pairs, monkeypatch):
     """Negative control: the visual features injected after the first decoder layers are what makes the match."""
     hf, nat = pairs["base"]
-    batch = vision_doc(CASES["two_images"], seed=3)
+    batch = vision_doc(TWO_IMAGES, seed=3)
     with torch.no_grad():
         ref = hf(**batch).logits
         real = nat._vision_embeds
@@ -85,55 +47,22 @@ def test_without_deepstack_the_logits_differ(pairs, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["base", "alt"])
-def test_every_parameter_gradient_matches(pairs, variant):
-    hf, nat = pairs[variant]
-    hf, nat = copy.deepcopy(hf).train(), copy.deepcopy(nat).train()
+def test_deepstack_mergers_get_gradients(pairs, variant):
+    """test_model_parity's gradient check compares every gradient with transformers', and a merger past the decoder's
+    depth gets none in both; here a merger the decoder does use must get a nonzero one (on the same document)."""
+    _, nat = pairs[variant]
+    nat = copy.deepcopy(nat).train()
     batch = vision_doc([6, ("image", (1, 4, 6)), 20, ("video", (2, 2, 4)), 11], seed=4)
     labels = batch["input_ids"].clone()
     labels[0, :4] = -100
-    ref = hf(**batch, labels=labels, output_router_logits=True)
-    out = nat(**batch, labels=labels, output_router_logits=True)
-    ref.loss.backward()
-    out.loss.backward()
-    assert assert_gradients_match(hf, nat, TOL) == len(list(nat.parameters()))
+    nat(**batch, labels=labels, output_router_logits=True).loss.backward()
     assert any("deepstack_merger_list" in n and p.grad.abs().max() > 0 for n, p in nat.named_parameters())
-
-
-# text, image and video documents in one row; lengths not multiples of 64; an image right at a boundary
-PACKED_DOCS = [
-    [5, ("image", (1, 4, 6)), 60],
-    [71],
-    [2, ("video", (2, 4, 4)), 9],
-    [("image", (1, 6, 8)), 3, ("image", (1, 2, 2)), 14],
-    [45],
-]
-
-
-@pytest.mark.parametrize("variant", ["base", "wide"])
-def test_packed_row_gives_each_document_its_alone_logits(pairs, variant):
-    hf, nat = pairs[variant]
-    docs = [vision_doc(p, seed=40 + i) for i, p in enumerate(PACKED_DOCS)]
-    row = pack(docs)
-    labels = row["input_ids"].clone()
-    with torch.no_grad():
-        packed = nat(**row, labels=labels)
-        cu = row["cu_seqlens"].tolist()
-        ce_sum, n_sum = 0.0, 0
-        for i, doc in enumerate(docs):
-            piece = packed.logits[:, cu[i]: cu[i + 1]]
-            alone = nat(**doc, labels=doc["input_ids"])
-            assert (piece - alone.logits).abs().max() <= TOL, f"document {i} differs from its solo forward"
-            assert (piece - hf(**doc).logits).abs().max() <= TOL, f"document {i} differs from transformers alone"
-            ce_sum += alone.ce_loss * alone.num_label_tokens
-            n_sum += int(alone.num_label_tokens)
-    assert int(packed.num_label_tokens) == n_sum
-    assert torch.allclose(packed.ce_loss * packed.num_label_tokens, ce_sum, rtol=1e-5)
 
 
 def test_packed_row_with_documents_reordered_still_matches(pairs):
     """The deepstack features follow their own document when the image / video documents change places."""
     _, nat = pairs["alt"]
-    docs = [vision_doc(p, seed=60 + i) for i, p in enumerate(PACKED_DOCS)]
+    docs = [vision_doc(p, seed=60 + i) for i, p in enumerate(PACKED_DOCS["image_at_boundary"])]
     order = [3, 2, 0, 4, 1]
     row = pack([docs[i] for i in order])
     with torch.no_grad():
@@ -141,16 +70,3 @@ def test_packed_row_with_documents_reordered_still_matches(pairs):
         cu = row["cu_seqlens"].tolist()
         for j, i in enumerate(order):
             assert (packed[:, cu[j]: cu[j + 1]] - nat(**docs[i]).logits).abs().max() <= TOL
-
-
-def test_always_run_vision_path_equals_two_calls(pairs, monkeypatch):
-    """The FSDP2 path (images and videos in one tower call, a placeholder when there are none) changes nothing."""
-    _, nat = pairs["base"]
-    for case in ("text", "video_then_image", "two_images"):
-        batch = vision_doc(CASES[case], seed=5)
-        with torch.no_grad():
-            two = nat(**batch).logits
-            monkeypatch.setattr(nat, "always_run_vision", True)
-            one = nat(**batch).logits
-            monkeypatch.setattr(nat, "always_run_vision", False)
-        assert (one - two).abs().max() <= 1e-6, case

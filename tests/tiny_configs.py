@@ -166,6 +166,27 @@ def make_hf_vl_moe_model(config: Qwen3VLMoeConfig, seed: int = 0):
     return _reference_model(HF, config, seed)
 
 
+# documents of the packed-row tests (`vision_doc` pieces): lengths not multiples of 64
+PACKED_DOCS = {
+    # text-only and image documents, one spanning three delta-rule chunks, a video last
+    "long_text": [
+        [5, ("image", (1, 4, 6)), 60],
+        [131],
+        [3, ("image", (1, 4, 4)), 11, ("image", (1, 6, 8)), 14],
+        [45],
+        [2, ("video", (2, 4, 4)), 9],
+    ],
+    # text, image and video documents; an image right at a document boundary
+    "image_at_boundary": [
+        [5, ("image", (1, 4, 6)), 60],
+        [71],
+        [2, ("video", (2, 4, 4)), 9],
+        [("image", (1, 6, 8)), 3, ("image", (1, 2, 2)), 14],
+        [45],
+    ],
+}
+
+
 def pack(docs: list[dict]) -> dict:
     """Documents (`vision_doc` outputs) -> one packed row with cu_seqlens, pixels and grids concatenated in order."""
     row = {"input_ids": torch.cat([d["input_ids"] for d in docs], 1),
