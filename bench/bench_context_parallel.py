@@ -80,9 +80,11 @@ def _worker(rank: int, world: int, port: int, tokens: int, vocab: int, threads: 
     torch.manual_seed(0)
     model = Qwen3_5MoeForConditionalGeneration(mid_config(vocab)).float()
     if world > 1:
-        from qmoe_lightning.parallel.context_parallel import ContextParallelGroup
+        from qmoe_lightning.models.parallel_context import ParallelContext
+        from qmoe_lightning.parallel.context_parallel import ContextParallelGroup, ContextParallelRows
 
-        model.context_parallel = ContextParallelGroup(None)
+        group = ContextParallelGroup(None)  # the row split over every process, nothing else parallelised
+        model.parallel = ParallelContext(rows=ContextParallelRows(group), cp_group=group)
     row = make_row(tokens, vocab)
     result = {}
     for attempt in range(2):  # the first step warms up allocators and kernels

@@ -99,7 +99,7 @@ def build_model(
     rank_local = parallelize is not None and checkpoint is not None
     cuda = [device] if device.type == "cuda" else []
     report = None
-    if parallelize is not None and getattr(model.config, "tie_word_embeddings", False):
+    if parallelize is not None and model.config.tie_word_embeddings:
         raise NotImplementedError("tie_word_embeddings under a parallel plan (FSDP2 / expert parallelism) is not "
                                   "supported: the tie would not survive sharding; no published Qwen3.5-MoE / "
                                   "Qwen3-VL-MoE checkpoint ties them")
@@ -114,10 +114,7 @@ def build_model(
             with torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(init_seed)
                 model.init_weights()
-    model.text_model.gradient_checkpointing = bool(activation_checkpointing)
-    if model.mtp is not None:
-        for block in model.mtp.layers:
-            block.checkpointing = bool(activation_checkpointing)
+    model.set_activation_checkpointing(bool(activation_checkpointing))
     lora_report = None
     if lora is not None:
         # on meta (rank-local), the adapters get their values from init_lora_parallel after loading: the seeding

@@ -49,6 +49,14 @@ def _row(tail_padding: int = 0, order=None):
     return row
 
 
+def _cp_context(group):
+    """The model's ParallelContext with every row split over `group` (nothing else parallelised)."""
+    from qmoe_lightning.models.parallel_context import ParallelContext
+    from qmoe_lightning.parallel.context_parallel import ContextParallelRows
+
+    return ParallelContext(rows=ContextParallelRows(group), cp_group=group)
+
+
 def _model(family: str):
     from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
@@ -104,7 +112,7 @@ def _worker(rank, world, family, tail_padding, order, control):
 
         cp_model.conv_with_halo = zero_halo
         assert real is not None
-    model.context_parallel = ContextParallelGroup(None)
+    model.parallel = _cp_context(ContextParallelGroup(None))
     split = _run(model, row)
     for g in split["grads"].values():
         dist.all_reduce(g)
@@ -202,7 +210,7 @@ def _mismatch_worker(rank, world, kind):
     from qmoe_lightning.parallel.context_parallel import ContextParallelGroup
 
     model = _model("qwen3_5_moe")
-    model.context_parallel = ContextParallelGroup(None)
+    model.parallel = _cp_context(ContextParallelGroup(None))
     row = _row(0, None if rank == 0 else [1, 0, 2, 3, 4, 5, 6])  # rank 1: the same documents in another order
     if kind == "left_padding":
         row = _row(0, None)

@@ -18,6 +18,7 @@ from tiny_configs import PACKED_DOCS, make_config, make_hf_model, pack, vision_d
 
 from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration
 from qmoe_lightning.models.mrope_positions import mrope_position_ids_packed
+from qmoe_lightning.models.parallel_context import ParallelContext
 
 TOL = 1e-4
 DOC_SEEDS = {"long_text": 20, "image_at_boundary": 40}
@@ -97,7 +98,7 @@ def test_always_run_vision_changes_nothing(pairs, family, monkeypatch):
     torch.manual_seed(0)
     model = family.native.from_config(family.make_config())
     both = copy.deepcopy(model)
-    both.always_run_vision = True
+    both.parallel = ParallelContext(always_run_vision=True)
     cfg = model.config
     merge, row = cfg.vision_config.spatial_merge_size, 3 * 2 * 16 * 16
     img_grid, vid_grid = torch.tensor([[1, 4, 4]]), torch.tensor([[2, 2, 4]])
@@ -121,9 +122,9 @@ def test_always_run_vision_changes_nothing(pairs, family, monkeypatch):
         batch = vision_doc(case, seed=5)
         with torch.no_grad():
             two = nat(**batch).logits
-            monkeypatch.setattr(nat, "always_run_vision", True)
+            monkeypatch.setattr(nat, "parallel", ParallelContext(always_run_vision=True))
             one = nat(**batch).logits
-            monkeypatch.setattr(nat, "always_run_vision", False)
+            monkeypatch.setattr(nat, "parallel", None)
         assert (one - two).abs().max() <= 1e-6, case
 
 

@@ -27,6 +27,9 @@ from tiny_configs import make_config
 pytestmark = pytest.mark.multiprocess
 
 TOL = 1e-5
+# every expert-dim parameter name (`GroupedExperts.expert_tensors` of a LoRA experts module on both projections)
+EXPERT_DIM0_PARAMS = ("gate_and_up_projs", "down_projs", "gate_and_up_lora_A", "gate_and_up_lora_B", "down_lora_A",
+                      "down_lora_B")
 
 
 def _moe_config():
@@ -187,7 +190,6 @@ def ep_results(tmp_path_factory):
 
 
 def test_sparse_moe_ep2_equals_one_process(ep_results):
-    from qmoe_lightning.parallel.expert_parallel import EXPERT_DIM0_PARAMS
 
     x, w = _moe_inputs()
     ref_out, ref_xg, ref_grads, _ = _moe_run(_build_moe(), x, w)
@@ -200,7 +202,6 @@ def test_sparse_moe_ep2_equals_one_process(ep_results):
 
 
 def test_lora_experts_ep2_equals_one_process(ep_results):
-    from qmoe_lightning.parallel.expert_parallel import EXPERT_DIM0_PARAMS
 
     x, w = _moe_inputs()
     ref_out, ref_xg, ref_grads, _ = _moe_run(_lora(_build_moe()), x, w)
@@ -211,7 +212,6 @@ def test_lora_experts_ep2_equals_one_process(ep_results):
 
 
 def test_rank_without_tokens(ep_results):
-    from qmoe_lightning.parallel.expert_parallel import EXPERT_DIM0_PARAMS
 
     x, w = _moe_inputs()
     moe = _build_moe()

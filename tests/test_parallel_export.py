@@ -65,11 +65,13 @@ def _worker(rank, world, out_dir):
     mesh = build_mesh("cpu", world, ep_size=2)
     variants = (True, False) if world == 2 else (True,)
     for lora in variants:
-        model = parallelize_model(_model(lora), mesh, ep_size=2)
+        model = _model(lora)
+        parallelize_model(model, mesh, ep_size=2)
         _export(model, out / f"w{world}-lora{lora}", fetch=full_tensor_fetcher(model), write=rank == 0)
     if world == 4:
         # DCP round trip of the global views: save, scramble, load in place
-        model = parallelize_model(_model(True), mesh, ep_size=2)
+        model = _model(True)
+        parallelize_model(model, mesh, ep_size=2)
         views = global_state_dict(model)
         dcp.save({"model": views}, checkpoint_id=str(out / "dcp"))
         before = {k: v.full_tensor().clone() for k, v in global_state_dict(model).items()}

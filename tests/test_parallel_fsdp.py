@@ -72,7 +72,8 @@ def _fsdp_worker(rank, world):
     calls = _count_replays()
     for ac in (False, True):
         calls.clear()
-        model = parallelize_model(_model(), mesh, ep_size=2, fsdp=True, activation_checkpointing=ac)
+        model = _model()
+        parallelize_model(model, mesh, ep_size=2, fsdp=True, activation_checkpointing=ac)
         opt = _opt(model)
         norms = []
         for ids in _batches():
@@ -141,7 +142,8 @@ def _mixed_precision_worker(rank, world):
 
     mesh = build_mesh("cpu", world, ep_size=2)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    model = parallelize_model(_model(), mesh, ep_size=2, mp_policy=mp)
+    model = _model()
+    parallelize_model(model, mesh, ep_size=2, mp_policy=mp)
     seen = {}
     experts = model.model.layers[0].mlp.experts
     router = model.model.layers[0].mlp.gate
@@ -210,7 +212,9 @@ def _gradient_worker(rank, world, replicate):
     from qmoe_lightning.parallel.parallelize import build_mesh, parallelize_model
     from qmoe_lightning.parallel.state import expert_keys, global_view
 
-    model = parallelize_model(_model(), build_mesh("cpu", world, 2, replicate), ep_size=2)
+    model = _model()
+
+    parallelize_model(model, build_mesh("cpu", world, 2, replicate), ep_size=2)
     ids = torch.randint(0, 500, (world, T), generator=torch.Generator().manual_seed(3))
     res = model(input_ids=ids[rank:rank + 1], labels=ids[rank:rank + 1], num_items_in_batch=1)
     (res.ce_loss * world / (world * (T - 1))).backward()

@@ -76,6 +76,14 @@ class LoRAGroupedExperts(KeepFp32Mixin, GroupedExperts):
         super().reset_parameters(std)
         self.reset_lora_parameters()
 
+    def expert_tensors(self) -> dict[str, nn.Parameter]:
+        """The base experts and the per-expert adapters (all with the expert on dim 0)."""
+        out = super().expert_tensors()
+        for projection, (A, B) in self.adapter_pairs().items():
+            prefix = "gate_and_up" if projection == "gate_up" else "down"
+            out[f"{prefix}_lora_A"], out[f"{prefix}_lora_B"] = A, B
+        return out
+
     def adapter_pairs(self) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
         """projection -> (A, B) for the adapted projections."""
         out = {}

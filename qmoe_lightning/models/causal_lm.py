@@ -25,12 +25,12 @@ from torch import nn
 
 from .batch import PackedBatch
 from .checkpoint import HFCheckpointMixin
-from .context_parallel import check_same_row, split_row
 from .decoder import DecoderBackend, Deepstack
 from .lm_loss import future_token_targets, linear_cross_entropy, masked_rows, next_token_targets
 from .moe import GroupedExperts, TopKRouter
 from .mtp import MtpOutput, MultiTokenPredictor, shifted_embeddings
 from .packing import SequenceInfo
+from .parallel_context import WHOLE_ROW, ParallelContext
 from .rotary import Fp32SafeTextRotaryEmbedding, Fp32SafeVisionRotaryEmbedding
 
 
@@ -53,12 +53,12 @@ class MoeOutput:
 
 def load_balancing_loss(
     router_logits: list[torch.Tensor], indices: list[torch.Tensor], num_experts: int, token_mask: torch.Tensor | None,
-    comm=None,
+    row_sums=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' formula: aux = E * sum_e f_e * P_e over all layers and real tokens. Also (L, E) pick counts.
 
     f_e = top-k picks of e / (L * N), P_e = mean router probability of e (softmax in fp32).
-    comm (context parallelism, the row split over ranks): f, P and N are the whole row's. aux is linear in the
+    row_sums (context parallelism, the row split over ranks: `RowSplit.row_sums`): f, P and N are the whole row's. aux is linear in the
     probability sums once f is fixed (f has no gradient), so rank r's share E * sum_e f_e * P_e^(r) sums to aux over
     the ranks: the value returned is the row's aux on every rank, its gradient this rank's share only (summed over
     the ranks by the gradient reduction, as every other per-token term). The counts stay this rank's.
@@ -84,12 +84,12 @@ def load_balancing_loss(
         counts.append(picks)
     counts = torch.stack(counts)  # (L, E)
     rows = len(router_logits) * (router_logits[0].shape[0] if mask is None else mask.sum())
-    if comm is None:
+    if row_sums is None:
         aux = num_experts * torch.sum((counts.sum(0) / rows) * (prob_sum / rows))
         return aux, counts.detach().round().long()
     # the row's pick counts, probability sums and token count in one collective
     E = num_experts
-    totals = comm.all_reduce_sum(torch.cat([counts.sum(0), prob_sum.detach(),
+    totals = row_sums(torch.cat([counts.sum(0), prob_sum.detach(),
                                             torch.as_tensor(rows, dtype=counts.dtype, device=counts.device).reshape(1)]))
     row_counts, row_probs, row_rows = totals[:E], totals[E:2 * E], totals[-1]
     share = E * torch.sum((row_counts / row_rows) * (prob_sum / row_rows))
@@ -118,14 +118,24 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
     # instance, never as a class default: nn.Module keeps submodules in `_modules`, so a class attribute `mtp = None`
     # would shadow the module a subclass registers.
     mtp: MultiTokenPredictor | None
+    # how the model was parallelised (`parallel.parallelize_model` sets it once); None: one device
+    parallel: ParallelContext | None
 
     def __init__(self) -> None:
         super().__init__()
         self.mtp = None
+        self.parallel = None
 
     @property
     def text_model(self) -> DecoderBackend:
         raise NotImplementedError
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Every decoder block (those of the MTP module too) recomputes itself in backward, routing replayed
+        (`decoder.DecoderBlock`), or none does."""
+        self.text_model.gradient_checkpointing = on
+        for block in self.mtp.layers if self.mtp is not None else []:
+            block.checkpointing = bool(on)
 
     def routers(self) -> list[TopKRouter]:
         """The routers of the MoE decoder layers, in layer order: row i of `expert_token_counts` is routers()[i]."""
@@ -139,9 +149,9 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
         for module in (root if root is not None else self).modules():
             if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.dim() == 2:
                 nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
+                if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
-                if getattr(module, "padding_idx", None) is not None:  # as transformers: the pad row starts at 0
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:  # as transformers: pad row 0
                     module.weight.data[module.padding_idx].zero_()
             elif isinstance(module, (GroupedExperts, TopKRouter)):
                 module.reset_parameters(std)
@@ -151,7 +161,7 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
     def tie_weights(self) -> None:
         """lm_head shares the input embedding when the config says so. Called by `__init__`, and again after
         `to_empty` (meta -> device), which gives every module a parameter of its own."""
-        if getattr(self.config, "tie_word_embeddings", False):
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.text_model.embed_tokens.weight
 
     def reset_buffers(self) -> None:
@@ -190,23 +200,17 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
         targets = None if labels is None else next_token_targets(labels, info.cu_seqlens if info.packed else None)
         row_targets = None if targets is None else (targets != -100).sum()
         whole = (inputs_embeds, info)  # the row before a context-parallel split (multi-token prediction reads it)
-        cp = self.context_parallel_group()
-        if cp is not None:  # this rank keeps its slice of the row from here on (context_parallel.py)
-            if labels is None and logits_to_keep:
-                raise ValueError("logits_to_keep (generation) with the row split over context-parallel ranks: each "
-                                 "rank holds its own slice's last tokens, not the row's; generate without cp")
-            check_same_row(cp, info, targets)
-            info = split_row(cp, info, min_slice=max(getattr(cfg, "linear_conv_kernel_dim", 2) - 1, 1))
-            inputs_embeds, position_ids = info.cp.take(inputs_embeds, 1), info.cp.take(position_ids, 2)
-            targets = info.cp.take(targets, 1, fill=-100)
-            if deepstack is not None:
-                mine = (deepstack.positions >= info.cp.start) & (deepstack.positions < info.cp.end)
-                deepstack = Deepstack(deepstack.positions[mine] - info.cp.start,
-                                      [masked_rows(e, mine) for e in deepstack.embeds])
+        rows = self.rows
+        if rows.size > 1 and labels is None and logits_to_keep:
+            raise ValueError("logits_to_keep (generation) with the row split over context-parallel ranks: each rank "
+                             "holds its own slice's last tokens, not the row's; generate without cp")
+        # this rank's part of the row from here on (the whole row on one device)
+        inputs_embeds, position_ids, info, targets, deepstack = rows.split(
+            inputs_embeds, position_ids, info, targets, deepstack, min_slice=self.min_context_slice)
         rope = self.text_model.rotary_emb(inputs_embeds, position_ids)  # the decoder's and the MTP block's
         hidden, router_logits, indices = self.text_model(inputs_embeds, rope, info, deepstack)
         aux, counts = load_balancing_loss(router_logits, indices, cfg.num_experts, info.token_mask,
-                                          comm=info.cp.comm if info.cp is not None else None)
+                                          row_sums=rows.row_sums if rows.size > 1 else None)
         if output_router_logits is None:
             output_router_logits = cfg.output_router_logits
 
@@ -247,12 +251,18 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
             hidden_states=hidden, mtp=mtp,
         )
 
-    context_parallel = None  # the ranks sharing each row (`parallel.context_parallel.ContextParallelGroup`), if set
+    @property
+    def rows(self):
+        """How each packed row is divided among ranks (`parallel_context.RowSplit`; whole rows on one device)."""
+        return self.parallel.rows if self.parallel is not None else WHOLE_ROW
+
+    @property
+    def min_context_slice(self) -> int:
+        return self.text_model.min_context_slice
 
     def context_parallel_group(self):
-        """The context-parallel group set by `parallel.parallelize_model`, None when rows stay on one rank."""
-        cp = self.context_parallel
-        return cp if cp is not None and cp.size > 1 else None
+        """The ranks sharing each row (set by `parallel.parallelize_model`), None when rows stay on one rank."""
+        return self.parallel.cp_group if self.parallel is not None and self.rows.size > 1 else None
 
     def _multi_token_prediction(self, whole, hidden, rope, info: SequenceInfo, labels, normaliser,
                                 *, fused: bool, metrics: bool) -> MtpOutput:
@@ -261,17 +271,16 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
         of the whole row: the shifted embeddings and the targets cross a context-parallel slice's end."""
         row_embeds, row_info = whole
         cu = row_info.cu_seqlens if row_info.packed else None
-        cs = info.cp
-        local = cs.take if cs is not None else (lambda x, dim, fill=0: x)
+        split = self.rows
         weight = self.lm_head.weight
         ces, counts, correct, states = [], [], [], []
         accepted = accept_total = None
         h = hidden
         for d in range(self.mtp.num_depths):
-            embeds = local(shifted_embeddings(row_embeds, row_info, d + 1), 1)
+            embeds = split.local(info, shifted_embeddings(row_embeds, row_info, d + 1), 1)
             h = self.mtp(embeds, h, rope, info, d)  # (B, T, H)
             states.append(h)
-            targets = local(future_token_targets(labels, cu, d + 2), 1, -100)
+            targets = split.local(info, future_token_targets(labels, cu, d + 2), 1, -100)
             if info.token_mask is not None:  # a padding position predicts nothing (left padding)
                 targets = targets.masked_fill(~info.token_mask, -100)
             keep = targets != -100
@@ -288,10 +297,7 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
                     correct.append((guess == want).sum())
                     if d == 0:  # the main model one step later: position t + 1 (same document: t + 2 is)
                         B, T, H = hidden.shape
-                        after = hidden.new_zeros(1, H)  # the row after the last: the next rank's first, if any
-                        if cs is not None:
-                            firsts = cs.comm.all_gather(hidden[0, :1].detach(), 0)  # (cp, H)
-                            after = firsts[cs.rank + 1: cs.rank + 2] if cs.rank + 1 < cs.size else after
+                        after = split.hidden_after(hidden)  # (1, H) the next rank's first, zeros at the end
                         rows_after = torch.cat([hidden.detach().reshape(B * T, H), after])
                         nxt = keep.reshape(-1).nonzero().squeeze(1) + 1
                         accepted = (guess == argmax_rows(rows_after[nxt], weight)).sum()

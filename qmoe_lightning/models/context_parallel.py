@@ -5,7 +5,8 @@ Who does what. Every rank of the group receives the same packed row; the model c
 it (the embeddings, the vision tower and its splice, the mRoPE positions, the label shift), then `split_row` keeps
 this rank's slice and every layer runs on T / cp tokens. Three things cross a slice boundary, each with its own
 exchange (the collectives are the injected `comm`, `parallel/context_parallel.ContextParallelGroup`; this file
-never imports torch.distributed):
+never imports torch.distributed; `parallel/context_parallel.ContextParallelRows` is the row split that a
+parallelised model's forward calls, and it calls `split_row` / `check_same_row` below):
 
 - attention: every local query attends to the keys and values of its own document on all ranks. K and V of the
   slices are all-gathered (one collective per attention layer, 2 x T x Hkv x D values received; its backward sums the
@@ -37,6 +38,7 @@ masked from the aux loss and the statistics) so that every rank holds the same n
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -168,12 +170,11 @@ def split_row(comm, info: SequenceInfo, min_slice: int = 1) -> SequenceInfo:
     segment_doc_start = [max(c for c in starts if c <= a + s) for s in cuts[:-1]]
     device = info.pos_in_doc.device
     cu_local = torch.tensor(cuts, dtype=torch.int32, device=device)
-    local = build_sequence_info(1, b - a, device, cu_local)
     mask = info.token_mask if info.token_mask is not None else torch.ones(1, T, dtype=torch.bool, device=device)
     mask = torch.cat([mask, mask.new_zeros(1, Tp - T)], dim=1)[:, a:b] if Tp > T else mask[:, a:b]
-    local.token_mask = None if bool(mask.all()) else mask
-    local.cp = ContextSlice(comm, bounds, T, starts, segment_doc_start)
-    return local
+    return dataclasses.replace(build_sequence_info(1, b - a, device, cu_local),
+                               token_mask=None if bool(mask.all()) else mask,
+                               cp=ContextSlice(comm, bounds, T, starts, segment_doc_start))
 
 
 def check_same_row(comm, info: SequenceInfo, targets: torch.Tensor | None) -> None:

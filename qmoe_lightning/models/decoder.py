@@ -40,14 +40,16 @@ class DecoderBlock(nn.Module):
     backward with the routing of the forward replayed (see moe.py). The checkpoint sits inside the block's own
     forward, so that an FSDP2 wrapper of the block gathers its parameters around it once."""
 
+    mlp: nn.Module  # the family's MLP: a SparseMoE, or a dense MLP on the layers a config keeps dense
+
     def __init__(self):
         super().__init__()
-        self.checkpointing = False
+        self.checkpointing = False  # `MoeCausalLM.set_activation_checkpointing` switches it
         self.routing_replay = RoutingReplay()
 
     @property
     def is_moe(self) -> bool:
-        return isinstance(getattr(self, "mlp", None), SparseMoE)
+        return isinstance(self.mlp, SparseMoE)
 
     def attach_routing_replay(self) -> None:
         """Call at the end of `__init__`: the block's router (if any) replays this block's routing."""
@@ -75,6 +77,10 @@ class DecoderBackend(nn.Module):
         self.layers = nn.ModuleList(block_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = norm_class(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Fp32SafeTextRotaryEmbedding(config)
+
+    # tokens each rank's slice of a row split by context parallelism must hold at least (a family whose layers read
+    # tokens before the slice, as a causal conv does, says how many it needs)
+    min_context_slice: int = 1
 
     @property
     def moe_layers(self) -> list[int]:

@@ -281,6 +281,10 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.gate_and_up_projs, std=std)
         nn.init.normal_(self.down_projs, std=std)
 
+    def expert_tensors(self) -> dict[str, nn.Parameter]:
+        """Every parameter with the expert on dim 0, by attribute name: what expert parallelism slices."""
+        return {"gate_and_up_projs": self.gate_and_up_projs, "down_projs": self.down_projs}
+
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, alongside=None):
         """x (N, H), indices/weights (N, k) (global expert ids) -> (N, H). With `alongside` (independent work: the
         shared expert), run where the dispatcher can overlap it with moving the rows: -> ((N, H), its result).

@@ -36,13 +36,17 @@ class VisionLanguageBackbone(nn.Module):
 
 
 class VisionLanguageMoe(MoeCausalLM):
-    # Sharded data parallelism (FSDP2, set by parallel.parallelize_model): every rank must run the same modules,
-    # the same number of times, in the same order, or the ranks' all-gathers / reduce-scatters pair up wrongly
-    # (gloo: "Received data size doesn't match", NCCL: a hang). A rank whose micro-batch has no image then still
-    # runs the vision tower, on a zero placeholder whose outputs enter the embeddings times 0 (exactly nothing
-    # changes, and its zero gradients keep the reduce-scatter), and images and videos go through ONE tower call.
-    always_run_vision: bool = False
     TEXT_ONLY = False
+
+    @property
+    def always_run_vision(self) -> bool:
+        """Sharded data parallelism (FSDP2, `ParallelContext.always_run_vision`): every rank must run the same
+        modules, the same number of times, in the same order, or the ranks' all-gathers / reduce-scatters pair up
+        wrongly (gloo: "Received data size doesn't match", NCCL: a hang). A rank whose micro-batch has no image then
+        still runs the vision tower, on a zero placeholder whose outputs enter the embeddings times 0 (exactly
+        nothing changes, and its zero gradients keep the reduce-scatter), and images and videos go through ONE
+        tower call."""
+        return self.parallel is not None and self.parallel.always_run_vision
 
     @property
     def text_model(self):

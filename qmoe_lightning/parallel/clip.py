@@ -30,7 +30,7 @@ from .expert_parallel import is_expert_parallel
 def _pieces(model: nn.Module, world: int):
     """(local grad, copies) for every parameter with a gradient, each parameter once."""
     seen = set()
-    ep_params = {id(p): m.ep_size for m in model.modules() if is_expert_parallel(m)
+    ep_params = {id(p): m.dispatcher.ep_size for m in model.modules() if is_expert_parallel(m)
                  for p in m.parameters(recurse=False)}
     for p in model.parameters():
         if id(p) in seen or p.grad is None:

@@ -1,10 +1,13 @@
-"""Context parallelism: the collectives a context-parallel (cp) group needs, handed to the model as one object.
+"""Context parallelism applied from outside the model: the collectives of a context-parallel (cp) group
+(`ContextParallelGroup`) and the row split a parallelised model's forward calls (`ContextParallelRows`).
 
-The model files never touch `torch.distributed`: `parallelize_model(..., context_parallel=group)` sets
-`model.context_parallel` to a `ContextParallelGroup`, and the model's context-parallel path
-(`models/context_parallel.py`: split of the row, attention over gathered keys, the Gated DeltaNet halo and state
-scan) calls only the methods below. Every method is a collective: every rank of the group calls it, in the same
-order, with tensors of the same shape (the row is padded so that every rank holds the same number of tokens).
+The model files never touch `torch.distributed`: `parallelize_model(..., context_parallel=group)` puts a
+`ContextParallelRows` into the model's `ParallelContext.rows` (in place of the single-device `WholeRow`), as expert
+parallelism puts an all-to-all dispatcher into every experts module. The forward then hands it the whole row and gets
+this rank's slice back; the layers of a split row (`models/context_parallel.py`: attention over gathered keys, the
+Gated DeltaNet halo and state scan) call only the group's methods below. Every method is a collective: every rank of
+the group calls it, in the same order, with tensors of the same shape (the row is padded so that every rank holds
+the same number of tokens).
 
 Autograd: `all_gather` is differentiable. Its backward SUMS the gradient every rank computed for the gathered
 tensor and hands each rank the part of its own input (an all-reduce then a slice: gloo has no reduce-scatter; NCCL
@@ -16,6 +19,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from qmoe_lightning.models.context_parallel import check_same_row, split_row
+from qmoe_lightning.models.decoder import Deepstack
+from qmoe_lightning.models.lm_loss import masked_rows
 
 
 class _AllGather(torch.autograd.Function):
@@ -77,6 +84,38 @@ class ContextParallelGroup:
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(parts, padded.contiguous(), group=self.group)
         return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+class ContextParallelRows:
+    """The `RowSplit` of a cp group (`models/parallel_context.py`): each packed row in contiguous slices, one per
+    rank, padded to the same length on every rank (`models.context_parallel.split_row`)."""
+
+    def __init__(self, group: ContextParallelGroup) -> None:
+        self.group = group
+        self.size = group.size
+
+    def __repr__(self) -> str:
+        return f"ContextParallelRows({self.group!r})"
+
+    def split(self, inputs_embeds, position_ids, info, targets, deepstack, min_slice: int):
+        check_same_row(self.group, info, targets)  # a rank whose data differs would exchange another row's slices
+        info = split_row(self.group, info, min_slice=min_slice)
+        cs = info.cp
+        if deepstack is not None:  # the visual tokens of this slice, at their local positions
+            mine = (deepstack.positions >= cs.start) & (deepstack.positions < cs.end)
+            deepstack = Deepstack(deepstack.positions[mine] - cs.start, [masked_rows(e, mine) for e in deepstack.embeds])
+        return cs.take(inputs_embeds, 1), cs.take(position_ids, 2), info, cs.take(targets, 1, fill=-100), deepstack
+
+    def local(self, info, x: torch.Tensor, dim: int, fill=0) -> torch.Tensor:
+        return info.cp.take(x, dim, fill)
+
+    def row_sums(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.all_reduce_sum(x)
+
+    def hidden_after(self, hidden: torch.Tensor) -> torch.Tensor:
+        firsts = self.group.all_gather(hidden[0, :1].detach(), 0)  # (cp, H) every rank's first hidden state
+        r = self.group.rank
+        return firsts[r + 1: r + 2] if r + 1 < self.size else hidden.new_zeros(1, hidden.shape[-1])
 
 
 def context_parallel_groups(world_size: int, cp_size: int, inner: int) -> list[list[int]]:

@@ -6,9 +6,11 @@ does (`GroupedExperts.forward`: sort by expert, dispatch, `swiglu` on the local 
 weighted rows gathered back and summed); EP
 only replaces its `dispatcher` with an `AllToAllDispatcher`. `shard_experts_` does that IN PLACE and keeps the
 rank's contiguous slice [r*E/ep, (r+1)*E/ep) of every expert-dim parameter (base weights and, for LoRA, the
-per-expert A/B adapters, all with the expert on dim 0) as plain local Parameters. Parameter NAMES do not change
-(checkpoints, state-dict adapter, optimizer grouping keep working). The global layout is recorded on the module
-(`ep_rank`, `ep_size`, `num_experts` = global E, `num_local_experts`) so loaders and exporters can place the slices.
+per-expert A/B adapters, all with the expert on dim 0: `GroupedExperts.expert_tensors`) as plain local Parameters.
+Parameter NAMES do not change (checkpoints, state-dict adapter, optimizer grouping keep working). The dispatcher
+holds the layout (`ep_size`, `ep_rank`; the module keeps `num_experts` = global E and `num_local_experts`) and, once
+`parallelize_model` gives it, how the slices tile the global (E, ...) tensors (`global_layout`, `state.py`), so
+loaders, exporters and clipping can place them.
 
 Forward on one rank (N tokens, top-k; the maths is the single-process one row for row):
   1. (GroupedExperts) the N*k pairs sorted by GLOBAL expert (stable): rows are then grouped by destination rank,
@@ -48,10 +50,6 @@ with warnings.catch_warnings():
 
 from qmoe_lightning.models.moe import GroupedExperts
 
-# names of parameters with the expert on dim 0 (GroupedExperts + LoRAGroupedExperts adapters)
-EXPERT_DIM0_PARAMS = ("gate_and_up_projs", "down_projs", "gate_and_up_lora_A", "gate_and_up_lora_B", "down_lora_A",
-                      "down_lora_B")
-
 
 def expert_range(num_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int]:
     """[start, stop) of the global experts owned by `ep_rank`."""
@@ -76,9 +74,13 @@ class AllToAllDispatcher:
     travel, in forward and in backward (`_StartExchange` / `_FinishExchange`). Same operations on the same values in
     the same order per tensor: bitwise the blocking path's results."""
 
-    def __init__(self, group: dist.ProcessGroup | None, ep_size: int, num_local_experts: int, overlap: bool = False):
-        self.group, self.ep_size, self.num_local_experts = group, ep_size, num_local_experts
-        self.overlap = overlap
+    def __init__(self, group: dist.ProcessGroup | None, num_local_experts: int, overlap: bool = False,
+                 global_layout: tuple | None = None):
+        self.group, self.num_local_experts, self.overlap = group, num_local_experts, overlap
+        self.ep_size, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
+        # (mesh, placements): how this rank's expert tensors tile the global (E, ...) ones (`state.global_view`);
+        # None until `parallelize_model` decides it (a bare `shard_experts_` computes, it cannot checkpoint)
+        self.global_layout = global_layout
 
     def dispatch(self, xs: torch.Tensor, counts: torch.Tensor, alongside=None):
         """xs (N*k, H) sorted by global expert, counts (E,) -> (rows of my local experts, their offsets (El,),
@@ -175,14 +177,15 @@ def _autograd_all_to_all(output, input, output_split_sizes, input_split_sizes, g
 
 
 def is_expert_parallel(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "dispatcher", None), AllToAllDispatcher)
+    return isinstance(module, GroupedExperts) and isinstance(module.dispatcher, AllToAllDispatcher)
 
 
 @torch.no_grad()
-def shard_experts_(experts: GroupedExperts, ep_group: dist.ProcessGroup | None,
-                   overlap: bool = False) -> GroupedExperts:
+def shard_experts_(experts: GroupedExperts, ep_group: dist.ProcessGroup | None, overlap: bool = False,
+                   global_layout: tuple | None = None) -> GroupedExperts:
     """Keep this rank's E/ep experts (and their LoRA adapters) and switch `experts` to all-to-all dispatch, in place
-    (`overlap`: the shared expert computed while the rows travel, `AllToAllDispatcher`).
+    (`overlap`: the shared expert computed while the rows travel, `AllToAllDispatcher`; `global_layout`: see
+    `state.expert_layout`).
 
     Parameters must hold the FULL (global) experts when called, on any device including meta (then the slice is
     meta too and is filled later by `loading.load_expert_parallel_weights` or `reset_parameters`)."""
@@ -192,15 +195,11 @@ def shard_experts_(experts: GroupedExperts, ep_group: dist.ProcessGroup | None,
     ep_rank = dist.get_rank(ep_group)
     E = experts.num_experts
     start, stop = expert_range(E, ep_size, ep_rank)
-    for name in EXPERT_DIM0_PARAMS:
-        p = getattr(experts, name, None)
-        if p is None:
-            continue
+    for name, p in experts.expert_tensors().items():
         if p.shape[0] != E:
             raise ValueError(f"{name}: dim 0 is {p.shape[0]}, expected the {E} global experts")
         local = p.detach()[start:stop].clone()
         setattr(experts, name, nn.Parameter(local, requires_grad=p.requires_grad))
-    experts.ep_group, experts.ep_size, experts.ep_rank = ep_group, ep_size, ep_rank
     experts.num_local_experts = stop - start
-    experts.dispatcher = AllToAllDispatcher(ep_group, ep_size, stop - start, overlap=overlap)
+    experts.dispatcher = AllToAllDispatcher(ep_group, stop - start, overlap=overlap, global_layout=global_layout)
     return experts

@@ -1,20 +1,24 @@
-"""`parallelize_model`: expert parallelism, activation checkpointing and FSDP2 applied to a native model (either
-family) from outside the model files, in a fixed order.
+"""`parallelize_model`: context parallelism, expert parallelism, activation checkpointing and FSDP2 applied to a
+native model (any registered family) from outside the model files, in a fixed order; what was done is returned as
+the model's `ParallelContext` (`models/parallel_context.py`, also set as `model.parallel`).
 
 Mesh (see `build_mesh`): dims ("replicate", "efsdp", "ep"), `ep` innermost so an EP group is consecutive ranks
 (one node). Flattened views: "dp_shard" = efsdp x ep (dense FSDP shards over it), "data_parallel" = all three (the
 sampler's rank / world). Dense parameters: FSDP over dp_shard (HSDP with replicate > 1). Experts: EP over `ep`,
 then FSDP over `efsdp` (HSDP over (replicate, efsdp)).
 
-Order (each step relies on the one before):
+Order (each step relies on the one before; torchtitan's):
+  0. CP: the model's row split becomes `ContextParallelRows` (`context_parallel.py`) when a cp group is given;
   1. EP: every `GroupedExperts` (or LoRA experts) keeps its E/ep experts (`expert_parallel.shard_experts_`);
   2. activation checkpointing per decoder block (the blocks' own, inside their forward, so inside the FSDP2 unit).
      Routing is recorded in the forward and REPLAYED on recompute (`models.moe.RoutingReplay`): the recomputed
      router uses the recorded top-k indices (weights re-gathered from the recomputed probabilities, bitwise the same
      values), so a recompute can never route tokens differently (bf16 / nondeterministic GEMMs) and the all-to-all
      split sizes of the recompute always match the other ranks';
+  (compile: the place of a per-block `torch.compile`, between activation checkpointing and FSDP2, is marked in
+     `parallelize_model`; nothing is compiled yet)
   3. FSDP2: per block, the experts first (expert mesh), then the block (dense mesh: attention, router, shared
-     expert, norms); the vision tower, then the root (embeddings, LM head, final norm). The model is switched to
+     expert, norms); the vision tower, then the root (embeddings, LM head, final norm). The context says
      `always_run_vision`: a rank without images still runs the tower (on a placeholder, times 0), and images +
      videos take one tower call, so all ranks issue the same all-gathers / reduce-scatters in the same order.
      FSDP2 wants one dtype among the trainable parameters of a unit; under bf16-true a Gated DeltaNet keeps its
@@ -44,9 +48,12 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from qmoe_lightning.models.causal_lm import MoeCausalLM
 from qmoe_lightning.models.moe import GroupedExperts
+from qmoe_lightning.models.parallel_context import WHOLE_ROW, ParallelContext
+from qmoe_lightning.models.vision_language import VisionLanguageMoe
 
+from .context_parallel import ContextParallelGroup, ContextParallelRows
 from .expert_parallel import is_expert_parallel, shard_experts_
-from .state import build_expert_state_mesh, expert_layout_for, set_expert_global_layout
+from .state import expert_layout
 
 
 # ---------------------------------------------------------------------------------------------------------- mesh
@@ -87,15 +94,6 @@ def expert_mesh(mesh: DeviceMesh) -> DeviceMesh:
 
 
 # ---------------------------------------------------------------------------------------------------------- AC
-def apply_activation_checkpointing(model: nn.Module) -> int:
-    """Per-block AC with routing replay (the blocks' own, `decoder.DecoderBlock`), MTP blocks included; returns the
-    block count."""
-    blocks = decoder_blocks(model)
-    for block in blocks:
-        block.checkpointing = True
-    return len(blocks)
-
-
 # ---------------------------------------------------------------------------------------------------------- model
 def decoder_blocks(model: MoeCausalLM) -> list[nn.Module]:
     """The decoder blocks of the main model, then those of its multi-token prediction module (if any): each is
@@ -116,61 +114,64 @@ def _scale_grad_hook(factor: float):
 
 
 def parallelize_model(
-    model: nn.Module,
+    model: MoeCausalLM,
     mesh: DeviceMesh,
     ep_size: int | None = None,
     fsdp: bool = True,
     activation_checkpointing: bool = False,
     mp_policy: MixedPrecisionPolicy | None = None,
     reshard_after_forward: bool = True,
-    context_parallel=None,
+    context_parallel: ContextParallelGroup | None = None,
     overlap_dispatch: bool = False,
-) -> nn.Module:
-    """Apply EP -> activation checkpointing -> FSDP2 in place (see module doc); returns `model`.
+) -> ParallelContext:
+    """Apply CP -> EP -> activation checkpointing -> FSDP2 in place (see module doc); returns the model's new
+    `ParallelContext` (also `model.parallel`).
 
     `mesh` comes from `build_mesh` (or has its dims: "ep", "efsdp", "replicate", flattened "dp_shard",
     "data_parallel"). `ep_size` defaults to the mesh's ep size and must match it. LoRA must be applied BEFORE
-    (its per-expert adapters are sharded with the experts). `context_parallel` (a `ContextParallelGroup`, the ranks
-    sharing each row) is handed to the model, which then splits every row over it. `overlap_dispatch`: the
-    experts' all-to-all runs while the shared expert computes (`expert_parallel.AllToAllDispatcher`)."""
-    if context_parallel is not None and context_parallel.size > 1:
-        if not hasattr(model, "context_parallel_group"):
-            raise TypeError(f"{type(model).__name__} has no context-parallel path")
-        model.context_parallel = context_parallel
+    (its per-expert adapters are sharded with the experts). `context_parallel` (the ranks sharing each row): the
+    model then splits every row over them. `overlap_dispatch`: the experts' all-to-all runs while the shared expert
+    computes (`expert_parallel.AllToAllDispatcher`)."""
     if ep_size is None:
         ep_size = mesh["ep"].size()
     if ep_size != mesh["ep"].size():
         raise ValueError(f"ep_size={ep_size} but the mesh's ep dimension has size {mesh['ep'].size()}")
     dp_world = mesh["data_parallel"].size()
+    blocks = decoder_blocks(model)  # checks that it is a native model
 
-    # 1. expert parallelism
-    blocks = decoder_blocks(model)
+    # 0. context parallelism: the forward splits every row over the cp group
+    split = context_parallel is not None and context_parallel.size > 1
+    rows = ContextParallelRows(context_parallel) if split else WHOLE_ROW
+
+    # 1. expert parallelism; the expert tensors' place in the global (E, ...) tensors, for checkpoints / export /
+    # loading (state.py), goes with each module's dispatcher
     experts_modules = [m for block in blocks for m in block.modules() if isinstance(m, GroupedExperts)]
     if ep_size > 1:
         group = mesh["ep"].get_group()
+        layout = expert_layout(mesh, fsdp)
         for m in experts_modules:
             if not is_expert_parallel(m):
-                shard_experts_(m, group, overlap=overlap_dispatch)
+                shard_experts_(m, group, overlap=overlap_dispatch, global_layout=layout)
     ep_scaled = ep_size > 1 or expert_mesh(mesh).size() < dp_world  # expert grads not averaged by dense FSDP
 
     # 2. activation checkpointing with routing replay (also what a model that asked for its own gets)
     if activation_checkpointing:
-        apply_activation_checkpointing(model)
+        model.set_activation_checkpointing(True)
 
-    # the expert tensors' place in the global (E, ...) tensors, for checkpoints / export / loading (state.py)
-    if ep_size > 1:
-        state_mesh = build_expert_state_mesh(mesh) if fsdp else None
-        for m in experts_modules:
-            set_expert_global_layout(m, *expert_layout_for(mesh, state_mesh, fsdp))
+    # (compile: a per-block torch.compile goes here, after checkpointing and before FSDP2 wraps the blocks)
 
     # 3. FSDP2
+    # every rank runs the vision tower once per forward under FSDP (the same all-gathers on every rank)
+    vision = fsdp and isinstance(model, VisionLanguageMoe)
+    model.parallel = ParallelContext(mesh=mesh, ep_size=ep_size, fsdp=fsdp, rows=rows,
+                                     cp_group=context_parallel if split else None, always_run_vision=vision)
     if not fsdp:
         if ep_scaled:
             for m in experts_modules:
                 for p in m.parameters(recurse=False):
                     if p.requires_grad:
                         p.register_hook(_scale_grad_hook(float(dp_world)))
-        return model
+        return model.parallel
     mp_policy = mp_policy or MixedPrecisionPolicy()
     dmesh, emesh = dense_mesh(mesh), expert_mesh(mesh)
     kw = dict(mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
@@ -182,10 +183,9 @@ def parallelize_model(
                     m.set_gradient_divide_factor(float(dp_world))
         _shard_mixed_dtypes(block, dmesh, kw)
         fully_shard(block, mesh=dmesh, **kw)
-    visual = getattr(getattr(model, "model", None), "visual", None)
-    if visual is not None:
-        model.always_run_vision = True  # every rank runs the tower once per forward (same FSDP collectives)
-        for blk in getattr(visual, "blocks", []):
+    if vision:
+        visual = model.model.visual
+        for blk in visual.blocks:
             fully_shard(blk, mesh=dmesh, **kw)
         fully_shard(visual, mesh=dmesh, **kw)
     fully_shard(model, mesh=dmesh, mp_policy=mp_policy, reshard_after_forward=False)
@@ -194,7 +194,7 @@ def parallelize_model(
         for m in model.modules():
             if isinstance(m, FSDPModule) and _needs_force_sum(m, id(m) in factored):
                 m.set_force_sum_reduction_for_comms(True)
-    return model
+    return model.parallel
 
 
 def _shard_mixed_dtypes(unit: nn.Module, mesh: DeviceMesh, kw: dict) -> None:

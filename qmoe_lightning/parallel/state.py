@@ -13,7 +13,7 @@ on a mesh whose dims say how it is split:
   order, so the expert dim is split over ep first (rank r: experts [r*E/ep, (r+1)*E/ep)), then that range over
   efsdp, with torch.chunk semantics at both levels: exactly how shard_experts_ and FSDP2 split it. (The training
   mesh keeps ep innermost so that an EP group is consecutive ranks, one node; that order would nest the other way,
-  so a second mesh is built, once, in `parallelize_model`: `build_expert_state_mesh`.)
+  so a second mesh is built, once, in `parallelize_model`: `expert_layout`.)
 - experts without FSDP: the training mesh, placements (Replicate, Replicate, Shard(0)).
 
 Dense FSDP2 parameters already are DTensors of their global shape and pass through unchanged. The views share
@@ -30,7 +30,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from .expert_parallel import EXPERT_DIM0_PARAMS, is_expert_parallel
+from .expert_parallel import is_expert_parallel
 
 # DTensor warns about the two sequential all-gathers of a (Shard(0), Shard(0)) full_tensor(); that is intended here
 logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
@@ -43,20 +43,17 @@ def build_expert_state_mesh(mesh: DeviceMesh) -> DeviceMesh:
     return DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("replicate", "ep", "efsdp"))
 
 
-def set_expert_global_layout(experts: nn.Module, mesh: DeviceMesh, placements: tuple) -> None:
-    """Record how the (local) expert tensors of `experts` tile the global (E, ...) tensor (see module doc)."""
-    experts.global_layout = (mesh, tuple(placements))
-
-
-def expert_layout_for(training_mesh: DeviceMesh, state_mesh: DeviceMesh | None, fsdp: bool):
+def expert_layout(training_mesh: DeviceMesh, fsdp: bool) -> tuple[DeviceMesh, tuple]:
+    """(mesh, placements) of the expert tensors' global views (see module doc); the expert dispatchers hold it.
+    Under FSDP a collective (`build_expert_state_mesh`): every rank must call it, in the same order."""
     if fsdp:
-        return state_mesh, (Replicate(), Shard(0), Shard(0))
+        return build_expert_state_mesh(training_mesh), (Replicate(), Shard(0), Shard(0))
     return training_mesh, (Replicate(), Replicate(), Shard(0))
 
 
 def global_view(tensor: torch.Tensor, experts: nn.Module) -> DTensor:
     """(E/ep[/efsdp], ...) local expert tensor (plain or FSDP DTensor) of `experts` -> DTensor of shape (E, ...)."""
-    mesh, placements = experts.global_layout
+    mesh, placements = experts.dispatcher.global_layout
     local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
     shape = (experts.num_experts, *local.shape[1:])
     stride = torch.empty(shape, device="meta").stride()
@@ -68,12 +65,11 @@ def expert_keys(root: nn.Module) -> dict[str, nn.Module]:
     out = {}
     for name, module in root.named_modules():
         if is_expert_parallel(module):
-            if not hasattr(module, "global_layout"):
+            if module.dispatcher.global_layout is None:
                 raise RuntimeError(f"{name}: expert-parallel module without a global layout; parallelise the model "
                                    "with parallelize_model")
-            for pname in EXPERT_DIM0_PARAMS:
-                if isinstance(getattr(module, pname, None), torch.Tensor):
-                    out[f"{name}.{pname}" if name else pname] = module
+            for pname in module.expert_tensors():
+                out[f"{name}.{pname}" if name else pname] = module
     return out
 
 
@@ -98,7 +94,7 @@ def global_optimizer_state(root: nn.Module, optim_state: dict) -> dict:
         if module is None:
             state[fqn] = entries
             continue
-        local_shape = _local(getattr(module, fqn.rpartition(".")[2])).shape
+        local_shape = _local(module.expert_tensors()[fqn.rpartition(".")[2]]).shape
         state[fqn] = {name: (global_view(v, module) if isinstance(v, torch.Tensor) and _local(v).shape == local_shape
                              else v) for name, v in entries.items()}
     return {**optim_state, "state": state}

@@ -122,6 +122,7 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             rank_zero_info(f"context parallelism: each packed row split over cp_size={self.cp_size} ranks "
                            f"(contiguous slices); {self.world_size // self.cp_size} data-parallel rank(s)")
         assert self.lightning_module is not None
+        # what Lightning's ModelParallelStrategy does: `LightningModule.device_mesh` reads this field
         self.lightning_module._device_mesh = self._device_mesh
 
     def setup(self, trainer) -> None:
@@ -160,7 +161,7 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             return super().optimizer_state(optimizer)
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
+        optimizer = _unwrapped(optimizer)
         return global_optimizer_state(self.model, get_optimizer_state_dict(self.model, optimizer))
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
@@ -220,7 +221,7 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         # not strict: what is absent was checked above (frozen tensors of a LoRA run, which come from `pretrained`)
         self.model.load_state_dict(module_state["state_dict"], strict=False)
         for idx, optimizer in enumerate(self.optimizers):
-            optimizer = getattr(optimizer, "_optimizer", optimizer)
+            optimizer = _unwrapped(optimizer)
             optim_state = {f"optimizer_{idx}": get_optimizer_state_dict(self.model, optimizer)}
             safe_dcp_load(optim_state, path)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[f"optimizer_{idx}"],
@@ -237,7 +238,7 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         safe_dcp_load({"state_dict": {k: views[k] for k in have}}, path)
 
         for idx, optimizer in enumerate(self.optimizers):
-            optimizer = getattr(optimizer, "_optimizer", optimizer)
+            optimizer = _unwrapped(optimizer)
             osd = get_optimizer_state_dict(self.model, optimizer)
             safe_dcp_load({f"optimizer_{idx}": global_optimizer_state(self.model, osd)}, path)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=osd)
@@ -246,6 +247,14 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         """EP + AC + FSDP2 on the strategy's mesh with its options (call from `configure_model`)."""
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.mixed_precision \
             else None
-        return parallelize_model(model, self.device_mesh, self.ep_size, fsdp=self.fsdp,
-                                 activation_checkpointing=self.activation_checkpointing, mp_policy=mp,
-                                 context_parallel=self._context_parallel, overlap_dispatch=self.overlap_dispatch)
+        parallelize_model(model, self.device_mesh, self.ep_size, fsdp=self.fsdp,
+                          activation_checkpointing=self.activation_checkpointing, mp_policy=mp,
+                          context_parallel=self._context_parallel, overlap_dispatch=self.overlap_dispatch)
+        return model
+
+
+def _unwrapped(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside Lightning's `LightningOptimizer` wrapper (what DCP's state-dict helpers take)."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer

@@ -50,3 +50,8 @@ def mtp_block(config, depth: int) -> Qwen3_5MoeBlock:
 class Qwen3_5MoeTextModelBackend(DecoderBackend):
     def __init__(self, config):
         super().__init__(config, Qwen3_5MoeBlock, ZeroCenteredRMSNorm)
+
+    @property
+    def min_context_slice(self) -> int:
+        """The Gated DeltaNet conv reads the K-1 tokens before each slice (the halo exchange)."""
+        return max(self.config.linear_conv_kernel_dim - 1, 1)
