@@ -78,7 +78,7 @@ VERSIONS = ("torch", "triton", "transformers", "flash-linear-attention", "fla-co
             "pytorch-lightning", "datasets", "jsonargparse", "peft", "huggingface-hub", "tokenizers", "safetensors",
             "accelerate", "pyarrow", "fsspec", "regex", "torchvision", "numpy", "einops")
 
-# parity documents: tests/test_model_packing.py's packed row (lengths not multiples of 64, one over three chunks)
+# parity documents: tiny_configs.PACKED_DOCS' long-text row (lengths not multiples of 64, one over three chunks)
 CASES = {"text": [37], "image": [5, ("image", (1, 4, 6)), 9], "video": [4, ("video", (2, 4, 4)), 5]}
 PACKED_DOCS = [[5, ("image", (1, 4, 6)), 60], [131], [3, ("image", (1, 4, 4)), 11, ("image", (1, 6, 8)), 14], [45],
                [2, ("video", (2, 4, 4)), 9]]
