@@ -108,7 +108,9 @@ class RunReport(pl.Callback):
                      f"max_steps {trainer.max_steps}, accumulate {trainer.accumulate_grad_batches}")
         dm = trainer.datamodule
         for split in ("train", "val"):
-            ds = getattr(dm, f"{split}_dataset") if isinstance(dm, MultimodalPackingDataModule) else None
+            ds = None
+            if isinstance(dm, MultimodalPackingDataModule):
+                ds = dm.train_dataset if split == "train" else dm.val_dataset
             if ds is None:
                 continue
             stats = dict(dm.stats.get(split, {}))

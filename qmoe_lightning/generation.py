@@ -132,3 +132,15 @@ class Predictor:
         correct = None if not reference_ids else new[:len(reference_ids)] == list(reference_ids)
         return {"answer": normalise_answer(text), "finished": stop is not None, "new_tokens": len(new),
                 "correct": correct}
+
+    def prediction_row(self, batch: dict) -> dict:
+        """One predictions.jsonl row for a prompt micro-batch: prompt_id, source, kind, answer, reference, correct
+        (None without a reference), finished, new_tokens, error (why a row could not be answered; None otherwise:
+        a row the DataModule could not encode carries its error and is not generated)."""
+        row = {k: batch[k] for k in ("prompt_id", "source", "kind")}
+        if batch.get("error") is not None:
+            return {**row, "answer": None, "reference": batch["reference"], "correct": None, "finished": None,
+                    "new_tokens": 0, "error": batch["error"]}
+        result = self.answer(batch, batch["index"])
+        return {**row, "answer": result["answer"], "reference": batch["reference"], "correct": result["correct"],
+                "finished": result["finished"], "new_tokens": result["new_tokens"], "error": None}

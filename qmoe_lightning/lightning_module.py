@@ -361,18 +361,8 @@ class QMoELightningModule(pl.LightningModule):
                                     GenerationOptions.from_any(self.hparams.generation))
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """One predictions.jsonl row (`callbacks.PredictionWriter` writes them): prompt_id, source, kind, answer,
-        reference, correct (None without a reference), finished, new_tokens, error (why a row could not be
-        answered; None otherwise)."""
-        row = {k: batch[k] for k in ("prompt_id", "source", "kind")}
-        if batch.get("error") is not None:
-            row.update(answer=None, reference=batch["reference"], correct=None, finished=None, new_tokens=0,
-                       error=batch["error"])
-        else:
-            result = self._predictor.answer(batch, batch["index"])
-            row.update(answer=result["answer"], reference=batch["reference"], correct=result["correct"],
-                       finished=result["finished"], new_tokens=result["new_tokens"], error=None)
-        return row
+        """One predictions.jsonl row (`Predictor.prediction_row`; `callbacks.PredictionWriter` writes them)."""
+        return self._predictor.prediction_row(batch)
 
     def on_predict_epoch_end(self) -> None:
         self._predictor = None  # frees the transformers model's cache and merged tensors
