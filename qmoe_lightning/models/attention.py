@@ -3,8 +3,8 @@
 - Qwen3.5 (`gated_attention`, output_gate=True): `q_proj` emits, per head, [query | gate] (2*D): the split is per
   head, not over the whole projection; q_norm / k_norm are zero-centred; the rotary is partial; the output is
   `o_proj(attn * sigmoid(gate))`.
-- Qwen3-VL-MoE (`plain_attention`, output_gate=False): `q_proj` emits the query only; q_norm / k_norm are standard RMSNorms (w * x_hat);
-  the rotary covers the whole head; the output is `o_proj(attn)`.
+- Qwen3-VL-MoE and Qwen3-MoE (`plain_attention`, output_gate=False): `q_proj` emits the query only; q_norm / k_norm
+  are standard RMSNorms (w * x_hat); the rotary covers the whole head; the output is `o_proj(attn)`.
 Both: q_norm and k_norm run over D before the rotary; the attention kernel handles packed rows (`kernels`).
 """
 
@@ -16,13 +16,13 @@ from torch import nn
 from .kernels import causal_attention
 from .norms import RMSNorm, ZeroCenteredRMSNorm
 from .packing import SequenceInfo
-from .rotary import apply_partial_rotary
+from .rotary import apply_partial_rotary, head_dim_of
 
 
 class Attention(nn.Module):
     def __init__(self, config, *, output_gate: bool, norm: type[nn.Module]):
         super().__init__()
-        self.head_dim = config.head_dim  # both text configs declare it (Qwen3-VL's: hidden_size / heads if unset)
+        self.head_dim = head_dim_of(config)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.output_gate = output_gate

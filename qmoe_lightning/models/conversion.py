@@ -35,9 +35,11 @@ class Skip:
     reason: str  # "mtp" (kept aside), "vision" (text-only model), "ignorable"
 
 
-# fused expert layouts of a checkpoint file: "hf" = transformers' in-memory layout, (E, 2I, H) / (E, H, I);
-# "native" = ours (x @ W), (E, H, 2I) / (E, I, H), which is how the published Qwen3-VL-MoE checkpoints store them
-HF, NATIVE = "hf", "native"
+# expert layouts of a checkpoint file: "hf" = fused in transformers' in-memory layout, (E, 2I, H) / (E, H, I);
+# "native" = fused as ours (x @ W), (E, H, 2I) / (E, I, H), which is how the published Qwen3-VL-MoE checkpoints store
+# them; "per_expert" = one tensor per expert and projection, `experts.{e}.{gate,up,down}_proj.weight` (nn.Linear
+# layout), how the published Qwen3-MoE checkpoints store them (always read, whatever a family declares)
+HF, NATIVE, PER_EXPERT = "hf", "native", "per_expert"
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
 # keys that carry no learnt state (old checkpoints saved rotary buffers)
@@ -57,8 +59,9 @@ class MoeStateDictAdapter:
     READ_EXPERT_LAYOUTS: accepted when reading. A tensor whose shape is transformers' in-memory one is read as that
         layout, else as the native one if accepted: transformers' own rule (`Transpose(check_dims=True)` of its
         conversion mapping), so both always read a file the same way, also when the two shapes coincide (H == 2I).
-    WRITE_EXPERT_LAYOUT: what `to_hf` writes (unless the shapes coincide: then the in-memory layout, the only one
-        transformers reads correctly).
+    WRITE_EXPERT_LAYOUT: what `to_hf` writes (a fused layout whose shapes coincide with the in-memory one's is
+        written in the in-memory layout, the only one transformers then reads correctly); PER_EXPERT writes one
+        tensor per expert and projection.
 
     Also read: per-expert tensors (`...mlp.experts.{e}.{gate,up,down}_proj.weight`, what older transformers
     wrote), `lm_head.weight` or `model.lm_head.weight`, text-only prefixes (`model.`). A text-only model reading a
@@ -173,8 +176,9 @@ class MoeStateDictAdapter:
         if is_native_only_key(fqn):
             return []  # the HF router has no bias: the export routes by the probabilities alone
         key = fqn.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
-        if key.startswith("mtp.") and self.mtp_expert_layout == "per_expert" and not in_memory and \
-                key.endswith((".mlp.experts.gate_and_up_projs", ".mlp.experts.down_projs")):
+        per_expert = self.mtp_expert_layout == "per_expert" if key.startswith("mtp.") \
+            else self.WRITE_EXPERT_LAYOUT == PER_EXPERT
+        if per_expert and not in_memory and key.endswith((".mlp.experts.gate_and_up_projs", ".mlp.experts.down_projs")):
             return self._per_expert(fqn, key, tensor)
         for native, hf, proj in ((".mlp.experts.gate_and_up_projs", "gate_up_proj", "gate_up"),
                                  (".mlp.experts.down_projs", "down_proj", "down")):

@@ -25,6 +25,14 @@ from .packing import SequenceInfo
 from .rotary import Fp32SafeTextRotaryEmbedding
 
 
+def is_sparse_layer(config, layer_idx: int) -> bool:
+    """transformers' rule for families with dense layers among the MoE ones (Qwen3-MoE, Qwen3-VL-MoE, Qwen3-Next):
+    a layer is MoE unless listed in `mlp_only_layers`, when the model has experts and `(layer + 1) %
+    decoder_sparse_step == 0`."""
+    return (layer_idx not in (config.mlp_only_layers or []) and config.num_experts > 0
+            and (layer_idx + 1) % config.decoder_sparse_step == 0)
+
+
 @dataclass
 class Deepstack:
     positions: torch.Tensor  # (n,) flat indices into B*T of the visual tokens

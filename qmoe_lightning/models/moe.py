@@ -123,14 +123,17 @@ class _ReplayPhase:
 
 
 class TopKRouter(KeepFp32Mixin, nn.Module):
-    """softmax(x W^T) in fp32 -> top-k experts and their renormalised probabilities. With `expert_bias` (see the
+    """softmax(x W^T) in fp32 -> top-k experts and their (renormalised) probabilities. With `expert_bias` (see the
     module doc; `enable_balancing_bias`) the top-k is taken over probabilities + bias, the weights are not."""
 
     _fp32_names = (BALANCING_BIAS,)  # Lightning's bf16-true `.to(bf16)` would round a 1e-3 step away
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize: bool = True):
+        """normalize: renormalise the top-k probabilities to sum to 1 (Qwen3.5, Qwen3-VL-MoE always; Qwen3-MoE and
+        Qwen3-Next as their config's `norm_topk_prob` says)."""
         super().__init__()
         self.top_k = top_k
+        self.normalize = normalize
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
         self.replay: RoutingReplay | None = None  # set by the block that checkpoints itself
         # registered as None: not in the state dict (nor in HF checkpoints) until balancing by bias enables it
@@ -164,7 +167,8 @@ class TopKRouter(KeepFp32Mixin, nn.Module):
             else:
                 indices = self.replay.indices(scores, self.top_k)
             weights = probs.gather(-1, indices)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights.to(logits.dtype), indices
 
 
@@ -359,7 +363,8 @@ class SparseMoE(nn.Module):
     def __init__(self, config):
         super().__init__()
         H, E = config.hidden_size, config.num_experts
-        self.gate = TopKRouter(H, E, config.num_experts_per_tok)
+        # a config without `norm_topk_prob` (Qwen3.5, Qwen3-VL-MoE) always renormalises
+        self.gate = TopKRouter(H, E, config.num_experts_per_tok, getattr(config, "norm_topk_prob", True))
         self.experts = GroupedExperts(E, H, config.moe_intermediate_size)
         shared = getattr(config, "shared_expert_intermediate_size", 0) or 0
         self.shared_experts = SwiGLUMLP(H, shared) if shared else None

@@ -1,8 +1,9 @@
 """Model-family registry: a config.json `model_type` -> what the app needs to build, load, adapt and export a model
 of that family. Nothing outside `qmoe_lightning/models/` names a family: the app asks `family_of(model_type)`.
 
-Adding a family: one folder under `qmoe_lightning/models/` (native classes built on the shared MoE block, packing and
-kernels, with `HFCheckpointMixin` and the class attributes it asks for: HF_ARCHITECTURE, MODEL_TYPES, TEXT_ONLY,
+Adding a family: one folder under `qmoe_lightning/models/` (native classes built on the shared decoders, MoE block,
+packing and kernels: a text-only class subclasses `text_only.TextMoeCausalLM`, a vision-language one
+`vision_language.VisionLanguageMoe`; `HFCheckpointMixin` asks for HF_ARCHITECTURE, MODEL_TYPES, TEXT_ONLY,
 STATE_DICT_ADAPTER) and one `register(ModelFamily(...))` below. The parallel plan (`parallel.parallelize_model`)
 needs no entry: it works on any model with `text_model.layers` of blocks holding `GroupedExperts`.
 
@@ -20,15 +21,17 @@ from pathlib import Path
 from torch import nn
 
 from .qwen3_5_moe import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
+from .qwen3_moe import Qwen3MoeForCausalLM
 from .qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 
 
 @dataclass(frozen=True)
 class ModelFamily:
     name: str  # for messages ("Qwen3.5-MoE")
-    model_type: str  # config.json model_type of the vision-language checkpoints
-    text_model_type: str | None  # of text-only checkpoints (their keys are the VL config's text_config)
-    vision_language: type[nn.Module]  # native classes
+    model_type: str  # config.json model_type of the family's main checkpoints (vision-language ones if it has any)
+    # of text-only checkpoints of a vision-language family (their keys are the VL config's text_config)
+    text_model_type: str | None
+    vision_language: type[nn.Module] | None  # native classes; None: a text-only family
     text_only: type[nn.Module] | None  # None: the family has no text-only model (its VL model trains on text)
     config_class: str  # transformers config class of `model_type` (by name: transformers imports lazily)
     lora_targets: tuple[str, ...]  # what LoRA's `default` target means here (aliases of lora.config.ALIASES)
@@ -38,7 +41,14 @@ class ModelFamily:
     def model_types(self) -> tuple[str, ...]:
         return (self.model_type,) + ((self.text_model_type,) if self.text_model_type else ())
 
+    @property
+    def has_vision(self) -> bool:
+        return self.vision_language is not None
+
     def model_class(self, text_only: bool) -> type[nn.Module]:
+        """The native class: the vision-language one, or the text-only one when asked for or the only one."""
+        if self.vision_language is None:
+            return self.text_only
         if text_only and self.text_only is None:
             raise ValueError(f"text_only: {self.name} has no text-only model (no text-only checkpoints or transformers "
                              "class exist); train the vision-language model on text-only data instead")
@@ -135,6 +145,16 @@ QWEN3_5_MOE = register(ModelFamily(
     config_class="Qwen3_5MoeConfig",
     lora_targets=("attention", "linear_attention", "shared_expert", "experts"),
     supports_mtp=True,
+))
+
+QWEN3_MOE = register(ModelFamily(
+    name="Qwen3-MoE",
+    model_type="qwen3_moe",
+    text_model_type=None,
+    vision_language=None,
+    text_only=Qwen3MoeForCausalLM,
+    config_class="Qwen3MoeConfig",
+    lora_targets=("attention", "dense_mlp", "experts"),
 ))
 
 QWEN3_VL_MOE = register(ModelFamily(

@@ -19,13 +19,18 @@ from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeVisio
 from .norms import KeepFp32Mixin
 
 
+def head_dim_of(config) -> int:
+    """The attention head size: `head_dim` where the config has one (Qwen3.5 and Qwen3-VL declare it; a Qwen3-MoE
+    config may leave it out), else hidden_size / heads, as transformers falls back."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def text_rope_inv_freq(config) -> tuple[torch.Tensor, float]:
-    """(inv_freq (rd/2,) fp32, attention_scaling) for a Qwen3.5 / Qwen3-VL text config."""
+    """(inv_freq (rd/2,) fp32, attention_scaling) for a text config (any family)."""
     params = config.rope_parameters
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
-        # both text configs declare head_dim (Qwen3-VL's: hidden_size / heads if unset)
-        dim = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
+        dim = int(head_dim_of(config) * params.get("partial_rotary_factor", 1.0))
         inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         return inv_freq, 1.0
     if rope_type.startswith("dynamic"):
