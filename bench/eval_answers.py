@@ -4,7 +4,8 @@ For every row of a JSONL file whose `meta` holds {"kind", "answer"} (the embedde
 `bench/bench_position_task.py` write such rows), every candidate answer of that kind (the distinct answers of the
 kind in the whole file) is scored by transformers' `AutoModelForImageTextToText` loaded from the export: the
 summed log probability of the assistant turn (the answer and its end-of-turn token) after the prompt, one
-document per forward. The prediction is the best-scoring candidate; chance is 1 / number of candidates.
+document per forward (`AutoModelForCausalLM` for a text-only export). The prediction is the best-scoring
+candidate; chance is 1 / number of candidates. `--kinds text_` scores the text questions instead of the image ones.
 
 `--blank` repeats the image questions with every image replaced by a uniform grey image of the same size: a model
 that reads the pixels drops to chance there; one that learnt the answer prior (or the document length) does not.
@@ -12,7 +13,7 @@ that reads the pixels drops to chance there; one that learnt the answer prior (o
 Inputs are made by the project's own encoder (the chat template and image processor exactly as transformers'
 processor applies them, tested in tests/test_data_encoding.py); the numbers come from transformers alone.
 
-Usage: python bench/eval_answers.py EXPORT_DIR DATA.jsonl [--blank] [--limit N]
+Usage: python bench/eval_answers.py EXPORT_DIR DATA.jsonl [--blank] [--limit N] [--kinds PREFIX ...]
        (DATA `embedded`: the embedded default's held-out split)
 """
 
@@ -72,13 +73,17 @@ def answers_by_kind(rows: list[dict]) -> dict[str, list[str]]:
 
 def score_rows(export: str, rows: list[dict], base: Path, candidates: dict[str, list[str]]) -> list[dict]:
     """Per row: {"kind", "answer", "prediction", "candidates"}; transformers does the scoring."""
-    from transformers import AutoModelForImageTextToText
+    import inspect
+
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from data_modules.encoding import Encoder
     from data_modules.packing import PackDataset
 
-    model = AutoModelForImageTextToText.from_pretrained(export, dtype=torch.float32).eval()
     encoder = Encoder(export, max_tokens=4096)
+    auto = AutoModelForImageTextToText if encoder.has_vision else AutoModelForCausalLM
+    model = auto.from_pretrained(export, dtype=torch.float32).eval()
+    accepted = set(inspect.signature(model.forward).parameters)
     results = []
     for n, row in enumerate(rows):
         kind = row["meta"]["kind"]
@@ -87,7 +92,8 @@ def score_rows(export: str, rows: list[dict], base: Path, candidates: dict[str, 
             rec = dict(encoder.encode(_with_answer(row, cand), str(base)), source="eval", line=n + 1)
             batch = PackDataset([rec], None, encoder, pad_to_multiple_of=1)[(0,)]
             inputs = {k: batch[k] for k in ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw",
-                                            "pixel_values_videos", "video_grid_thw") if batch.get(k) is not None}
+                                            "pixel_values_videos", "video_grid_thw")
+                      if batch.get(k) is not None and k in accepted}
             with torch.no_grad():
                 logits = model(**inputs).logits[0].float()  # (T, V)
             labels = batch["labels"][0]
@@ -146,9 +152,10 @@ def main() -> None:
     ap.add_argument("export", help="Hugging Face model directory (e.g. runs/tiny/hf_export)")
     ap.add_argument("data", help="JSONL with meta.kind / meta.answer per row, or `embedded` (its held-out split)")
     ap.add_argument("--blank", action="store_true", help="also score with blank images")
-    ap.add_argument("--limit", type=int, default=None, help="first N image rows only")
+    ap.add_argument("--limit", type=int, default=None, help="first N rows (of the selected kinds) only")
+    ap.add_argument("--kinds", nargs="+", default=["image_"], help="question kinds scored, by prefix (default image_)")
     args = ap.parse_args()
-    print(format_table(evaluate(args.export, args.data, args.blank, args.limit)))
+    print(format_table(evaluate(args.export, args.data, args.blank, args.limit, tuple(args.kinds))))
 
 
 if __name__ == "__main__":

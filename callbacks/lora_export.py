@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from qmoe_lightning.export_dir import prepare_target, refuse_nonfinite_model
 from qmoe_lightning.lora import LoraConfig, has_lora, save_peft_adapter
+from qmoe_lightning.lora.peft_export import check_peft_expressible
 from qmoe_lightning.parallel.state import full_tensor_fetcher, is_sharded_model
 
 from .module_contract import require_qmoe_module
@@ -69,6 +70,7 @@ class LoraExport(pl.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if not has_lora(pl_module.model):
             raise RuntimeError("LoraExport is configured but the model has no LoRA adapters (no `lora:` section?)")
+        check_peft_expressible(pl_module.model)  # before training, not after it
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.export(trainer, pl_module)

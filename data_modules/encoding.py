@@ -53,6 +53,7 @@ IMAGE_CHANGED = "image_changed"
 VIDEO_CHANGED = "video_changed"
 TOO_LONG = "too_long"
 NO_TARGETS = "no_targets"
+IMAGE_FOR_TEXT_MODEL = "image_for_text_model"  # an image / video row, and a text-only model's processor
 EMPTY_FILE = "empty_file"
 # Video reasons (defined in video.py): MISSING_VIDEO "missing_video" (path, frame or frame directory not found, empty
 # frame list), CORRUPT_VIDEO "corrupt_video" (unreadable frame or container, frames of different sizes),
@@ -129,32 +130,37 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 @dataclass(frozen=True)
 class ProcessorFacts:
-    """The processor's tokens, ids and sizes that encoding needs (placeholders, document end, patch geometry)."""
+    """The processor's tokens, ids and sizes that encoding needs (placeholders, document end, patch geometry). A
+    text-only model's processor has no vision: its vision tokens and ids are None."""
 
-    image_token: str
-    image_token_id: int
-    video_token: str
-    video_token_id: int
-    vision_start: str
-    vision_start_id: int
-    vision_end: str
-    vision_end_id: int
+    image_token: str | None
+    image_token_id: int | None
+    video_token: str | None
+    video_token_id: int | None
+    vision_start: str | None
+    vision_start_id: int | None
+    vision_end: str | None
+    vision_end_id: int | None
     eos_id: int  # the document end appended to plain-text rows
-    patch: int  # vision patch size (pixels)
+    patch: int  # vision patch size (pixels; 0 without vision)
     merge: int  # spatial merge size (patches)
     pixel_bounds: tuple[int, int]  # image pixel bounds the plan and the image processor use
-    video_config: video_lib.VideoConfig
+    video_config: video_lib.VideoConfig | None
+
+    @property
+    def has_vision(self) -> bool:
+        return self.image_token is not None
 
     @classmethod
     def of(cls, processor, encoder: Encoder) -> ProcessorFacts:
         tok, ip = processor.tokenizer, processor.image_processor
+        if ip is None:  # a text-only model
+            return cls(None, None, None, None, None, None, None, None, _eos_id(tok), 0, 1, (0, 0), None)
         image_token = processor.image_token
         video_token = getattr(processor, "video_token", "<|video_pad|>")
         vision_start = getattr(processor, "vision_start_token", "<|vision_start|>")
         vision_end = getattr(processor, "vision_end_token", "<|vision_end|>")
-        eos_id = tok.convert_tokens_to_ids("<|endoftext|>")
-        if eos_id is None or eos_id == tok.unk_token_id:
-            eos_id = tok.eos_token_id
+        eos_id = _eos_id(tok)
         size = ip.size
         return cls(
             image_token, tok.convert_tokens_to_ids(image_token), video_token, tok.convert_tokens_to_ids(video_token),
@@ -164,6 +170,12 @@ class ProcessorFacts:
              int(encoder.max_pixels if encoder.max_pixels is not None else size["longest_edge"])),
             video_lib.VideoConfig.from_model_dir(encoder.model_dir, encoder.video_min_pixels,
                                                  encoder.video_max_pixels))
+
+
+def _eos_id(tokenizer) -> int:
+    """The document end appended to plain-text rows: `<|endoftext|>` where the tokenizer has it, else its eos."""
+    eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return tokenizer.eos_token_id if eos_id is None or eos_id == tokenizer.unk_token_id else eos_id
 
 
 class Encoder:
@@ -217,6 +229,13 @@ class Encoder:
     merge = property(lambda self: self.facts.merge)
     pixel_bounds = property(lambda self: self.facts.pixel_bounds)
     video_config = property(lambda self: self.facts.video_config)
+    has_vision = property(lambda self: self.facts.has_vision)
+
+    def _check_vision(self, images: list, videos: list) -> None:
+        if (images or videos) and not self.has_vision:
+            raise BadSample(IMAGE_FOR_TEXT_MODEL, f"the row holds {len(images)} image(s) / {len(videos)} video(s), but "
+                            f"{self.model_dir} is a text-only model (no image processor): give it text rows, or "
+                            "train a vision-language model")
 
     def image_size_kwargs(self) -> dict:
         """Kwargs for the image processor at load time; the same bounds the plan used."""
@@ -349,6 +368,7 @@ class Encoder:
             ids = p.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
             return self._finish(list(ids), list(ids), [], [])
         messages, images, videos = self.normalise_messages(row, base_dir)
+        self._check_vision(images, videos)
         grids = [self.image_grid(path) for path in images]
         planned = [self.probe_video(v) for v in videos]
         expanded, ids, offsets, spans = self._render(messages, grids, planned)
@@ -378,6 +398,9 @@ class Encoder:
         """Chat template with the vision placeholders expanded -> (text, ids, offsets, vision token spans)."""
         p = self.processor
         text = p.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        if not self.has_vision:  # nothing to expand (rows with images were refused before)
+            enc = p.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return text, list(enc["input_ids"]), enc["offset_mapping"], []
         pieces = re.split(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})", text)
         n_img, n_vid = pieces[1::2].count(self.image_token), pieces[1::2].count(self.video_token)
         if (n_img, n_vid) != (len(grids), len(planned)):
@@ -414,6 +437,7 @@ class Encoder:
             raise BadSample(BAD_SCHEMA, "a prompt row needs 'messages' (or ShareGPT 'conversations'); a plain 'text' "
                             "row has no question to answer")
         messages, images, videos = self.normalise_messages(row, base_dir)
+        self._check_vision(images, videos)
         grids = [self.image_grid(path) for path in images]
         planned = [self.probe_video(v) for v in videos]
         reference, reference_ids = None, None

@@ -1,4 +1,5 @@
-"""Loading the model directory's processor, with a fallback when torchvision is missing.
+"""Loading the model directory's processor, with a fallback when torchvision is missing, and the processor of a
+text-only model (a tokenizer and its chat template: `TextOnlyProcessor`).
 
 transformers 5.23 maps `qwen3_5_moe` (and `qwen3_vl*`) to `Qwen3VLProcessor`, whose video processor
 (`Qwen3VLVideoProcessor`) requires torchvision; `AutoProcessor.from_pretrained` then raises ImportError even for
@@ -24,6 +25,33 @@ class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
+class TextOnlyProcessor:
+    """What a text-only model directory (Qwen3-MoE: tokenizer files, no image processor) gives the data side: the
+    tokenizer and its chat template, no image or video processor. `Encoder` counts a row with images or videos as
+    `image_for_text_model` (strict: an error naming file:line)."""
+
+    image_processor = None
+
+    def __init__(self, tokenizer, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template if chat_template is not None else tokenizer.chat_template
+        if self.chat_template is None:
+            raise ValueError(f"{tokenizer.name_or_path}: the tokenizer has no chat template (chat_template.jinja or "
+                             "tokenizer_config.json's chat_template): chat rows cannot be rendered")
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False):
+        # a text model's template takes string contents: a turn of text items is their concatenation
+        flat = [{**m, "content": m["content"] if isinstance(m["content"], str)
+                 else "".join(item["text"] for item in m["content"])} for m in messages]
+        return self.tokenizer.apply_chat_template(flat, chat_template=self.chat_template, tokenize=tokenize,
+                                                  add_generation_prompt=add_generation_prompt)
+
+
+def has_image_processor(model_dir: str) -> bool:
+    """The directory configures an image processor (a vision-language model's), not only a tokenizer."""
+    return any((Path(model_dir) / name).is_file() for name in ("preprocessor_config.json", "processor_config.json"))
+
+
 # what the data side reads of a model: tokenizer, chat template, image / video preprocessor configs (not the weights)
 PROCESSOR_FILES = ["*.json", "*.jinja", "*.txt", "*.model"]
 
@@ -45,9 +73,12 @@ def local_model_dir(model_path: str) -> str:
 
 @functools.lru_cache(maxsize=4)
 def load_processor(model_dir: str):
-    """AutoProcessor of `model_dir`; image-only Qwen3-VL processor if the video processor cannot be built."""
+    """AutoProcessor of `model_dir`; image-only Qwen3-VL processor if the video processor cannot be built; a
+    `TextOnlyProcessor` for a directory without an image processor."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
+    if not has_image_processor(model_dir):
+        return TextOnlyProcessor(AutoTokenizer.from_pretrained(model_dir), _chat_template_file(model_dir))
     try:
         return AutoProcessor.from_pretrained(model_dir)
     except ImportError as err:
@@ -55,14 +86,21 @@ def load_processor(model_dir: str):
             raise
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     image_processor = AutoImageProcessor.from_pretrained(model_dir)
-    template_file = Path(model_dir) / "chat_template.jinja"
-    chat_template = template_file.read_text() if template_file.is_file() else None
-    if chat_template is None and (Path(model_dir) / "chat_template.json").is_file():
-        chat_template = json.loads((Path(model_dir) / "chat_template.json").read_text())["chat_template"]
+    chat_template = _chat_template_file(model_dir)
     if chat_template is None:
         chat_template = getattr(tokenizer, "chat_template", None)
     return Qwen3VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                      chat_template=chat_template)
+
+
+def _chat_template_file(model_dir: str) -> str | None:
+    """The chat template a model directory keeps beside its tokenizer (`chat_template.jinja` / `.json`), if any."""
+    template_file = Path(model_dir) / "chat_template.jinja"
+    if template_file.is_file():
+        return template_file.read_text()
+    if (Path(model_dir) / "chat_template.json").is_file():
+        return json.loads((Path(model_dir) / "chat_template.json").read_text())["chat_template"]
+    return None
 
 
 def spatial_merge_size(processor) -> int:

@@ -1,5 +1,7 @@
 """Builds the embedded default (tiny Qwen3.5-MoE checkpoint + tokenizer/processor + synthetic dataset) on first use,
-and on request a tiny Qwen3-VL-MoE checkpoint beside it (same tokenizer, processor and data).
+and on request a tiny Qwen3-VL-MoE checkpoint (same tokenizer, processor and data) or a tiny text-only Qwen3-MoE
+checkpoint (same tokenizer, no image processor: its runs train on the text rows and count the image rows as skips)
+beside it.
 
 Nothing is downloaded: the tokenizer is trained on generated text, the weights come from
 `transformers.Qwen3_5MoeForConditionalGeneration(config)` under a fixed seed, the dataset is drawn with PIL.
@@ -9,10 +11,11 @@ Layout of `<cache_dir>/embedded-v<VERSION>/`:
              preprocessor_config.json, video_preprocessor_config.json, processor_config.json
     model-qwen3_vl_moe/   the same files, a Qwen3-VL-MoE config and weights (built on first use of
              `embedded:qwen3_vl_moe`, with its own BUILD_OK)
+    model-qwen3_moe/   tokenizer files and chat template only, a Qwen3-MoE config and weights (`embedded:qwen3_moe`)
     data/    train.jsonl, val.jsonl, images/*.png
 
-Sentinels: `embedded` (the Qwen3.5-MoE model, and the data), `embedded:qwen3_vl_moe` (the Qwen3-VL-MoE model; as a
-data path it means the same data).
+Sentinels: `embedded` (the Qwen3.5-MoE model, and the data), `embedded:qwen3_vl_moe` / `embedded:qwen3_moe` (those
+models; as a data path they mean the same data).
 
 Notable choices:
 - Atomic and idempotent: everything is written into a temporary sibling directory which is then renamed into
@@ -45,7 +48,7 @@ IMAGE_SIZE = 64
 N_TRAIN, N_VAL = 3000, 500  # ~70 held-out questions per image kind
 IMAGE_FRACTION = 0.7
 SENTINEL = "embedded"  # value of model_path / train_path / val_path that selects the embedded default
-EMBEDDED_MODELS = ("qwen3_5_moe", "qwen3_vl_moe")  # `embedded:<name>`; plain `embedded` is the first
+EMBEDDED_MODELS = ("qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe")  # `embedded:<name>`; plain `embedded` is the first
 
 # Tiny sizes from model_reference.md (TINY_QWEN3_5_MOE); token ids are filled in from the tokenizer.
 TEXT_CONFIG = dict(
@@ -74,6 +77,17 @@ VL_MOE_TEXT_CONFIG = dict(
     rope_parameters=dict(rope_type="default", rope_theta=100.0, mrope_section=[4, 2, 2], mrope_interleaved=True),
 )
 VL_MOE_VISION_CONFIG = dict(VISION_CONFIG, deepstack_visual_indexes=[0, 1])
+
+# Tiny Qwen3-MoE: the Qwen3-VL-MoE text sizes (layer 1 dense), plain RoPE with the same small theta, top-k
+# renormalised as the published Qwen3-MoE checkpoints do.
+QWEN3_MOE_CONFIG = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
+    mlp_only_layers=[1], norm_topk_prob=True, max_position_embeddings=4096, router_aux_loss_coef=0.001,
+    rope_parameters=dict(rope_type="default", rope_theta=100.0), tie_word_embeddings=False,
+)
+# what a text-only model directory keeps of the shared files (no image / video processor)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
@@ -225,6 +239,26 @@ def _build_vl_moe_model(source_dir: Path, model_dir: Path) -> None:
     model.save_pretrained(model_dir, safe_serialization=True)
 
 
+def _build_qwen3_moe_model(source_dir: Path, model_dir: Path) -> None:
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    model_dir.mkdir()
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).is_file():
+            shutil.copy2(source_dir / name, model_dir / name)
+    text = json.loads((source_dir / "config.json").read_text())["text_config"]
+    config = Qwen3MoeConfig(**QWEN3_MOE_CONFIG, vocab_size=text["vocab_size"], eos_token_id=text["eos_token_id"],
+                            pad_token_id=text["pad_token_id"], bos_token_id=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = Qwen3MoeForCausalLM(config)
+    model.save_pretrained(model_dir, safe_serialization=True)
+
+
+_MODEL_BUILDERS = {"qwen3_vl_moe": _build_vl_moe_model, "qwen3_moe": _build_qwen3_moe_model}
+
+
 def ensure_embedded_model(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The model directory of embedded model `name` (see EMBEDDED_MODELS), built first if needed (atomically)."""
     emb = ensure_embedded_default(cache_dir)
@@ -235,7 +269,7 @@ def ensure_embedded_model(name: str, cache_dir: str | os.PathLike | None = None)
         return target
     tmp = Path(tempfile.mkdtemp(prefix=f".model-{name}-", dir=emb.root))
     try:
-        _build_vl_moe_model(emb.model_dir, tmp / "model")
+        _MODEL_BUILDERS[name](emb.model_dir, tmp / "model")
         (tmp / "model" / "BUILD_OK").write_text(f"version {VERSION}\n")
         follow_umask(tmp)
         try:

@@ -29,6 +29,12 @@ Config choices:
 - Experts with their own rank / alpha: `rank_pattern` / `alpha_pattern` keyed by `mlp.experts.gate_up_proj` etc.
 - `lora_dropout` is written as 0: dropout is a training-time choice, and PEFT refuses `target_parameters` with
   dropout; inference is identical.
+
+Footgun: for some model types (Qwen3-MoE, Qwen3-Next: transformers v5 fused their experts) peft rewrites every
+`target_modules` entry named `gate_proj` / `up_proj` / `down_proj` (bare or dotted) into the experts' fused parameters,
+because such adapters were once per-expert ones. An adapter on a dense MLP layer of those models therefore cannot be
+named so that peft loads it where it belongs: `check_peft_expressible` refuses it, before training when
+`callbacks.LoraExport` is configured (exclude the dense MLP from the LoRA targets, or use the merged export).
 """
 
 from __future__ import annotations
@@ -89,6 +95,30 @@ def _target_modules(model: nn.Module, adapted: list[str]) -> list[str]:
     return out
 
 
+def peft_renamed_targets(model_type: str) -> set[str]:
+    """The `target_modules` names peft rewrites into fused expert parameters when it loads an adapter onto a
+    transformers model of `model_type` (empty: it takes them as they are)."""
+    try:
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
+    except ImportError:  # an older peft: no rewriting
+        return set()
+    pattern = _MODEL_TO_CONVERSION_PATTERN.get(model_type)
+    return set(_MOE_TARGET_MODULE_MAPPING.get(pattern) or {}) if pattern is not None else set()
+
+
+def check_peft_expressible(model: nn.Module) -> None:
+    """Refuse Linear adapters that peft would load somewhere else (see the module doc's footgun)."""
+    renamed = peft_renamed_targets(model.config.model_type)
+    moved = sorted(n for n, m in lora_modules(model).items()
+                   if isinstance(m, LoRALinear) and not _is_mtp(n) and n.rpartition(".")[2] in renamed)
+    if moved:
+        raise ValueError(
+            f"a PEFT adapter cannot hold the LoRA adapters of {', '.join(moved[:4])}{' ...' if len(moved) > 4 else ''}: "
+            f"peft loads adapters named {sorted(renamed)} onto the fused experts of a {model.config.model_type} model, "
+            "not onto these dense MLP layers. Leave the dense MLP out of model.lora.targets (the family's default "
+            "targets do), or drop callbacks.LoraExport and use the merged export (callbacks.HFExport)")
+
+
 def peft_adapter_state(model: nn.Module, fetch=None) -> tuple[dict, dict[str, torch.Tensor]]:
     """-> (adapter_config dict without base path, safetensors dict with PEFT keys).
 
@@ -100,6 +130,7 @@ def peft_adapter_state(model: nn.Module, fetch=None) -> tuple[dict, dict[str, to
     mods = {n: m for n, m in lora_modules(model).items() if not _is_mtp(n)}
     if not mods:
         raise ValueError("the model has no LoRA adapters to export (outside the MTP module)")
+    check_peft_expressible(model)
     linear = {n: m for n, m in mods.items() if isinstance(m, LoRALinear)}
     experts = {n: m for n, m in mods.items() if isinstance(m, LoRAGroupedExperts)}
     ranks = {m.rank for m in linear.values()}

@@ -154,7 +154,8 @@ QWEN3_MOE = register(ModelFamily(
     vision_language=None,
     text_only=Qwen3MoeForCausalLM,
     config_class="Qwen3MoeConfig",
-    lora_targets=("attention", "dense_mlp", "experts"),
+    # no dense MLP: the published checkpoints have none, and peft could not load its adapters (lora/peft_export.py)
+    lora_targets=("attention", "experts"),
 ))
 
 QWEN3_VL_MOE = register(ModelFamily(
