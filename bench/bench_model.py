@@ -1,7 +1,8 @@
 """Native packed forward+backward vs transformers, on CPU, in one run.
 
-Mid-size config (hidden 256, 8 layers, 64 experts top-8, vocab 32k by default) of either family (`--family`:
-Qwen3.5-MoE, 6 Gated DeltaNet + 2 gated attention layers with a shared expert; Qwen3-VL-MoE, 8 GQA attention layers)
+Mid-size config (hidden 256, 8 layers, 64 experts top-8, vocab 32k by default) of a family (`--family`:
+Qwen3.5-MoE, 6 Gated DeltaNet + 2 gated attention layers with a shared expert; Qwen3-VL-MoE, 8 GQA attention layers;
+Qwen3-MoE, the same 8 GQA attention layers in a text-only model with plain RoPE)
 and one packed row of 2-4K tokens made of log-normal document lengths. Three timed variants, each in its own process (so peak memory is its own):
 
   native_packed   our model on the packed row with cu_seqlens (documents kept apart)
@@ -25,8 +26,8 @@ the ratios (a) native_packed / hf_padded and (b) native_packed / hf_packed, and 
 the packed native run vs transformers on the padded batch). transformers runs its CPU defaults (grouped_mm experts,
 SDPA, torch chunked delta rule).
 
-    python bench/bench_model.py [--family qwen3_5_moe|qwen3_vl_moe] [--tokens 3072] [--steps 3] [--vocab 32768]
-                                [--threads N]
+    python bench/bench_model.py [--family qwen3_5_moe|qwen3_vl_moe|qwen3_moe] [--tokens 3072] [--steps 3]
+                                [--vocab 32768] [--threads N]
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ def mid_config(vocab: int, family: str = "qwen3_5_moe"):
                vision_end_token_id=vocab - 1)
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256,
                   num_position_embeddings=64)
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                              num_attention_heads=8, num_key_value_heads=2, head_dim=32, num_experts=64,
+                              num_experts_per_tok=8, moe_intermediate_size=64, decoder_sparse_step=1,
+                              mlp_only_layers=[], norm_topk_prob=True, max_position_embeddings=8192,
+                              tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=1e6))
     if family == "qwen3_vl_moe":
         from transformers import Qwen3VLMoeConfig
 
@@ -76,12 +85,12 @@ def mid_config(vocab: int, family: str = "qwen3_5_moe"):
 
 
 def model_classes(family: str):
-    """(native class, transformers class) of the family's vision-language model."""
+    """(native class, transformers class) of the family's main model (vision-language where it has one)."""
     import transformers
 
     from qmoe_lightning.models.registry import family_of
 
-    native = family_of(family).vision_language
+    native = family_of(family).model_class(text_only=False)
     return native, getattr(transformers, native.HF_ARCHITECTURE)
 
 
@@ -185,7 +194,7 @@ def main() -> None:
                         help="torch threads per run (1 gives stable ratios on a shared machine)")
     parser.add_argument("--scenarios", nargs="+", default=["all", "sft"], choices=["all", "sft"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--family", default="qwen3_5_moe", choices=["qwen3_5_moe", "qwen3_vl_moe"])
+    parser.add_argument("--family", default="qwen3_5_moe", choices=["qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe"])
     parser.add_argument("--mtp", action="store_true", help="also time the native model with one MTP depth")
     args = parser.parse_args()
 
