@@ -51,6 +51,21 @@ def write_small_dataset(root: Path, n_rows: int = 24, seed: int = 0) -> Path:
     return path
 
 
+def write_text_dataset(root: Path, n_rows: int = 48, seed: int = 0) -> Path:
+    """JSONL of text questions only (counting and adding), for the text-only families."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "data.jsonl"
+    with open(path, "w") as f:
+        for i in range(n_rows):
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            q, answer = ((f"Count to {a}.", " ".join(str(k) for k in range(1, a + 1))) if i % 2
+                         else (f"What is {a} plus {b}?", str(a + b)))
+            f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": answer}]}) + "\n")
+    return path
+
+
 def make_datamodule(data_path: Path, cache_dir: Path, max_tokens: int = 256, **kwargs):
     from data_modules.datamodule import MultimodalPackingDataModule
 

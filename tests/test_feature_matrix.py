@@ -1,7 +1,7 @@
 """The seams between features: a pairwise (covering-array) matrix of short fits through the real application.
 
 Factors and values:
-    family     qwen3_5_moe, qwen3_vl_moe
+    family     qwen3_5_moe, qwen3_vl_moe, qwen3_moe (text only: its rows train on text rows)
     precision  32-true, bf16-mixed, bf16-true
     mode       full, lora (LoRA on the family's default targets, the routed experts' per-expert adapters included)
     layout     1 process, ep=2 (expert parallelism, 2 processes), cp=2 (context parallelism, 2 processes)
@@ -20,8 +20,9 @@ on a shared 2-core machine two OpenMP threads per process made a step ~50x slowe
 - the train loss of every step finite and the last below the first (lr LR, no warmup: full fine-tuning fell by
   0.5-0.85 nats in 3 steps, LoRA by 0.08-0.25 (B starts at zero, so step 1 moves only B); the three packs' losses
   before training differ by < 0.02);
-- the Hugging Face export finite and loaded by transformers (`AutoModelForImageTextToText`); for LoRA rows also the
-  PEFT adapter, loaded by `peft.PeftModel.from_pretrained` onto the transformers base model;
+- the Hugging Face export finite and loaded by transformers (`AutoModelForImageTextToText`, `AutoModelForCausalLM`
+  for a text-only family); for LoRA rows also the PEFT adapter, loaded by `peft.PeftModel.from_pretrained` onto the
+  transformers base model;
 - rows marked `resume`: the checkpoint of step STEPS - 1 resumed for one step gives the uninterrupted run's last
   loss within RESUME_RTOL. The resumed step repeats the same operations on the same restored weights, optimizer
   state and pack, so it is bitwise the same in fp32 and in both bf16 modes (bf16-mixed restores the fp32 masters,
@@ -43,7 +44,7 @@ import pytest
 import torch
 from rank_launcher import launch_ranks
 from safetensors.torch import load_file
-from test_app_common import write_small_dataset
+from test_app_common import write_small_dataset, write_text_dataset
 
 import cli
 
@@ -54,7 +55,7 @@ RESUME_RTOL = 1e-6
 LORA = json.dumps(dict(rank=4, alpha=8, expert_rank=2))  # default targets: experts included in both families
 
 FACTORS = {
-    "family": ("qwen3_5_moe", "qwen3_vl_moe"),
+    "family": ("qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe"),
     "precision": ("32-true", "bf16-mixed", "bf16-true"),
     "mode": ("full", "lora"),
     "layout": ("1", "ep2", "cp2"),
@@ -73,7 +74,7 @@ class Row:
 
     @property
     def id(self) -> str:
-        fam = {"qwen3_5_moe": "q35", "qwen3_vl_moe": "vl"}[self.family]
+        fam = {"qwen3_5_moe": "q35", "qwen3_vl_moe": "vl", "qwen3_moe": "q3"}[self.family]
         return "-".join([fam, self.precision, self.mode, self.layout, "+".join(self.extras) or "none"])
 
     def values(self) -> list[tuple[str, str]]:
@@ -82,7 +83,8 @@ class Row:
         return own + [("extras", e) for e in (self.extras or ("none",))]
 
 
-Q35, VL = "qwen3_5_moe", "qwen3_vl_moe"
+Q35, VL, Q3 = "qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe"
+TEXT_ONLY = (Q3,)  # families whose rows train on the text dataset
 ROWS = [
     # 1 process
     Row(Q35, "bf16-mixed", "full", "1", (), resume=True),  # `cli.py fit --config configs/tiny.yaml` in bf16-mixed
@@ -92,19 +94,21 @@ ROWS = [
     Row(Q35, "32-true", "lora", "1", ("bias",), resume=True),
     Row(VL, "bf16-mixed", "lora", "1", (), resume=True),
     Row(VL, "bf16-true", "lora", "1", ("ac",), resume=True),
+    Row(Q3, "32-true", "full", "1", ("ac",), resume=True),
+    Row(Q3, "bf16-mixed", "lora", "1", (), resume=True),
     # ep=2
     Row(Q35, "32-true", "lora", "ep2", ("mtp",)),
     Row(VL, "bf16-mixed", "full", "ep2", ("ac", "bias"), resume=True),
-    Row(Q35, "bf16-true", "full", "ep2", ()),
+    Row(Q3, "bf16-true", "full", "ep2", ()),
     # cp=2
     Row(VL, "32-true", "lora", "cp2", ()),
     Row(Q35, "bf16-mixed", "full", "cp2", ("mtp", "ac"), resume=True),
-    Row(Q35, "bf16-true", "lora", "cp2", ("bias",), resume=True),
+    Row(Q3, "bf16-true", "lora", "cp2", ("bias",), resume=True),
 ]
 
 
 def _allowed(a: tuple[str, str], b: tuple[str, str]) -> bool:
-    return {a, b} != {("family", VL), ("extras", "mtp")}
+    return not any({a, b} == {("family", f), ("extras", "mtp")} for f in (VL, Q3))  # MTP: Qwen3.5-MoE only
 
 
 def test_rows_cover_every_pair():
@@ -113,7 +117,7 @@ def test_rows_cover_every_pair():
               for va in FACTORS[fa] for vb in FACTORS[fb] if _allowed((fa, va), (fb, vb))}
     covered = set()
     for row in ROWS:
-        assert _allowed(("family", row.family), ("extras", "mtp")) or "mtp" not in row.extras, row.id
+        assert row.family == Q35 or "mtp" not in row.extras, row.id
         for value in row.values():
             assert value[1] in FACTORS[value[0]], (row.id, value)
         covered |= {frozenset(p) for p in itertools.combinations(row.values(), 2) if p[0][0] != p[1][0]}
@@ -132,7 +136,7 @@ def test_rows_cover_every_pair():
 def workspace(tmp_path_factory):
     """The data (written once), one data cache shared by the rows, one torch thread for the in-process fits."""
     base = tmp_path_factory.mktemp("matrix")
-    data = write_small_dataset(base / "data")
+    data = {"multimodal": write_small_dataset(base / "data"), "text": write_text_dataset(base / "text")}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield base, data
@@ -157,8 +161,8 @@ def _args(row: Row, root: Path, data: Path, cache: Path) -> list[str]:
             "--data.train_path", str(data), "--data.val_path", str(data), "--data.max_tokens", "256",
             "--data.num_workers", "0", "--data.cache_dir", str(cache),
             "--model.lr", str(LR), "--model.warmup_steps", "0"]
-    if row.family == VL:
-        args += ["--model.pretrained", "embedded:qwen3_vl_moe"]
+    if row.family != Q35:
+        args += ["--model.pretrained", f"embedded:{row.family}"]
     if row.mode == "lora":
         args += ["--model.lora", LORA]
     if "mtp" in row.extras:
@@ -171,9 +175,10 @@ def _args(row: Row, root: Path, data: Path, cache: Path) -> list[str]:
     return args
 
 
-def _fit(row: Row, root: Path, data: Path, cache: Path, *extra: str) -> dict[int, float]:
+def _fit(row: Row, root: Path, data: dict[str, Path], cache: Path, *extra: str) -> dict[int, float]:
     """One fit of `row` into `root` (+ extra arguments); -> {step: train loss} of the steps it ran."""
-    args = [*_args(row, root, data, cache), *extra]
+    rows = data["text" if row.family in TEXT_ONLY else "multimodal"]
+    args = [*_args(row, root, rows, cache), *extra]
     if row.layout == "1":
         cli.main(["fit", *args])
     else:
@@ -186,8 +191,9 @@ def _fit(row: Row, root: Path, data: Path, cache: Path, *extra: str) -> dict[int
 
 
 def _check_export(row: Row, root: Path) -> None:
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    auto = AutoModelForCausalLM if row.family in TEXT_ONLY else AutoModelForImageTextToText
     export = root / "hf_export"
     tensors = {}
     for f in sorted(export.glob("*.safetensors")):
@@ -195,7 +201,7 @@ def _check_export(row: Row, root: Path) -> None:
     assert tensors, f"{row.id}: no export in {export}"
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     assert not bad, f"{row.id}: non-finite exported tensors {bad[:5]}"
-    model = AutoModelForImageTextToText.from_pretrained(export)
+    model = auto.from_pretrained(export)
     assert all(torch.isfinite(p).all() for p in model.parameters()), row.id
     if row.mode == "lora":
         from peft import PeftModel
@@ -203,7 +209,7 @@ def _check_export(row: Row, root: Path) -> None:
         from qmoe_lightning.embedded.builder import ensure_embedded_model
 
         base_dir = ensure_embedded_model(row.family)
-        adapted = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_dir),
+        adapted = PeftModel.from_pretrained(auto.from_pretrained(base_dir),
                                             str(root / "hf_adapter"))
         lora = {n: p for n, p in adapted.named_parameters() if "lora_" in n}
         assert lora and all(torch.isfinite(p).all() for p in lora.values()), row.id

@@ -2,8 +2,8 @@
 row's logits, losses, aux loss, expert counts and gradients (summed over the ranks) of the same model on one rank.
 
 Rows: text, image and video documents of lengths that are not multiples of 64 or of cp, a document spanning a whole
-slice (the state chain passes through a rank), documents starting inside the conv halo, tail padding. Both families
-(Qwen3.5-MoE with MTP; Qwen3-VL-MoE with deepstack). Negative controls: without the carried delta-rule state, or
+slice (the state chain passes through a rank), documents starting inside the conv halo, tail padding. Every family
+(Qwen3.5-MoE with MTP; Qwen3-VL-MoE with deepstack; text-only Qwen3-MoE on the same lengths as text documents). Negative controls: without the carried delta-rule state, or
 without the conv halo, the split row is measurably wrong.
 """
 
@@ -29,8 +29,12 @@ DOCS = [
 ]
 
 
-def _row(tail_padding: int = 0, order=None):
-    docs = [vision_doc(p, seed=40 + i) for i, p in enumerate(DOCS)]
+# the same document lengths as text only (a text-only family's row)
+TEXT_DOCS = [[66], [131], [31], [1], [45], [20], [9]]
+
+
+def _row(tail_padding: int = 0, order=None, text_only: bool = False):
+    docs = [vision_doc(p, seed=40 + i) for i, p in enumerate(TEXT_DOCS if text_only else DOCS)]
     if order is not None:
         docs = [docs[i] for i in order]
     row = pack(docs)
@@ -58,11 +62,21 @@ def _cp_context(group):
 
 
 def _model(family: str):
-    from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+    from qmoe_lightning.models import (Qwen3_5MoeForConditionalGeneration, Qwen3MoeForCausalLM,
+                                       Qwen3VLMoeForConditionalGeneration)
 
     torch.manual_seed(3)
     if family == "qwen3_5_moe":
         model = Qwen3_5MoeForConditionalGeneration(make_config("base"), mtp_layers=1)
+    elif family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        # a dense layer and top-k without renormalisation: the paths this family adds
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+            mlp_only_layers=[1], norm_topk_prob=False, router_aux_loss_coef=0.001,
+            rope_parameters=dict(rope_type="default", rope_theta=1e4)))
     else:
         model = Qwen3VLMoeForConditionalGeneration(make_vl_moe_config("base"))
     with torch.no_grad():  # norms off their initial values, the routers spread out
@@ -96,7 +110,7 @@ def _worker(rank, world, family, tail_padding, order, control):
             if any(key in name for key in ("embed_tokens", "in_proj_qkv", "visual", "layers.0.input_layernorm",
                                            "layers.0.linear_attn.conv1d")):
                 p.requires_grad_(False)
-    row = _row(tail_padding, order)
+    row = _row(tail_padding, order, text_only=model.TEXT_ONLY)
     whole = _run(model, row)
 
     if control == "no_state":
@@ -147,11 +161,13 @@ CASES = [
     ("qwen3_5_moe", 4, 5, None),
     ("qwen3_5_moe", 4, 0, [0, 1, 3, 4, 2, 5, 6]),
     ("qwen3_vl_moe", 2, 5, [2, 0, 1, 3, 4, 5, 6]),
+    ("qwen3_moe", 4, 5, [0, 1, 3, 4, 2, 5, 6]),
 ]
 
 
 @pytest.mark.parametrize("family,cp,tail,order", CASES,
-                         ids=["qwen35_cp2", "qwen35_cp4_tail_padding", "qwen35_cp4_reordered", "qwen3vl_cp2"])
+                         ids=["qwen35_cp2", "qwen35_cp4_tail_padding", "qwen35_cp4_reordered", "qwen3vl_cp2",
+                              "qwen3moe_cp4_tail_padding"])
 def test_split_row_equals_whole_row(tmp_path, family, cp, tail, order):
     results = run_workers(_worker, cp, tmp_path, family, tail, order, None, timeout=300)
     r0 = results[0]
