@@ -18,7 +18,7 @@ import copy
 
 import pytest
 import torch
-from families import FAMILIES, each_family, each_family_case, each_family_variant, reference_pair
+from families import FAMILIES, each_family, each_family_case, reference_pair
 from tiny_configs import assert_gradients_match, text_doc, vision_doc
 
 from qmoe_lightning.models.registry import family_of, supported_model_types
