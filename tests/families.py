@@ -4,7 +4,8 @@ configs, its transformers reference classes and its native classes.
 Tests that check the same property for every family are parametrized over `FAMILIES` (their ids name the family:
 `[qwen3_5_moe]`, `[qwen3_vl_moe-alt]`); a family added to the registry adds one `TinyFamily` here and gets every one
 of them. test_model_parity.py's `test_every_registered_family_has_a_tiny_family` fails until it does, so a new
-family cannot silently skip the shared tests.
+family cannot silently skip the shared tests. A text-only family (Qwen3-MoE) is a first-class entry: its `native` is
+its text class, and `has_vision` selects the cases with images and videos (`each_family_case`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tiny_configs import TEXT_VARIANTS, VL_MOE_VARIANTS, make_config, make_hf_model, make_hf_vl_moe_model, \
-    make_vl_moe_config
+from tiny_configs import QWEN3_MOE_VARIANTS, TEXT_VARIANTS, VL_MOE_VARIANTS, make_config, make_hf_model, \
+    make_hf_qwen3_moe_model, make_hf_vl_moe_model, make_qwen3_moe_config, make_vl_moe_config, per_expert_layout
 
 from qmoe_lightning.models.registry import ModelFamily, family_of
 
@@ -29,14 +30,15 @@ def _transposed_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 @dataclass(frozen=True)
 class TinyFamily:
-    model_type: str  # the registry's key of the family (its vision-language model_type)
+    model_type: str  # the registry's key of the family (its main model_type: the vision-language one if it has one)
     variants: tuple[str, ...]  # names of the tiny configs; "base", "alt" and "wide" in every family
     make_config: Callable  # (variant="base", **text_config overrides) -> transformers config
     make_hf_model: Callable  # (config, seed) -> transformers' model in fp32, eager experts, norms moved off init
-    hf_class: str  # transformers' vision-language class (by name: transformers imports lazily)
+    hf_class: str  # transformers' class of `native` (by name: transformers imports lazily)
     seed: int  # seed of the first variant's reference model (the next variants take the next seeds)
     # transformers' in-memory state dict -> the layout of the published checkpoints, which our export writes
     published_layout: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = dict
+    published_per_expert: bool = False  # the published layout holds one tensor per expert (`experts.{e}.*`)
     # the tiny configs whose every parameter's gradient is compared with transformers' at 1e-4
     gradient_variants: tuple[str, ...] = ("base", "alt", "wide")
 
@@ -48,12 +50,23 @@ class TinyFamily:
         return family_of(self.model_type)
 
     @property
+    def has_vision(self) -> bool:
+        """The family's main model has a vision tower: the image / video cases run on it."""
+        return self.registered.has_vision
+
+    @property
     def native(self) -> type[torch.nn.Module]:
-        return self.registered.vision_language
+        """The class the family builds by default (the vision-language one, or the text one of a text-only family)."""
+        return self.registered.model_class(text_only=False)
 
     @property
     def native_text(self) -> type[torch.nn.Module] | None:
         return self.registered.text_only
+
+    @property
+    def hf_auto_class(self) -> str:
+        """transformers' auto class that loads an export of `native`."""
+        return "AutoModelForImageTextToText" if self.has_vision else "AutoModelForCausalLM"
 
     def hf(self):
         import transformers
@@ -76,6 +89,9 @@ FAMILIES: dict[str, TinyFamily] = {f.model_type: f for f in (
                seed=0, gradient_variants=("base", "wide")),
     TinyFamily("qwen3_vl_moe", tuple(VL_MOE_VARIANTS), make_vl_moe_config, make_hf_vl_moe_model,
                "Qwen3VLMoeForConditionalGeneration", seed=10, published_layout=_transposed_experts),
+    # text-only; transformers saves the experts per expert, as the published checkpoints and our export hold them
+    TinyFamily("qwen3_moe", tuple(QWEN3_MOE_VARIANTS), make_qwen3_moe_config, make_hf_qwen3_moe_model,
+               "Qwen3MoeForCausalLM", seed=20, published_layout=per_expert_layout, published_per_expert=True),
 )}
 
 
@@ -87,6 +103,14 @@ def each_family(where: Callable[[TinyFamily], bool] = lambda f: True) -> list:
 def each_family_variant(variants: Callable[[TinyFamily], tuple[str, ...]] = lambda f: f.variants) -> list:
     """`pytest.param(family, variant)` of every family and every tiny config of it (or those `variants` names)."""
     return [pytest.param(f, v, id=f"{f.model_type}-{v}") for f in FAMILIES.values() for v in variants(f)]
+
+
+def each_family_case(cases: Callable[[TinyFamily], list[str]],
+                     variants: Callable[[TinyFamily], tuple[str, ...]] = lambda f: f.variants) -> list:
+    """`pytest.param(family, variant, case)` of every family, tiny config and the cases `cases(family)` selects for it
+    (the vision cases for families with vision only), ids `family-variant-case`."""
+    return [pytest.param(f, v, c, id=f"{f.model_type}-{v}-{c}")
+            for f in FAMILIES.values() for v in variants(f) for c in cases(f)]
 
 
 def reference_pair(family: TinyFamily, variant: str, path):

@@ -1,11 +1,12 @@
 """State-dict adapter and HF checkpoint I/O: layouts, round trips, transformers loading our exports, bad inputs.
 
-The first section runs on every registered family (families.py; ids name the family): HF -> native -> HF round trips
-from every layout a checkpoint comes in, our export loading in transformers with the same logits, rotary tables kept
-in fp32 under bf16, tied embeddings. Then what only Qwen3.5-MoE has (per-expert files from transformers, MTP tensors,
-Gated DeltaNet decay parameters kept in fp32), and the loader's handling of bad checkpoints and arguments, which does
-not depend on the family and runs on a Qwen3.5-MoE checkpoint. Qwen3-VL-MoE's own checks (its published expert
-layout, the real 30B / 235B key sets) are in test_model_qwen3_vl_moe_checkpoint.py.
+The first section runs on every registered family (families.py; ids name the family), text-only ones (Qwen3-MoE)
+included: HF -> native -> HF round trips from every layout a checkpoint comes in, our export loading in transformers'
+auto class with the same logits, rotary tables kept in fp32 under bf16, meta init, tied embeddings. Then what only
+Qwen3.5-MoE has (per-expert files from transformers, MTP tensors, Gated DeltaNet decay parameters kept in fp32), and
+the loader's handling of bad checkpoints and arguments, which does not depend on the family and runs on a Qwen3.5-MoE
+checkpoint. Qwen3-VL-MoE's own checks (its published expert layout, the real 30B / 235B key sets) are in
+test_model_qwen3_vl_moe_checkpoint.py, Qwen3-MoE's (the 30B-A3B key set) in test_model_qwen3_moe.py.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def read_all(path) -> dict[str, torch.Tensor]:
 # ---- every family ---------------------------------------------------------------------------------------------------
 
 
-# where a checkpoint's tensors come from: transformers' memory, its save_pretrained files (Qwen3.5: per expert), the
-# published checkpoints' layout (Qwen3-VL-MoE: experts transposed)
+# where a checkpoint's tensors come from: transformers' memory, its save_pretrained files (Qwen3.5, Qwen3-MoE: per
+# expert), the published checkpoints' layout (Qwen3-VL-MoE: experts transposed; Qwen3-MoE: per expert)
 LAYOUTS = ("in_memory", "saved", "published")
 
 
@@ -71,7 +72,7 @@ def test_hf_native_hf_round_trip_is_bitwise(saved, family, layout):
     hf, path = saved(family)
     in_memory = dict(hf.state_dict())
     source = {"in_memory": in_memory, "saved": read_all(path), "published": family.published_layout(in_memory)}[layout]
-    adapter = family.native.STATE_DICT_ADAPTER(hf.config, text_only=False)
+    adapter = family.native.STATE_DICT_ADAPTER(hf.config, text_only=family.native.TEXT_ONLY)
     native, aside = adapter.from_hf(source)
     assert not aside
     assert any(k.endswith("gate_and_up_projs") for k in native)
@@ -102,7 +103,7 @@ def test_published_layout_file_loads_like_transformers_file(saved, family, tmp_p
 
 @pytest.mark.parametrize("family", each_family())
 def test_our_export_loads_in_transformers_auto_class_with_same_logits(saved, family, tmp_path):
-    from transformers import AutoModelForImageTextToText
+    import transformers
 
     hf, path = saved(family)
     ours = family.native.from_pretrained(path).eval()
@@ -112,21 +113,23 @@ def test_our_export_loads_in_transformers_auto_class_with_same_logits(saved, fam
     out_dir = ours.save_pretrained(tmp_path / "export", max_shard_size="200KB")
     index = json.loads((out_dir / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # sharded
-    # the published layout: fused experts (no `.experts.0.`), each family's orientation
+    # the published layout: fused experts (no `.experts.0.`) in each family's orientation, or per expert
     on_disk = read_all(out_dir)
     published = family.published_layout(dict(hf.state_dict()))
     assert {k: v.shape for k, v in on_disk.items()} == {k: v.shape for k, v in published.items()}
-    assert not any(".experts.0." in k for k in on_disk)
+    assert any(".experts.0." in k for k in on_disk) == family.published_per_expert
     assert json.loads((out_dir / "config.json").read_text())["architectures"] == [family.hf_class]
-    reloaded, info = AutoModelForImageTextToText.from_pretrained(out_dir, output_loading_info=True)
+    auto = getattr(transformers, family.hf_auto_class)
+    reloaded, info = auto.from_pretrained(out_dir, output_loading_info=True)
     assert type(reloaded).__name__ == family.hf_class
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     reloaded = reloaded.float().eval()
-    reloaded.config.text_config._experts_implementation = "eager"
-    batch = vision_doc([4, ("image", (1, 4, 6)), 7, ("video", (2, 2, 2)), 5], seed=9)
+    reloaded.config.get_text_config()._experts_implementation = "eager"
     ids = torch.randint(0, 400, (1, 33))
     with torch.no_grad():
-        assert (reloaded(**batch).logits - ours(**batch).logits).abs().max() <= 1e-4
+        if family.has_vision:
+            batch = vision_doc([4, ("image", (1, 4, 6)), 7, ("video", (2, 2, 2)), 5], seed=9)
+            assert (reloaded(**batch).logits - ours(**batch).logits).abs().max() <= 1e-4
         assert (reloaded(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max() <= 1e-4
     assert (out_dir / "generation_config.json").is_file()  # companion files of the source are carried over
     again = family.native.from_pretrained(out_dir)  # and back into the native model, bitwise
@@ -134,7 +137,8 @@ def test_our_export_loads_in_transformers_auto_class_with_same_logits(saved, fam
         assert torch.equal(a, b), n
 
 
-@pytest.mark.parametrize("family", each_family(lambda f: f.native_text is not None))
+# the text-only model of a vision-language family (a text-only family's export is the test above)
+@pytest.mark.parametrize("family", each_family(lambda f: f.has_vision and f.native_text is not None))
 def test_text_only_export_loads_in_transformers_causal_lm(saved, family, tmp_path):
     _, path = saved(family)
     ours = family.native_text.from_pretrained(path).eval()
@@ -153,13 +157,17 @@ def test_bf16_keeps_rotary_inv_freq_fp32(saved, family):
     model = family.native.from_pretrained(path, dtype=torch.bfloat16).eval()
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert model.text_model.rotary_emb.inv_freq.dtype == torch.float32
-    assert model.model.visual.rotary_pos_emb.inv_freq.dtype == torch.float32
+    if family.has_vision:
+        assert model.model.visual.rotary_pos_emb.inv_freq.dtype == torch.float32
     fp32 = family.native.from_pretrained(path).eval()
     inv = fp32.text_model.rotary_emb.inv_freq.clone()
     fp32.to(torch.bfloat16)  # a cast of a loaded model must not round it either
     assert torch.equal(fp32.text_model.rotary_emb.inv_freq, inv)
     hi_model = family.native.from_pretrained(path).eval()
-    for batch in (dict(input_ids=torch.randint(0, 400, (1, 40))), vision_doc([4, ("image", (1, 4, 4)), 6], seed=2)):
+    batches = [dict(input_ids=torch.randint(0, 400, (1, 40)))]
+    if family.has_vision:
+        batches.append(vision_doc([4, ("image", (1, 4, 4)), 6], seed=2))
+    for batch in batches:
         with torch.no_grad():
             lo = model(**batch).logits.float()
             hi = hi_model(**batch).logits
@@ -466,7 +474,7 @@ def test_model_config_of_another_model_type_is_named(tmp_path):
     text = config_from({"model_type": "qwen3_5_moe_text", "hidden_size": 48})
     assert text.model_type == "qwen3_5_moe" and text.text_config.hidden_size == 48
     # the registry knows the family of every native class, wrapped ones (FSDP2's swap) included
-    assert supported_model_types() == ("qwen3_5_moe", "qwen3_5_moe_text", "qwen3_vl_moe")
+    assert supported_model_types() == ("qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_vl_moe")
     wrapped = type("FSDPQwen3_5MoeForCausalLM", (Qwen3_5MoeForCausalLM,), {})
     assert wrapped.hf_architecture() == "Qwen3_5MoeForCausalLM"
     with torch.device("meta"):

@@ -1,10 +1,12 @@
 """Packed rows (cu_seqlens): every document gets exactly the logits it gets alone; nothing leaks across boundaries.
 
 The first section runs on every registered family (families.py; ids name the family and the tiny config): each
-document of a packed row of text, image and video documents == itself alone == transformers alone, the loss and expert
-counts are per-document sums, and the path FSDP2 uses (one vision tower call) changes nothing. The rest runs on
-Qwen3.5-MoE, whose Gated DeltaNet carries a state that must not pass a boundary; Qwen3-VL-MoE's deepstack features
-following their document in a reordered row are tested in test_model_qwen3_vl_moe.py.
+document of a packed row of text, image and video documents (text documents only for a text-only family) == itself
+alone == transformers alone, the loss and expert counts are per-document sums, and, for families with vision, the
+path FSDP2 uses (one vision tower call) changes nothing. A text-only family also gets the negative control of its
+attention: the same row without cu_seqlens is one long document, and the documents after the first change. The rest
+runs on Qwen3.5-MoE, whose Gated DeltaNet carries a state that must not pass a boundary; Qwen3-VL-MoE's deepstack
+features following their document in a reordered row are tested in test_model_qwen3_vl_moe.py.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ import copy
 
 import pytest
 import torch
-from families import each_family, each_family_variant, reference_pair
-from tiny_configs import PACKED_DOCS, make_config, make_hf_model, pack, vision_doc
+from families import each_family, each_family_case, reference_pair
+from tiny_configs import PACKED_DOCS, TEXT_PACKED_DOCS, make_config, make_hf_model, pack, text_doc, vision_doc
 
 from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration
 from qmoe_lightning.models.mrope_positions import mrope_position_ids_packed
 from qmoe_lightning.models.parallel_context import ParallelContext
 
 TOL = 1e-4
-DOC_SEEDS = {"long_text": 20, "image_at_boundary": 40}
+DOC_SEEDS = {"long_text": 20, "image_at_boundary": 40, "text_docs": 60}
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +42,19 @@ def pairs(tmp_path_factory):
 
 
 def _docs(name: str) -> list[dict]:
+    if name in TEXT_PACKED_DOCS:  # input_ids only: what a text-only model and transformers' causal LM take
+        return [text_doc(n, seed=DOC_SEEDS[name] + i) for i, n in enumerate(TEXT_PACKED_DOCS[name])]
     return [vision_doc(p, seed=DOC_SEEDS[name] + i) for i, p in enumerate(PACKED_DOCS[name])]
+
+
+def _packed_docs(family) -> list[str]:
+    return list(PACKED_DOCS) if family.has_vision else list(TEXT_PACKED_DOCS)
 
 
 # ---- every family ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("docs_name", list(PACKED_DOCS))
-@pytest.mark.parametrize("family,variant", each_family_variant(lambda f: ("base", "wide")))
+@pytest.mark.parametrize("family,variant,docs_name", each_family_case(_packed_docs, lambda f: ("base", "wide")))
 def test_each_document_gets_its_alone_logits(pairs, family, variant, docs_name):
     hf, nat = pairs(family, variant)
     docs = _docs(docs_name)
@@ -72,10 +79,13 @@ def test_each_document_gets_its_alone_logits(pairs, family, variant, docs_name):
 @pytest.mark.parametrize("family", each_family())
 def test_packed_loss_and_expert_counts_are_per_document_sums(pairs, family):
     _, nat = pairs(family, "base")
-    docs = _docs("long_text")
+    docs = _docs(_packed_docs(family)[0])
     row = pack(docs)
     labels = row["input_ids"].clone()
-    labels[row["mm_token_type_ids"] != 0] = -100
+    if "mm_token_type_ids" in row:
+        labels[row["mm_token_type_ids"] != 0] = -100
+    else:  # a text row: leave some targets out (their logits still run through the experts)
+        labels[0, ::7] = -100
     with torch.no_grad():
         packed = nat(**row, labels=labels)
         cu = row["cu_seqlens"].tolist()
@@ -90,7 +100,7 @@ def test_packed_loss_and_expert_counts_are_per_document_sums(pairs, family):
     assert torch.equal(packed.expert_token_counts, counts)
 
 
-@pytest.mark.parametrize("family", each_family())
+@pytest.mark.parametrize("family", each_family(lambda f: f.has_vision))
 def test_always_run_vision_changes_nothing(pairs, family, monkeypatch):
     """`always_run_vision` (set under FSDP so every rank runs the same modules): images + video in one tower call,
     a zero placeholder when there is no image; logits equal the default path, and the tower gets (zero) gradients
@@ -126,6 +136,22 @@ def test_always_run_vision_changes_nothing(pairs, family, monkeypatch):
             one = nat(**batch).logits
             monkeypatch.setattr(nat, "parallel", None)
         assert (one - two).abs().max() <= 1e-6, case
+
+
+@pytest.mark.parametrize("family", each_family(lambda f: not f.has_vision))
+def test_without_cu_seqlens_the_documents_would_see_each_other(pairs, family):
+    """Negative control of the packed tests of a text-only (attention-only) family: the same row without cu_seqlens is
+    one long document; the first document is unchanged (causal), every later one differs from itself alone."""
+    _, nat = pairs(family, "base")
+    docs = _docs("text_docs")
+    row = pack(docs)
+    cu = row.pop("cu_seqlens").tolist()
+    with torch.no_grad():
+        packed = nat(**row, cu_seqlens=torch.tensor(cu, dtype=torch.int32)).logits
+        leaky = nat(**row).logits
+    assert (packed[:, : cu[1]] - leaky[:, : cu[1]]).abs().max() <= TOL
+    for i in range(1, len(docs)):
+        assert (packed[:, cu[i]: cu[i + 1]] - leaky[:, cu[i]: cu[i + 1]]).abs().max() > 1e-2, f"document {i}"
 
 
 # ---- Qwen3.5-MoE: the Gated DeltaNet state ends at a boundary ------------------------------------------------------

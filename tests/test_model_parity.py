@@ -2,12 +2,14 @@
 (families.py; ids name the family and the tiny config: `[qwen3_vl_moe-alt-video]`).
 
 Covers: three tiny configs per family (layer patterns, head counts, GQA ratios, partial rotary, experts / top-k,
-dense layers, deepstack indexes, mRoPE sections), text, a padded batch of rows, one image, two images of different
-sizes, a video, an image beside a video in both orders; loss, aux loss, expert counts, positions and every parameter's
-gradient; the loss options (label_logits_only, num_items_in_batch, fused loss) and the errors of bad inputs; the
-text-only model of a family that has one. Packed rows are tested in test_model_packing.py; what only one family has
-in test_model_qwen3_vl_moe.py (deepstack, dense layers), test_model_packing.py (Qwen3.5's Gated DeltaNet state) and
-test_model_mtp.py (Qwen3.5's MTP).
+dense layers, deepstack indexes, mRoPE sections, norm_topk_prob, tied embeddings), text, a padded batch of rows, and
+for families with vision one image, two images of different sizes, a video, an image beside a video in both orders;
+loss, aux loss, expert counts, positions and every parameter's gradient; the loss options (label_logits_only,
+num_items_in_batch, fused loss) and the errors of bad inputs (a text-only family refuses images); the text-only model
+of a vision-language family that has one. A text-only family (Qwen3-MoE) runs every text case on its causal-LM class
+against transformers' (`TinyFamily.has_vision` selects the cases). Packed rows are tested in test_model_packing.py;
+what only one family has in test_model_qwen3_vl_moe.py (deepstack, dense layers), test_model_qwen3_moe.py (dense
+layers, norm_topk_prob), test_model_packing.py (Qwen3.5's Gated DeltaNet state) and test_model_mtp.py (Qwen3.5's MTP).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import copy
 
 import pytest
 import torch
-from families import FAMILIES, each_family, each_family_variant, reference_pair
-from tiny_configs import assert_gradients_match, vision_doc
+from families import FAMILIES, each_family, each_family_case, reference_pair
+from tiny_configs import assert_gradients_match, text_doc, vision_doc
 
 from qmoe_lightning.models.registry import family_of, supported_model_types
 
@@ -61,16 +63,29 @@ CASES = {
     "image_and_video": [2, ("image", (1, 2, 4)), 3, ("video", (2, 2, 2)), 3],
     "video_then_image": [2, ("video", (2, 2, 2)), 3, ("image", (1, 2, 4)), 3],
 }
+TEXT_CASES = ["text_batch", "text"]
 
 
-@pytest.mark.parametrize("case", ["text_batch", *CASES])
-@pytest.mark.parametrize("family,variant", each_family_variant())
+def _cases(family) -> list[str]:
+    return ["text_batch", *CASES] if family.has_vision else TEXT_CASES
+
+
+def _doc(family, case: str, seed: int) -> dict:
+    """The document of a `CASES` entry; a text-only family gets its text as input_ids alone (transformers' causal-LM
+    class takes no token types)."""
+    if family.has_vision:
+        return vision_doc(CASES[case], seed=seed)
+    (length,) = CASES[case]
+    return text_doc(length, seed=seed)
+
+
+@pytest.mark.parametrize("family,variant,case", each_family_case(_cases))
 def test_logits_loss_aux_and_positions_match(pairs, family, variant, case):
     hf, nat, _ = pairs(family, variant)
     if case == "text_batch":
         batch, labels = _text_batch()
     else:
-        batch = vision_doc(CASES[case], seed=3)
+        batch = _doc(family, case, seed=3)
         labels = batch["input_ids"].clone()
         labels[0, :3] = -100
     with torch.no_grad():
@@ -116,16 +131,21 @@ GRADIENT_DOCS = {
     "two_images": [6, ("image", (1, 4, 6)), 20, ("image", (1, 2, 2)), 11],
     "image_and_video": [6, ("image", (1, 4, 6)), 20, ("video", (2, 2, 4)), 11],
 }
+# a text-only family: one document, and the two-row batch (targets of the first row starting late)
+TEXT_GRADIENT_DOCS = ["text", "text_batch"]
 
 
-@pytest.mark.parametrize("doc", list(GRADIENT_DOCS))
-@pytest.mark.parametrize("family,variant", each_family_variant(lambda f: f.gradient_variants))
+@pytest.mark.parametrize("family,variant,doc", each_family_case(
+    lambda f: list(GRADIENT_DOCS) if f.has_vision else TEXT_GRADIENT_DOCS, lambda f: f.gradient_variants))
 def test_every_parameter_gradient_matches(pairs, family, variant, doc):
     hf, nat, _ = pairs(family, variant)
     hf, nat = copy.deepcopy(hf).train(), copy.deepcopy(nat).train()
-    batch = vision_doc(GRADIENT_DOCS[doc], seed=4)
-    labels = batch["input_ids"].clone()
-    labels[0, :4] = -100
+    if doc == "text_batch":
+        batch, labels = _text_batch()
+    else:
+        batch = vision_doc(GRADIENT_DOCS[doc], seed=4) if family.has_vision else text_doc(57, seed=4)
+        labels = batch["input_ids"].clone()
+        labels[0, :4] = -100
     ref = hf(**batch, labels=labels, output_router_logits=True)
     out = nat(**batch, labels=labels, output_router_logits=True)
     ref.loss.backward()
@@ -133,7 +153,7 @@ def test_every_parameter_gradient_matches(pairs, family, variant, doc):
     assert assert_gradients_match(hf, nat, TOL) == len(list(nat.parameters()))
 
 
-@pytest.mark.parametrize("family", each_family(lambda f: f.native_text is not None))
+@pytest.mark.parametrize("family", each_family(lambda f: f.has_vision and f.native_text is not None))
 def test_text_only_model_matches_vl_text_path_and_loads_vl_checkpoint(pairs, family):
     hf, nat, path = pairs(family, "alt")
     text = family.native_text.from_pretrained(path).eval()
@@ -197,9 +217,20 @@ def test_fused_lm_loss_matches_logits_path_with_gradients(pairs, family):
 def test_bad_forward_inputs_raise_clear_errors(pairs, family):
     _, nat, _ = pairs(family, "base")
     batch = vision_doc([3, ("image", (1, 4, 4)), 3])
-    bad = dict(batch, image_grid_thw=torch.tensor([[1, 4, 8]]), pixel_values=torch.randn(32, 1536))
-    with pytest.raises(ValueError, match="placeholder tokens"):
-        nat(**bad)
+    if family.has_vision:
+        bad = dict(batch, image_grid_thw=torch.tensor([[1, 4, 8]]), pixel_values=torch.randn(32, 1536))
+        with pytest.raises(ValueError, match="placeholder tokens"):
+            nat(**bad)
+    else:
+        # a text-only model refuses images rather than training on their placeholder tokens as text
+        with pytest.raises(ValueError, match="is text-only, but the batch holds images or videos"):
+            nat(**batch)
+        with pytest.raises(ValueError, match="is text-only"):  # image token types without pixels too
+            nat(input_ids=batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"])
+        # while all-zero token types (what the data module gives a text row) are accepted and change nothing
+        text = vision_doc([23], seed=6)
+        with torch.no_grad():
+            assert torch.equal(nat(**text).logits, nat(input_ids=text["input_ids"]).logits)
     with pytest.raises(ValueError, match="cu_seqlens"):
         nat(input_ids=torch.zeros(1, 10, dtype=torch.long), cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32))
     with pytest.raises(TypeError, match="unexpected forward argument"):

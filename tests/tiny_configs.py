@@ -1,12 +1,12 @@
-"""Tiny Qwen3.5-MoE and Qwen3-VL-MoE configs for CPU parity tests (run in milliseconds), and helpers shared by the
-tests (documents with images / videos, transformers' gradient of a native parameter)."""
+"""Tiny Qwen3.5-MoE, Qwen3-VL-MoE and Qwen3-MoE configs for CPU parity tests (run in milliseconds), and helpers shared
+by the tests (documents with images / videos, packed rows, transformers' gradient of a native parameter)."""
 
 from __future__ import annotations
 
 import copy
 
 import torch
-from transformers import Qwen3_5MoeConfig, Qwen3VLMoeConfig
+from transformers import Qwen3_5MoeConfig, Qwen3MoeConfig, Qwen3VLMoeConfig
 
 VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
               temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=64)
@@ -62,7 +62,7 @@ def _reference_model(hf_class, config, seed: int):
     (0 for zero-centred norms, 1 for plain ones) so that the norms are tested, not skipped."""
     torch.manual_seed(seed)
     model = hf_class(copy.deepcopy(config)).float().eval()
-    model.config.text_config._experts_implementation = "eager"
+    model.config.get_text_config()._experts_implementation = "eager"  # the text config (a text-only config: itself)
     model.config._experts_implementation = "eager"
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -188,9 +188,11 @@ PACKED_DOCS = {
 
 
 def pack(docs: list[dict]) -> dict:
-    """Documents (`vision_doc` outputs) -> one packed row with cu_seqlens, pixels and grids concatenated in order."""
-    row = {"input_ids": torch.cat([d["input_ids"] for d in docs], 1),
-           "mm_token_type_ids": torch.cat([d["mm_token_type_ids"] for d in docs], 1)}
+    """Documents (`vision_doc` or `text_doc` outputs) -> one packed row with cu_seqlens, token types (when the
+    documents have them), pixels and grids concatenated in order."""
+    row = {"input_ids": torch.cat([d["input_ids"] for d in docs], 1)}
+    if all("mm_token_type_ids" in d for d in docs):
+        row["mm_token_type_ids"] = torch.cat([d["mm_token_type_ids"] for d in docs], 1)
     for pix, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
         with_it = [d for d in docs if pix in d]
         if with_it:
@@ -221,3 +223,79 @@ def assert_gradients_match(hf_model, native, tol: float) -> int:
         assert ((p.grad - g_ref).abs().max() / scale) <= tol, f"{name}: gradient differs"
         checked += 1
     return checked
+
+
+# ---- Qwen3-MoE (text-only) ------------------------------------------------------------------------------------------
+# head_dim given (and != hidden / heads) or omitted (transformers then takes hidden / heads); dense MLP layers by
+# mlp_only_layers and by decoder_sparse_step; norm_topk_prob on and off; tied embeddings in one config. 2I != H
+# everywhere, so a transposed expert tensor cannot pass for the right one.
+QWEN3_MOE_BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=24, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=24, decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=True,
+                      max_position_embeddings=1024, router_aux_loss_coef=0.001, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=1e6))
+QWEN3_MOE_VARIANTS = {
+    "base": {},
+    # MoE on layers 1 and 3 only; head_dim omitted (64 / 8 = 8); one kv head for 8 query heads; weights are the
+    # softmax probabilities of the top 4 (not renormalised)
+    "alt": dict(num_hidden_layers=5, num_attention_heads=8, num_key_value_heads=1, head_dim=None, num_experts=16,
+                num_experts_per_tok=4, moe_intermediate_size=20, decoder_sparse_step=2, mlp_only_layers=[],
+                norm_topk_prob=False, rope_parameters=dict(rope_type="default", rope_theta=1e4)),
+    # the first layer dense; top-1 (renormalised: weight 1); lm_head tied to the embedding
+    "wide": dict(num_hidden_layers=3, hidden_size=96, intermediate_size=80, num_attention_heads=6,
+                 num_key_value_heads=3, head_dim=32, num_experts=6, num_experts_per_tok=1, moe_intermediate_size=40,
+                 mlp_only_layers=[0], tie_word_embeddings=True,
+                 rope_parameters=dict(rope_type="default", rope_theta=1e4)),
+}
+
+
+def make_qwen3_moe_config(variant: str = "base", **overrides) -> Qwen3MoeConfig:
+    spec = copy.deepcopy(QWEN3_MOE_BASE)
+    spec.update(copy.deepcopy(QWEN3_MOE_VARIANTS[variant]))
+    spec.update(overrides)
+    if spec["head_dim"] is None:  # omitted, not None: transformers' getattr(config, "head_dim", hidden // heads)
+        del spec["head_dim"]
+    return Qwen3MoeConfig(**spec)
+
+
+def make_hf_qwen3_moe_model(config: Qwen3MoeConfig, seed: int = 0):
+    """transformers' Qwen3MoeForCausalLM in fp32 with eager attention and the eager (per-expert loop) experts, norms
+    perturbed away from their initial 1."""
+    from transformers import Qwen3MoeForCausalLM as HF
+
+    model = _reference_model(HF, config, seed)
+    model.config._attn_implementation = "eager"  # read at every forward: the plain softmax(QK^T)V reference
+    return model
+
+
+def text_doc(length: int, seed: int = 0) -> dict:
+    """A text document as a text-only model (and transformers' causal-LM class) takes it: input_ids (1, length)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(input_ids=torch.randint(0, 400, (length,), generator=g)[None])
+
+
+# documents of the packed-row tests of text-only families: lengths not multiples of 64, one longer than 128
+TEXT_PACKED_DOCS = {
+    "text_docs": [65, 131, 11, 45, 1, 29],
+}
+
+
+def per_expert_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' fused in-memory experts (`experts.gate_up_proj` (E, 2I, H), gate rows first, `experts.down_proj`
+    (E, H, I)) -> one nn.Linear weight per expert and projection (`experts.{e}.{gate,up,down}_proj.weight`): what
+    transformers' save_pretrained writes and the published Qwen3-MoE checkpoints hold. Views, no copies (works on
+    meta tensors)."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(".mlp.experts.gate_up_proj"):
+            prefix, inter = k[: -len("gate_up_proj")], v.shape[1] // 2
+            for e in range(v.shape[0]):
+                out[f"{prefix}{e}.gate_proj.weight"] = v[e, :inter]
+                out[f"{prefix}{e}.up_proj.weight"] = v[e, inter:]
+        elif k.endswith(".mlp.experts.down_proj"):
+            prefix = k[: -len("down_proj")]
+            for e in range(v.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = v[e]
+        else:
+            out[k] = v
+    return out
