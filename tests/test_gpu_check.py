@@ -52,13 +52,14 @@ def test_dry_run_reports_every_section_with_finite_figures(tmp_path):
         assert values and all(math.isfinite(v) for v in values), name
 
     parity = report["steps"]["parity"]["result"]
-    for family in ("qwen3_5_moe", "qwen3_vl_moe"):
+    for family in ("qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe"):  # every registered family, text-only included
+        vision = family != "qwen3_moe"
         for dtype in ("fp32", "bf16"):
             entry = parity[f"{family}/{dtype}"]
-            assert set(entry["cases"]) == {"text", "image", "video"}
+            assert set(entry["cases"]) == ({"text", "image", "video"} if vision else {"text"})
             assert entry["within_tolerance"], (family, dtype, entry["max_abs_logit_diff"])
             packed = entry["packed"]
-            assert packed["documents"] == 5 and packed["tokens"] > 0
+            assert packed["documents"] == (5 if vision else 6) and packed["tokens"] > 0
             if dtype == "fp32":  # CPU fp32 is the tests' tight parity
                 assert entry["max_abs_logit_diff"] <= 1e-4 and packed["max_abs_logit_diff_vs_native_alone"] <= 1e-4
         assert parity[f"{family}/fp32"]["paths"]["attention"] != "none"
@@ -213,6 +214,6 @@ def test_the_check_on_this_gpu(tmp_path):
         assert step["status"] == "ok", (name, step.get("error"))
         assert all(math.isfinite(v) for v in numbers(step["result"])), name
     parity = report["steps"]["parity"]["result"]
-    assert all(parity[f"{family}/{dtype}"]["within_tolerance"] for family in ("qwen3_5_moe", "qwen3_vl_moe")
-               for dtype in ("fp32", "bf16")), parity
+    assert all(parity[f"{family}/{dtype}"]["within_tolerance"]
+               for family in ("qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe") for dtype in ("fp32", "bf16")), parity
     assert report["summary"]["cp_kernels"]["within_tolerance"] is True

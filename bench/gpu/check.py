@@ -9,8 +9,9 @@ the next one still runs; the JSON is rewritten after every step, so a killed run
 
   facts    machine and versions (torch, CUDA, GPU, transformers, fla, triton, ...), varlen_attn's signature, a bf16
            matmul ceiling measured on the spot
-  parity   native vs transformers (the reference a user gets there: fla when installed) on tests/tiny_configs.py's
-           tiny configs, both families, fp32 (tight) and bf16 (reported): text, image and video documents, max |logit
+  parity   native vs transformers (the reference a user gets there: fla when installed) on the tests' tiny configs
+           of every registered family (tests/families.py), fp32 (tight) and bf16 (reported): text, image and video
+           documents (text only for a text-only family), max |logit
            diff|, loss and aux diffs; a packed row vs each document alone (native) and vs transformers alone; which
            kernel paths the native model took (see KernelSpy)
   cp_kernels  context parallelism's kernel calls on one rank's view (a stand-in comm, one process), vs an fp64
@@ -82,6 +83,7 @@ VERSIONS = ("torch", "triton", "transformers", "flash-linear-attention", "fla-co
 CASES = {"text": [37], "image": [5, ("image", (1, 4, 6)), 9], "video": [4, ("video", (2, 4, 4)), 5]}
 PACKED_DOCS = [[5, ("image", (1, 4, 6)), 60], [131], [3, ("image", (1, 4, 4)), 11, ("image", (1, 6, 8)), 14], [45],
                [2, ("video", (2, 4, 4)), 9]]
+TEXT_PACKED_DOCS = [[65], [131], [11], [45], [1], [29]]  # a text-only family's row: the same kinds of lengths
 
 
 class StepTimeout(Exception):
@@ -384,13 +386,12 @@ def step_facts(res: dict, ctx: dict) -> None:
 
 
 def _family(name: str):
-    from tiny_configs import make_config, make_hf_model, make_hf_vl_moe_model, make_vl_moe_config
+    """(tiny config, transformers reference builder, native class, has vision) of a registered family, from the
+    tests' family table (tests/families.py: one entry per family of the registry)."""
+    from families import FAMILIES
 
-    from qmoe_lightning.models import Qwen3_5MoeForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
-
-    if name == "qwen3_5_moe":
-        return make_config("base"), make_hf_model, Qwen3_5MoeForConditionalGeneration
-    return make_vl_moe_config("base"), make_hf_vl_moe_model, Qwen3VLMoeForConditionalGeneration
+    f = FAMILIES[name]
+    return f.make_config("base"), f.make_hf_model, f.native, f.has_vision
 
 
 def _parity_one(family: str, dtype_name: str, device, tmp: Path, errors: list) -> dict:
@@ -399,7 +400,7 @@ def _parity_one(family: str, dtype_name: str, device, tmp: Path, errors: list) -
     from tiny_configs import pack, vision_doc
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    cfg, make_hf, native_cls = _family(family)
+    cfg, make_hf, native_cls, vision = _family(family)
     path = tmp / f"{family}"
     hf_cls = getattr(transformers, native_cls.HF_ARCHITECTURE)
     if dtype_name == "fp32" or not (path / "config.json").exists():
@@ -420,9 +421,10 @@ def _parity_one(family: str, dtype_name: str, device, tmp: Path, errors: list) -
         return o
 
     with torch.no_grad():
-        for case, pieces in CASES.items():
+        for case, pieces in CASES.items() if vision else [("text", CASES["text"])]:
             batch = to_device(vision_doc(pieces, seed=3), device)
             labels = text_labels(batch)
+            batch = batch if vision else {"input_ids": batch["input_ids"]}  # a text-only model takes ids alone
             ref = hf(**batch, labels=labels, output_router_logits=True)
             got, retried = with_fallbacks(lambda: native_call(**batch, labels=labels, output_router_logits=True),
                                           errors, f"parity {family} {dtype_name} {case}")
@@ -434,9 +436,13 @@ def _parity_one(family: str, dtype_name: str, device, tmp: Path, errors: list) -
                 "aux_loss_diff": rnd(abs(ref.aux_loss.item() - got.aux_loss.item())),
                 **({"disabled_after_error": retried} if retried else {}),
             }
-        docs = [to_device(vision_doc(p, seed=20 + i), device) for i, p in enumerate(PACKED_DOCS)]
+        docs = [to_device(vision_doc(p, seed=20 + i), device)
+                for i, p in enumerate(PACKED_DOCS if vision else TEXT_PACKED_DOCS)]
         row = pack(docs)
         labels = text_labels(row)
+        if not vision:
+            docs = [{"input_ids": d["input_ids"]} for d in docs]
+            row = {k: row[k] for k in ("input_ids", "cu_seqlens")}
         packed, retried = with_fallbacks(lambda: native_call(**row, labels=labels, output_router_logits=True),
                                          errors, f"parity {family} {dtype_name} packed")
         cu = row["cu_seqlens"].tolist()
@@ -474,7 +480,9 @@ def step_parity(res: dict, ctx: dict) -> None:
                    "transformers runs fla when installed (conftest-style hiding only on CPU).")
     errors = res.setdefault("errors", [])
     with tempfile.TemporaryDirectory(prefix="gpu_check_parity_") as tmp:
-        for family in ("qwen3_5_moe", "qwen3_vl_moe"):
+        from families import FAMILIES
+
+        for family in FAMILIES:  # every registered family (the tests' table fails for one without an entry)
             for dtype_name in ("fp32", "bf16"):
                 key = f"{family}/{dtype_name}"
                 t0 = time.perf_counter()
