@@ -263,3 +263,17 @@ def _weights_of_embedded() -> dict[str, torch.Tensor]:
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def test_text_family_ep2_equals_one_process_accumulating(tmp_path):
+    """The text-only Qwen3-MoE family (embedded:qwen3_moe: a dense layer among the MoE ones; it trains on the text
+    rows, the image rows counted as skips) through the same acceptance: gradients tight, weights within the bound."""
+    model = ("--model.pretrained", "embedded:qwen3_moe")
+    ep, single = tmp_path / "ep2", tmp_path / "single"
+    proc = _fit(ep, *model)
+    assert "FSDPQwen3MoeForCausalLM" in proc.stdout + proc.stderr  # really parallelised
+    _fit(single, *model, "--trainer.accumulate_grad_batches", "2", devices=1)
+    grads = _compare_gradients(ep, single)
+    worst = _compare(_weights(ep), _weights(single), weight_bound(LR))
+    print(f"qwen3_moe ep=2 vs 1 process x accumulate 2: gradients {grads:.2e}, weights {worst:.2e}")
+    assert json.loads((ep / "hf_export" / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
