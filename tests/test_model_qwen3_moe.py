@@ -1,7 +1,7 @@
 """What only Qwen3-MoE (text-only) has: its tiny configs cover what they claim (dense MLP layers by mlp_only_layers and
 by decoder_sparse_step, head_dim given and omitted, norm_topk_prob on and off, tied embeddings), norm_topk_prob is
 honoured (a negative control: the flipped flag breaks the match with transformers), transformers' save_pretrained
-writes the per-expert layout the tests call published, and the published Qwen3-30B-A3B checkpoint's key set and shapes
+writes the per-expert layout the tests call published, and the published Qwen3-30B-A3B and 235B-A22B key sets and shapes
 are exactly what our export writes from a model built on the meta device. The properties every family shares (logits,
 loss, gradients, packed rows, round trips, export loaded by transformers) are tested in test_model_parity.py,
 test_model_packing.py and test_model_checkpoint.py.
@@ -91,31 +91,52 @@ def qwen3_30b_a3b_config():
         eos_token_id=151645)
 
 
-def test_qwen3_30b_a3b_builds_on_meta_and_exports_transformers_key_set():
-    """Our export of a Qwen3-30B-A3B model (built on meta: no memory, no weights) names exactly the tensors, with the
+def qwen3_235b_a22b_config():
+    """The published Qwen/Qwen3-235B-A22B(-Instruct-2507) config.json's values (nothing is downloaded)."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=94, num_attention_heads=64,
+        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=1536,
+        decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, tie_word_embeddings=False,
+        max_position_embeddings=262144, rms_norm_eps=1e-6,
+        rope_parameters=dict(rope_type="default", rope_theta=5e6), attention_bias=False, use_sliding_window=False,
+        router_aux_loss_coef=0.001, bos_token_id=151643, eos_token_id=151645)
+
+
+PUBLISHED = {  # config, hidden, moe_intermediate, q heads, layers, parameters (the model cards' 30.5B / 235B)
+    "30b_a3b": (qwen3_30b_a3b_config, 2048, 768, 32, 48, (30.4e9, 30.6e9)),
+    "235b_a22b": (qwen3_235b_a22b_config, 4096, 1536, 64, 94, (234.5e9, 235.5e9)),
+}
+
+
+@pytest.mark.parametrize("size", list(PUBLISHED))
+def test_published_sizes_build_on_meta_and_export_transformers_key_set(size):
+    """Our export of a Qwen3-30B-A3B / 235B-A22B model (built on meta: no memory, no weights) names exactly the tensors, with the
     shapes, that transformers' save_pretrained writes for the same config (its meta model's state dict in the
     per-expert layout, which test_transformers_saves_the_per_expert_layout checks is what it writes), and reading
     those names back fills every native tensor exactly once."""
     from transformers import Qwen3MoeForCausalLM as HF
 
-    config = qwen3_30b_a3b_config()
+    make_config, H, I, heads, L, params = PUBLISHED[size]
+    config = make_config()
     native = family_of("qwen3_moe").model_class(text_only=False).from_config(config, dtype=torch.bfloat16,
                                                                              device="meta")
     assert all(p.is_meta for p in native.parameters())
     with torch.device("meta"):
         hf = HF(config)
     expected = {k: tuple(v.shape) for k, v in per_expert_layout(dict(hf.state_dict())).items()}
-    assert len(expected) == 3 + 48 * (4 + 2 + 2 + 1 + 128 * 3)  # embed, norm, lm_head; per layer attn, norms, experts
+    assert len(expected) == 3 + L * (4 + 2 + 2 + 1 + 128 * 3)  # embed, norm, lm_head; per layer attn, norms, experts
     adapter = native.state_dict_adapter()
     exported = {k: tuple(v.shape) for k, v in adapter.to_hf(native.state_dict()).items()}
     assert exported == expected
-    assert exported["model.layers.47.mlp.experts.127.gate_proj.weight"] == (768, 2048)
-    assert exported["model.layers.0.mlp.experts.0.down_proj.weight"] == (2048, 768)
-    assert exported["model.layers.0.self_attn.q_proj.weight"] == (32 * 128, 2048)
-    assert exported["model.layers.0.self_attn.k_proj.weight"] == (4 * 128, 2048)
-    assert exported["lm_head.weight"] == (151936, 2048)
-    # about 30.5B parameters, as the model card says
-    assert 30.4e9 < sum(torch.Size(s).numel() for s in exported.values()) < 30.6e9
+    assert exported[f"model.layers.{L - 1}.mlp.experts.127.gate_proj.weight"] == (I, H)
+    assert exported["model.layers.0.mlp.experts.0.down_proj.weight"] == (H, I)
+    assert exported["model.layers.0.self_attn.q_proj.weight"] == (heads * 128, H)
+    assert exported["model.layers.0.self_attn.k_proj.weight"] == (4 * 128, H)
+    assert exported["lm_head.weight"] == (151936, H)
+    # the parameter count of the model card
+    assert params[0] < sum(torch.Size(s).numel() for s in exported.values()) < params[1]
     # and back: every published tensor lands in exactly one native slot of the right shape, covering every tensor
     want = {k: tuple(v.shape) for k, v in native.state_dict().items()}
     slots: dict[str, set] = {}
@@ -127,7 +148,7 @@ def test_qwen3_30b_a3b_builds_on_meta_and_exports_transformers_key_set():
             slots[a.native_key].add(slot)
     assert set(slots) == set(want)
     experts = native.text_model.layers[0].mlp.experts
-    assert tuple(experts.gate_and_up_projs.shape) == (128, 2048, 2 * 768)
+    assert tuple(experts.gate_and_up_projs.shape) == (128, H, 2 * I)
     assert {len(s) for k, s in slots.items() if k.endswith("gate_and_up_projs")} == {128 * 2}  # gate, up per expert
     assert {len(s) for k, s in slots.items() if k.endswith("down_projs")} == {128}
     assert native.text_model.rotary_emb.inv_freq.numel() == 128 // 2  # the whole head rotates
