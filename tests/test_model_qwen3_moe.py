@@ -114,8 +114,8 @@ PUBLISHED = {  # config, hidden, moe_intermediate, q heads, layers, parameters (
 def test_published_sizes_build_on_meta_and_export_transformers_key_set(size):
     """Our export of a Qwen3-30B-A3B / 235B-A22B model (built on meta: no memory, no weights) names exactly the
     tensors, with the shapes, that transformers' save_pretrained writes for the same config (its meta model's state
-    dict in the per-expert layout, which test_transformers_saves_the_per_expert_layout checks is what it writes), and reading
-    those names back fills every native tensor exactly once."""
+    dict in the per-expert layout, which test_transformers_saves_the_per_expert_layout checks is what it writes),
+    and reading those names back fills every native tensor exactly once."""
     from transformers import Qwen3MoeForCausalLM as HF
 
     make_config, H, I, heads, L, params = PUBLISHED[size]
