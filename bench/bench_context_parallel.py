@@ -84,7 +84,7 @@ def _worker(rank: int, world: int, port: int, tokens: int, vocab: int, threads: 
         from qmoe_lightning.parallel.context_parallel import ContextParallelGroup, ContextParallelRows
 
         group = ContextParallelGroup(None)  # the row split over every process, nothing else parallelised
-        model.parallel = ParallelContext(rows=ContextParallelRows(group), cp_group=group)
+        model.parallel = ParallelContext(rows=ContextParallelRows(group))
     row = make_row(tokens, vocab)
     result = {}
     for attempt in range(2):  # the first step warms up allocators and kernels

@@ -58,7 +58,7 @@ def _cp_context(group):
     from qmoe_lightning.models.parallel_context import ParallelContext
     from qmoe_lightning.parallel.context_parallel import ContextParallelRows
 
-    return ParallelContext(rows=ContextParallelRows(group), cp_group=group)
+    return ParallelContext(rows=ContextParallelRows(group))
 
 
 def _model(family: str):

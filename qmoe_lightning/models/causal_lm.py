@@ -262,7 +262,7 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
 
     def context_parallel_group(self):
         """The ranks sharing each row (set by `parallel.parallelize_model`), None when rows stay on one rank."""
-        return self.parallel.cp_group if self.parallel is not None and self.rows.size > 1 else None
+        return self.rows.group
 
     def _multi_token_prediction(self, whole, hidden, rope, info: SequenceInfo, labels, normaliser,
                                 *, fused: bool, metrics: bool) -> MtpOutput:

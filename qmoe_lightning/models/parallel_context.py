@@ -28,6 +28,9 @@ class RowSplit(Protocol):
     """How a packed row is divided among the ranks that share it (see the module doc)."""
 
     size: int  # ranks sharing a row (1: whole rows)
+    # the ranks sharing each row (`parallel.context_parallel.ContextParallelGroup`: size, rank, all_reduce_sum,
+    # gather_rows), for what is summed or gathered outside the forward (evaluation, statistics); None: whole rows
+    group: object | None
 
     def split(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, info: SequenceInfo,
               targets: torch.Tensor | None, deepstack, min_slice: int):
@@ -49,6 +52,7 @@ class WholeRow:
     """Every rank holds whole rows: the single-device split."""
 
     size = 1
+    group = None
 
     def split(self, inputs_embeds, position_ids, info, targets, deepstack, min_slice: int):
         return inputs_embeds, position_ids, info, targets, deepstack
@@ -73,10 +77,7 @@ class ParallelContext:
     mesh: object | None = None  # the training DeviceMesh ("replicate", "efsdp", "ep"; flattened "dp_shard", ...)
     ep_size: int = 1  # ranks an MoE layer's experts are spread over
     fsdp: bool = False  # parameters sharded by FSDP2 (DTensors)
-    rows: RowSplit = WHOLE_ROW  # how rows are split over ranks (context parallelism) or not
-    # the ranks sharing each row (`parallel.context_parallel.ContextParallelGroup`: size, rank, all_reduce_sum,
-    # gather_rows), for what is summed or gathered outside the forward (evaluation, statistics); None: whole rows
-    cp_group: object | None = None
+    rows: RowSplit = WHOLE_ROW  # how rows are split over ranks (context parallelism), and the group that shares them
     # every rank runs the vision tower once per forward, on a placeholder without images: sharded parameters are
     # gathered by collectives that every rank must issue in the same order (`VisionLanguageMoe`)
     always_run_vision: bool = False

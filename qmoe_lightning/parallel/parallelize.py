@@ -164,7 +164,7 @@ def parallelize_model(
     # every rank runs the vision tower once per forward under FSDP (the same all-gathers on every rank)
     vision = fsdp and isinstance(model, VisionLanguageMoe)
     model.parallel = ParallelContext(mesh=mesh, ep_size=ep_size, fsdp=fsdp, rows=rows,
-                                     cp_group=context_parallel if split else None, always_run_vision=vision)
+                                     always_run_vision=vision)
     if not fsdp:
         if ep_scaled:
             for m in experts_modules:
