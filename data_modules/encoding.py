@@ -398,9 +398,14 @@ class Encoder:
         """Chat template with the vision placeholders expanded -> (text, ids, offsets, vision token spans)."""
         p = self.processor
         text = p.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        if not self.has_vision:  # nothing to expand (rows with images were refused before)
-            enc = p.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            return text, list(enc["input_ids"]), enc["offset_mapping"], []
+        # a text-only model's processor has no placeholders to expand (rows with images were refused before)
+        expanded, char_spans = self._expand_placeholders(text, grids, planned) if self.has_vision else (text, [])
+        enc = p.tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        return expanded, ids, enc["offset_mapping"], self._token_spans(ids, enc["offset_mapping"], char_spans)
+
+    def _expand_placeholders(self, text: str, grids: list[list[int]], planned: list[dict]) -> tuple[str, list]:
+        """Each image / video placeholder of the rendered template -> its tokens; (text, character spans of them)."""
         pieces = re.split(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})", text)
         n_img, n_vid = pieces[1::2].count(self.image_token), pieces[1::2].count(self.video_token)
         if (n_img, n_vid) != (len(grids), len(planned)):
@@ -417,9 +422,7 @@ class Encoder:
                 replacement, kind = self.video_placeholder(next(next_video)), "video"
             char_spans.append((kind, len(expanded), len(expanded) + len(replacement)))
             expanded += replacement + piece
-        enc = p.tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        return expanded, ids, enc["offset_mapping"], self._token_spans(ids, enc["offset_mapping"], char_spans)
+        return expanded, char_spans
 
     def encode_prompt(self, row: dict, base_dir: str) -> dict:
         """Raw row -> the prompt of `cli.py predict`: {input_ids, labels (all ignored), images, image_grids, videos,
