@@ -2,10 +2,12 @@
 
 Target strings (in `targets` and `exclude`) take three forms:
 - `default` (the default `targets`): the model family's own default targets (`models.registry`; Qwen3.5-MoE:
-  attention, linear_attention, shared_expert, experts; Qwen3-VL-MoE: attention, dense_mlp, experts);
+  attention, linear_attention, shared_expert, experts; Qwen3-Next: attention, linear_attention, experts; Qwen3-MoE:
+  attention, experts; Qwen3-VL-MoE: attention, dense_mlp, experts);
 - an alias naming a group of the model: `attention` (self_attn q/k/v/o), `linear_attention` (Gated DeltaNet
-  in_proj_qkv / in_proj_z / out_proj), `shared_expert` (shared expert gate/up/down), `dense_mlp` (gate/up/down of
-  the dense MLP layers, Qwen3-VL-MoE's `mlp_only_layers` / `decoder_sparse_step`), `experts` (the routed experts,
+  in_proj_qkv / in_proj_z / out_proj, or Qwen3-Next's in_proj_qkvz / out_proj), `shared_expert` (shared expert
+  gate/up/down), `dense_mlp` (gate/up/down of the dense MLP layers, `mlp_only_layers` / `decoder_sparse_step`),
+  `experts` (the routed experts,
   3-D grouped weights), `vision` (every Linear of the vision tower), `mtp` (every Linear and expert block of the
   multi-token prediction module; the attention / experts aliases match its modules too, so `exclude: [mtp]` keeps
   it adapter-free), `all-linear` (see below);
@@ -38,7 +40,7 @@ DEFAULT_TARGETS = ("default",)
 ALIASES: dict[str, str] = {
     # alias -> regex over native module names (full match)
     "attention": r".*\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
-    "linear_attention": r".*\.linear_attn\.(in_proj_qkv|in_proj_z|out_proj)",
+    "linear_attention": r".*\.linear_attn\.(in_proj_qkv|in_proj_z|in_proj_qkvz|out_proj)",
     "shared_expert": r".*\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)",
     "dense_mlp": r".*\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)",
     "experts": r".*\.mlp\.experts",

@@ -130,6 +130,13 @@ class MoeCausalLM(HFCheckpointMixin, nn.Module):
     def text_model(self) -> DecoderBackend:
         raise NotImplementedError
 
+    def add_mtp(self, layers: int, loss_scale: float, block_factory, norm_class: type[nn.Module]) -> None:
+        """Build the MTP module (`mtp.*`) with `layers` depths of `block_factory(text_config, depth)` blocks and the
+        family's norm (0 layers: none), its loss weighted by `loss_scale`. A family with `supports_mtp` calls it at
+        the end of its `__init__`."""
+        self.mtp = MultiTokenPredictor(self.text_config, layers, block_factory, norm_class) if layers else None
+        self.mtp_loss_scale = loss_scale
+
     def set_activation_checkpointing(self, on: bool) -> None:
         """Every decoder block (those of the MTP module too) recomputes itself in backward, routing replayed
         (`decoder.DecoderBlock`), or none does."""

@@ -1,5 +1,6 @@
-"""Qwen3.5-MoE (and Qwen3.6-MoE): the text decoder re-implemented (gated attention, Gated DeltaNet, the shared MoE
-block), transformers' vision tower reused, and the HF <-> native state-dict adapter. Registered in `registry.py`."""
+"""Qwen3.5-MoE (and Qwen3.6-MoE): the shared hybrid decoder (gated attention, Gated DeltaNet, the MoE block) with
+Qwen3.5's projection layout, transformers' vision tower reused, and the HF <-> native state-dict adapter. Registered
+in `registry.py`."""
 
 from .modeling import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
 from .state_dict_adapter import Qwen3_5MoeStateDictAdapter

@@ -4,7 +4,7 @@
 Forward takes a `PackedBatch` (`model(batch, **options)`) or transformers' keyword arguments plus `cu_seqlens` (one
 packed row of documents) and returns `MoeOutput` with `logits`, `loss` (labels given), `aux_loss` and per-layer
 `expert_token_counts`: the shared tail (`causal_lm.MoeCausalLM`) and vision-language forward
-(`vision_language.VisionLanguageMoe`) say how. What is Qwen3.5's own: the decoder (`text_model.py`), the vision
+(`vision_language.VisionLanguageMoe`) say how. What is Qwen3.5's own: the decoder's projection layout (`text_model.py`), the vision
 tower (transformers' `Qwen3_5MoeVisionModel`, as NeMo Automodel reuses it, its rotary swapped for an fp32-safe
 one), the checkpoint names (`state_dict_adapter.py`) and a text-only model.
 """
@@ -15,7 +15,6 @@ from torch import nn
 from transformers import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig
 from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeVisionModel
 
-from ..mtp import MultiTokenPredictor
 from ..norms import ZeroCenteredRMSNorm
 from ..text_only import TextMoeCausalLM
 from ..vision_language import VisionLanguageBackbone, VisionLanguageMoe
@@ -40,7 +39,7 @@ class Qwen3_5MoeForCausalLM(TextMoeCausalLM):
         self.model = Qwen3_5MoeTextModelBackend(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-        _add_mtp(self, config, mtp_layers, mtp_loss_scale)
+        self.add_mtp(mtp_layers, mtp_loss_scale, mtp_block, ZeroCenteredRMSNorm)
 
 
 class Qwen3_5MoeForConditionalGeneration(VisionLanguageMoe):
@@ -56,9 +55,5 @@ class Qwen3_5MoeForConditionalGeneration(VisionLanguageMoe):
         self.model = VisionLanguageBackbone(config, Qwen3_5MoeVisionModel, Qwen3_5MoeTextModelBackend)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.tie_weights()
-        _add_mtp(self, config.text_config, mtp_layers, mtp_loss_scale)
+        self.add_mtp(mtp_layers, mtp_loss_scale, mtp_block, ZeroCenteredRMSNorm)
 
-
-def _add_mtp(model: nn.Module, text_config, layers: int, loss_scale: float) -> None:
-    model.mtp = MultiTokenPredictor(text_config, layers, mtp_block, ZeroCenteredRMSNorm) if layers else None
-    model.mtp_loss_scale = loss_scale
