@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tiny_configs import QWEN3_MOE_VARIANTS, TEXT_VARIANTS, VL_MOE_VARIANTS, make_config, make_hf_model, \
-    make_hf_qwen3_moe_model, make_hf_vl_moe_model, make_qwen3_moe_config, make_vl_moe_config, per_expert_layout
+from tiny_configs import QWEN3_MOE_VARIANTS, QWEN3_NEXT_VARIANTS, TEXT_VARIANTS, VL_MOE_VARIANTS, make_config, \
+    make_hf_model, make_hf_qwen3_moe_model, make_hf_qwen3_next_model, make_hf_vl_moe_model, make_qwen3_moe_config, \
+    make_qwen3_next_config, make_vl_moe_config, per_expert_layout
 
 from qmoe_lightning.models.registry import ModelFamily, family_of
 
@@ -92,6 +93,13 @@ FAMILIES: dict[str, TinyFamily] = {f.model_type: f for f in (
     # text-only; transformers saves the experts per expert, as the published checkpoints and our export hold them
     TinyFamily("qwen3_moe", tuple(QWEN3_MOE_VARIANTS), make_qwen3_moe_config, make_hf_qwen3_moe_model,
                "Qwen3MoeForCausalLM", seed=20, published_layout=per_expert_layout, published_per_expert=True),
+    # text-only, hybrid: Qwen3.5's decoder with the grouped Gated DeltaNet projections, dense layers, experts per
+    # expert. "alt" has no gradient check, as Qwen3.5's: layer 2's A_log / dt_bias gradients nearly cancel; against
+    # our fp64 gradient, transformers' (its delta rule in fp32) is off by 2.8e-3 of that parameter's largest, ours
+    # in fp32 by 1.1e-3, which is 2e-4 of the test's floor
+    TinyFamily("qwen3_next", tuple(QWEN3_NEXT_VARIANTS), make_qwen3_next_config, make_hf_qwen3_next_model,
+               "Qwen3NextForCausalLM", seed=30, published_layout=per_expert_layout, published_per_expert=True,
+               gradient_variants=("base", "wide")),
 )}
 
 

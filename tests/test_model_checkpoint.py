@@ -474,7 +474,7 @@ def test_model_config_of_another_model_type_is_named(tmp_path):
     text = config_from({"model_type": "qwen3_5_moe_text", "hidden_size": 48})
     assert text.model_type == "qwen3_5_moe" and text.text_config.hidden_size == 48
     # the registry knows the family of every native class, wrapped ones (FSDP2's swap) included
-    assert supported_model_types() == ("qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_vl_moe")
+    assert supported_model_types() == ("qwen3_5_moe", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next", "qwen3_vl_moe")
     wrapped = type("FSDPQwen3_5MoeForCausalLM", (Qwen3_5MoeForCausalLM,), {})
     assert wrapped.hf_architecture() == "Qwen3_5MoeForCausalLM"
     with torch.device("meta"):

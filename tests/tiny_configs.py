@@ -1,4 +1,4 @@
-"""Tiny Qwen3.5-MoE, Qwen3-VL-MoE and Qwen3-MoE configs for CPU parity tests (run in milliseconds), and helpers shared
+"""Tiny Qwen3.5-MoE, Qwen3-VL-MoE, Qwen3-MoE and Qwen3-Next configs for CPU parity tests (run in milliseconds), and helpers shared
 by the tests (documents with images / videos, packed rows, transformers' gradient of a native parameter)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import Qwen3_5MoeConfig, Qwen3MoeConfig, Qwen3VLMoeConfig
+from transformers import Qwen3_5MoeConfig, Qwen3MoeConfig, Qwen3NextConfig, Qwen3VLMoeConfig
 
 VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
               temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=64)
@@ -265,6 +265,55 @@ def make_hf_qwen3_moe_model(config: Qwen3MoeConfig, seed: int = 0):
 
     model = _reference_model(HF, config, seed)
     model.config._attn_implementation = "eager"  # read at every forward: the plain softmax(QK^T)V reference
+    return model
+
+
+# ---- Qwen3-Next (text-only) -----------------------------------------------------------------------------------------
+# value heads per key head r = 2 / 3 / 1 (the grouped in_proj_qkvz / in_proj_ba layouts differ with r); dense MLP
+# layers by mlp_only_layers and by decoder_sparse_step; norm_topk_prob on and off; partial and full plain rotary;
+# tied embeddings in one config; conv kernels 4 and 3.
+QWEN3_NEXT_BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                       layer_types=["linear_attention"] * 3 + ["full_attention"],
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                       linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2,
+                       moe_intermediate_size=24, shared_expert_intermediate_size=32, decoder_sparse_step=1,
+                       mlp_only_layers=[1], norm_topk_prob=True, max_position_embeddings=1024,
+                       router_aux_loss_coef=0.001, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                       rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25))
+QWEN3_NEXT_VARIANTS = {
+    "base": {},
+    # MoE on layers 1 and 3 only (decoder_sparse_step 2): a dense linear-attention layer and a dense attention one
+    "alt": dict(num_hidden_layers=5, layer_types=["full_attention", "linear_attention", "linear_attention",
+                                                   "full_attention", "linear_attention"],
+                num_attention_heads=8, num_key_value_heads=1, head_dim=8, linear_num_key_heads=2,
+                linear_num_value_heads=6, linear_key_head_dim=8, linear_value_head_dim=12, num_experts=16,
+                num_experts_per_tok=4, moe_intermediate_size=20, shared_expert_intermediate_size=48,
+                decoder_sparse_step=2, mlp_only_layers=[], norm_topk_prob=False,
+                rope_parameters=dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.5)),
+    "wide": dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"],
+                 hidden_size=96, intermediate_size=80, num_attention_heads=6, num_key_value_heads=3, head_dim=32,
+                 linear_num_key_heads=3, linear_num_value_heads=3, linear_key_head_dim=32, linear_value_head_dim=16,
+                 linear_conv_kernel_dim=3, num_experts=6, num_experts_per_tok=1, moe_intermediate_size=40,
+                 mlp_only_layers=[0], tie_word_embeddings=True,
+                 rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=1.0)),
+}
+
+
+def make_qwen3_next_config(variant: str = "base", **overrides) -> Qwen3NextConfig:
+    spec = copy.deepcopy(QWEN3_NEXT_BASE)
+    spec.update(copy.deepcopy(QWEN3_NEXT_VARIANTS[variant]))
+    spec.update(overrides)
+    return Qwen3NextConfig(**spec)
+
+
+def make_hf_qwen3_next_model(config: Qwen3NextConfig, seed: int = 0):
+    """transformers' Qwen3NextForCausalLM in fp32 with eager attention, its torch fallbacks of the conv and delta
+    rule and the eager (per-expert loop) experts, norms perturbed away from their initial 0 / 1."""
+    from transformers import Qwen3NextForCausalLM as HF
+
+    model = _reference_model(HF, config, seed)
+    model.config._attn_implementation = "eager"
     return model
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from .qwen3_5_moe import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
 from .qwen3_moe import Qwen3MoeForCausalLM
+from .qwen3_next import Qwen3NextForCausalLM
 from .qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 
 
@@ -156,6 +157,19 @@ QWEN3_MOE = register(ModelFamily(
     config_class="Qwen3MoeConfig",
     # no dense MLP: the published checkpoints have none, and peft could not load its adapters (lora/peft_export.py)
     lora_targets=("attention", "experts"),
+))
+
+QWEN3_NEXT = register(ModelFamily(
+    name="Qwen3-Next",
+    model_type="qwen3_next",
+    text_model_type=None,
+    vision_language=None,
+    text_only=Qwen3NextForCausalLM,
+    config_class="Qwen3NextConfig",
+    # no shared expert: peft loads adapters named gate_proj / up_proj / down_proj of a qwen3_next model onto the
+    # routed experts (lora/peft_export.py); `shared_expert` can be added with the merged export
+    lora_targets=("attention", "linear_attention", "experts"),
+    supports_mtp=True,
 ))
 
 QWEN3_VL_MOE = register(ModelFamily(
