@@ -1,7 +1,7 @@
 """Builds the embedded default (tiny Qwen3.5-MoE checkpoint + tokenizer/processor + synthetic dataset) on first use,
-and on request a tiny Qwen3-VL-MoE checkpoint (same tokenizer, processor and data) or a tiny text-only Qwen3-MoE
-checkpoint (same tokenizer, no image processor: its runs train on the text rows and count the image rows as skips)
-beside it.
+and on request a tiny Qwen3-VL-MoE checkpoint (same tokenizer, processor and data) or a tiny text-only Qwen3-MoE or
+Qwen3-Next checkpoint (same tokenizer, no image processor: their runs train on the text rows and count the image rows
+as skips) beside it.
 
 Nothing is downloaded: the tokenizer is trained on generated text, the weights come from
 `transformers.Qwen3_5MoeForConditionalGeneration(config)` under a fixed seed, the dataset is drawn with PIL.
@@ -12,10 +12,11 @@ Layout of `<cache_dir>/embedded-v<VERSION>/`:
     model-qwen3_vl_moe/   the same files, a Qwen3-VL-MoE config and weights (built on first use of
              `embedded:qwen3_vl_moe`, with its own BUILD_OK)
     model-qwen3_moe/   tokenizer files and chat template only, a Qwen3-MoE config and weights (`embedded:qwen3_moe`)
+    model-qwen3_next/  the same for Qwen3-Next, with an MTP layer (`embedded:qwen3_next`)
     data/    train.jsonl, val.jsonl, images/*.png
 
-Sentinels: `embedded` (the Qwen3.5-MoE model, and the data), `embedded:qwen3_vl_moe` / `embedded:qwen3_moe` (those
-models; as a data path they mean the same data).
+Sentinels: `embedded` (the Qwen3.5-MoE model, and the data), `embedded:qwen3_vl_moe` / `embedded:qwen3_moe` /
+`embedded:qwen3_next` (those models; as a data path they mean the same data).
 
 Notable choices:
 - Atomic and idempotent: everything is written into a temporary sibling directory which is then renamed into
@@ -35,6 +36,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ..export_dir import follow_umask
@@ -48,7 +50,7 @@ IMAGE_SIZE = 64
 N_TRAIN, N_VAL = 3000, 500  # ~70 held-out questions per image kind
 IMAGE_FRACTION = 0.7
 SENTINEL = "embedded"  # value of model_path / train_path / val_path that selects the embedded default
-EMBEDDED_MODELS = ("qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe")  # `embedded:<name>`; plain `embedded` is the first
+EMBEDDED_MODELS = ("qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe", "qwen3_next")  # `embedded:<name>`; plain `embedded` is the first
 
 # Tiny sizes from model_reference.md (TINY_QWEN3_5_MOE); token ids are filled in from the tokenizer.
 TEXT_CONFIG = dict(
@@ -85,6 +87,18 @@ QWEN3_MOE_CONFIG = dict(
     head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
     mlp_only_layers=[1], norm_topk_prob=True, max_position_embeddings=4096, router_aux_loss_coef=0.001,
     rope_parameters=dict(rope_type="default", rope_theta=100.0), tie_word_embeddings=False,
+)
+# Tiny Qwen3-Next: the Qwen3.5 text sizes (3 Gated DeltaNet layers, then gated attention), layer 1 a dense MLP
+# (mlp_only_layers), plain RoPE over half of each head with the same small theta, one MTP layer as published.
+QWEN3_NEXT_CONFIG = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+    linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+    shared_expert_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=True,
+    max_position_embeddings=4096, router_aux_loss_coef=0.001, tie_word_embeddings=False,
+    rope_parameters=dict(rope_type="default", rope_theta=100.0, partial_rotary_factor=0.5),
+    mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False,
 )
 # what a text-only model directory keeps of the shared files (no image / video processor)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -145,16 +159,17 @@ def _build_model(model_dir: Path, special_ids: dict[str, int], vocab_size: int) 
         torch.manual_seed(SEED)
         model = Qwen3_5MoeForConditionalGeneration(config)
     model.save_pretrained(model_dir, safe_serialization=True)
-    _add_mtp_tensors(model_dir, config)
+    from ..models.qwen3_5_moe import Qwen3_5MoeForConditionalGeneration
+
+    _add_mtp_tensors(model_dir, config, Qwen3_5MoeForConditionalGeneration)
 
 
-def _add_mtp_tensors(model_dir: Path, config) -> None:
+def _add_mtp_tensors(model_dir: Path, config, Native) -> None:
     """The published checkpoints carry an MTP layer (`mtp.*`) that transformers ignores: the tiny one gets one too,
-    randomly initialised like the rest, its experts per expert as Qwen3.5-35B-A3B stores them."""
+    randomly initialised like the rest (by the native class `Native`), its experts per expert as Qwen3.5-35B-A3B
+    and Qwen3-Next-80B-A3B store them."""
     import torch
     from safetensors.torch import load_file, save_file
-
-    from ..models.qwen3_5_moe import Qwen3_5MoeForConditionalGeneration as Native
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED + 1)
@@ -239,24 +254,36 @@ def _build_vl_moe_model(source_dir: Path, model_dir: Path) -> None:
     model.save_pretrained(model_dir, safe_serialization=True)
 
 
-def _build_qwen3_moe_model(source_dir: Path, model_dir: Path) -> None:
+def _build_text_model(source_dir: Path, model_dir: Path, config_class: str, model_class: str, spec: dict) -> None:
+    """A tiny text-only model of transformers' `model_class` (`config_class(**spec)`), the embedded tokenizer's
+    vocabulary and special tokens, the tokenizer files only (no image processor)."""
     import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    import transformers
 
     model_dir.mkdir()
     for name in TOKENIZER_FILES:
         if (source_dir / name).is_file():
             shutil.copy2(source_dir / name, model_dir / name)
     text = json.loads((source_dir / "config.json").read_text())["text_config"]
-    config = Qwen3MoeConfig(**QWEN3_MOE_CONFIG, vocab_size=text["vocab_size"], eos_token_id=text["eos_token_id"],
-                            pad_token_id=text["pad_token_id"], bos_token_id=None)
+    config = getattr(transformers, config_class)(**spec, vocab_size=text["vocab_size"], bos_token_id=None,
+                                                  eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        model = Qwen3MoeForCausalLM(config)
+        model = getattr(transformers, model_class)(config)
     model.save_pretrained(model_dir, safe_serialization=True)
+    if spec.get("mtp_num_hidden_layers"):
+        from ..models.registry import family_of
+
+        _add_mtp_tensors(model_dir, config, family_of(config.model_type).text_only)
 
 
-_MODEL_BUILDERS = {"qwen3_vl_moe": _build_vl_moe_model, "qwen3_moe": _build_qwen3_moe_model}
+_MODEL_BUILDERS = {
+    "qwen3_vl_moe": _build_vl_moe_model,
+    "qwen3_moe": partial(_build_text_model, config_class="Qwen3MoeConfig", model_class="Qwen3MoeForCausalLM",
+                         spec=QWEN3_MOE_CONFIG),
+    "qwen3_next": partial(_build_text_model, config_class="Qwen3NextConfig", model_class="Qwen3NextForCausalLM",
+                          spec=QWEN3_NEXT_CONFIG),
+}
 
 
 def ensure_embedded_model(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
