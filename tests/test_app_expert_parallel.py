@@ -43,6 +43,8 @@ import torch
 from rank_launcher import launch_ranks
 from safetensors.torch import load_file
 
+from qmoe_lightning.models.registry import FAMILIES
+
 pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,15 +267,23 @@ def _weights_of_embedded() -> dict[str, torch.Tensor]:
     return out
 
 
-def test_text_family_ep2_equals_one_process_accumulating(tmp_path):
-    """The text-only Qwen3-MoE family (embedded:qwen3_moe: a dense layer among the MoE ones; it trains on the text
-    rows, the image rows counted as skips) through the same acceptance: gradients tight, weights within the bound."""
-    model = ("--model.pretrained", "embedded:qwen3_moe")
+# the registry's text-only families (one entry per family, whatever its model_types)
+TEXT_FAMILIES = sorted({f.model_type for f in FAMILIES.values() if not f.has_vision})
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_text_family_ep2_equals_one_process_accumulating(tmp_path, family):
+    """The text-only families (embedded:qwen3_moe: a dense layer among the MoE ones; embedded:qwen3_next: the same
+    and Gated DeltaNet layers, a shared expert; they train on the text rows, the image rows counted as skips) through
+    the same acceptance: gradients tight, weights within the bound."""
+    native = FAMILIES[family].text_only
+    model = ("--model.pretrained", f"embedded:{family}")
     ep, single = tmp_path / "ep2", tmp_path / "single"
     proc = _fit(ep, *model)
-    assert "FSDPQwen3MoeForCausalLM" in proc.stdout + proc.stderr  # really parallelised
+    assert f"FSDP{native.__name__}" in proc.stdout + proc.stderr  # really parallelised
     _fit(single, *model, "--trainer.accumulate_grad_batches", "2", devices=1)
     grads = _compare_gradients(ep, single)
     worst = _compare(_weights(ep), _weights(single), weight_bound(LR))
-    print(f"qwen3_moe ep=2 vs 1 process x accumulate 2: gradients {grads:.2e}, weights {worst:.2e}")
-    assert json.loads((ep / "hf_export" / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
+    print(f"{family} ep=2 vs 1 process x accumulate 2: gradients {grads:.2e}, weights {worst:.2e}")
+    config = json.loads((ep / "hf_export" / "config.json").read_text())
+    assert config["architectures"] == [native.HF_ARCHITECTURE] and config["model_type"] == family

@@ -1,34 +1,38 @@
 """The seams between features: a pairwise (covering-array) matrix of short fits through the real application.
 
 Factors and values:
-    family     qwen3_5_moe, qwen3_vl_moe, qwen3_moe (text only: its rows train on text rows)
+    family     qwen3_5_moe, qwen3_vl_moe, qwen3_moe, qwen3_next (the last two text only: their rows train on text rows)
     precision  32-true, bf16-mixed, bf16-true
     mode       full, lora (LoRA on the family's default targets, the routed experts' per-expert adapters included)
     layout     1 process, ep=2 (expert parallelism, 2 processes), cp=2 (context parallelism, 2 processes)
-    extras     none, mtp (multi-token prediction; Qwen3.5-MoE only), ac (activation checkpointing with routing
-               replay), bias (aux-loss-free balancing: `router_balancing: bias`)
+    extras     none, mtp (multi-token prediction; the families with an MTP module: Qwen3.5-MoE, Qwen3-Next),
+               ac (activation checkpointing with routing replay), bias (aux-loss-free balancing:
+               `router_balancing: bias`)
 Every pair of values of two factors appears in at least one row (`test_rows_cover_every_pair` checks it; MTP only
-with Qwen3.5-MoE). A row may switch on more than one extra: it then covers each of them (and an extra's pairs with
-the other extras); "none" is a row with no extra. That is what keeps the 2-process rows at their floor: each layout
-must meet all three precisions, so at least 3 rows per multi-process layout whatever the extras, and 4 extras per
-layout would need a fourth row each if a row carried only one.
+with the families that have it). A row may switch on more than one extra: it then covers each of them (and an extra's
+pairs with the other extras); "none" is a row with no extra. The 2-process rows are at their floor: each
+multi-process layout must meet all four families, so at least 4 rows per layout whatever the rest (the three
+precisions and the four extras fit in them). Several extras in a row keep a family's rows at their floor instead:
+Qwen3-Next has one row per layout, 3 rows for its 4 extras.
 
-Each row is one `cli.py fit` of STEPS optimizer steps on a small JSONL (image questions and text; 3 packs of 256
-tokens) with only the callbacks the checks need. 1-process rows run in this process (`cli.main`, one torch thread:
-on a shared 2-core machine two OpenMP threads per process made a step ~50x slower); 2-process rows start both ranks of
-`cli.py` at once as torchrun does (tests/rank_launcher.py; gloo). Checks, every row:
+Each row is one `cli.py fit` of STEPS optimizer steps on a small JSONL (image questions and text; text questions only
+for a text-only family; 3 packs of 256 tokens) with only the callbacks the checks need. 1-process rows run in this
+process (`cli.main`, one torch thread: on a shared 2-core machine two OpenMP threads per process made a step ~50x
+slower); 2-process rows start both ranks of `cli.py` at once as torchrun does (tests/rank_launcher.py; gloo).
+Checks, every row:
 - the train loss of every step finite and the last below the first (lr LR, no warmup: full fine-tuning fell by
-  0.5-0.85 nats in 3 steps, LoRA by 0.08-0.25 (B starts at zero, so step 1 moves only B); the three packs' losses
-  before training differ by < 0.02);
+  0.5-0.85 nats in 3 steps, LoRA by 0.08-0.25 (B starts at zero, so step 1 moves only B); Qwen3-Next's rows fell
+  further, 1.73 in full, 0.35-0.37 with LoRA; the three packs' losses before training differ by < 0.02);
 - the Hugging Face export finite and loaded by transformers (`AutoModelForImageTextToText`, `AutoModelForCausalLM`
   for a text-only family); for LoRA rows also the PEFT adapter, loaded by `peft.PeftModel.from_pretrained` onto the
   transformers base model;
 - rows marked `resume`: the checkpoint of step STEPS - 1 resumed for one step gives the uninterrupted run's last
   loss within RESUME_RTOL. The resumed step repeats the same operations on the same restored weights, optimizer
   state and pack, so it is bitwise the same in fp32 and in both bf16 modes (bf16-mixed restores the fp32 masters,
-  bf16-true the bf16 weights it trained; seen bitwise on all 9 rows that resume); the 1e-6 only allows for a
-  reduction order that a restored process might pick differently. Every 1-process row resumes, and so do one row
-  of ep=2 and two of cp=2 (one with LoRA: its distributed checkpoint holds the adapters only).
+  bf16-true the bf16 weights it trained; seen bitwise on all 9 rows that resumed when this was written, and on
+  Qwen3-Next's); the 1e-6 only allows for a reduction order that a restored process might pick differently. Every
+  1-process row resumes, and so do one row of ep=2 and two of cp=2 (one with LoRA: its distributed checkpoint holds
+  the adapters only).
 """
 
 from __future__ import annotations
@@ -47,15 +51,16 @@ from safetensors.torch import load_file
 from test_app_common import write_small_dataset, write_text_dataset
 
 import cli
+from qmoe_lightning.models.registry import family_of
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 LR = 1e-2
 RESUME_RTOL = 1e-6
-LORA = json.dumps(dict(rank=4, alpha=8, expert_rank=2))  # default targets: experts included in both families
+LORA = json.dumps(dict(rank=4, alpha=8, expert_rank=2))  # default targets: experts included in every family
 
 FACTORS = {
-    "family": ("qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe"),
+    "family": ("qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe", "qwen3_next"),
     "precision": ("32-true", "bf16-mixed", "bf16-true"),
     "mode": ("full", "lora"),
     "layout": ("1", "ep2", "cp2"),
@@ -74,7 +79,7 @@ class Row:
 
     @property
     def id(self) -> str:
-        fam = {"qwen3_5_moe": "q35", "qwen3_vl_moe": "vl", "qwen3_moe": "q3"}[self.family]
+        fam = {"qwen3_5_moe": "q35", "qwen3_vl_moe": "vl", "qwen3_moe": "q3", "qwen3_next": "qn"}[self.family]
         return "-".join([fam, self.precision, self.mode, self.layout, "+".join(self.extras) or "none"])
 
     def values(self) -> list[tuple[str, str]]:
@@ -83,8 +88,10 @@ class Row:
         return own + [("extras", e) for e in (self.extras or ("none",))]
 
 
-Q35, VL, Q3 = "qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe"
-TEXT_ONLY = (Q3,)  # families whose rows train on the text dataset
+Q35, VL, Q3, QN = "qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe", "qwen3_next"
+# families whose rows train on the text dataset (no vision tower), and those with an MTP module, as registered
+TEXT_ONLY = tuple(f for f in FACTORS["family"] if not family_of(f).has_vision)
+WITH_MTP = tuple(f for f in FACTORS["family"] if family_of(f).supports_mtp)
 ROWS = [
     # 1 process
     Row(Q35, "bf16-mixed", "full", "1", (), resume=True),  # `cli.py fit --config configs/tiny.yaml` in bf16-mixed
@@ -96,19 +103,23 @@ ROWS = [
     Row(VL, "bf16-true", "lora", "1", ("ac",), resume=True),
     Row(Q3, "32-true", "full", "1", ("ac",), resume=True),
     Row(Q3, "bf16-mixed", "lora", "1", (), resume=True),
+    Row(QN, "32-true", "lora", "1", ("mtp", "bias"), resume=True),
     # ep=2
     Row(Q35, "32-true", "lora", "ep2", ("mtp",)),
     Row(VL, "bf16-mixed", "full", "ep2", ("ac", "bias"), resume=True),
     Row(Q3, "bf16-true", "full", "ep2", ()),
+    Row(QN, "bf16-mixed", "lora", "ep2", ("ac",)),
     # cp=2
     Row(VL, "32-true", "lora", "cp2", ()),
     Row(Q35, "bf16-mixed", "full", "cp2", ("mtp", "ac"), resume=True),
     Row(Q3, "bf16-true", "lora", "cp2", ("bias",), resume=True),
+    Row(QN, "bf16-true", "full", "cp2", ()),
 ]
 
 
 def _allowed(a: tuple[str, str], b: tuple[str, str]) -> bool:
-    return not any({a, b} == {("family", f), ("extras", "mtp")} for f in (VL, Q3))  # MTP: Qwen3.5-MoE only
+    # MTP: only the families with an MTP module
+    return not any({a, b} == {("family", f), ("extras", "mtp")} for f in FACTORS["family"] if f not in WITH_MTP)
 
 
 def test_rows_cover_every_pair():
@@ -117,16 +128,17 @@ def test_rows_cover_every_pair():
               for va in FACTORS[fa] for vb in FACTORS[fb] if _allowed((fa, va), (fb, vb))}
     covered = set()
     for row in ROWS:
-        assert row.family == Q35 or "mtp" not in row.extras, row.id
+        assert row.family in WITH_MTP or "mtp" not in row.extras, row.id
         for value in row.values():
             assert value[1] in FACTORS[value[0]], (row.id, value)
         covered |= {frozenset(p) for p in itertools.combinations(row.values(), 2) if p[0][0] != p[1][0]}
     missing = sorted(tuple(sorted(p)) for p in wanted - covered)
     assert not missing, missing
     assert len({r.id for r in ROWS}) == len(ROWS)
-    # multi-process rows at their floor: one per precision and layout
+    # multi-process rows at their floor: every multi-process layout meets every family and every precision
+    floor = max(len(FACTORS["family"]), len(FACTORS["precision"]))
     for layout in ("ep2", "cp2"):
-        assert sum(r.layout == layout for r in ROWS) == len(FACTORS["precision"])
+        assert sum(r.layout == layout for r in ROWS) == floor
 
 
 # ------------------------------------------------------------------------------------------------ running a row

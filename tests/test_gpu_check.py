@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu" / "check.py"
@@ -52,8 +53,8 @@ def test_dry_run_reports_every_section_with_finite_figures(tmp_path):
         assert values and all(math.isfinite(v) for v in values), name
 
     parity = report["steps"]["parity"]["result"]
-    for family in ("qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe"):  # every registered family, text-only included
-        vision = family != "qwen3_moe"
+    for family, tiny in FAMILIES.items():  # every registered family, text-only included
+        vision = tiny.has_vision
         for dtype in ("fp32", "bf16"):
             entry = parity[f"{family}/{dtype}"]
             assert set(entry["cases"]) == ({"text", "image", "video"} if vision else {"text"})
@@ -215,5 +216,5 @@ def test_the_check_on_this_gpu(tmp_path):
         assert all(math.isfinite(v) for v in numbers(step["result"])), name
     parity = report["steps"]["parity"]["result"]
     assert all(parity[f"{family}/{dtype}"]["within_tolerance"]
-               for family in ("qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe") for dtype in ("fp32", "bf16")), parity
+               for family in FAMILIES for dtype in ("fp32", "bf16")), parity
     assert report["summary"]["cp_kernels"]["within_tolerance"] is True

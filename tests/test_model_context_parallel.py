@@ -3,8 +3,9 @@ row's logits, losses, aux loss, expert counts and gradients (summed over the ran
 
 Rows: text, image and video documents of lengths that are not multiples of 64 or of cp, a document spanning a whole
 slice (the state chain passes through a rank), documents starting inside the conv halo, tail padding. Every family
-(Qwen3.5-MoE with MTP; Qwen3-VL-MoE with deepstack; text-only Qwen3-MoE on the same lengths as text documents). Negative controls: without the carried delta-rule state, or
-without the conv halo, the split row is measurably wrong.
+(Qwen3.5-MoE with MTP; Qwen3-VL-MoE with deepstack; the text-only Qwen3-MoE, and Qwen3-Next with MTP, on the same
+lengths as text documents). Negative controls: without the carried delta-rule state, or without the conv halo, the
+split row is measurably wrong.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_parallel_common import run_workers
-from tiny_configs import make_config, make_vl_moe_config, pack, vision_doc
+from tiny_configs import make_config, make_qwen3_next_config, make_vl_moe_config, pack, vision_doc
 
 pytestmark = pytest.mark.multiprocess
 
@@ -63,7 +64,7 @@ def _cp_context(group):
 
 def _model(family: str):
     from qmoe_lightning.models import (Qwen3_5MoeForConditionalGeneration, Qwen3MoeForCausalLM,
-                                       Qwen3VLMoeForConditionalGeneration)
+                                       Qwen3NextForCausalLM, Qwen3VLMoeForConditionalGeneration)
 
     torch.manual_seed(3)
     if family == "qwen3_5_moe":
@@ -77,6 +78,9 @@ def _model(family: str):
             num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
             mlp_only_layers=[1], norm_topk_prob=False, router_aux_loss_coef=0.001,
             rope_parameters=dict(rope_type="default", rope_theta=1e4)))
+    elif family == "qwen3_next":
+        # grouped Gated DeltaNet projections, gated attention over a partial rotary, a dense layer, a shared expert
+        model = Qwen3NextForCausalLM(make_qwen3_next_config("base"), mtp_layers=1)
     else:
         model = Qwen3VLMoeForConditionalGeneration(make_vl_moe_config("base"))
     with torch.no_grad():  # norms off their initial values, the routers spread out
@@ -162,12 +166,13 @@ CASES = [
     ("qwen3_5_moe", 4, 0, [0, 1, 3, 4, 2, 5, 6]),
     ("qwen3_vl_moe", 2, 5, [2, 0, 1, 3, 4, 5, 6]),
     ("qwen3_moe", 4, 5, [0, 1, 3, 4, 2, 5, 6]),
+    ("qwen3_next", 4, 5, [0, 1, 3, 4, 2, 5, 6]),
 ]
 
 
 @pytest.mark.parametrize("family,cp,tail,order", CASES,
                          ids=["qwen35_cp2", "qwen35_cp4_tail_padding", "qwen35_cp4_reordered", "qwen3vl_cp2",
-                              "qwen3moe_cp4_tail_padding"])
+                              "qwen3moe_cp4_tail_padding", "qwen3next_cp4_tail_padding"])
 def test_split_row_equals_whole_row(tmp_path, family, cp, tail, order):
     results = run_workers(_worker, cp, tmp_path, family, tail, order, None, timeout=300)
     r0 = results[0]

@@ -32,8 +32,8 @@ Config choices:
 
 Footgun: for some model types (Qwen3-MoE, Qwen3-Next: transformers v5 fused their experts) peft rewrites every
 `target_modules` entry named `gate_proj` / `up_proj` / `down_proj` (bare or dotted) into the experts' fused parameters,
-because such adapters were once per-expert ones. An adapter on a dense MLP layer of those models therefore cannot be
-named so that peft loads it where it belongs: `check_peft_expressible` refuses it, before training when
+because such adapters were once per-expert ones. An adapter on a dense MLP layer or on the shared expert of those
+models therefore cannot be named so that peft loads it where it belongs: `check_peft_expressible` refuses it, before training when
 `callbacks.LoraExport` is configured (exclude the dense MLP from the LoRA targets, or use the merged export).
 """
 
@@ -51,7 +51,7 @@ from qmoe_lightning.export_dir import check_finite, staged_export
 from qmoe_lightning.models.checkpoint import full_cpu_tensor
 from qmoe_lightning.models.moe import GroupedExperts
 
-from .apply import lora_modules
+from .apply import group_of, lora_modules
 from .experts import LoRAGroupedExperts
 from .linear import LoRALinear
 
@@ -112,11 +112,13 @@ def check_peft_expressible(model: nn.Module) -> None:
     moved = sorted(n for n, m in lora_modules(model).items()
                    if isinstance(m, LoRALinear) and not _is_mtp(n) and n.rpartition(".")[2] in renamed)
     if moved:
+        groups = sorted({group_of(n) for n in moved})  # the LoRA aliases of the same names: dense_mlp, shared_expert
         raise ValueError(
             f"a PEFT adapter cannot hold the LoRA adapters of {', '.join(moved[:4])}{' ...' if len(moved) > 4 else ''}: "
             f"peft loads adapters named {sorted(renamed)} onto the fused experts of a {model.config.model_type} model, "
-            "not onto these dense MLP layers. Leave the dense MLP out of model.lora.targets (the family's default "
-            "targets do), or drop callbacks.LoraExport and use the merged export (callbacks.HFExport)")
+            f"not onto these modules ({', '.join(groups)}). Leave {' and '.join(groups)} out of model.lora.targets "
+            "(the family's default targets do), or drop callbacks.LoraExport and use the merged export "
+            "(callbacks.HFExport)")
 
 
 def peft_adapter_state(model: nn.Module, fetch=None) -> tuple[dict, dict[str, torch.Tensor]]:
