@@ -2,7 +2,8 @@
 
 Mid-size config (hidden 256, 8 layers, 64 experts top-8, vocab 32k by default) of a family (`--family`:
 Qwen3.5-MoE, 6 Gated DeltaNet + 2 gated attention layers with a shared expert; Qwen3-VL-MoE, 8 GQA attention layers;
-Qwen3-MoE, the same 8 GQA attention layers in a text-only model with plain RoPE)
+Qwen3-MoE, the same 8 GQA attention layers in a text-only model with plain RoPE; Qwen3-Next, Qwen3.5's text layers
+with its grouped Gated DeltaNet projections and plain partial RoPE, text only)
 and one packed row of 2-4K tokens made of log-normal document lengths. Three timed variants, each in its own process (so peak memory is its own):
 
   native_packed   our model on the packed row with cu_seqlens (documents kept apart)
@@ -10,7 +11,7 @@ and one packed row of 2-4K tokens made of log-normal document lengths. Three tim
                   CPU to keep documents apart (its torch Gated DeltaNet cannot take cu_seqlens)
   hf_packed       transformers on the same packed row as one sequence: the same work with wrong numerics
                   (documents leak into each other); isolates implementation speed
-  native_mtp      (with --mtp, Qwen3.5-MoE) native_packed plus one multi-token prediction depth: the cost of MTP
+  native_mtp      (with --mtp, Qwen3.5-MoE or Qwen3-Next) native_packed plus one multi-token prediction depth: the cost of MTP
 
 Two label scenarios:
   all        every token is a target (language-model pre-training style); the LM head is the same work for both
@@ -26,7 +27,7 @@ the ratios (a) native_packed / hf_padded and (b) native_packed / hf_packed, and 
 the packed native run vs transformers on the padded batch). transformers runs its CPU defaults (grouped_mm experts,
 SDPA, torch chunked delta rule).
 
-    python bench/bench_model.py [--family qwen3_5_moe|qwen3_vl_moe|qwen3_moe] [--tokens 3072] [--steps 3]
+    python bench/bench_model.py [--family qwen3_5_moe|qwen3_vl_moe|qwen3_moe|qwen3_next] [--tokens 3072] [--steps 3]
                                 [--vocab 32768] [--threads N]
 """
 
@@ -60,6 +61,19 @@ def mid_config(vocab: int, family: str = "qwen3_5_moe"):
                               num_experts_per_tok=8, moe_intermediate_size=64, decoder_sparse_step=1,
                               mlp_only_layers=[], norm_topk_prob=True, max_position_embeddings=8192,
                               tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=1e6))
+    hybrid = dict(hidden_size=256, num_hidden_layers=8,
+                  layer_types=["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3
+                  + ["full_attention"],
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                  linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32,
+                  linear_conv_kernel_dim=4, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=64,
+                  shared_expert_intermediate_size=128, max_position_embeddings=8192)
+    if family == "qwen3_next":
+        from transformers import Qwen3NextConfig
+
+        return Qwen3NextConfig(vocab_size=vocab, **hybrid, intermediate_size=512, decoder_sparse_step=1,
+                               mlp_only_layers=[], norm_topk_prob=True, tie_word_embeddings=False,
+                               rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25))
     if family == "qwen3_vl_moe":
         from transformers import Qwen3VLMoeConfig
 
@@ -72,13 +86,7 @@ def mid_config(vocab: int, family: str = "qwen3_5_moe"):
                                 tie_word_embeddings=False, **ids)
     from transformers import Qwen3_5MoeConfig
 
-    text = dict(vocab_size=vocab, hidden_size=256, num_hidden_layers=8,
-                layer_types=["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3
-                + ["full_attention"],
-                num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-                linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32,
-                linear_conv_kernel_dim=4, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=64,
-                shared_expert_intermediate_size=128, max_position_embeddings=8192,
+    text = dict(vocab_size=vocab, **hybrid,
                 rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
                                      mrope_section=[1, 1, 2], mrope_interleaved=True))
     return Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
@@ -194,7 +202,8 @@ def main() -> None:
                         help="torch threads per run (1 gives stable ratios on a shared machine)")
     parser.add_argument("--scenarios", nargs="+", default=["all", "sft"], choices=["all", "sft"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--family", default="qwen3_5_moe", choices=["qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe"])
+    parser.add_argument("--family", default="qwen3_5_moe",
+                        choices=["qwen3_5_moe", "qwen3_vl_moe", "qwen3_moe", "qwen3_next"])
     parser.add_argument("--mtp", action="store_true", help="also time the native model with one MTP depth")
     args = parser.parse_args()
 
