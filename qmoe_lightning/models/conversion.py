@@ -189,7 +189,10 @@ class MoeStateDictAdapter:
                     f"{fqn} holds {tensor.shape[0]} of {self.num_experts} experts (an expert-parallel shard?): gather "
                     "all experts before writing a Hugging Face checkpoint")
             shapes = self._shapes(proj)
-            layout = HF if in_memory or shapes[HF] == shapes[NATIVE] else self.WRITE_EXPERT_LAYOUT
+            # fused MTP experts of a family whose decoder experts are written per expert: transformers' layout,
+            # the only fused one such a family reads
+            fused = HF if self.WRITE_EXPERT_LAYOUT == PER_EXPERT else self.WRITE_EXPERT_LAYOUT
+            layout = HF if in_memory or shapes[HF] == shapes[NATIVE] else fused
             out = tensor.transpose(1, 2) if layout == HF else tensor
             return [(key[: -len(native)] + ".mlp.experts." + hf, out if in_memory else out.contiguous())]
         return [(key, tensor)]
