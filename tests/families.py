@@ -126,3 +126,18 @@ def reference_pair(family: TinyFamily, variant: str, path):
     hf = family.make_hf_model(family.make_config(variant), seed=family.seed + family.variants.index(variant))
     hf.save_pretrained(path)
     return hf, family.native.from_pretrained(path).eval()
+
+
+def native_slots_of(adapter, published: dict[str, tuple[int, ...]], native: torch.nn.Module) -> dict[str, set]:
+    """Read a published key set (name -> shape, on meta) through `adapter`: every tensor must land in a native tensor
+    of `native`, no slot (expert, columns) twice, and every native tensor must be filled. -> native key -> slots."""
+    want = {k: tuple(v.shape) for k, v in native.state_dict().items()}
+    slots: dict[str, set] = {}
+    for key, shape in published.items():
+        for a in adapter.convert_single_tensor_from_hf(key, torch.empty(shape, device="meta")):
+            assert a.native_key in want, key
+            slot = (a.expert, None if a.cols is None else (a.cols.start, a.cols.stop))
+            assert slot not in slots.setdefault(a.native_key, set()), f"{key}: {a.slot} written twice"
+            slots[a.native_key].add(slot)
+    assert set(slots) == set(want)
+    return slots

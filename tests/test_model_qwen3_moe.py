@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import FAMILIES, reference_pair
+from families import FAMILIES, native_slots_of, reference_pair
 from safetensors.torch import load_file
 from tiny_configs import QWEN3_MOE_VARIANTS, per_expert_layout, text_doc
 
@@ -138,15 +138,7 @@ def test_published_sizes_build_on_meta_and_export_transformers_key_set(size):
     # the parameter count of the model card
     assert params[0] < sum(torch.Size(s).numel() for s in exported.values()) < params[1]
     # and back: every published tensor lands in exactly one native slot of the right shape, covering every tensor
-    want = {k: tuple(v.shape) for k, v in native.state_dict().items()}
-    slots: dict[str, set] = {}
-    for key, shape in expected.items():
-        for a in adapter.convert_single_tensor_from_hf(key, torch.empty(shape, device="meta")):
-            assert a.native_key in want, key
-            slot = (a.expert, None if a.cols is None else (a.cols.start, a.cols.stop))
-            assert slot not in slots.setdefault(a.native_key, set()), f"{key}: {a.slot} written twice"
-            slots[a.native_key].add(slot)
-    assert set(slots) == set(want)
+    slots = native_slots_of(adapter, expected, native)
     experts = native.text_model.layers[0].mlp.experts
     assert tuple(experts.gate_and_up_projs.shape) == (128, H, 2 * I)
     assert {len(s) for k, s in slots.items() if k.endswith("gate_and_up_projs")} == {128 * 2}  # gate, up per expert

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import FAMILIES
+from families import FAMILIES, native_slots_of
 from tiny_configs import per_expert_layout
 
 from qmoe_lightning.models.decoder import is_sparse_layer
@@ -110,15 +110,7 @@ def test_published_80b_a3b_key_set_loads_strictly_and_saves_back_identically():
     assert main == 79_674_391_296  # the card's 80B; 79B without embedding and LM head
     assert main - 2 * 151936 * H == pytest.approx(79.05e9, rel=1e-3)
     # and back: every published tensor lands in exactly one native slot, covering every native tensor
-    want = {k: tuple(v.shape) for k, v in native.state_dict().items()}
-    slots: dict[str, set] = {}
-    for key, shape in expected.items():
-        for a in adapter.convert_single_tensor_from_hf(key, torch.empty(shape, device="meta")):
-            assert a.native_key in want, key
-            slot = (a.expert, None if a.cols is None else (a.cols.start, a.cols.stop))
-            assert slot not in slots.setdefault(a.native_key, set()), f"{key}: {a.slot} written twice"
-            slots[a.native_key].add(slot)
-    assert set(slots) == set(want)
+    native_slots_of(adapter, expected, native)
     assert native.text_model.rotary_emb.inv_freq.numel() == 256 // 4 // 2  # a quarter of the head rotates
     # the JSON is the raw file's spelling, read by transformers' own config class as it is
     assert json.loads((DATA / "qwen3_next_80b_a3b_instruct_config.json").read_text())["partial_rotary_factor"] == 0.25

@@ -12,8 +12,7 @@ are added by the shared backend.
 from __future__ import annotations
 
 from .attention import plain_attention
-from .decoder import DecoderBackend, DecoderBlock, is_sparse_layer
-from .moe import SparseMoE, SwiGLUMLP
+from .decoder import DecoderBackend, DecoderBlock, is_sparse_layer, moe_or_dense_mlp
 from .norms import RMSNorm
 
 
@@ -22,21 +21,13 @@ class AttentionMoeBlock(DecoderBlock):
         super().__init__()
         self.layer_idx = layer_idx
         self.self_attn = plain_attention(config)
-        if is_sparse_layer(config, layer_idx):
-            self.mlp = SparseMoE(config)
-        else:
-            self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        self.mlp = moe_or_dense_mlp(config, is_sparse_layer(config, layer_idx))
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.attach_routing_replay()
 
     def _forward(self, h, rope, info):
-        h = h + self.self_attn(self.input_layernorm(h), rope, info)
-        x = self.post_attention_layernorm(h)
-        if not self.is_moe:
-            return h + self.mlp(x), None, None
-        out, router_logits, indices = self.mlp(x)
-        return h + out, router_logits, indices
+        return self._mlp_residual(h + self.self_attn(self.input_layernorm(h), rope, info))
 
 
 class AttentionDecoderBackend(DecoderBackend):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .moe import RoutingReplay, SparseMoE
+from .moe import RoutingReplay, SparseMoE, SwiGLUMLP
 from .packing import SequenceInfo
 from .rotary import Fp32SafeTextRotaryEmbedding
 
@@ -49,6 +49,7 @@ class DecoderBlock(nn.Module):
     forward, so that an FSDP2 wrapper of the block gathers its parameters around it once."""
 
     mlp: nn.Module  # the family's MLP: a SparseMoE, or a dense MLP on the layers a config keeps dense
+    post_attention_layernorm: nn.Module  # the norm before the MLP (`_mlp_residual`)
 
     def __init__(self):
         super().__init__()
@@ -73,6 +74,19 @@ class DecoderBlock(nn.Module):
 
     def _forward(self, h, rope, info):
         raise NotImplementedError
+
+    def _mlp_residual(self, h: torch.Tensor):
+        """`h + mlp(post_attention_layernorm(h))` and the router outputs (None, None for a dense MLP)."""
+        x = self.post_attention_layernorm(h)
+        if not self.is_moe:
+            return h + self.mlp(x), None, None
+        out, router_logits, indices = self.mlp(x)
+        return h + out, router_logits, indices
+
+
+def moe_or_dense_mlp(config, sparse: bool) -> nn.Module:
+    """The block's MLP: the shared sparse MoE block, or a dense SwiGLU MLP of `intermediate_size`."""
+    return SparseMoE(config) if sparse else SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
 
 class DecoderBackend(nn.Module):

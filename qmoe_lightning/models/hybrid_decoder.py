@@ -17,9 +17,8 @@ from __future__ import annotations
 from functools import partial
 
 from .attention import gated_attention
-from .decoder import DecoderBackend, DecoderBlock, is_sparse_layer
+from .decoder import DecoderBackend, DecoderBlock, is_sparse_layer, moe_or_dense_mlp
 from .gated_deltanet import GatedDeltaNet
-from .moe import SparseMoE, SwiGLUMLP
 from .norms import ZeroCenteredRMSNorm
 
 
@@ -39,10 +38,7 @@ class HybridMoeBlock(DecoderBlock):
             self.self_attn = gated_attention(config)
         else:
             raise ValueError(f"layer {layer_idx}: unknown layer type {self.layer_type!r}")
-        if mtp or not self.DENSE_LAYERS or is_sparse_layer(config, layer_idx):
-            self.mlp = SparseMoE(config)
-        else:
-            self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        self.mlp = moe_or_dense_mlp(config, mtp or not self.DENSE_LAYERS or is_sparse_layer(config, layer_idx))
         self.input_layernorm = ZeroCenteredRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.attach_routing_replay()
@@ -53,11 +49,7 @@ class HybridMoeBlock(DecoderBlock):
             h = h + self.linear_attn(x, info)
         else:
             h = h + self.self_attn(x, rope, info)
-        x = self.post_attention_layernorm(h)
-        if not self.is_moe:
-            return h + self.mlp(x), None, None
-        out, router_logits, indices = self.mlp(x)
-        return h + out, router_logits, indices
+        return self._mlp_residual(h)
 
 
 def mtp_block_factory(block_class: type[HybridMoeBlock]):
