@@ -47,7 +47,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from callbacks import DataMatchesModel, RunCheckpoint, StepProgressBar, TokensPerSecond
+from callbacks import DataMatchesModel, ResumePosition, RunCheckpoint, StepProgressBar, TokensPerSecond
 from callbacks.predictions import PredictionWriter
 from callbacks.preemption import Preempted, PreemptionCheckpoint
 from callbacks.run_report import output_line
@@ -115,8 +115,8 @@ class QMoECLI(LightningCLI):
         """Lightning's, plus `StepProgressBar` as the progress bar ("Epoch N", not "Epoch N/-2") when the config
         shows one and names none of its own (added here, not to the saved config: a rerun with
         `--trainer.enable_progress_bar false` must not meet a progress bar callback it refuses), plus
-        `PreemptionCheckpoint`, `PredictionWriter`, `TokensPerSecond` and `DataMatchesModel` unless the config names
-        its own."""
+        `PreemptionCheckpoint`, `PredictionWriter`, `TokensPerSecond`, `DataMatchesModel` and `ResumePosition` unless
+        the config names its own."""
         from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 
         configured = config.get("callbacks") or []
@@ -128,7 +128,8 @@ class QMoECLI(LightningCLI):
             callbacks = [*callbacks, PreemptionCheckpoint()]  # SIGTERM: finish the step, checkpoint, exit 143
         if not any(isinstance(c, BasePredictionWriter) for c in [*configured, *callbacks]):
             callbacks = [*callbacks, PredictionWriter()]  # predict: predictions.jsonl and the exact match
-        for kind in (TokensPerSecond, DataMatchesModel):  # train/tokens_per_s; the tokenizer fits the model
+        # train/tokens_per_s; the tokenizer fits the model; a resume on another layout keeps its position
+        for kind in (TokensPerSecond, DataMatchesModel, ResumePosition):
             if not any(isinstance(c, kind) for c in [*configured, *callbacks]):
                 callbacks = [*callbacks, kind()]
         return super()._instantiate_trainer(config, callbacks)

@@ -13,7 +13,8 @@ Every rank computes the same global plan and order (seed + epoch), so no communi
 Resume: `consumed` counts the micro-batches this rank has handed to the training step in the current epoch (the
 DataModule increments it from `on_before_batch_transfer`, which Lightning calls in the main process right before
 each step, so DataLoader prefetching does not inflate it). `state_dict()` / `load_state_dict()` carry
-(epoch, consumed); the next `__iter__` for that epoch re-plans it and starts after the consumed packs. Subclassing
+(epoch, consumed); the next `__iter__` for that epoch re-plans it and starts after the consumed packs, also on
+another number of ranks when it divides the packs drawn so far (`load_state_dict`). Subclassing
 DistributedSampler stops Lightning from wrapping this sampler in its own distributed sampler.
 
 Why the sampler yields pack CONTENTS (a tuple of document indices) rather than a pack number: the plan changes
@@ -27,6 +28,7 @@ import logging
 import math
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DistributedSampler
 
 from .planning import EpochPackPlan
@@ -48,6 +50,9 @@ class PackSampler(DistributedSampler):
         self.total_size = self.num_samples * num_replicas
         self.consumed = 0  # micro-batches of the current epoch handed to the step
         self._resume_at = 0  # where the next __iter__ starts
+        # a state of another number of ranks, continued: this rank's count - the saved one (callbacks.ResumePosition
+        # moves Lightning's batch counters by it); 0 otherwise
+        self.resume_shift = 0
 
     def rank_orders(self, epoch: int) -> list[list[int]]:
         """The pack order (indices into `plan.packs(epoch)`) of every rank for `epoch` (identical on all ranks)."""
@@ -115,14 +120,26 @@ class PackSampler(DistributedSampler):
                         state.get("seed"), self.plan.fingerprint(), self.seed, state.get("epoch"))
             self.epoch, self._resume_at, self.consumed = int(state.get("epoch", 0)), 0, 0
             return
-        if state.get("num_replicas") != self.num_replicas:
-            log.warning("sampler state was saved with %s data-parallel ranks, now %d: the per-rank order differs, "
-                        "so epoch %s restarts from its beginning", state.get("num_replicas"), self.num_replicas,
-                        state.get("epoch"))
-            self.epoch, self._resume_at, self.consumed = int(state["epoch"]), 0, 0
-            return
+        consumed = int(state["consumed"])
+        saved_replicas = int(state.get("num_replicas") or self.num_replicas)
+        if saved_replicas != self.num_replicas:
+            # Another data-parallel size (a 2 x 2 run resumed on 1 x 4 ranks or on 1 process): the saved ranks drew
+            # whole rounds, i.e. the first consumed * saved packs of the epoch's order. Rounds of the new size start
+            # at the same pack when it divides that count, so the epoch continues there, each step drawing the
+            # packs the old layout would have drawn (within a step, spread over ranks and micro-batches otherwise).
+            drawn = consumed * saved_replicas
+            if drawn % self.num_replicas:
+                log.warning("sampler state was saved with %d data-parallel ranks after %d packs of epoch %s, now %d "
+                            "ranks, which do not divide them: epoch %s restarts from its beginning", saved_replicas,
+                            drawn, state.get("epoch"), self.num_replicas, state.get("epoch"))
+                self.epoch, self._resume_at, self.consumed = int(state["epoch"]), 0, 0
+                return
+            rank_zero_info(f"data: the sampler state of {saved_replicas} data-parallel ranks continues on "
+                           f"{self.num_replicas}: epoch {state.get('epoch')} from its pack {drawn}")
+            consumed = drawn // self.num_replicas
+            self.resume_shift = consumed - int(state["consumed"])
         self.epoch = int(state["epoch"])
-        self._resume_at = self.consumed = min(int(state["consumed"]), self.num_samples)
+        self._resume_at = self.consumed = min(consumed, self.num_samples)
         if self.consumed >= self.num_samples:
             # saved after the epoch's last micro-batch (a checkpoint at an optimizer step that ends the epoch): the
             # position is the start of the next epoch. Lightning draws the resumed loader's iterator before it sets

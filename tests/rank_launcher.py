@@ -38,19 +38,42 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def launch_ranks(cli_args: list[str], world: int, env: dict | None = None, timeout: float = 600.0,
-                 cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run `python cli.py *cli_args` as `world` ranks started together; -> one CompletedProcess: the first failing
-    rank's return code (0 when all succeed), each rank's stdout / stderr one after the other, headed by its rank."""
+                 cwd: Path = ROOT, nodes: int = 1, scheduler: str = "torchrun") -> subprocess.CompletedProcess:
+    """Run `python cli.py *cli_args` as `world` ranks started together, `world / nodes` per node; -> one
+    CompletedProcess: the first failing rank's return code (0 when all succeed), each rank's stdout / stderr one after
+    the other, headed by its rank.
+
+    scheduler "torchrun": the variables torchrun's agents give their workers (Lightning's TorchElastic environment);
+    "slurm": those `srun` gives its tasks (SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID, ...: Lightning's
+    SLURM environment), MASTER_ADDR / MASTER_PORT as an sbatch script exports them."""
+    if world % nodes:
+        raise ValueError(f"{world} ranks do not split over {nodes} nodes")
+    per_node = world // nodes
     env = dict(os.environ if env is None else env)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # the OS picks the port, held
-    common = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), WORLD_SIZE=str(world),
-                  LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", NODE_RANK="0", ROLE_RANK="0", ROLE_WORLD_SIZE=str(world),
-                  TORCHELASTIC_RUN_ID=uuid.uuid4().hex, TORCHELASTIC_USE_AGENT_STORE="True")
+    # every rank connects to the held store as a client (a torch variable, read whatever the scheduler)
+    common = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True")
+    if scheduler == "torchrun":
+        common.update(WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(per_node), ROLE_WORLD_SIZE=str(world),
+                      TORCHELASTIC_RUN_ID=uuid.uuid4().hex)
+    elif scheduler == "slurm":
+        common.update(SLURM_NTASKS=str(world), SLURM_NTASKS_PER_NODE=str(per_node), SLURM_NNODES=str(nodes),
+                      SLURM_JOB_NUM_NODES=str(nodes), SLURM_JOB_ID=str(uuid.uuid4().int % 10**6),
+                      SLURM_JOB_NAME="qmoe-fit", SLURM_NODELIST="127.0.0.1")
+    else:
+        raise ValueError(f"scheduler must be 'torchrun' or 'slurm', got {scheduler!r}")
     ctx = preloaded_processes.context()
     with tempfile.TemporaryDirectory(prefix="ranks_") as logs:
         procs = []
         for r in range(world):
-            rank_env = {**env, **common, "RANK": str(r), "LOCAL_RANK": str(r), "ROLE_RANK": str(r)}
+            node, local = divmod(r, per_node)
+            if scheduler == "torchrun":
+                ids = dict(RANK=str(r), LOCAL_RANK=str(local), GROUP_RANK=str(node), NODE_RANK=str(node),
+                           ROLE_RANK=str(r))
+            else:
+                ids = dict(SLURM_PROCID=str(r), SLURM_LOCALID=str(local), SLURM_NODEID=str(node))
+            rank_env = {**{k: v for k, v in env.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))},
+                        **common, **ids}
             procs.append(ctx.Process(target=_run_rank, args=(cli_args, rank_env, str(cwd), f"{logs}/{r}.out",
                                                              f"{logs}/{r}.err")))
         try:

@@ -59,19 +59,28 @@ LORA = json.dumps(dict(rank=4, alpha=8, dropout=0.0, targets=["attention", "line
                                                                "experts"], expert_rank=2, expert_alpha=4))
 
 
+def rank_env() -> dict[str, str]:
+    """The environment of a multi-process run's ranks: one intra-op thread, the test callbacks importable."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+                PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+
+
+def fit_args(out: Path, devices: int, *extra: str, config: str = "configs/tiny_ep.yaml") -> list[str]:
+    """`cli.py` arguments of these runs: STEPS steps, the HF export, the first GRAD_STEPS steps' gradients dumped."""
+    return ["fit", "--config", config, "--trainer.max_steps", str(STEPS), "--trainer.limit_val_batches", "0",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out),
+            "--trainer.devices", str(devices), "--data.max_tokens", "512", "--data.num_workers", "0",
+            "--trainer.callbacks+=callbacks.HFExport", "--model.eps", str(EPS),
+            "--trainer.callbacks+=ep_test_callbacks.DumpGradients", "--trainer.callbacks.steps", str(GRAD_STEPS), *extra]
+
+
 def _fit(out: Path, *extra: str, devices: int = 2, check: bool = True, config: str = "configs/tiny_ep.yaml",
          launcher: str = "together") -> subprocess.CompletedProcess:
     """One `cli.py fit` on `devices` processes. launcher "lightning": `python cli.py` starts the others, as a user
     on one machine does; "together": every rank started at once, as torchrun does (rank_launcher: half the wall
     time of a tiny run, whose imports are most of it)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    args = [sys.executable, "cli.py", "fit", "--config", config,
-            "--trainer.max_steps", str(STEPS), "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
-            "false", "--trainer.default_root_dir", str(out),
-            "--trainer.devices", str(devices), "--data.max_tokens", "512", "--data.num_workers", "0",
-            "--trainer.callbacks+=callbacks.HFExport", "--model.eps", str(EPS),
-            "--trainer.callbacks+=ep_test_callbacks.DumpGradients", "--trainer.callbacks.steps", str(GRAD_STEPS), *extra]
+    env = rank_env()
+    args = [sys.executable, "cli.py", *fit_args(out, devices, *extra, config=config)]
     if devices == 1:
         args += ["--trainer.strategy", "auto"]
         assert check, "a one-process reference run runs in this process: it must succeed"

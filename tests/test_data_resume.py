@@ -1,7 +1,9 @@
 """Distributed pack sampling and mid-epoch resume: same packs in the same order as an uninterrupted run, on 1 and 2
-ranks, in epoch 0 and in a re-planned epoch 1."""
+ranks, in epoch 0 and in a re-planned epoch 1; a position carried over to another number of ranks."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -61,6 +63,39 @@ def test_sampler_ranks_disjoint_balanced_and_seeded():
     assert PackSampler(fixed, 1, 0, shuffle=False).rank_orders(5)[0] == list(range(fixed.num_packs))
 
 
+def _resumed(plan, state: dict, world: int) -> list[list[int]]:
+    """Every rank's pack order after loading `state` on `world` ranks (what its next __iter__ yields)."""
+    out = []
+    for r in range(world):
+        s = PackSampler(plan, world, r, seed=3)
+        s.load_state_dict(state)
+        out.append(s.rank_orders(s.epoch)[r][s.consumed:])
+    return out
+
+
+def test_resume_on_another_number_of_ranks_continues_the_epoch_at_the_same_pack():
+    """A checkpoint of 4 ranks (2 x 2 nodes) resumed on 1 process or on 2 ranks: each step draws the packs the 4
+    ranks would have drawn next (one process: all of a step's packs as its micro-batches), in the epoch's order."""
+    plan = EpochPackPlan([20 + (i * 37) % 90 for i in range(120)], 256, seed=3)
+    order = PackSampler(plan, 1, 0, seed=3).rank_orders(0)[0]  # the epoch's global order
+    four = [PackSampler(plan, 4, r, seed=3) for r in range(4)]
+    assert {p for s in four for p in s.rank_orders(0)[s.rank][:2]} == set(order[:8])  # 2 steps of 4 ranks
+    state = dict(four[0].state_dict(), consumed=2)
+    (alone,) = _resumed(plan, state, 1)
+    assert alone == order[8:]
+    pair = _resumed(plan, state, 2)
+    full_rounds = (len(order) - 8) // 2  # a last, partial round is filled by wrapping around to the epoch's start
+    assert full_rounds >= 5
+    for step, packs in enumerate(list(zip(*pair))[:full_rounds]):
+        assert set(packs) == set(order[8 + 2 * step: 10 + 2 * step])
+    # and back: 1 process after 8 micro-batches resumed on 4 ranks starts at the same pack
+    back = _resumed(plan, dict(PackSampler(plan, 1, 0, seed=3).state_dict(), consumed=8), 4)
+    assert {p for r in back for p in r[:1]} == set(order[8:12])
+    # negative control: 3 ranks do not divide the 8 packs drawn: the epoch restarts from its beginning
+    restarted = _resumed(plan, state, 3)
+    assert restarted == [PackSampler(plan, 3, r, seed=3).rank_orders(0)[r] for r in range(3)]
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_resume_mid_epoch_same_order(emb, cache, world):
     for rank in range(world):
@@ -98,7 +133,6 @@ def test_resume_with_a_worker_process(emb, cache):
 
 
 def test_data_parallel_coordinates_come_from_the_trainer(emb, cache):
-    from types import SimpleNamespace
 
     dm = MultimodalPackingDataModule(model_path=str(emb.model_dir), train_path=str(emb.val_path), val_path=None,
                                      cache_dir=cache)
@@ -173,3 +207,31 @@ def test_resume_mid_epoch_1_of_replanned_packs(emb, cache, workers):
     resumed.train_sampler.set_epoch(1)  # as Lightning does at the epoch start: the position survives it
     rest = [tuple(batch["documents"]) for batch in resumed.train_dataloader()]
     assert head + rest == full1
+
+
+def test_resume_position_moves_the_loop_counters_by_what_the_sampler_moved(emb, cache):
+    """callbacks.ResumePosition: 2 micro-batches per rank of a 4-rank checkpoint are 8 on one process; Lightning's
+    batch counters (where accumulation ends a step) move with them, their differences kept. Same layout: untouched.
+    (Without it, a 2 x 2 checkpoint resumed on one process accumulating 4 ended 4.6e-3 away from the uninterrupted
+    run: tests/test_app_multinode.py.)"""
+    from callbacks import ResumePosition
+
+    def checkpoint():
+        counts = {"ready": 2, "completed": 1, "started": 2, "processed": 2}  # written at the end of batch 2
+        return {"loops": {"fit_loop": {"epoch_loop.batch_progress": {"total": dict(counts), "current": dict(counts),
+                                                                      "is_last_batch": False}}}}
+
+    dm = _dm(emb, cache)
+    dm.setup("fit")
+    dm.load_state_dict({"sampler": dict(PackSampler(dm.train_sampler.plan, 4, 0, seed=7).state_dict(), consumed=2)})
+    assert dm.train_sampler.consumed == 8 and dm.train_sampler.resume_shift == 6
+    ckpt = checkpoint()
+    ResumePosition().on_load_checkpoint(SimpleNamespace(datamodule=dm), None, ckpt)
+    moved = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert moved["current"] == moved["total"] == {"ready": 8, "completed": 7, "started": 8, "processed": 8}
+    same = _dm(emb, cache)
+    same.setup("fit")
+    same.load_state_dict({"sampler": dict(same.train_sampler.state_dict(), consumed=2)})
+    ckpt = checkpoint()
+    ResumePosition().on_load_checkpoint(SimpleNamespace(datamodule=same), None, ckpt)
+    assert ckpt == checkpoint() and same.train_sampler.consumed == 2
