@@ -42,7 +42,8 @@ def plan_packs(lengths: Sequence[int], max_tokens: int, visual: Sequence[int] | 
     `order` (default: longest first, ties by index, i.e. first-fit-decreasing).
 
     First fit is a max segment tree over the free space of packs 0..n-1 (unopened packs have max_tokens free), so
-    "leftmost pack with free >= n" is O(log n) and opening a new pack needs no special case.
+    "leftmost pack with free >= n" is O(log n) and opening a new pack needs no special case. Every rank plans every
+    epoch of a million-document corpus: the loop is written for speed (`bench/bench_data_scale.py`).
     """
     lengths = [int(n) for n in lengths]
     if any(n > max_tokens for n in lengths):
@@ -51,26 +52,19 @@ def plan_packs(lengths: Sequence[int], max_tokens: int, visual: Sequence[int] | 
         return []
     if order is None:
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    balance = balance_visual_tokens and visual is not None
+    # The tree covers as many packs as first fit can open: any two of its packs hold more than max_tokens together
+    # (a document of the later one did not fit in the earlier one), so at most 2 * ceil(total / max_tokens) + 1.
+    # Balancing places vision documents by another rule, so it keeps one leaf per document.
+    bound = len(lengths) if balance else min(len(lengths), 2 * (-(-sum(lengths) // max_tokens)) + 1)
     size = 1
-    while size < len(lengths):
+    while size < bound:
         size *= 2
     tree = [max_tokens] * (2 * size)
 
-    def first_fit(n: int) -> int:
-        node = 1
-        while node < size:
-            node = 2 * node if tree[2 * node] >= n else 2 * node + 1
-        return node - size
+    if not balance:
+        return _first_fit(lengths, order, tree, size)
 
-    def set_free(p: int, value: int) -> None:
-        node = p + size
-        tree[node] = value
-        node //= 2
-        while node:
-            tree[node] = max(tree[2 * node], tree[2 * node + 1])
-            node //= 2
-
-    balance = balance_visual_tokens and visual is not None
     # Balancing spreads the vision samples over as many packs as plain FFD would need (opened up front), picking
     # the fitting pack with the fewest vision tokens through a lazy min-heap; text samples then fill the gaps.
     n_target = len(plan_packs(lengths, max_tokens)) if balance else 0
@@ -80,7 +74,7 @@ def plan_packs(lengths: Sequence[int], max_tokens: int, visual: Sequence[int] | 
     for i in order:
         n = lengths[i]
         chosen = -1
-        if balance and visual[i] > 0:
+        if visual[i] > 0:
             aside = []
             while heap and len(aside) < 64:  # bounded: past 64 full candidates, first fit decides
                 v, p = heapq.heappop(heap)
@@ -93,17 +87,70 @@ def plan_packs(lengths: Sequence[int], max_tokens: int, visual: Sequence[int] | 
             for item in aside:
                 heapq.heappush(heap, item)
         if chosen < 0:
-            chosen = first_fit(n)
+            chosen = _leftmost_fit(tree, size, n)
         if chosen == len(packs):
             packs.append([])
             vis.append(0)
         packs[chosen].append(i)
-        set_free(chosen, tree[chosen + size] - n)
-        if visual is not None:
-            vis[chosen] += int(visual[i])
-        if balance:
-            heapq.heappush(heap, (vis[chosen], chosen))
+        _take(tree, chosen + size, n)
+        vis[chosen] += int(visual[i])
+        heapq.heappush(heap, (vis[chosen], chosen))
     return [p for p in packs if p]
+
+
+def _leftmost_fit(tree: list[int], size: int, n: int) -> int:
+    """The leftmost pack with free >= n (unopened packs have max_tokens free)."""
+    if tree[1] < n:
+        raise AssertionError("pack tree full: the first-fit bound is wrong")
+    node = 1
+    while node < size:
+        node <<= 1
+        if tree[node] < n:
+            node += 1
+    return node - size
+
+
+def _take(tree: list[int], node: int, n: int) -> None:
+    """n tokens of leaf `node` used; the new maxima upwards until a node keeps its value (then every ancestor does)."""
+    tree[node] -= n
+    node >>= 1
+    while node:
+        left, right = tree[2 * node], tree[2 * node + 1]
+        top = left if left > right else right
+        if tree[node] == top:
+            break
+        tree[node] = top
+        node >>= 1
+
+
+def _first_fit(lengths: list[int], order: Sequence[int], tree: list[int], size: int) -> list[list[int]]:
+    """Plain first fit in `order`: `_leftmost_fit` and `_take` inlined (the hot loop of every epoch's plan, a
+    million documents at scale: function calls were half its time)."""
+    packs: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        node = 1
+        while node < size:
+            node <<= 1
+            if tree[node] < n:
+                node += 1
+        p = node - size
+        if p == len(packs):
+            packs.append([i])
+        else:
+            packs[p].append(i)
+        tree[node] -= n
+        node >>= 1
+        while node:
+            left, right = tree[2 * node], tree[2 * node + 1]
+            top = left if left > right else right
+            if tree[node] == top:
+                break
+            tree[node] = top
+            node >>= 1
+    if min(tree[size: size + len(packs)]) < 0:  # a document placed where it did not fit: the tree was too small
+        raise AssertionError("pack tree full: the first-fit bound is wrong")
+    return packs
 
 
 def split_to_count(packs: list[list[int]], count: int) -> list[list[int]]:
