@@ -44,7 +44,7 @@ from .planning import EpochPackPlan
 from .processor import local_model_dir
 from .prompts import PromptDataset
 from .sampler import PackSampler
-from .sources import bad_rows, encode_files, first_bad, skip_summary
+from .sources import bad_rows, column, encode_files, first_bad, skip_summary
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,8 @@ class MultimodalPackingDataModule(LightningDataModule):
 
     def _pack(self, records, encoder: Encoder, shuffle: bool = False) -> PackDataset:
         """shuffle: a training plan (random order, re-planned per epoch); else first-fit-decreasing, once."""
-        lengths = records["num_tokens"]
-        plan = EpochPackPlan(lengths, self.max_tokens, records["num_visual_tokens"], self.balance_visual_tokens,
+        lengths = column(records, "num_tokens")
+        plan = EpochPackPlan(lengths, self.max_tokens, column(records, "num_visual_tokens"), self.balance_visual_tokens,
                              shuffle=shuffle, seed=self.seed)
         ds = PackDataset(records, plan, encoder, self.pad_to_multiple_of, strict=self.strict)
         padded = sum(-(-t // self.pad_to_multiple_of) * self.pad_to_multiple_of for t in plan.pack_tokens(0))

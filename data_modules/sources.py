@@ -293,10 +293,17 @@ def _refresh_changed_media(encoded, raw, encoder: Encoder, prompts: bool):
     return datasets.concatenate_datasets([encoded, fixed]).select(order)
 
 
+def column(dataset, name: str) -> list:
+    """One column of a datasets table as a Python list, through Arrow. Footgun: `dataset[name]` is a lazy `Column` in
+    datasets 5 that reads value by value when iterated or indexed, so a million-row corpus spent minutes in the
+    loops over it (`bench/bench_data_scale.py`); Arrow hands the whole column over at once."""
+    return dataset.with_format("arrow")[name].to_pylist()
+
+
 def skip_summary(encoded) -> tuple[Counter, list[int], int]:
     """-> (skip counts per reason, indices of good rows, number of truncated good rows)."""
-    reasons = encoded["skip_reason"]
-    truncated = encoded["truncated"]
+    reasons = column(encoded, "skip_reason")
+    truncated = column(encoded, "truncated")
     counts = Counter(r for r in reasons if r)
     good = [i for i, r in enumerate(reasons) if not r]
     return counts, good, sum(1 for i in good if truncated[i])
@@ -305,7 +312,7 @@ def skip_summary(encoded) -> tuple[Counter, list[int], int]:
 def bad_rows(encoded, limit: int) -> list[str]:
     """'file:line: reason: detail' of the first `limit` bad rows in file order."""
     out = []
-    for i, reason in enumerate(encoded["skip_reason"]):
+    for i, reason in enumerate(column(encoded, "skip_reason")):
         if reason:
             rec = encoded[i]
             out.append(f"{rec['source']}:{rec['line']}: {reason}: {rec['skip_detail']}")
