@@ -78,13 +78,16 @@ class MoeStateDictAdapter:
 
     READ_EXPERT_LAYOUTS: tuple[str, ...] = (HF,)
     WRITE_EXPERT_LAYOUT: str = HF
+    # how `to_hf` writes MTP experts of a model built without a checkpoint: "fused" (the family's fused layout) or
+    # "per_expert"; a loaded checkpoint's own layout replaces it (written back as read)
+    MTP_EXPERT_LAYOUT: str = "fused"
 
     def __init__(self, config, text_only: bool, mtp_layers: int = 0):
         """config: the model's config (the VL config or its text config); text_only: a text-only native model;
         mtp_layers: depths of the model's MTP module (0: `mtp.*` tensors are passed through)."""
         self.text_only = text_only
         self.mtp_layers = mtp_layers
-        self.mtp_expert_layout = "fused"  # how `to_hf` writes MTP experts: "fused" (the family's layout), "per_expert"
+        self.mtp_expert_layout = self.MTP_EXPERT_LAYOUT
         text = config.get_text_config()  # transformers': the VL config's text_config, a text config itself
         self.num_experts = text.num_experts
         self.intermediate = text.moe_intermediate_size

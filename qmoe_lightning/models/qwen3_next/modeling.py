@@ -25,10 +25,7 @@ from ..text_only import TextMoeCausalLM
 class Qwen3NextStateDictAdapter(MoeStateDictAdapter):
     READ_EXPERT_LAYOUTS = (HF,)  # and per expert, always
     WRITE_EXPERT_LAYOUT = PER_EXPERT
-
-    def __init__(self, config, text_only: bool, mtp_layers: int = 0):
-        super().__init__(config, text_only, mtp_layers)
-        self.mtp_expert_layout = "per_expert"  # the MTP layer's experts are stored apart like the decoder's
+    MTP_EXPERT_LAYOUT = "per_expert"  # the MTP layer's experts are stored apart like the decoder's
 
 
 class Qwen3NextBlock(HybridMoeBlock):
