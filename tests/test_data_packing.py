@@ -43,6 +43,46 @@ def test_ffd_matches_textbook_and_respects_capacity():
         plan_packs([11], 10)
 
 
+def _naive_first_fit(lengths, cap, order, window=None):
+    """Textbook first fit in `order`; window=k: only the k newest packs are tried (the negative control)."""
+    packs, free = [], []
+    for i in order:
+        start = 0 if window is None else max(0, len(packs) - window)
+        for p in range(start, len(packs)):
+            if free[p] >= lengths[i]:
+                packs[p].append(i)
+                free[p] -= lengths[i]
+                break
+        else:
+            packs.append([i])
+            free.append(cap - lengths[i])
+    return packs
+
+
+def test_random_order_first_fit_matches_textbook_and_counts_tokens():
+    """The planner keeps the two newest packs beside its tree; it must still be exactly first fit, in any order."""
+    from data_modules.planning import _first_fit
+
+    rng = random.Random(3)
+    differs_from_two_newest = 0
+    for trial in range(120):
+        cap = rng.choice([16, 100, 512])
+        n = rng.randint(0, 400)
+        if trial % 3 == 0:  # lengths up to the capacity: old packs keep wide gaps (the tree's path)
+            lengths = [rng.randint(0, cap) for _ in range(n)]
+        else:  # log-normal: nearly everything lands in the two newest packs
+            lengths = [min(cap, max(1, int(rng.lognormvariate(2.5, 1.0)))) for _ in range(n)]
+        order = list(range(n))
+        rng.shuffle(order)
+        expected = _naive_first_fit(lengths, cap, order)
+        packs, tokens = _first_fit(lengths, order, cap)
+        assert packs == expected == plan_packs(lengths, cap, order=order)
+        assert tokens == [sum(lengths[i] for i in p) for p in packs] and all(t <= cap for t in tokens)
+        differs_from_two_newest += expected != _naive_first_fit(lengths, cap, order, window=2)
+    # negative control: these inputs need the older packs (a planner that forgot them would fail above)
+    assert differs_from_two_newest > 20
+
+
 def test_ffd_example_and_visual_balancing():
     assert plan_packs([6, 5, 4, 3, 2], 10) == [[0, 2], [1, 3, 4]]
     lengths = [50] * 8
@@ -137,6 +177,40 @@ def test_training_plan_replanned_per_epoch_deterministic_and_complete():
     assert plan.num_packs <= 1.03 * len(plan_packs(lengths, 1024))  # seen: 505 vs 497
     fixed = EpochPackPlan(lengths, 1024, shuffle=False)
     assert fixed.packs(0) == fixed.packs(7) == plan_packs(lengths, 1024)  # evaluation: FFD, planned once
+
+
+def test_training_plans_deterministic_with_one_count_and_within_capacity_every_epoch(caplog):
+    """Above 2000 packs the target is epoch 0's count plus 1/2000 of it: every epoch is split to it, any plan
+    instance gives the same packs for (lengths, options, seed, epoch), and no pack exceeds max_tokens."""
+    from data_modules import planning
+
+    lengths = _lognormal_lengths(20000, 1024, seed=2)
+    plan = EpochPackPlan(lengths, 1024, seed=5)
+    drawn = len(plan._random_plan(0, 0)[0])
+    assert drawn > planning.SLACK and plan.num_packs == drawn + drawn // planning.SLACK
+    again = EpochPackPlan(lengths, 1024, seed=5)
+    epochs = {e: plan.packs(e) for e in range(6)}
+    for e in (4, 0, 5, 2, 1, 3):  # any order, another instance: the same plan
+        assert again.packs(e) == epochs[e] and again.pack_tokens(e) == plan.pack_tokens(e)
+    for e, packs in epochs.items():
+        assert len(packs) == plan.num_packs
+        assert sorted(i for p in packs for i in p) == list(range(len(lengths)))
+        tokens = plan.pack_tokens(e)
+        assert tokens == [sum(lengths[i] for i in p) for p in packs] and max(tokens) <= 1024
+    assert len({tuple(map(tuple, p)) for p in epochs.values()}) == 6  # re-planned every epoch
+    # the first random order of every epoch fits the target (no redraws), and the count is the split's doing:
+    # negative control, the random orders themselves need different numbers of packs
+    raw = [len(plan._random_plan(e, 0)[0]) for e in range(6)]
+    assert max(raw) <= plan.num_packs and len(set(raw)) > 1
+    assert EpochPackPlan(lengths, 1024, seed=6).packs(1) != epochs[1]  # and the seed matters
+    # small plans keep epoch 0's exact count (no slack below 2000 packs)
+    small = EpochPackPlan(lengths[:500], 1024, seed=5)
+    assert small.num_packs == len(small._random_plan(0, 0)[0])
+    # fallback: when no random order fits, epoch 0's packs are used again, with a warning
+    plan._random_plan = lambda epoch, attempt: ([[i] for i in range(len(lengths))], list(lengths))
+    with caplog.at_level("WARNING", logger="data_modules.planning"):
+        assert plan.packs(9) is epochs[0]
+    assert "reusing epoch 0's packs" in caplog.text
 
 
 def test_training_plan_efficiency_on_lognormal_lengths():

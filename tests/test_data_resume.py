@@ -96,6 +96,21 @@ def test_resume_on_another_number_of_ranks_continues_the_epoch_at_the_same_pack(
     assert restarted == [PackSampler(plan, 3, r, seed=3).rank_orders(0)[r] for r in range(3)]
 
 
+def test_a_position_saved_by_an_older_planner_restarts_its_epoch(caplog):
+    """The planner's version is in the plan fingerprint: an older planner drew other packs for the same data, so its
+    saved position restarts the epoch (logged) instead of continuing into packs it never planned."""
+    plan = EpochPackPlan([20 + (i * 37) % 90 for i in range(120)], 256, seed=3)
+    state = dict(PackSampler(plan, 1, 0, seed=3).state_dict(), epoch=1, consumed=5)
+    resumed = PackSampler(plan, 1, 0, seed=3)
+    resumed.load_state_dict(state)
+    assert (resumed.epoch, resumed.consumed) == (1, 5)  # control: this planner's position continues
+    older = dict(state, plan={k: v for k, v in state["plan"].items() if k != "planner"})
+    restarted = PackSampler(plan, 1, 0, seed=3)
+    with caplog.at_level("WARNING", logger="data_modules.sampler"):
+        restarted.load_state_dict(older)
+    assert (restarted.epoch, restarted.consumed) == (1, 0) and "not meaningful" in caplog.text
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_resume_mid_epoch_same_order(emb, cache, world):
     for rank in range(world):
