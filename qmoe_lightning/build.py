@@ -78,6 +78,7 @@ def build_model(
     mtp_random_init: bool = False,
 ) -> BuiltModel:
     """Build `model_class(config)` on `device` in `dtype` (None: fp32; A_log / dt_bias / inv_freq stay fp32).
+    device "meta": shapes only (LoRA, freezing and the parallel plan applied, no weights; `qmoe_lightning.plan`).
 
     checkpoint: HF directory to load (strict), or None for the random init seeded by `init_seed`.
     processor_dir: whose tokenizer / processor files exports copy (default: `checkpoint`).
@@ -96,14 +97,17 @@ def build_model(
         model = model_class(config, **(model_kwargs or {}))
     if dtype is not None:
         model.to(dtype)
-    rank_local = parallelize is not None and checkpoint is not None
+    shapes_only = device.type == "meta"  # the memory planner: parallelised, never materialised or filled
+    rank_local = parallelize is not None and checkpoint is not None and not shapes_only
     cuda = [device] if device.type == "cuda" else []
     report = None
     if parallelize is not None and model.config.tie_word_embeddings:
         raise NotImplementedError("tie_word_embeddings under a parallel plan (FSDP2 / expert parallelism) is not "
                                   "supported: the tie would not survive sharding; no published Qwen3.5-MoE / "
                                   "Qwen3-VL-MoE checkpoint ties them")
-    if not rank_local:
+    if shapes_only:
+        checkpoint = None
+    elif not rank_local:
         model.to_empty(device=device)
         model.tie_weights()
         model.reset_buffers()
@@ -153,11 +157,12 @@ def _init_mtp_if_missing(model: nn.Module, report, cuda: list, seed: int) -> Non
         model.init_weights(model.mtp)
 
 
-def build_for_run(hparams, trainer) -> BuiltModel:
+def build_for_run(hparams, trainer, config=None) -> BuiltModel:
     """The model of a `QMoELightningModule` with these hyperparameters (see its docstring) under `trainer` (None:
     fp32 on the CPU, one device): the checkpoint of `pretrained` (or a random init from `model_config`), the
     family's vision-language or text-only class, MTP when enabled, LoRA, freezing, and the strategy's parallel plan
-    when it has one (`ExpertParallelStrategy.parallelize`)."""
+    when it has one (`ExpertParallelStrategy.parallelize`). `config` given: that model without any checkpoint (the
+    memory planner, whose strategy's device is meta: shapes only)."""
     from .embedded import resolve_path
     from .models.checkpoint import resolve_checkpoint_dir
     from .models.registry import config_from, family_of, load_config
@@ -165,7 +170,9 @@ def build_for_run(hparams, trainer) -> BuiltModel:
 
     hp = hparams
     checkpoint = None
-    if hp.pretrained is not None:
+    if config is not None:
+        pass
+    elif hp.pretrained is not None:
         checkpoint = resolve_checkpoint_dir(resolve_path(hp.pretrained, "model", hp.embedded_cache_dir))
         config = load_config(checkpoint)
     else:
@@ -186,7 +193,7 @@ def build_for_run(hparams, trainer) -> BuiltModel:
         family.model_class(text_only=hp.text_only), config, model_kwargs=model_kwargs,
         mtp_random_init=mtp_on and mtp.init == "random",
         checkpoint=checkpoint, processor_dir=Path(processor) if processor else None,
-        dtype={"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision),
+        dtype=precision_dtype(precision),
         device=strategy.root_device if strategy is not None else torch.device("cpu"),
         lora=hp.lora,
         freeze=lambda model: freeze_parameters(model, vision_tower=hp.freeze_vision_tower, router=hp.freeze_router,
@@ -194,6 +201,11 @@ def build_for_run(hparams, trainer) -> BuiltModel:
         # ExpertParallelStrategy's plan (EP + activation checkpointing + FSDP2); other strategies have none
         parallelize=strategy.parallelize if isinstance(strategy, ExpertParallelStrategy) else None,
         activation_checkpointing=hp.activation_checkpointing, init_seed=hp.init_seed)
+
+
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """The parameters' dtype under a Lightning precision setting (None: fp32, as built)."""
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(str(precision))
 
 
 def freeze_parameters(model: nn.Module, *, vision_tower: bool, router: bool, embeddings: bool) -> None:

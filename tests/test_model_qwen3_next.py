@@ -21,7 +21,7 @@ from qmoe_lightning.models.packing import build_sequence_info
 from qmoe_lightning.models.registry import config_from, family_of
 
 FAMILY = FAMILIES["qwen3_next"]
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "qmoe_lightning" / "plan" / "known_configs"
 
 
 def _separate_from_grouped(cfg, grouped: GatedDeltaNet, contiguous: bool = False) -> GatedDeltaNet:
@@ -82,7 +82,7 @@ def test_published_80b_a3b_key_set_loads_strictly_and_saves_back_identically():
     tensor exactly once."""
     from transformers import Qwen3NextForCausalLM as HF
 
-    config = config_from(DATA / "qwen3_next_80b_a3b_instruct_config.json")
+    config = config_from(DATA / "Qwen--Qwen3-Next-80B-A3B-Instruct.json")
     assert family_of(config.model_type).name == "Qwen3-Next"
     assert config.layer_types.count("full_attention") == 12 and config.layer_types[3] == "full_attention"
     native = FAMILY.native.from_config(config, dtype=torch.bfloat16, device="meta", mtp_layers=1)
@@ -113,4 +113,4 @@ def test_published_80b_a3b_key_set_loads_strictly_and_saves_back_identically():
     native_slots_of(adapter, expected, native)
     assert native.text_model.rotary_emb.inv_freq.numel() == 256 // 4 // 2  # a quarter of the head rotates
     # the JSON is the raw file's spelling, read by transformers' own config class as it is
-    assert json.loads((DATA / "qwen3_next_80b_a3b_instruct_config.json").read_text())["partial_rotary_factor"] == 0.25
+    assert json.loads((DATA / "Qwen--Qwen3-Next-80B-A3B-Instruct.json").read_text())["partial_rotary_factor"] == 0.25

@@ -20,7 +20,7 @@ from qmoe_lightning.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneratio
 from qmoe_lightning.models.registry import config_from, family_of
 
 published_layout = FAMILIES["qwen3_vl_moe"].published_layout
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "qmoe_lightning" / "plan" / "known_configs"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_square_expert_shapes_follow_transformers_rule():
     assert adapter.WRITE_EXPERT_LAYOUT == NATIVE
 
 
-@pytest.mark.parametrize("name", ["qwen3_vl_30b_a3b_instruct_config.json", "qwen3_vl_235b_a22b_instruct_config.json"])
+@pytest.mark.parametrize("name", ["Qwen--Qwen3-VL-30B-A3B-Instruct.json", "Qwen--Qwen3-VL-235B-A22B-Instruct.json"])
 def test_real_config_key_set_loads_strictly_on_meta(name):
     """Every tensor of the published checkpoint (names and shapes from the real config, published expert layout)
     maps onto exactly one native tensor of the right shape, and every native tensor is covered."""
