@@ -354,3 +354,31 @@ def test_fsdp2_shards_a_bf16_true_model_that_keeps_fp32_decay_parameters(one_pro
         assert grad.dtype == p.dtype, name
     assert set(dtypes) == {BF16, torch.float32}
     assert all(n.endswith(("A_log", "dt_bias")) for n in dtypes[torch.float32])
+
+
+def test_fsdp2_reshards_a_bf16_true_gated_deltanet_unit_after_its_forward(one_process_group, monkeypatch):
+    """Its projections and conv form one FSDP2 unit beside the fp32 A_log / dt_bias unit; every module of the unit is
+    called in the forward (the conv taps too), so the unit reshards right after the Gated DeltaNet instead of staying
+    gathered until the end of the model's forward. Negative control: the conv weight read without calling the module
+    (the old code) leaves the unit gathered."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from qmoe_lightning.models.gated_deltanet import ConvTaps
+    from qmoe_lightning.parallel.parallelize import build_mesh, parallelize_model
+
+    def unit_gathered_after_its_layer() -> bool:
+        torch.manual_seed(0)
+        model = Qwen3_5MoeForConditionalGeneration.from_config(make_config()).to(BF16).train()
+        parallelize_model(model, build_mesh("cpu", 1, 1))
+        layer = model.model.language_model.layers[0]
+        proj = layer.linear_attn.in_proj_qkv
+        assert isinstance(proj, FSDPModule)  # the projections' unit, apart from the fp32 decay parameters
+        group = proj._get_fsdp_state()._fsdp_param_group
+        seen = []
+        layer.register_forward_hook(lambda *_: seen.append(group.is_unsharded))
+        model(**_packed_row(), return_logits=False)
+        return seen[0]
+
+    assert not unit_gathered_after_its_layer()
+    monkeypatch.setattr(ConvTaps, "__call__", lambda self: self.weight.squeeze(1))  # no module call, no hooks
+    assert unit_gathered_after_its_layer()

@@ -30,6 +30,17 @@ from .norms import GatedRMSNorm, KeepFp32Mixin
 from .packing import SequenceInfo
 
 
+class ConvTaps(nn.Conv1d):
+    """The depthwise causal conv's weight, an nn.Conv1d so the checkpoint names and shapes ([conv_dim, 1, K]) match.
+    Calling it returns the (conv_dim, K) taps the packed conv kernels take. Read through a call, not as `.weight`:
+    FSDP2 gathers a unit when its first module is called and reshards it once all of them ran, and a bf16-true Gated
+    DeltaNet's projections + conv form one unit (`parallelize._shard_mixed_dtypes`); with the weight read directly
+    the unit never completed and stayed gathered until the end of the whole forward (found by the memory planner)."""
+
+    def forward(self) -> torch.Tensor:
+        return self.weight.squeeze(1)
+
+
 class GatedDeltaNet(KeepFp32Mixin, nn.Module):
     _fp32_names = ("A_log", "dt_bias")
 
@@ -58,8 +69,7 @@ class GatedDeltaNet(KeepFp32Mixin, nn.Module):
             self.in_proj_z = nn.Linear(H, self.value_dim, bias=False)
             self.in_proj_b = nn.Linear(H, self.num_v_heads, bias=False)
             self.in_proj_a = nn.Linear(H, self.num_v_heads, bias=False)
-        # kept as nn.Conv1d so checkpoint names/shapes ([conv_dim, 1, K]) match; the forward uses its weight only
-        self.conv1d = nn.Conv1d(
+        self.conv1d = ConvTaps(
             self.conv_dim, self.conv_dim, kernel_size=config.linear_conv_kernel_dim, groups=self.conv_dim,
             bias=False, padding=config.linear_conv_kernel_dim - 1,
         )
@@ -94,7 +104,7 @@ class GatedDeltaNet(KeepFp32Mixin, nn.Module):
             x = (x * info.token_mask[..., None]).to(x.dtype)
         B, T, _ = x.shape  # (B, T, H)
         qkv, z, b, a = self._project(x)
-        qkv = causal_conv1d_silu(qkv, self.conv1d.weight.squeeze(1), info)  # (B, T, conv_dim)
+        qkv = causal_conv1d_silu(qkv, self.conv1d(), info)  # (B, T, conv_dim)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
         k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)
