@@ -1,7 +1,8 @@
 """Plan a recipe's memory and communication per rank before renting the GPUs.
 
     python -m qmoe_lightning.plan --config configs/<recipe>.yaml [--world_size N] [--gpu_memory_gb 80]
-                                  [--margin 0.1] [--skew 2] [--batch auto|data|synthetic] [--full_depth] [--measure]
+                                  [--margin 0.1] [--skew 2] [--batch auto|data|synthetic] [--full_depth]
+                                  [--update_header] [--measure]
 
 Builds the recipe's real model on the meta device, applies the recipe's real parallel plan on a fake process group
 of its world size, and runs one training micro-batch of the real step on fake tensors (nothing is allocated; a
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
+from pathlib import Path
 
 from .plan import GiB, plan_recipe
 from .recipe import read_recipe
@@ -29,8 +32,8 @@ def table(plan: dict) -> str:
     def cell(n: int) -> str:
         return f"{n / div:9.2f}"
 
-    rows = [f"planned by python -m qmoe_lightning.plan ({plan['model']}; {plan['layout']}; "
-            f"{plan['batch']}; layers planned {plan['planned_layers']})",
+    rows = [f"{plan['model']}; {plan['layout']}",
+            f"{plan['batch']}; layers planned {plan['planned_layers']}",
             f"{unit + ' per rank':<24}{'balanced':>9}{'skewed' if plan['skew'] else '':>9}"]
     for cat in CATEGORIES:
         skewed = cell(plan["skewed_by_category_bytes"][cat]) if plan["skew"] else ""
@@ -38,10 +41,11 @@ def table(plan: dict) -> str:
     skewed = cell(plan["skewed_peak_bytes"]) if plan["skew"] else ""
     rows.append(f"{'peak':<24}{cell(max(plan['peak_bytes_per_rank']))}{skewed}")
     if plan["all_to_all_bytes_per_step"]:
-        skewed = (f"; skewed (expert 0 at {plan['skew']:g}x): rank 0 receives "
-                  f"{plan['skewed_all_to_all_received_bytes_per_step'] / GiB:.2f} GiB") if plan["skew"] else ""
         rows.append(f"all-to-all per micro-batch: {plan['all_to_all_bytes_per_step'] / GiB:.2f} GiB sent by each rank "
-                    f"({plan['all_to_all_off_rank_bytes_per_step'] / GiB:.2f} GiB leave it){skewed}")
+                    f"({plan['all_to_all_off_rank_bytes_per_step'] / GiB:.2f} GiB leave it)")
+        if plan["skew"]:
+            rows.append(f"skewed (expert 0 at {plan['skew']:g}x): rank 0 receives "
+                        f"{plan['skewed_all_to_all_received_bytes_per_step'] / GiB:.2f} GiB")
     verdict = "fits" if plan["fits"] else "DOES NOT FIT"
     rows.append(f"{verdict} {plan['gpu_memory_gb']:g} GiB with a {plan['margin']:.0%} margin "
                 f"(limit {plan['limit_bytes'] / GiB:.2f} GiB, headroom {plan['headroom_bytes'] / GiB:.2f} GiB)")
@@ -50,6 +54,33 @@ def table(plan: dict) -> str:
             f"{m / div:.2f} ({m / p - 1:+.1%})" for m, p in zip(plan["measured_peak_bytes_per_rank"],
                                                                 plan["peak_bytes_per_rank"])))
     return "\n".join(rows)
+
+
+HEADER_START = ("# Memory and all-to-all per rank, planned by python -m qmoe_lightning.plan "
+                "(--update_header rewrites this):")
+HEADER_END = "# (end of the planned table)"
+MARKER = "# @PLANNED_TABLE@"
+
+
+def update_header(path: Path, plan: dict) -> None:
+    """Write the plan's table into the recipe's header: in place of the previous table, or of a line
+    `# @PLANNED_TABLE@`, or (neither) at the top of the file."""
+    rows = [piece for row in table(plan).splitlines()
+            for piece in textwrap.wrap(row, 112, subsequent_indent="  ", drop_whitespace=False) or [row]]
+    block = [HEADER_START, *("#   " + row.rstrip() for row in rows), HEADER_END]
+    lines = path.read_text().splitlines()
+    if HEADER_START in lines:
+        start = lines.index(HEADER_START)
+        end = lines.index(HEADER_END, start)
+        lines[start:end + 1] = block
+    elif MARKER in lines:
+        at = lines.index(MARKER)
+        lines[at:at + 1] = block
+    else:
+        lines[0:0] = block
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
 
 
 def main(argv=None) -> int:
@@ -64,6 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", choices=("auto", "data", "synthetic"), default="auto",
                         help="the micro-batch: the recipe's data (auto: when readable here) or a text row")
     parser.add_argument("--full_depth", action="store_true", help="plan every layer (no extrapolation)")
+    parser.add_argument("--update_header", action="store_true",
+                        help="write the table into the recipe's header (replacing the previous one)")
     parser.add_argument("--measure", action="store_true",
                         help="also train the recipe for 3 steps on this machine's CPU and measure each rank's peak")
     args = parser.parse_args(argv)
@@ -74,15 +107,23 @@ def main(argv=None) -> int:
     if args.measure and recipe.on_gpu:
         parser.error(f"--measure trains the recipe on this machine's CPU; {args.config} is a GPU recipe")
     print(f"planning {args.config}: {recipe.describe()}", file=sys.stderr)
-    plan = plan_recipe(recipe, args.gpu_memory_gb, args.margin, args.skew, args.batch, args.full_depth,
-                       progress=lambda m: print("  " + m, file=sys.stderr))
-    if args.measure:
-        from .measure import measure_peaks
+    measuring = None
+    if args.measure:  # the real run goes on while the plan is computed
+        from .measure import MeasuringRun, measured_batch_index
 
-        plan["measured_peak_bytes_per_rank"] = measure_peaks(args.config, recipe.world_size)
+        measuring = MeasuringRun(args.config, recipe.world_size)
+    plan = plan_recipe(recipe, args.gpu_memory_gb, args.margin, args.skew, args.batch, args.full_depth,
+                       progress=lambda m: print("  " + m, file=sys.stderr),
+                       # the measured micro-batch, planned: the comparison is of the same step
+                       batch_index=measured_batch_index(recipe.accumulate_grad_batches) if args.measure else None)
+    if measuring is not None:
+        plan["measured_peak_bytes_per_rank"] = measuring.peaks()
         plan["measured_over_planned"] = [round(m / p, 4) for m, p in zip(plan["measured_peak_bytes_per_rank"],
                                                                            plan["peak_bytes_per_rank"])]
     print(table(plan))
+    if args.update_header:
+        update_header(Path(args.config), plan)
+        print(f"(table written into {args.config})", file=sys.stderr)
     print(json.dumps(plan))
     return 0
 

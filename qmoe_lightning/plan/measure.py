@@ -3,13 +3,15 @@
 
 The run is `cli.py fit --config <recipe>` with the world size asked for (`--trainer.devices`), three optimizer steps,
 no validation, in a temporary run directory; the probe measures the last micro-batch of step 2 (optimizer state
-present, as in the planned step). For CPU recipes (small shapes): GPU recipes need their GPUs.
+present, as in the planned step). For CPU recipes (small shapes): GPU recipes need their GPUs. `MeasuringRun`
+starts the run in the background, so the plan can be computed meanwhile.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,23 +20,47 @@ from pathlib import Path
 CLI = Path(__file__).resolve().parents[2] / "cli.py"
 
 
-def measure_peaks(recipe_path: str, world_size: int, steps: int = 3, timeout: float = 900) -> list[int]:
-    """Each rank's measured peak bytes (rank order)."""
-    if not CLI.is_file():
-        raise FileNotFoundError(f"--measure runs {CLI}, which this installation does not have (run the planner from a "
-                                "checkout of the project)")
-    with tempfile.TemporaryDirectory(prefix="qmoe_measure_") as tmp:
-        out = Path(tmp) / "memory"
-        probe = {"class_path": "callbacks.StepMemoryProbe", "init_args": {"out_dir": str(out), "step": steps - 1}}
-        cmd = [sys.executable, str(CLI), "fit", "--config", recipe_path, "--trainer.devices", str(world_size),
-               "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
-               "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
-               "--trainer.default_root_dir", str(Path(tmp) / "run"), f"--trainer.callbacks+={json.dumps(probe)}"]
-        done = subprocess.run(cmd, cwd=str(CLI.parent), capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        files = sorted(out.glob("measured_rank*.json")) if out.is_dir() else []
-        if done.returncode != 0 or len(files) != world_size:
-            raise RuntimeError(f"the measuring run failed (exit {done.returncode}, {len(files)} of {world_size} ranks "
-                               f"measured): {' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        records = sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["rank"])
-        return [int(r["peak_bytes"]) for r in records]
+def measured_batch_index(accumulate_grad_batches: int, steps: int = 3) -> int:
+    """The position in each rank's micro-batch order of the one the probe measures (the last of the last step)."""
+    return steps * accumulate_grad_batches - 1
+
+
+class MeasuringRun:
+    def __init__(self, recipe_path: str, world_size: int, steps: int = 3, timeout: float = 900):
+        if not CLI.is_file():
+            raise FileNotFoundError(f"--measure runs {CLI}, which this installation does not have (run the planner "
+                                    "from a checkout of the project)")
+        self.world_size, self.timeout = world_size, timeout
+        self.tmp = Path(tempfile.mkdtemp(prefix="qmoe_measure_"))
+        self.out = self.tmp / "memory"
+        probe = {"class_path": "callbacks.StepMemoryProbe", "init_args": {"out_dir": str(self.out), "step": steps - 1}}
+        self.cmd = [sys.executable, str(CLI), "fit", "--config", str(Path(recipe_path).resolve()),
+                    "--trainer.devices", str(world_size), "--trainer.max_steps", str(steps),
+                    "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                    "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(self.tmp / "run"),
+                    f"--trainer.callbacks+={json.dumps(probe)}"]
+        self.log = open(self.tmp / "run.log", "w")
+        self.process = subprocess.Popen(self.cmd, cwd=str(CLI.parent), stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def peaks(self) -> list[int]:
+        """Each rank's measured peak bytes (rank order); waits for the run."""
+        try:
+            code = self.process.wait(timeout=self.timeout)
+            self.log.close()
+            files = sorted(self.out.glob("measured_rank*.json")) if self.out.is_dir() else []
+            if code != 0 or len(files) != self.world_size:
+                tail = (self.tmp / "run.log").read_text()[-4000:]
+                raise RuntimeError(f"the measuring run failed (exit {code}, {len(files)} of {self.world_size} ranks "
+                                   f"measured): {' '.join(self.cmd)}\n{tail}")
+            records = sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["rank"])
+            return [int(r["peak_bytes"]) for r in records]
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.log.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def measure_peaks(recipe_path: str, world_size: int, steps: int = 3) -> list[int]:
+    return MeasuringRun(recipe_path, world_size, steps).peaks()

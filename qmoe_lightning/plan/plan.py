@@ -63,10 +63,11 @@ def _plan_rank(recipe: Recipe, config, rank: int, hot: float, batch, depths) -> 
 
 
 def plan_recipe(recipe: Recipe, gpu_memory_gb: float = 80.0, margin: float = 0.1, skew: float | None = 2.0,
-                batch: str = "auto", full_depth: bool = False, progress=None) -> dict:
-    """The plan as a JSON-able dict (`__main__` prints it). batch: "auto", "data" or "synthetic". skew None (or a
-    layout without expert parallelism, where a hot expert changes no buffer size): no skewed step; its figures are
-    the balanced ones."""
+                batch: str = "auto", full_depth: bool = False, progress=None, batch_index: int | None = None) -> dict:
+    """The plan as a JSON-able dict (`__main__` prints it). batch: "auto", "data" or "synthetic"; with data,
+    `batch_index` picks each rank's micro-batch by its position in the rank's order (what `--measure` measures)
+    instead of the largest of the first eight. skew None (or a layout without expert parallelism, where a hot expert
+    changes no buffer size): no skewed step; its figures are the balanced ones."""
     from qmoe_lightning.parallel.context_parallel import data_parallel_coordinates
 
     t0 = time.perf_counter()
@@ -79,7 +80,8 @@ def plan_recipe(recipe: Recipe, gpu_memory_gb: float = 80.0, margin: float = 0.1
         for r in ranks:
             dp = data_parallel_coordinates(r, recipe.cp_size, recipe.ep_size)
             if dp not in batches:
-                batches[dp] = largest(data_batches(recipe, dp))
+                drawn = data_batches(recipe, dp, max(8, (batch_index or 0) + 1))
+                batches[dp] = largest(drawn[:8]) if batch_index is None else drawn[batch_index]
     plans = []
     for r in ranks:
         b = batches[data_parallel_coordinates(r, recipe.cp_size, recipe.ep_size)] if use_data else None
@@ -118,7 +120,9 @@ def plan_recipe(recipe: Recipe, gpu_memory_gb: float = 80.0, margin: float = 0.1
         "limit_bytes": limit,
         "fits": worst <= limit,
         "headroom_bytes": limit - worst,
-        "batch": "data" if use_data else f"synthetic text row of {recipe.max_tokens} tokens",
+        "batch": (("the largest of each rank's first 8 micro-batches" if batch_index is None else
+                   f"each rank's micro-batch {batch_index}") if use_data
+                  else f"synthetic text row of {recipe.max_tokens} tokens"),
         "planned_layers": list(depths) if depths else [text.num_hidden_layers],
         "assumptions": sorted({a for p in [*plans, skewed] for a in p.assumptions}),
         "seconds": round(time.perf_counter() - t0, 1),
