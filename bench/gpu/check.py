@@ -216,8 +216,9 @@ def disable(kind: str) -> None:
     if kind == "varlen":
         has = kernels._has
         kernels._has = lambda module: False if module == "torch.nn.attention.varlen" else has(module)
-    else:
+    else:  # fla's chunked delta rule and its causal conv
         kernels._fla_chunk_fn = lambda: None
+        kernels._fla_conv_fn = lambda: None
 
 
 def with_fallbacks(fn, errors: list, where: str):

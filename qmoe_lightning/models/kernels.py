@@ -3,7 +3,7 @@
 | op                 | CUDA (fast)                                              | otherwise (exact torch reference)          |
 |--------------------|----------------------------------------------------------|--------------------------------------------|
 | gated delta rule   | fla `chunk_gated_delta_rule(cu_seqlens=...)`             | `delta_rule.chunk_gated_delta_rule_*`      |
-| causal conv1d      | `causal_conv1d_fn(seq_idx=...)`                          | `delta_rule.causal_depthwise_conv_packed`  |
+| causal conv1d      | `causal_conv1d_fn(seq_idx=...)`, else fla's Triton conv  | `delta_rule.causal_depthwise_conv_packed`  |
 | packed attention   | `torch.nn.attention.varlen.varlen_attn` (bf16/fp16)      | SDPA per document                          |
 | (context parallel) | the same, queries of the slice vs gathered keys          | SDPA per segment, lower-right causal mask  |
 | grouped experts    | `torch._grouped_mm` (bf16; fp32: the per-expert segments) | `torch._grouped_mm` (fp32 and bf16)       |
@@ -64,6 +64,16 @@ def _causal_conv1d_fn():
     return causal_conv1d_fn
 
 
+def _fla_conv_fn():
+    """fla's Triton causal conv (it takes cu_seqlens): the CUDA conv where causal-conv1d is not installed (it builds
+    with nvcc against the CUDA torch; fla needs nothing built)."""
+    if not (_has("fla") and _has("triton")):
+        return None
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    return causal_conv1d
+
+
 def gated_delta_rule(q, k, v, g, beta, info: SequenceInfo, chunk_size: int | None = None) -> torch.Tensor:
     """q, k (B, T, Hk, dk); v (B, T, Hv, dv); g, beta (B, T, Hv) -> (B, T, Hv, dv). Documents never mix.
 
@@ -88,12 +98,7 @@ def _delta_rule_with_state(q, k, v, g, beta, info: SequenceInfo, initial_state, 
     if q.is_cuda:
         fla = _fla_chunk_fn()
         if fla is not None:
-            out, final = fla(
-                q, k, v, g=g, beta=beta, scale=q.shape[-1] ** -0.5, initial_state=initial_state,
-                output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
-                cu_seqlens=info.cu_seqlens.long() if info.packed else None,
-            )
-            return out, final
+            return fla_delta_rule(fla, q, k, v, g, beta, info, initial_state, output_final_state)
         _warn_once(
             "fla",
             "qmoe_lightning: flash-linear-attention is not installed; Gated DeltaNet runs the exact torch chunked "
@@ -103,6 +108,17 @@ def _delta_rule_with_state(q, k, v, g, beta, info: SequenceInfo, initial_state, 
     chunk_size = chunk_size or torch_delta_rule_chunk_size(q)
     return chunk_gated_delta_rule_with_state(q, k, v, g, beta, info.chunk_layout(chunk_size), initial_state,
                                              output_final_state)
+
+
+def fla_delta_rule(fla, q, k, v, g, beta, info: SequenceInfo, initial_state, output_final_state):
+    """Our call of fla's `chunk_gated_delta_rule` (`fla`): the layout, the in-kernel q / k normalisation, the scale,
+    the documents and the states as the torch path has them. Taken apart so tests run this very call on CPU tensors
+    through Triton's interpreter (`tests/test_model_kernels_fla.py`)."""
+    return fla(
+        q, k, v, g=g, beta=beta, scale=q.shape[-1] ** -0.5, initial_state=initial_state,
+        output_final_state=output_final_state, use_qk_l2norm_in_kernel=True,
+        cu_seqlens=info.cu_seqlens.long() if info.packed else None,
+    )
 
 
 def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, info: SequenceInfo) -> torch.Tensor:
@@ -119,7 +135,18 @@ def _causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, info: SequenceInf
             # (B, T, D) -> (B, D, T) view with channel-last strides, as causal-conv1d's seq_idx path requires
             out = conv(x.to(weight.dtype).transpose(1, 2), weight, None, seq_idx=info.seq_idx, activation="silu")
             return out.transpose(1, 2).to(x.dtype)
+        fla_conv = _fla_conv_fn()
+        if fla_conv is not None:
+            return fla_conv_silu(fla_conv, x, weight, info)
     return causal_depthwise_conv_packed(x, weight, info.cu_seqlens)
+
+
+def fla_conv_silu(conv, x: torch.Tensor, weight: torch.Tensor, info: SequenceInfo) -> torch.Tensor:
+    """Our call of fla's causal conv (`conv`): (B, T, D) as it is, the taps reset at every document start, silu fused.
+    Taken apart so tests run this very call through Triton's interpreter (`tests/test_model_kernels_fla.py`)."""
+    out, _ = conv(x.to(weight.dtype), weight, activation="silu",
+                  cu_seqlens=info.cu_seqlens.long() if info.packed else None)
+    return out.to(x.dtype)
 
 
 def _varlen_fn(q: torch.Tensor):
