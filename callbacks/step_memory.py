@@ -42,6 +42,43 @@ def _unique_bytes(tensors) -> int:
     return total
 
 
+class AllocatorPeak:
+    """The peak bytes of tensors while inside, on `device` (see the module doc): CUDA: the allocator's own peak (reset
+    at entry); CPU: `alive` (the tensors that live across the block, counted from their storages at entry) plus the
+    largest running sum of the CPU allocator's events inside. `.peak` after the block."""
+
+    def __init__(self, device: torch.device, alive=()):
+        self.device, self.alive, self.peak, self.growth = torch.device(device), list(alive), None, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.baseline = _unique_bytes(self.alive)
+            self.alive = []
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return False
+        self._profiler.__exit__(*exc)
+        events = [e for e in self._profiler.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+        running = growth = 0
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            running += e.nbytes()
+            growth = max(growth, running)
+        self.growth, self.peak = growth, self.baseline + growth
+        return False
+
+
 class StepMemoryProbe(Callback):
     def __init__(self, out_dir: str, step: int = 2):
         """
@@ -50,8 +87,7 @@ class StepMemoryProbe(Callback):
             step: the optimizer step (0-based) whose last micro-batch is measured.
         """
         self.out_dir, self.step = Path(out_dir), int(step)
-        self._profiler = None
-        self._baseline = 0
+        self._window: AllocatorPeak | None = None
 
     def _is_measured(self, trainer, batch_idx: int) -> bool:
         return trainer.global_step == self.step and (batch_idx + 1) % trainer.accumulate_grad_batches == 0
@@ -65,39 +101,20 @@ class StepMemoryProbe(Callback):
             p.grad = None
         state = [v for opt in trainer.optimizers for s in opt.state.values() for v in s.values()]
         fields = batch.items() if hasattr(batch, "items") else []
-        self._baseline = _unique_bytes([*params, *pl_module.buffers(), *state, *(v for _, v in fields)])
-        device = next(iter(params)).device
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            self._profiler = "cuda"
-        else:
-            from torch.profiler import ProfilerActivity, profile
-
-            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._profiler.__enter__()
+        self._window = AllocatorPeak(next(iter(params)).device,
+                                     [*params, *pl_module.buffers(), *state, *(v for _, v in fields)])
+        self._window.__enter__()
         for p, g in grads:  # re-created inside the window: the allocator then sees their free
             p.grad = g.clone()
         del grads
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._profiler is None:  # (global_step has moved on by now: the start decided)
+        if self._window is None:  # (global_step has moved on by now: the start decided)
             return
-        if self._profiler == "cuda":
-            device = next(pl_module.parameters()).device
-            torch.cuda.synchronize(device)
-            peak, growth = torch.cuda.max_memory_allocated(device), None
-        else:
-            self._profiler.__exit__(None, None, None)
-            events = [e for e in self._profiler.profiler.kineto_results.events()
-                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-            running = growth = 0
-            for e in sorted(events, key=lambda e: e.start_ns()):
-                running += e.nbytes()
-                growth = max(growth, running)
-            peak = self._baseline + growth
-        self._profiler = None
+        window, self._window = self._window, None
+        window.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "step": self.step,
-                  "baseline_bytes": self._baseline, "growth_bytes": growth, "peak_bytes": peak}
+                  "baseline_bytes": getattr(window, "baseline", None), "growth_bytes": window.growth,
+                  "peak_bytes": window.peak}
         (self.out_dir / f"measured_rank{trainer.global_rank}.json").write_text(json.dumps(record))

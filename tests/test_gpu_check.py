@@ -17,7 +17,7 @@ from families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu" / "check.py"
-STEPS = {"facts", "parity", "cp_kernels", "fit", "bench", "kernels"}
+STEPS = {"facts", "parity", "cp_kernels", "fit", "bench", "kernels", "memory"}
 
 
 def run_check(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -109,12 +109,17 @@ def test_dry_run_reports_every_section_with_finite_figures(tmp_path):
     assert bench["transformers_load"] == {"missing": [], "unexpected": []}
     assert bench["profile"]["top"] and bench["profile"]["total_ms"] > 0
 
+    memory = report["steps"]["memory"]["result"]  # the planner against the same step run for real (CPU here)
+    assert memory["precision"] == "32-true" and memory["paths"]["delta_rule"] == "torch"
+    assert abs(memory["measured_over_planned"] - 1) <= 0.15, memory
+    assert report["summary"]["memory"]["measured_over_planned"] == memory["measured_over_planned"]
+
     kernels = report["steps"]["kernels"]["result"]
     for op in ("delta_rule", "causal_conv", "attention", "experts_gate_up"):
         assert len(kernels[op]) >= 2 and all(v["fwd_bwd_ms"] > 0 for v in kernels[op].values()), op
     assert kernels["delta_rule"]["model_path"]["max_abs_diff_vs_torch_reference"] == 0  # same path on CPU
 
-    assert set(report["summary"]) == {"parity", "cp_kernels", "fit", "bench", "bench_paths", "disabled_paths"}
+    assert set(report["summary"]) == {"parity", "cp_kernels", "fit", "bench", "bench_paths", "memory", "disabled_paths"}
     assert report["summary"]["cp_kernels"]["within_tolerance"] is True
     assert report["disabled_paths"] == []
     log = (tmp_path / "out" / "gpu_check.log").read_text()

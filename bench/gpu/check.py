@@ -30,6 +30,10 @@ the next one still runs; the JSON is rewritten after every step, so a killed run
            profile of one native step (top kernels)
   kernels  each kernel path alone at the benchmark's shapes: the path the model takes vs the torch reference (max
            diff, forward+backward time), fla's Triton causal conv with cu_seqlens included when fla is there
+  memory   the memory planner (`python -m qmoe_lightning.plan`) against the device: one training step of the
+           benchmark's model on 4 layers (bf16-true, activation checkpointing, a 4096-token row; dry run: its tiny
+           config, fp32, 512 tokens) planned on fake tensors and run for real (random init, routing forced balanced
+           as planned): planned and measured peak (torch.cuda.max_memory_allocated) and their ratio
 
 MFU = 6 x active parameters x tokens / step time / peak, active parameters = every parameter except the token
 embedding and the vision tower, routed experts counted top_k / num_experts; peak = 989e12 FLOP/s (H100/H200 SXM
@@ -72,9 +76,9 @@ for _p in (ROOT / "bench", ROOT / "tests", ROOT):
         sys.path.insert(0, str(_p))
 
 PEAK_BF16_FLOPS = 989e12  # H100 / H200 SXM dense bf16, datasheet
-STEPS = ("facts", "parity", "cp_kernels", "fit", "bench", "kernels")
+STEPS = ("facts", "parity", "cp_kernels", "fit", "bench", "kernels", "memory")
 # seconds, capped by the overall one
-BUDGETS = {"facts": 30, "parity": 90, "cp_kernels": 60, "fit": 100, "bench": 170, "kernels": 40}
+BUDGETS = {"facts": 30, "parity": 90, "cp_kernels": 60, "fit": 100, "bench": 170, "kernels": 40, "memory": 60}
 VERSIONS = ("torch", "triton", "transformers", "flash-linear-attention", "fla-core", "causal-conv1d", "lightning",
             "pytorch-lightning", "datasets", "jsonargparse", "peft", "huggingface-hub", "tokenizers", "safetensors",
             "accelerate", "pyarrow", "fsspec", "regex", "torchvision", "numpy", "einops")
@@ -1184,6 +1188,35 @@ def profile_step(model, inp: dict, device) -> dict:
             "top": [{"name": k[:160], "ms": rnd(t / 1e3, 4), "calls": c} for t, k, c in rows[:25]]}
 
 
+def step_memory(res: dict, ctx: dict) -> None:
+    """The planner's peak against the measured one for the same step on this device (see the module doc)."""
+    from qmoe_lightning.plan.measure import measure_step
+    from qmoe_lightning.plan.plan import plan_recipe
+    from qmoe_lightning.plan.recipe import Recipe, model_config
+
+    device, dry = ctx["device"], ctx["mode"] == "dry_run"
+    spec = bench_config(dry, 4).text_config.to_dict()
+    recipe = Recipe(path="gpu check", world_size=1, accelerator="cpu" if dry else "gpu",
+                    precision="32-true" if dry else "bf16-true", strategy=None,
+                    model={"pretrained": None, "model_config": spec, "text_only": True,
+                           "activation_checkpointing": True, "lr": 1e-5},
+                    max_tokens=512 if dry else 4096, pad_to_multiple_of=64, gradient_clip_val=1.0,
+                    router_stats=False)
+    plan = plan_recipe(recipe, skew=None, batch="synthetic", full_depth=True)
+    planned = plan["peak_bytes_per_rank"][0]
+    free_memory()
+    with SPY.watch():
+        measured = measure_step(recipe, model_config(recipe), device)["peak_bytes"]
+        calls = SPY.snapshot()
+    free_memory()
+    res.update(tokens=recipe.max_tokens, precision=recipe.precision, planned_peak_bytes=planned,
+               measured_peak_bytes=measured, measured_over_planned=rnd(measured / planned, 4),
+               planned_by_category_bytes=plan["by_category_bytes"], plan_seconds=plan["seconds"],
+               paths=paths_taken(calls))
+    LOG(f"  planned {planned / 2**30:.3f} GiB, measured {measured / 2**30:.3f} GiB "
+        f"({measured / planned:.3f}); paths {res['paths']}")
+
+
 def step_kernels(res: dict, ctx: dict) -> None:
     """Each kernel path alone at the benchmark's per-layer shapes (bf16): what the model picks vs the torch reference."""
     import torch
@@ -1372,6 +1405,9 @@ def summarise(report: dict) -> dict:
     bench = steps.get("bench", {}).get("result", {})
     out["bench"] = bench.get("summary")
     out["bench_paths"] = bench.get("paths")
+    memory = steps.get("memory", {}).get("result", {})
+    out["memory"] = {k: memory.get(k)
+                     for k in ("planned_peak_bytes", "measured_peak_bytes", "measured_over_planned")}
     out["disabled_paths"] = list(report.get("disabled_paths", []))
     return out
 
@@ -1449,7 +1485,7 @@ def main(argv=None) -> int:
         check.report["failures"].append({"step": "spy", "error": f"{type(e).__name__}: {e}"})
     check.report["spy_not_found"] = SPY.not_found
     steps = {"facts": step_facts, "parity": step_parity, "cp_kernels": step_cp_kernels, "fit": step_fit,
-             "bench": step_bench, "kernels": step_kernels}
+             "bench": step_bench, "kernels": step_kernels, "memory": step_memory}
     for name in STEPS:
         if name in args.only:
             check.run(name, steps[name])

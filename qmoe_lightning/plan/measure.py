@@ -64,3 +64,34 @@ class MeasuringRun:
 
 def measure_peaks(recipe_path: str, world_size: int, steps: int = 3) -> list[int]:
     return MeasuringRun(recipe_path, world_size, steps).peaks()
+
+
+def measure_step(recipe, config, device, steps: int = 3) -> dict:
+    """A one-device recipe's training step run for real on `device` (random init, the synthetic row, routing forced
+    balanced as planned): the peak bytes of tensors during the last of `steps` steps (`callbacks.step_memory`
+    `AllocatorPeak`), the same step `plan_step` plans."""
+    import torch
+
+    from callbacks.step_memory import AllocatorPeak
+
+    from .fake_runtime import forced_routing
+    from .simulate import build_module, build_optimizer, synthetic_row, training_step
+
+    if recipe.strategy:
+        raise ValueError("measure_step runs one-device recipes (no parallel plan); use --measure for the others")
+    device = torch.device(device)
+    module, built = build_module(recipe, config, device)
+    optimizer = build_optimizer(module, recipe)
+    row = synthetic_row(recipe, config)
+    batch = type(row)(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in row.items()})
+    with forced_routing(None):
+        for i in range(steps):
+            if i < steps - 1:
+                training_step(module, optimizer, batch, recipe, built.parallelized)
+                continue
+            state = [v for s in optimizer.state.values() for v in s.values()]
+            alive = [*module.model.parameters(), *module.model.buffers(), *state,
+                     *(v for _, v in batch.items() if isinstance(v, torch.Tensor))]
+            with AllocatorPeak(device, alive) as window:
+                training_step(module, optimizer, batch, recipe, built.parallelized)
+    return {"peak_bytes": int(window.peak), "device": str(device)}

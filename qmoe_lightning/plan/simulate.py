@@ -112,12 +112,13 @@ def _row_length(recipe: Recipe) -> int:
     return -(-recipe.max_tokens // m) * m
 
 
-def _batch(mode: FakeTensorMode, recipe: Recipe, config, documents: int = 4):
-    """The packed micro-batch (PackedBatch of constant fake tensors)."""
+def synthetic_row(recipe: Recipe, config, documents: int = 4):
+    """The synthetic packed micro-batch (real tensors on the CPU): `max_tokens` ordinary text tokens in `documents`
+    documents, every token after a document's first a target."""
     from qmoe_lightning.models.batch import PackedBatch
 
     T = _row_length(recipe)
-    with _disable_current_modes():  # real tensors (constants are made from real ones)
+    with _disable_current_modes():  # real tensors, also inside the planner's modes
         g = torch.Generator().manual_seed(0)
         vocab = min(config.get_text_config().vocab_size, 1000)  # ordinary text tokens, no special ids
         ids = torch.randint(0, vocab, (1, T), generator=g)
@@ -127,9 +128,8 @@ def _batch(mode: FakeTensorMode, recipe: Recipe, config, documents: int = 4):
         labels[0, cu[:-1].long()] = -100  # a document's first token is no target
         mask = torch.ones(1, T, dtype=torch.long)
         longest, targets = int((cu[1:] - cu[:-1]).max()), int((labels != -100).sum())
-    return PackedBatch(input_ids=constant(mode, ids), labels=constant(mode, labels), cu_seqlens=constant(mode, cu),
-                       max_seqlen=longest, attention_mask=constant(mode, mask), num_label_tokens=targets,
-                       num_documents=documents)
+    return PackedBatch(input_ids=ids, labels=labels, cu_seqlens=cu, max_seqlen=longest, attention_mask=mask,
+                       num_label_tokens=targets, num_documents=documents)
 
 
 def data_batches(recipe: Recipe, rank: int, count: int = 8) -> list:
@@ -164,49 +164,75 @@ def _as_fake(mode: FakeTensorMode, batch):
     import dataclasses
 
     values = {}
-    for f in dataclasses.fields(batch):
-        v = getattr(batch, f.name)
-        if isinstance(v, torch.Tensor):
-            v = constant(mode, v) if not v.is_floating_point() else mode.from_tensor(v)
-        values[f.name] = v
+    with _disable_current_modes():
+        for f in dataclasses.fields(batch):
+            v = getattr(batch, f.name)
+            if isinstance(v, torch.Tensor):
+                v = constant(mode, v) if not v.is_floating_point() else mode.from_tensor(v)
+            values[f.name] = v
     return type(batch)(**values)
+
+
+def build_module(recipe: Recipe, config, device: torch.device):
+    """The LightningModule of the recipe with its model built by the app's builder: on meta under the recipe's
+    parallel plan (the planner: the fake process group must exist), or on `device` with a random init (a real step
+    of a one-device recipe)."""
+    from qmoe_lightning.build import build_for_run
+    from qmoe_lightning.lightning_module import QMoELightningModule
+
+    strategy = _PlanStrategy.create(recipe) if recipe.strategy else SimpleNamespace(root_device=device)
+    trainer = SimpleNamespace(strategy=strategy, precision=recipe.precision)
+    module = QMoELightningModule(**recipe.model)
+    built = build_for_run(module.hparams, trainer, config=config)
+    module.model, module.parallelized = built.model, built.parallelized
+    module._collect_router_stats = recipe.router_stats
+    if module.balances_by_bias:
+        for router in module.model.routers():
+            router.enable_balancing_bias()
+    return module, built
+
+
+def build_optimizer(module, recipe: Recipe):
+    from qmoe_lightning.optim import build_adamw
+
+    hp = module.hparams
+    return build_adamw(module.model, hp.lr, hp.weight_decay, hp.betas, hp.eps, fused=True if recipe.on_gpu else None)
+
+
+def training_step(module, optimizer, batch, recipe: Recipe, parallelized: bool) -> None:
+    """One micro-batch that ends an optimizer step, in the order Lightning runs it with this module: the training
+    step, backward, the step's gradient scaling, the clip, the AdamW step, the gradients freed."""
+    from qmoe_lightning.parallel.clip import clip_gradients
+    from qmoe_lightning.step_window import scale_gradients_
+
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    del loss
+    module._window = None
+    scale_gradients_(optimizer, 1.0)
+    clip_gradients(module.model, optimizer, parallelized, recipe.gradient_clip_val, None)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def plan_step(recipe: Recipe, config, rank: int = 0, hot_factor: float = 1.0,
               num_layers: int | None = None, batch=None) -> StepPlan:
     """Rank `rank`'s training step (see the module doc) on `batch` (a real PackedBatch, e.g. from `data_batches`;
     None: the synthetic text row)."""
-    from qmoe_lightning.build import build_for_run
-    from qmoe_lightning.lightning_module import QMoELightningModule
-    from qmoe_lightning.optim import build_adamw
-    from qmoe_lightning.parallel.clip import clip_gradients
-    from qmoe_lightning.step_window import scale_gradients_
-
     t0 = time.perf_counter()
     config = with_layers(config, num_layers)
     if dist.is_initialized():
         dist.destroy_process_group()
     dist.init_process_group("fake", rank=rank, world_size=recipe.world_size)
     try:
-        strategy = _PlanStrategy.create(recipe) if recipe.strategy else SimpleNamespace(
-            root_device=torch.device("meta"))
-        trainer = SimpleNamespace(strategy=strategy, precision=recipe.precision)
-        module = QMoELightningModule(**recipe.model)
-        built = build_for_run(module.hparams, trainer, config=config)
-        model = module.model = built.model
-        module.parallelized = built.parallelized
-        module._collect_router_stats = recipe.router_stats
-        if module.balances_by_bias:
-            for router in model.routers():
-                router.enable_balancing_bias()
+        module, built = build_module(recipe, config, torch.device("meta"))
+        model = module.model
         mode = FakeTensorMode()
         with constant_propagation(), mode:
             mode.allow_non_fake_inputs = True
             model.to_empty(device="cpu")
             mode.allow_non_fake_inputs = False
-            hp = module.hparams
-            optimizer = build_adamw(model, hp.lr, hp.weight_decay, hp.betas, hp.eps,
-                                    fused=True if recipe.on_gpu else None)
+            optimizer = build_optimizer(module, recipe)
             with ConstantIndexFactories(mode), SymmetricCountExchange(mode):
                 for p in model.parameters():
                     if p.requires_grad:
@@ -217,7 +243,7 @@ def plan_step(recipe: Recipe, config, rank: int = 0, hot_factor: float = 1.0,
                     for p in model.parameters():
                         if p.requires_grad:
                             p.grad = torch.zeros_like(p)
-                batch = _batch(mode, recipe, config) if batch is None else _as_fake(mode, batch)
+                batch = _as_fake(mode, synthetic_row(recipe, config) if batch is None else batch)
                 if built.parallelized:
                     tracker = GroupedUnitsTracker(model, optimizer)
                     tracker.track_inputs(tuple(v for _, v in batch.items() if isinstance(v, torch.Tensor)))
@@ -228,14 +254,7 @@ def plan_step(recipe: Recipe, config, rank: int = 0, hot_factor: float = 1.0,
                 kernels = fla_chunk_shapes() if recipe.on_gpu else contextlib.nullcontext()
                 with forced_routing(mode, hot_factor), grouped_mm_shapes(), kernels, tracker.labelling_fused_ce(), \
                         tracker, collectives, oracle:
-                    loss = module.training_step(batch, 0)
-                    loss.backward()
-                    del loss
-                    module._window = None
-                    scale_gradients_(optimizer, 1.0)
-                    clip_gradients(model, optimizer, built.parallelized, recipe.gradient_clip_val, None)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    training_step(module, optimizer, batch, recipe, built.parallelized)
         by_category = tracker.peak_by_category()
         peak = sum(snap.get("Total", 0) for snap in tracker.get_tracker_snapshot("peak").values())
         assumptions = [f"{site} (a value computed from data): assumed true" for site in sorted(oracle.sites)]
