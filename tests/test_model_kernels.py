@@ -261,3 +261,20 @@ def test_bf16_default_dtype_keeps_expert_counts_exact():
     cfg = model.text_config
     assert (out.expert_token_counts.sum(1) == 1900 * cfg.num_experts_per_tok).all()
     assert out.expert_token_counts.max() > 256 and torch.isfinite(out.aux_loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_keeps_its_weight_gradient_in_the_weights_dtype(dtype):
+    """What the fused CE holds from forward to backward: its (V, H) weight gradient in the weight's dtype (bf16-true:
+    half the bytes of the fp32 accumulator), accumulated in fp32; with an upstream gradient of 1 the weight's gradient
+    is that tensor exactly."""
+    torch.manual_seed(7)
+    hidden = torch.randn(96, 32).to(dtype).requires_grad_()
+    weight = (torch.randn(500, 32) * 0.2).to(dtype).requires_grad_()
+    targets = torch.randint(0, 500, (96,))
+    loss = linear_cross_entropy(hidden, weight, targets, 32)
+    saved_h, saved_w = loss.grad_fn.saved_tensors
+    assert saved_w.dtype == dtype and saved_w.shape == weight.shape and saved_h.dtype == dtype
+    kept = saved_w.clone()
+    loss.backward()
+    assert torch.equal(weight.grad, kept)

@@ -106,17 +106,6 @@ def test_forced_routing_is_balanced_or_skewed_as_asked(tokens, experts, k):
     assert all(len(set(row.tolist())) == k for row in skewed)
 
 
-@pytest.mark.slow
-def test_skewed_routing_grows_what_the_hot_rank_receives():
-    recipe = read_recipe(CONFIGS / "tiny_ep.yaml", 2)
-    plan = plan_recipe(recipe, batch="synthetic", skew=2.0)
-    assert plan["skew"] == 2.0
-    sent = plan["all_to_all_bytes_per_step"]
-    # balanced: received == sent; skewed, the dispatch brings rank 0 about 1.2x (the combine returns what it sent)
-    assert plan["skewed_all_to_all_received_bytes_per_step"] > 1.05 * sent
-    assert plan["skewed_peak_bytes"] > plan["peak_bytes_per_rank"][0]
-
-
 def _plan_shipped(recipe: str) -> dict:
     return plan_recipe(read_recipe(CONFIGS / recipe), gpu_memory_gb=80, margin=0.1, skew=None, batch="synthetic")
 
@@ -177,12 +166,17 @@ def test_an_unknown_hub_model_offline_is_a_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_cli_prints_the_table_and_one_json_line_last(capsys):
-    assert plan_main(["--config", str(CONFIGS / "tiny_ep.yaml"), "--batch", "synthetic", "--skew", "1"]) == 0
+def test_cli_prints_the_table_and_one_json_line_last_and_skew_grows_what_the_hot_rank_receives(capsys):
+    assert plan_main(["--config", str(CONFIGS / "tiny_ep.yaml"), "--batch", "synthetic", "--skew", "2"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     plan = json.loads(out[-1])
     assert plan["world_size"] == 2 and len(plan["peak_bytes_per_rank"]) == 2 and plan["fits"] is True
     assert any(line.startswith("peak") for line in out) and out[0].startswith("Qwen3_5Moe (4 layers); 2 rank(s)")
+    # balanced: every rank receives what it sends; skewed, the dispatch brings rank 0 about 1.2x (the combine
+    # returns what it sent), and its peak grows
+    assert plan["skew"] == 2.0
+    assert plan["skewed_all_to_all_received_bytes_per_step"] > 1.05 * plan["all_to_all_bytes_per_step"]
+    assert plan["skewed_peak_bytes"] > plan["peak_bytes_per_rank"][0]
 
 
 def _plan_dict(peak: int) -> dict:

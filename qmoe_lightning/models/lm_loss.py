@@ -72,6 +72,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     if w_buf is None:
                         w_buf = torch.empty(weight.shape, dtype=grad.dtype, device=grad.device)
                     grad_w += torch.mm(grad.t(), h, out=w_buf)
+        if grad_w is not None and ctx.dtypes[1].itemsize < grad_w.dtype.itemsize:
+            # kept until backward in the weight's own dtype (bf16-true: half the (V, H) bytes, 0.95 GiB at Qwen3.5's
+            # vocab and hidden 2048), accumulated in fp32 above: backward would round it to that dtype anyway (the
+            # main CE's upstream gradient is 1: bitwise the same; a scaled one, e.g. an MTP depth's, within one ulp)
+            grad_w = grad_w.to(ctx.dtypes[1])
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
