@@ -44,7 +44,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = chunk_size = _even_chunk(hidden.shape[0], chunk_size)
         logits_buf = hidden.new_empty((rows, weight.shape[0]))  # (c, V) activation dtype
         logp_buf = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=hidden.device)  # (c, V)
-        w_buf = None  # (V, H) in the compute dtype, one for every chunk (below)
+        w_buf = None  # (V / 8, H) in the compute dtype, one for every chunk (below)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]  # (c, H)
             t = targets[start : start + chunk_size]  # (c,)
@@ -66,12 +66,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad.dtype == torch.float32:
                     grad_w.addmm_(grad.t(), h)  # accumulated in place: no (V, H) temporary per chunk
                 else:
-                    # the chunk's product in the compute dtype, added in place (promoted to fp32): `(grad.t() @ h)
-                    # .float()` gave the same values through a fresh (V, H) and an fp32 (V, H) per chunk (2.8 GiB
-                    # at Qwen3.5's vocab and hidden 2048)
+                    # the chunk's product in the compute dtype, added in place (promoted to fp32), in 8 blocks of
+                    # vocabulary rows through one (V / 8, H) buffer: `(grad.t() @ h).float()` gave the same values
+                    # through a fresh (V, H) and an fp32 (V, H) per chunk (2.8 GiB at Qwen3.5's vocab and hidden 2048)
+                    V = weight.shape[0]
+                    block = -(-V // 8)
                     if w_buf is None:
-                        w_buf = torch.empty(weight.shape, dtype=grad.dtype, device=grad.device)
-                    grad_w += torch.mm(grad.t(), h, out=w_buf)
+                        w_buf = torch.empty((block, weight.shape[1]), dtype=grad.dtype, device=grad.device)
+                    for v0 in range(0, V, block):
+                        v1 = min(v0 + block, V)
+                        grad_w[v0:v1] += torch.mm(grad[:, v0:v1].t(), h, out=w_buf[: v1 - v0])
+        del logits_buf, logp_buf, w_buf  # (the loop's names of them too): the conversion below must not add to them
+        logits = logp = grad = None
         if grad_w is not None and ctx.dtypes[1].itemsize < grad_w.dtype.itemsize:
             # kept until backward in the weight's own dtype (bf16-true: half the (V, H) bytes, 0.95 GiB at Qwen3.5's
             # vocab and hidden 2048), accumulated in fp32 above: backward would round it to that dtype anyway (the
