@@ -18,17 +18,7 @@ def emb(tmp_path_factory):
 
 
 def _naive_ffd(lengths, cap):
-    packs, free = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for p, f in enumerate(free):
-            if f >= lengths[i]:
-                packs[p].append(i)
-                free[p] -= lengths[i]
-                break
-        else:
-            packs.append([i])
-            free.append(cap - lengths[i])
-    return packs
+    return _naive_first_fit(lengths, cap, sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)))
 
 
 def test_ffd_matches_textbook_and_respects_capacity():
