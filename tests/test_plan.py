@@ -53,6 +53,27 @@ def test_plan_agrees_with_the_measured_peak_of_every_rank(config, world):
 
 
 @pytest.mark.slow
+def test_a_bf16_mixed_plan_runs_the_step_under_autocast_and_agrees(tmp_path):
+    """bf16-mixed: the planned step runs under autocast as Lightning's precision plugin runs it (bf16 activations:
+    below the fp32 plan of the same recipe) and agrees with the measured peak."""
+    import yaml
+
+    from qmoe_lightning.plan.measure import MeasuringRun, measured_batch_index
+
+    spec = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    spec["trainer"]["precision"] = "bf16-mixed"
+    path = tmp_path / "tiny_bf16_mixed.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    run = MeasuringRun(str(path), 1)
+    index = measured_batch_index(1)
+    mixed = plan_recipe(read_recipe(path), skew=None, batch="data", batch_index=index)
+    fp32 = plan_recipe(read_recipe(CONFIGS / "tiny.yaml"), skew=None, batch="data", batch_index=index)
+    measured = run.peaks()[0]
+    assert mixed["by_category_bytes"]["activations"] < fp32["by_category_bytes"]["activations"]
+    assert abs(measured / mixed["peak_bytes_per_rank"][0] - 1) <= 0.15, (mixed["peak_bytes_per_rank"], measured)
+
+
+@pytest.mark.slow
 def test_a_plan_of_another_configuration_does_not_agree():
     """Negative control: planned with activation checkpointing, measured without, the comparison must fail."""
     planned, measured = _measured_against_plan("tiny.yaml", 1, activation_checkpointing=True)

@@ -201,11 +201,15 @@ def build_optimizer(module, recipe: Recipe):
 
 def training_step(module, optimizer, batch, recipe: Recipe, parallelized: bool) -> None:
     """One micro-batch that ends an optimizer step, in the order Lightning runs it with this module: the training
-    step, backward, the step's gradient scaling, the clip, the AdamW step, the gradients freed."""
+    step (under autocast for a "-mixed" precision, as Lightning's precision plugin runs it), backward, the step's
+    gradient scaling, the clip, the AdamW step, the gradients freed."""
     from qmoe_lightning.parallel.clip import clip_gradients
     from qmoe_lightning.step_window import scale_gradients_
 
-    loss = module.training_step(batch, 0)
+    mixed = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(recipe.precision)
+    device = next(module.model.parameters()).device
+    with torch.autocast(device.type, dtype=mixed, enabled=mixed is not None):
+        loss = module.training_step(batch, 0)
     loss.backward()
     del loss
     module._window = None
