@@ -106,7 +106,7 @@ def test_depth_extrapolation_equals_planning_every_layer(tmp_path):
     extrapolated = plan_recipe(recipe, batch="synthetic", skew=None)
     full = plan_recipe(recipe, batch="synthetic", skew=None, full_depth=True)
     assert extrapolated["planned_layers"] == [4, 8] and full["planned_layers"] == [12]
-    for key in ("all_to_all_bytes_per_step",):
+    for key in ("all_to_all_bytes_per_micro_batch",):
         assert extrapolated[key] == pytest.approx(full[key], rel=0.01), key
     assert extrapolated["peak_bytes_per_rank"][0] == pytest.approx(full["peak_bytes_per_rank"][0], rel=0.01)
     for cat, value in full["by_category_bytes"].items():
@@ -196,7 +196,7 @@ def test_cli_prints_the_table_and_one_json_line_last_and_skew_grows_what_the_hot
     # balanced: every rank receives what it sends; skewed, the dispatch brings rank 0 about 1.2x (the combine
     # returns what it sent), and its peak grows
     assert plan["skew"] == 2.0
-    assert plan["skewed_all_to_all_received_bytes_per_step"] > 1.05 * plan["all_to_all_bytes_per_step"]
+    assert plan["skewed_all_to_all_received_bytes_per_micro_batch"] > 1.05 * plan["all_to_all_bytes_per_micro_batch"]
     assert plan["skewed_peak_bytes"] > plan["peak_bytes_per_rank"][0]
 
 
@@ -205,7 +205,7 @@ def _plan_dict(peak: int) -> dict:
                 communication_buffers=0, fused_ce_buffers=0)
     return {"model": "M (4 layers)", "layout": "2 rank(s)", "batch": "synthetic", "planned_layers": [4], "skew": None,
             "by_category_bytes": cats, "skewed_by_category_bytes": cats, "peak_bytes_per_rank": [peak, peak],
-            "skewed_peak_bytes": peak, "all_to_all_bytes_per_step": 0, "gpu_memory_gb": 80, "margin": 0.1,
+            "skewed_peak_bytes": peak, "all_to_all_bytes_per_micro_batch": 0, "gpu_memory_gb": 80, "margin": 0.1,
             "limit_bytes": int(72 * GiB), "fits": True, "headroom_bytes": int(72 * GiB) - peak}
 
 

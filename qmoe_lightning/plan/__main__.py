@@ -40,12 +40,13 @@ def table(plan: dict) -> str:
         rows.append(f"{cat.replace('_', ' '):<24}{cell(plan['by_category_bytes'][cat])}{skewed}")
     skewed = cell(plan["skewed_peak_bytes"]) if plan["skew"] else ""
     rows.append(f"{'peak':<24}{cell(max(plan['peak_bytes_per_rank']))}{skewed}")
-    if plan["all_to_all_bytes_per_step"]:
-        rows.append(f"all-to-all per micro-batch: {plan['all_to_all_bytes_per_step'] / GiB:.2f} GiB sent by each rank "
-                    f"({plan['all_to_all_off_rank_bytes_per_step'] / GiB:.2f} GiB leave it)")
+    if plan["all_to_all_bytes_per_micro_batch"]:
+        rows.append(f"all-to-all per micro-batch: {plan['all_to_all_bytes_per_micro_batch'] / GiB:.2f} GiB sent by each rank "
+                    f"({plan['all_to_all_off_rank_bytes_per_micro_batch'] / GiB:.2f} GiB leave it); per optimizer step "
+                    f"{plan['all_to_all_bytes_per_step'] / GiB:.2f} GiB")
         if plan["skew"]:
             rows.append(f"skewed (expert 0 at {plan['skew']:g}x): rank 0 receives "
-                        f"{plan['skewed_all_to_all_received_bytes_per_step'] / GiB:.2f} GiB")
+                        f"{plan['skewed_all_to_all_received_bytes_per_micro_batch'] / GiB:.2f} GiB")
     verdict = "fits" if plan["fits"] else "DOES NOT FIT"
     rows.append(f"{verdict} {plan['gpu_memory_gb']:g} GiB with a {plan['margin']:.0%} margin "
                 f"(limit {plan['limit_bytes'] / GiB:.2f} GiB, headroom {plan['headroom_bytes'] / GiB:.2f} GiB)")
