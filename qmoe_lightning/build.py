@@ -170,12 +170,10 @@ def build_for_run(hparams, trainer, config=None) -> BuiltModel:
 
     hp = hparams
     checkpoint = None
-    if config is not None:
-        pass
-    elif hp.pretrained is not None:
+    if config is None and hp.pretrained is not None:
         checkpoint = resolve_checkpoint_dir(resolve_path(hp.pretrained, "model", hp.embedded_cache_dir))
         config = load_config(checkpoint)
-    else:
+    elif config is None:
         config = config_from(hp.model_config)
     family = family_of(config.model_type)
     mtp = MtpConfig.from_any(hp.mtp)

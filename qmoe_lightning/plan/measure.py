@@ -62,10 +62,6 @@ class MeasuringRun:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def measure_peaks(recipe_path: str, world_size: int, steps: int = 3) -> list[int]:
-    return MeasuringRun(recipe_path, world_size, steps).peaks()
-
-
 def measure_step(recipe, config, device, steps: int = 3) -> dict:
     """A one-device recipe's training step run for real on `device` (random init, the synthetic row, routing forced
     balanced as planned): the peak bytes of tensors during the last of `steps` steps (`callbacks.step_memory`

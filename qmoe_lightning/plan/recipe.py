@@ -36,7 +36,6 @@ class Recipe:
     router_stats: bool  # a callback reads the routers' statistics (the forward then returns the router logits)
     accumulate_grad_batches: int = 1
     data: dict = field(default_factory=dict)  # MultimodalPackingDataModule's arguments
-    callbacks: list = field(default_factory=list)
 
     @property
     def ep_size(self) -> int:
@@ -103,8 +102,7 @@ def read_recipe(path: str | Path, world_size: int | None = None) -> Recipe:
         precision=str(trainer.get("precision", "32-true")), strategy=init_args, model=dict(cfg["model"]),
         max_tokens=int(data.get("max_tokens", 4096)), pad_to_multiple_of=int(data.get("pad_to_multiple_of") or 1),
         gradient_clip_val=trainer.get("gradient_clip_val"), router_stats=_reads_router_stats(callbacks),
-        accumulate_grad_batches=int(trainer.get("accumulate_grad_batches") or 1), data=dict(data),
-        callbacks=callbacks)
+        accumulate_grad_batches=int(trainer.get("accumulate_grad_batches") or 1), data=dict(data))
 
 
 def _reads_router_stats(callbacks: list) -> bool:

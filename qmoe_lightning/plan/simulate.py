@@ -35,6 +35,8 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 
+from qmoe_lightning.parallel.strategy import ExpertParallelStrategy
+
 from .fake_runtime import (ConstantIndexFactories, ScalarOracle, SymmetricCountExchange, constant,
                            constant_propagation, forced_routing, grouped_mm_shapes)
 from .kernel_shapes import fla_chunk_shapes
@@ -86,25 +88,23 @@ def layer_period(config) -> int:
     return n
 
 
-class _PlanStrategy:
-    """Builds what `ExpertParallelStrategy.parallelize` needs on the fake process group; its device is meta."""
+def _plan_strategy(recipe: Recipe):
+    """The recipe's `ExpertParallelStrategy` with what its `parallelize` needs built on the fake process group: the
+    device mesh and the context-parallel group; its device is meta."""
+    from qmoe_lightning.parallel.context_parallel import new_context_parallel_group
 
-    @staticmethod
-    def create(recipe: Recipe):
-        from qmoe_lightning.parallel.context_parallel import new_context_parallel_group
-        from qmoe_lightning.parallel.strategy import ExpertParallelStrategy
+    args = {k: v for k, v in recipe.strategy.items() if k != "process_group_backend"}
+    strategy = _MetaStrategy(**args)
+    strategy._device_mesh = strategy.build_device_mesh(recipe.world_size, torch.device("cpu"))
+    if strategy.cp_size > 1:
+        strategy._context_parallel = new_context_parallel_group(strategy.cp_size, strategy.ep_size)
+    return strategy
 
-        class PlanStrategy(ExpertParallelStrategy):
-            @property
-            def root_device(self):
-                return torch.device("meta")
 
-        args = {k: v for k, v in recipe.strategy.items() if k != "process_group_backend"}
-        strategy = PlanStrategy(**args)
-        strategy._device_mesh = strategy.build_device_mesh(recipe.world_size, torch.device("cpu"))
-        if strategy.cp_size > 1:
-            strategy._context_parallel = new_context_parallel_group(strategy.cp_size, strategy.ep_size)
-        return strategy
+class _MetaStrategy(ExpertParallelStrategy):
+    @property
+    def root_device(self):
+        return torch.device("meta")
 
 
 def _row_length(recipe: Recipe) -> int:
@@ -180,7 +180,7 @@ def build_module(recipe: Recipe, config, device: torch.device):
     from qmoe_lightning.build import build_for_run
     from qmoe_lightning.lightning_module import QMoELightningModule
 
-    strategy = _PlanStrategy.create(recipe) if recipe.strategy else SimpleNamespace(root_device=device)
+    strategy = _plan_strategy(recipe) if recipe.strategy else SimpleNamespace(root_device=device)
     trainer = SimpleNamespace(strategy=strategy, precision=recipe.precision)
     module = QMoELightningModule(**recipe.model)
     built = build_for_run(module.hparams, trainer, config=config)
