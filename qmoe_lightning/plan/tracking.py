@@ -104,7 +104,8 @@ class _FusedCeLabel:
 
 class PlainTracker(_FusedCeLabel, MemTracker):
     """A model without FSDP (one process). torch 2.13's MemTracker registers a gradient hook on every parameter,
-    which raises for a frozen one (LoRA's base): here frozen parameters are counted without a hook."""
+    which raises for a frozen one (LoRA's base): here a frozen parameter is switched to requires_grad for the
+    registration only (counted as a parameter as before; no gradient ever reaches its hook)."""
 
     def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True) -> tuple[int, int]:
         frozen = [p for p in module.parameters() if not p.requires_grad]
